@@ -1,0 +1,217 @@
+"""Texts for calibration and evaluation, and their cutting into fixed-length token windows.
+
+Built-in corpora come from Debian packages (the only source reachable without a model hub):
+Jane Austen's novels from ``r-cran-janeaustenr`` and the Python docs from ``python3.11-doc``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
+import warnings
+import zlib
+from pathlib import Path
+
+import torch
+
+from slimlm.cache import cache_root
+from slimlm.errors import SlimlmError
+from slimlm.progress import track
+
+DEFAULT_CALIBRATION = "austen:emma"  # calibration and evaluation texts are different books
+DEFAULT_EVALUATION = "austen:prideprejudice"
+AUSTEN_BOOKS = (
+    "emma",
+    "mansfieldpark",
+    "northangerabbey",
+    "persuasion",
+    "prideprejudice",
+    "sensesensibility",
+)
+
+_AUSTEN_PACKAGE = "r-cran-janeaustenr"
+_AUSTEN_DATA = "usr/lib/R/site-library/janeaustenr/data"
+_PYDOC_PACKAGE = "python3.11-doc"
+_PYDOC_SOURCES = "usr/share/doc/python3.11/html/_sources"
+
+
+def describe_specs() -> str:
+    """One line listing the accepted data spec forms (for error messages and CLI help)."""
+    books = ", ".join(AUSTEN_BOOKS)
+    return (
+        f"a .txt file or a folder of .txt files; austen or austen:BOOK (BOOK: {books}); "
+        "pydoc or pydoc:SECTION (e.g. pydoc:library, pydoc:tutorial); hf:NAME[:CONFIG[:SPLIT]] via datasets"
+    )
+
+
+def load_text(spec: str) -> str:
+    """Return the text named by ``spec`` (see :func:`describe_specs`); never empty."""
+    kind, _, arg = spec.partition(":")
+    if kind == "austen":
+        books = [arg] if arg else list(AUSTEN_BOOKS)
+        text = "\n\n".join(_austen_book(book) for book in books)
+    elif kind == "pydoc":
+        text = _pydoc_text(arg)
+    elif kind == "hf" and arg:
+        text = _hf_text(arg)
+    elif spec and Path(spec).exists():
+        text = _local_text(Path(spec))
+    else:
+        raise SlimlmError(f"unknown data spec `{spec}` (nor a file or folder): expected {describe_specs()}")
+    if not text.strip():
+        raise SlimlmError(f"data spec `{spec}` gives an empty text")
+    return text
+
+
+def token_windows(
+    tokenizer, text: str, seq_len: int, max_windows: int | None = None, *, source: str = "text"
+) -> torch.Tensor:
+    """Cut ``text`` into consecutive, non-overlapping windows of ``seq_len`` tokens: LongTensor [n, seq_len].
+
+    No special tokens are added and the incomplete tail is dropped; ``max_windows`` keeps the first ones.
+    """
+    if seq_len < 2:
+        raise SlimlmError(f"seq_len must be at least 2, got {seq_len}")
+    if max_windows is not None and max_windows < 1:
+        raise SlimlmError(f"max_windows must be at least 1, got {max_windows}")
+    # verbose=False: the "longer than the maximum sequence length" warning is moot, we cut windows ourselves.
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+    n = len(ids) // seq_len
+    if n == 0:
+        hint = "use a longer text or a smaller --seq-len"
+        raise SlimlmError(f"`{source}` has {len(ids)} tokens; one window needs {seq_len} ({hint})")
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SlimlmError(f"{path} is not UTF-8 text: {exc}") from exc
+
+
+def _local_text(path: Path) -> str:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise SlimlmError(f"folder {path} has no .txt files")
+        return "\n\n".join(_read(p) for p in files)
+    if path.suffix != ".txt":
+        raise SlimlmError(f"{path} is not a .txt file: expected {describe_specs()}")
+    return _read(path)
+
+
+def _fetch_deb(package: str, dest: Path) -> None:
+    """Download the Debian ``package`` with apt-get and unpack it into ``dest``."""
+    hint = f"could not fetch the Debian package {package}; pass a local .txt file instead"
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            download = ["apt-get", "download", package]
+            if subprocess.run(download, cwd=tmp, capture_output=True).returncode != 0:
+                # A fresh machine has no package lists yet: update once, then retry.
+                subprocess.run(["apt-get", "update"], capture_output=True)
+                subprocess.run(download, cwd=tmp, capture_output=True, check=True)
+            debs = list(Path(tmp).glob("*.deb"))
+            if not debs:
+                raise SlimlmError(f"{hint} (apt-get download gave no .deb file)")
+            subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(dest)], capture_output=True, check=True)
+    except subprocess.CalledProcessError as exc:
+        detail = (exc.stderr or b"").decode(errors="replace").strip().splitlines()
+        raise SlimlmError(f"{hint} ({detail[-1] if detail else exc})") from exc
+    except OSError as exc:  # apt-get or dpkg-deb missing
+        raise SlimlmError(f"{hint} ({exc})") from exc
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write via a temp file and rename, so a killed run never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _austen_book(book: str) -> str:
+    if book not in AUSTEN_BOOKS:
+        raise SlimlmError(f"unknown Austen book `{book}`: expected one of {', '.join(AUSTEN_BOOKS)}")
+    cached = cache_root() / "corpora" / "austen" / f"{book}.txt"
+    if not cached.exists():
+        system = Path("/") / _AUSTEN_DATA
+        if (system / "Rdata.rdx").exists():
+            _cache_austen(system)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                _fetch_deb(_AUSTEN_PACKAGE, Path(tmp))
+                _cache_austen(Path(tmp) / _AUSTEN_DATA)
+    return cached.read_text(encoding="utf-8")
+
+
+def _cache_austen(data_dir: Path) -> None:
+    """Parse all six books from the R lazy-load database (Rdata.rdx index, Rdata.rdb blobs) into the cache."""
+    import rdata
+
+    with warnings.catch_warnings():  # rdata warns that .rdx is "assumed RDS", which is right
+        warnings.simplefilter("ignore")
+        index = rdata.conversion.convert(rdata.parser.parse_file(data_dir / "Rdata.rdx"))["variables"]
+        blob = (data_dir / "Rdata.rdb").read_bytes()
+        for book in track(AUSTEN_BOOKS, "Unpacking Austen novels"):
+            offset, length = (int(v) for v in index[book])
+            raw = blob[offset : offset + length]
+            (size,) = struct.unpack(">I", raw[:4])  # each blob: big-endian length, then zlib data
+            data = zlib.decompress(raw[4:])
+            if len(data) != size:
+                raise SlimlmError(f"corrupt {_AUSTEN_PACKAGE} data for {book}")
+            lines = rdata.conversion.convert(rdata.parser.parse_data(data))
+            text = "\n".join("" if line is None else str(line) for line in lines)
+            _write_atomic(cache_root() / "corpora" / "austen" / f"{book}.txt", text)
+
+
+def _pydoc_sources() -> Path:
+    """The folder of Python 3.11 doc sources: the system one, else unpacked once into the cache."""
+    system = Path("/") / _PYDOC_SOURCES
+    if system.is_dir():
+        return system
+    cached = cache_root() / "corpora" / "pydoc"
+    if not cached.is_dir():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".pydoc-"))
+        try:
+            _fetch_deb(_PYDOC_PACKAGE, tmp)
+            # Keep only the sources (~12 MB of the 71 MB package); rename makes the cache appear whole.
+            os.replace(tmp / _PYDOC_SOURCES, cached)
+        except OSError as exc:
+            if not cached.is_dir():  # else another process won the race, which is fine
+                raise SlimlmError(f"{_PYDOC_PACKAGE} has no {_PYDOC_SOURCES} ({exc})") from exc
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return cached
+
+
+def _pydoc_text(section: str) -> str:
+    root = _pydoc_sources()
+    sections = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if section and section not in sections:
+        raise SlimlmError(f"unknown pydoc section `{section}`: expected one of {', '.join(sections)}")
+    files = sorted((root / section).rglob("*.rst.txt"))
+    return "\n\n".join(_read(p) for p in files)
+
+
+def _hf_text(arg: str) -> str:
+    name, config, split = ([*arg.split(":"), "", ""])[:3]
+    if arg.count(":") > 2 or not name:
+        raise SlimlmError(f"bad hf spec `hf:{arg}`: expected hf:NAME[:CONFIG[:SPLIT]]")
+    try:
+        import datasets
+    except ImportError as exc:
+        raise SlimlmError("hf: specs need the `datasets` package (pip install 'slimlm[datasets]')") from exc
+    try:
+        ds = datasets.load_dataset(name, config or None, split=split or "test")
+    except Exception as exc:  # no network, unknown name, bad config: all mean "cannot use this spec"
+        raise SlimlmError(f"could not load dataset `hf:{arg}` (no network?): {exc}") from exc
+    if "text" not in ds.column_names:
+        raise SlimlmError(f"dataset `hf:{arg}` has no `text` column (columns: {', '.join(ds.column_names)})")
+    return "\n".join(ds["text"])

@@ -1,0 +1,51 @@
+"""Model families slimlm understands, and loading a model from a name, folder or GGUF file."""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from slimlm.errors import SlimlmError
+from slimlm.models.base import Adapter, LayerShape, LinearSlice, ModelDims
+from slimlm.models.llama import LlamaFamilyAdapter
+from slimlm.models.remote import modeling_slimlm as remote
+
+# model_type -> adapter. A new family is one adapter module and one line here.
+ADAPTERS: dict[str, Adapter] = {family: LlamaFamilyAdapter(family) for family in ("llama", "mistral", "qwen2")}
+
+# slimlm's own heterogeneous models load in slimlm without trust_remote_code.
+for _config, _model in (
+    (remote.SlimLlamaConfig, remote.SlimLlamaForCausalLM),
+    (remote.SlimMistralConfig, remote.SlimMistralForCausalLM),
+    (remote.SlimQwen2Config, remote.SlimQwen2ForCausalLM),
+):
+    AutoConfig.register(_config.model_type, _config, exist_ok=True)
+    AutoModelForCausalLM.register(_config, _model, exist_ok=True)
+    ADAPTERS[_config.model_type] = ADAPTERS[_config.model_type.removeprefix("slimlm_")]
+
+
+def adapter_for(config: PretrainedConfig) -> Adapter:
+    """The adapter for a model config, or a clear error naming what is supported."""
+    adapter = ADAPTERS.get(config.model_type)
+    if adapter is None:
+        names = ", ".join(config.architectures or []) or "no architectures listed"
+        supported = ", ".join(sorted(k for k in ADAPTERS if not k.startswith("slimlm_")))
+        raise SlimlmError(
+            f"unsupported architecture '{config.model_type}' ({names}); slimlm supports: {supported}"
+        )
+    return adapter
+
+
+from slimlm.models.loading import BUILTIN_MODELS, LoadedModel, load_model, resolve_model  # noqa: E402
+
+__all__ = [
+    "ADAPTERS",
+    "BUILTIN_MODELS",
+    "Adapter",
+    "LayerShape",
+    "LinearSlice",
+    "LoadedModel",
+    "ModelDims",
+    "adapter_for",
+    "load_model",
+    "resolve_model",
+]

@@ -1,0 +1,115 @@
+"""What slimlm needs to know about a model family: its dimensions and where its units live.
+
+An adapter describes one family's decoder layers (which rows and columns of which projections
+make up a query head, a key/value head, an MLP neuron) so that the rest of slimlm (applying
+sub-networks, costs, extraction) stays family-agnostic. Adding a family is one adapter module
+plus one line in ``slimlm.models.ADAPTERS``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """How many query heads, key/value heads and MLP neurons one decoder layer has."""
+
+    heads: int
+    kv_heads: int
+    neurons: int
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head (GQA group size)."""
+        return self.heads // self.kv_heads
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The structure of a loaded model and the parameter cost of each structural unit.
+
+    Costs are linear in the units, so a sub-network's size is computed without touching weights:
+    ``params = outside + sum(per_layer + heads*per_head + kv*per_kv_head + neurons*per_neuron)``.
+    """
+
+    family: str
+    hidden_size: int
+    head_dim: int
+    vocab_size: int
+    max_positions: int
+    tied_embeddings: bool
+    layers: tuple[LayerShape, ...]
+    params_per_head: int  # query rows, output-projection columns, their biases
+    params_per_kv_head: int  # key and value rows and biases
+    params_per_neuron: int  # MLP rows and columns and biases
+    params_per_layer: int  # what every layer keeps whatever its units (norms, output biases)
+    params_outside_layers: int  # embeddings, final norm, untied LM head
+    embedding_params: int  # input embeddings (and an untied LM head)
+    weights_per_head: int  # matmul weight elements per unit, for FLOPs
+    weights_per_kv_head: int
+    weights_per_neuron: int
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+
+@dataclass
+class LinearSlice:
+    """Keep ``rows`` (output features) and ``cols`` (input features) of one linear; None keeps all."""
+
+    linear: nn.Linear
+    rows: torch.Tensor | None = None
+    cols: torch.Tensor | None = None
+
+
+class Adapter:
+    """Family-specific knowledge behind one small interface. Subclass it for a new family."""
+
+    #: ``config.architectures`` names this adapter handles.
+    architectures: tuple[str, ...] = ()
+
+    def dims(self, model: PreTrainedModel) -> ModelDims:
+        """The model's structure, read from its modules (so heterogeneous models work too)."""
+        raise NotImplementedError
+
+    def decoder_layers(self, model: PreTrainedModel) -> nn.ModuleList:
+        """The decoder layers in order."""
+        raise NotImplementedError
+
+    def set_decoder_layers(self, model: PreTrainedModel, layers: nn.ModuleList) -> None:
+        """Replace the decoder layers (to drop some of them)."""
+        raise NotImplementedError
+
+    def layer_slices(
+        self, layer: nn.Module, heads: torch.Tensor, kv_heads: torch.Tensor, neurons: torch.Tensor
+    ) -> list[LinearSlice]:
+        """Which rows/columns of which linears to keep for the given kept unit indices."""
+        raise NotImplementedError
+
+    def layer_attributes(self, layer: nn.Module) -> list[tuple[object, str]]:
+        """Plain attributes of a layer that depend on its shape or position (saved and restored)."""
+        raise NotImplementedError
+
+    def configure_layer(self, layer: nn.Module, shape: LayerShape, position: int) -> None:
+        """Set those attributes for a layer of ``shape`` sitting at ``position`` in the model."""
+        raise NotImplementedError
+
+    def model_attributes(self, model: PreTrainedModel) -> list[tuple[object, str]]:
+        """Model-level attributes that depend on which layers are kept (saved and restored)."""
+        raise NotImplementedError
+
+    def configure_model(self, model: PreTrainedModel, kept_layers: list[int]) -> None:
+        """Set those attributes for a model keeping ``kept_layers`` (indices into the full model)."""
+        raise NotImplementedError
+
+    def extracted_config(
+        self, config: PretrainedConfig, kept_layers: list[int], shapes: list[LayerShape]
+    ) -> PretrainedConfig:
+        """The config of a standalone model with these layers: stock when uniform, else slimlm's own."""
+        raise NotImplementedError

