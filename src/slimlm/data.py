@@ -215,3 +215,11 @@ def _hf_text(arg: str) -> str:
     if "text" not in ds.column_names:
         raise SlimlmError(f"dataset `hf:{arg}` has no `text` column (columns: {', '.join(ds.column_names)})")
     return "\n".join(ds["text"])
+
+
+def model_windows(loaded, spec: str, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+    """Token windows of ``spec`` for a loaded model, refusing windows longer than its context."""
+    limit = loaded.dims.max_positions
+    if seq_len > limit:
+        raise SlimlmError(f"--seq-len {seq_len} is longer than the model's context of {limit} tokens")
+    return token_windows(loaded.tokenizer, load_text(spec), seq_len, max_windows, source=spec)

@@ -10,7 +10,9 @@ from slimlm.models.llama import LlamaFamilyAdapter
 from slimlm.models.remote import modeling_slimlm as remote
 
 # model_type -> adapter. A new family is one adapter module and one line here.
-ADAPTERS: dict[str, Adapter] = {family: LlamaFamilyAdapter(family) for family in ("llama", "mistral", "qwen2")}
+ADAPTERS: dict[str, Adapter] = {
+    family: LlamaFamilyAdapter(family) for family in ("llama", "mistral", "qwen2")
+}
 
 # slimlm's own heterogeneous models load in slimlm without trust_remote_code.
 for _config, _model in (

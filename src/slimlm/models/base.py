@@ -92,6 +92,10 @@ class Adapter:
         """Which rows/columns of which linears to keep for the given kept unit indices."""
         raise NotImplementedError
 
+    def output_projections(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear]:
+        """The linears whose input columns are the attention heads' and the MLP neurons' outputs."""
+        raise NotImplementedError
+
     def layer_attributes(self, layer: nn.Module) -> list[tuple[object, str]]:
         """Plain attributes of a layer that depend on its shape or position (saved and restored)."""
         raise NotImplementedError

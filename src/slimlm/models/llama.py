@@ -111,6 +111,9 @@ class LlamaFamilyAdapter(Adapter):
             LinearSlice(mlp.down_proj, cols=neurons),
         ]
 
+    def output_projections(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear]:
+        return layer.self_attn.o_proj, layer.mlp.down_proj
+
     def layer_attributes(self, layer: nn.Module) -> list[tuple[object, str]]:
         attn = layer.self_attn
         return [(attn, "num_key_value_groups"), (attn, "layer_idx"), (layer.mlp, "intermediate_size")]

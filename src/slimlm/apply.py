@@ -1,0 +1,75 @@
+"""Apply a sub-network to a loaded model in place, and undo it.
+
+This is the hot loop of every search: candidate after candidate on one loaded model. Each kept
+linear gets a smaller weight gathered from the full one (``index_select``: one copy of the kept
+slice, never of the whole model), layers not kept are left out of the layer list, and everything
+is put back on exit. The forward pass then runs exactly the computation of the extracted model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from slimlm.errors import SlimlmError
+from slimlm.models import LinearSlice, LoadedModel
+from slimlm.subnet import SubNetwork
+
+_APPLIED = "_slimlm_subnetwork_applied"
+
+
+@contextmanager
+def subnetwork_applied(loaded: LoadedModel, subnet: SubNetwork) -> Iterator[PreTrainedModel]:
+    """Within the block, ``loaded.model`` computes ``subnet``; on exit it is the full model again."""
+    model, adapter = loaded.model, loaded.adapter
+    if getattr(model, _APPLIED, False):
+        raise SlimlmError("a sub-network is already applied to this model; leave its block first")
+    subnet.validate(loaded.dims)
+    layers = adapter.decoder_layers(model)
+    kept = subnet.kept_layers
+    saved: list[tuple[object, str, object]] = []
+
+    def save(targets: list[tuple[object, str]]) -> None:
+        saved.extend((obj, name, getattr(obj, name)) for obj, name in targets if hasattr(obj, name))
+
+    setattr(model, _APPLIED, True)
+    try:
+        with torch.no_grad():
+            for position, index in enumerate(kept):
+                layer, keep = layers[index], subnet.layers[index]
+                save(adapter.layer_attributes(layer))
+                units = (torch.tensor(keep.heads), torch.tensor(keep.kv_heads), torch.tensor(keep.neurons))
+                for piece in adapter.layer_slices(layer, *units):
+                    save([(piece.linear, n) for n in ("weight", "bias", "in_features", "out_features")])
+                    _slice_linear(piece)
+                adapter.configure_layer(layer, keep.shape, position)
+        save(adapter.model_attributes(model))
+        adapter.configure_model(model, kept)
+        adapter.set_decoder_layers(model, nn.ModuleList(layers[i] for i in kept))
+        yield model
+    finally:
+        adapter.set_decoder_layers(model, layers)
+        for obj, name, value in reversed(saved):
+            setattr(obj, name, value)
+        setattr(model, _APPLIED, False)
+
+
+def _slice_linear(piece: LinearSlice) -> None:
+    """Give a linear the kept rows and columns of its weight; a full range is kept as is (no copy)."""
+    linear = piece.linear
+    weight, bias = linear.weight, linear.bias
+    if piece.rows is not None and len(piece.rows) < weight.shape[0]:
+        weight = weight.index_select(0, piece.rows)
+        if bias is not None:
+            bias = bias.index_select(0, piece.rows)
+    if piece.cols is not None and len(piece.cols) < weight.shape[1]:
+        weight = weight.index_select(1, piece.cols)
+    if weight is not linear.weight:
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not linear.bias:
+        linear.bias = nn.Parameter(bias, requires_grad=False)
+    linear.out_features, linear.in_features = weight.shape

@@ -1,0 +1,136 @@
+"""What a model or sub-network costs: parameters, FLOPs, memory, and measured CPU latency.
+
+Parameters, FLOPs and memory are computed from the structure alone (``ModelDims`` and the kept
+layer shapes), so a search can price thousands of candidates without touching weights; the
+tests check the parameter count against the real extracted models. Latency is measured.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from slimlm.models.base import LayerShape, ModelDims
+
+
+@dataclass(frozen=True)
+class StaticCost:
+    """Size and work of one model structure."""
+
+    params: int  # all parameters, tied embeddings counted once
+    params_without_embeddings: int
+    flops_per_token: int  # forward pass, one token at position ``context``
+    memory_bytes: int  # weights + KV cache for ``context`` tokens
+    context: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def static_cost(
+    dims: ModelDims, shapes: list[LayerShape] | None = None, context: int = 512, bytes_per_value: int = 4
+) -> StaticCost:
+    """Cost of the model with decoder layers of ``shapes`` (default: the model as it is)."""
+    shapes = list(dims.layers) if shapes is None else shapes
+    layer_params = sum(
+        dims.params_per_layer
+        + s.heads * dims.params_per_head
+        + s.kv_heads * dims.params_per_kv_head
+        + s.neurons * dims.params_per_neuron
+        for s in shapes
+    )
+    params = dims.params_outside_layers + layer_params
+    matmul_weights = dims.vocab_size * dims.hidden_size + sum(
+        s.heads * dims.weights_per_head
+        + s.kv_heads * dims.weights_per_kv_head
+        + s.neurons * dims.weights_per_neuron
+        for s in shapes
+    )
+    # scores (q·k) and mixing (p·v) against ``context`` cached positions: 2 matmuls, 2 FLOPs per MAC
+    attention = sum(4 * s.heads * dims.head_dim * context for s in shapes)
+    kv_cache = sum(2 * s.kv_heads * dims.head_dim * context for s in shapes)
+    return StaticCost(
+        params=params,
+        params_without_embeddings=params - dims.embedding_params,
+        flops_per_token=2 * matmul_weights + attention,
+        memory_bytes=(params + kv_cache) * bytes_per_value,
+        context=context,
+    )
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Measured CPU speed: prefill time for ``prompt_tokens`` and greedy decode rate under ``generate``."""
+
+    prefill_ms: float
+    decode_tokens_per_s: float
+    prompt_tokens: int
+    new_tokens: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class LatencyProbe:
+    """Times one model; call ``sample()`` repeatedly (interleaved with other models) then ``result()``."""
+
+    def __init__(self, model: PreTrainedModel, prompt_tokens: int = 128, new_tokens: int = 32, seed: int = 0):
+        self.model = model
+        vocab = model.config.vocab_size
+        self.prompt = torch.randint(
+            0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(seed)
+        )
+        self.new_tokens = new_tokens
+        eos = model.generation_config.eos_token_id
+        pad = model.generation_config.pad_token_id
+        self.pad = pad if pad is not None else (eos[0] if isinstance(eos, list) else eos)
+        self.prefill: list[float] = []
+        self.decode: list[float] = []
+
+    @torch.no_grad()
+    def sample(self) -> None:
+        t0 = time.perf_counter()
+        self.model(input_ids=self.prompt, use_cache=True)
+        t1 = time.perf_counter()
+        one = self._generate(1)
+        many = self._generate(self.new_tokens)
+        self.prefill.append(t1 - t0)
+        # generate(N) - generate(1) leaves N-1 decode steps without the prefill
+        self.decode.append((self.new_tokens - 1) / max(many - one, 1e-9))
+
+    def _generate(self, n: int) -> float:
+        start = time.perf_counter()
+        self.model.generate(
+            self.prompt,
+            attention_mask=torch.ones_like(self.prompt),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=self.pad,
+        )
+        return time.perf_counter() - start
+
+    def result(self) -> Latency:
+        return Latency(
+            prefill_ms=1000 * statistics.median(self.prefill),
+            decode_tokens_per_s=statistics.median(self.decode),
+            prompt_tokens=self.prompt.shape[1],
+            new_tokens=self.new_tokens,
+        )
+
+
+def measure_latency(
+    model: PreTrainedModel, prompt_tokens: int = 128, new_tokens: int = 32, repeats: int = 3
+) -> Latency:
+    """Median prefill time and decode rate of ``model`` over ``repeats`` runs, after one warm-up."""
+    probe = LatencyProbe(model, prompt_tokens, new_tokens)
+    probe.sample()  # warm-up: first calls allocate and pick kernels
+    probe.prefill.clear()
+    probe.decode.clear()
+    for _ in range(repeats):
+        probe.sample()
+    return probe.result()

@@ -1,0 +1,58 @@
+"""Write a sub-network as a standalone, smaller Hugging Face model folder.
+
+Uniform sub-networks become a stock config of the same family (plain ``from_pretrained``);
+sub-networks whose layers differ get slimlm's ``modeling_slimlm.py`` beside the weights
+(``trust_remote_code=True``). Both load without slimlm installed.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from slimlm.apply import subnetwork_applied
+from slimlm.errors import SlimlmError
+from slimlm.models import LoadedModel
+from slimlm.models.remote import modeling_slimlm
+from slimlm.subnet import SubNetwork
+
+SUBNET_FILE = "slimlm_subnetwork.json"
+
+
+@dataclass(frozen=True)
+class Extracted:
+    """Where a sub-network was written and how it loads."""
+
+    folder: Path
+    needs_remote_code: bool
+    params: int
+
+
+def extract(loaded: LoadedModel, subnet: SubNetwork, out: str | Path) -> Extracted:
+    """Save ``subnet`` of ``loaded`` to ``out`` as a model folder with its tokenizer."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not (out / "config.json").is_file():
+            raise SlimlmError(f"{out} exists and is not a model folder; refusing to write into it")
+    subnet.validate(loaded.dims)
+    config = loaded.adapter.extracted_config(loaded.model.config, subnet.kept_layers, subnet.shapes())
+    remote = bool(getattr(config, "auto_map", None))
+    with subnetwork_applied(loaded, subnet) as model:
+        state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with torch.device("meta"):  # no random init: every weight comes from ``state``
+        small = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    small.load_state_dict(state, strict=True, assign=True)
+    small.tie_weights()
+    small.generation_config = loaded.model.generation_config
+    out.mkdir(parents=True, exist_ok=True)
+    small.save_pretrained(out)
+    loaded.tokenizer.save_pretrained(out)
+    subnet.save(out / SUBNET_FILE)
+    if remote:
+        shutil.copy(modeling_slimlm.__file__, out / "modeling_slimlm.py")
+    params = sum(p.numel() for p in {id(p): p for p in small.parameters()}.values())
+    return Extracted(out, remote, params)

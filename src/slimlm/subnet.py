@@ -1,0 +1,143 @@
+"""A sub-network: which layers, query heads, key/value heads and MLP neurons of a model to keep.
+
+It is a plain value, saved as JSON::
+
+    {"format": "slimlm.subnetwork/1",
+     "layers": {"0": {"heads": [0, 1, 3, 4], "kv_heads": [0, 1], "neurons": [0, 5, 17, ...]},
+                "2": {...}}}
+
+Keys of ``layers`` are indices into the full model; a layer not listed is removed. Indices refer to
+the full model's units. Query head ``h`` belongs to key/value head ``h // group_size``; a kept query
+head needs its key/value head, and every kept key/value head keeps the same number of query heads,
+so the result is again a standard grouped-query attention layer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from slimlm.errors import SlimlmError
+from slimlm.models.base import LayerShape, ModelDims
+
+FORMAT = "slimlm.subnetwork/1"
+
+
+@dataclass(frozen=True)
+class LayerKeep:
+    """Kept unit indices of one decoder layer (sorted, unique)."""
+
+    heads: tuple[int, ...]
+    kv_heads: tuple[int, ...]
+    neurons: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        for name in ("heads", "kv_heads", "neurons"):
+            object.__setattr__(self, name, tuple(sorted({int(i) for i in getattr(self, name)})))
+
+    @property
+    def shape(self) -> LayerShape:
+        return LayerShape(len(self.heads), len(self.kv_heads), len(self.neurons))
+
+
+@dataclass(frozen=True)
+class SubNetwork:
+    """Kept layers of a model, by index into the full model, each with its kept units."""
+
+    layers: dict[int, LayerKeep]
+
+    @classmethod
+    def full(cls, dims: ModelDims) -> SubNetwork:
+        """The sub-network that keeps everything."""
+        return cls(
+            {
+                i: LayerKeep(tuple(range(s.heads)), tuple(range(s.kv_heads)), tuple(range(s.neurons)))
+                for i, s in enumerate(dims.layers)
+            }
+        )
+
+    @property
+    def kept_layers(self) -> list[int]:
+        return sorted(self.layers)
+
+    def shapes(self) -> list[LayerShape]:
+        """Shapes of the kept layers, in model order."""
+        return [self.layers[i].shape for i in self.kept_layers]
+
+    def validate(self, dims: ModelDims) -> SubNetwork:
+        """Check the sub-network fits ``dims``; raise SlimlmError naming the first problem."""
+        if not self.layers:
+            raise SlimlmError("sub-network keeps no layers")
+        for index, keep in self.layers.items():
+            if not 0 <= index < dims.num_layers:
+                raise SlimlmError(
+                    f"sub-network layer {index} is out of range: the model has {dims.num_layers}"
+                )
+            _validate_layer(index, keep, dims.layers[index])
+        return self
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT,
+            "layers": {
+                str(i): {"heads": list(k.heads), "kv_heads": list(k.kv_heads), "neurons": list(k.neurons)}
+                for i, k in sorted(self.layers.items())
+            },
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> SubNetwork:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise SlimlmError(f'not a slimlm sub-network: expected "format": "{FORMAT}"')
+        try:
+            return cls(
+                {
+                    int(i): LayerKeep(k["heads"], k["kv_heads"], k["neurons"])
+                    for i, k in data["layers"].items()
+                }
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise SlimlmError(f"malformed sub-network: {type(error).__name__}: {error}") from error
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), separators=(",", ":")) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> SubNetwork:
+        path = Path(path)
+        if not path.is_file():
+            raise SlimlmError(f"sub-network file not found: {path}")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise SlimlmError(f"{path} is not valid JSON: {error}") from error
+        return cls.from_json(data)
+
+
+def _validate_layer(index: int, keep: LayerKeep, full: LayerShape) -> None:
+    where = f"sub-network layer {index}"
+    for name, kept, total in (
+        ("heads", keep.heads, full.heads),
+        ("kv_heads", keep.kv_heads, full.kv_heads),
+        ("neurons", keep.neurons, full.neurons),
+    ):
+        if not kept:
+            raise SlimlmError(f"{where} keeps no {name}; remove the layer instead, or keep at least one")
+        bad = [i for i in kept if not 0 <= i < total]
+        if bad:
+            raise SlimlmError(f"{where}: {name} index {bad[0]} out of range (the layer has {total})")
+    per_kv = Counter(h // full.group_size for h in keep.heads)
+    orphans = sorted(set(per_kv) - set(keep.kv_heads))
+    if orphans:
+        head = next(h for h in keep.heads if h // full.group_size == orphans[0])
+        raise SlimlmError(f"{where}: query head {head} is kept without its key/value head {orphans[0]}")
+    unused = sorted(set(keep.kv_heads) - set(per_kv))
+    if unused:
+        raise SlimlmError(f"{where}: key/value head {unused[0]} is kept with no query head")
+    if len(set(per_kv.values())) > 1:
+        counts = ", ".join(f"kv {g}: {n}" for g, n in sorted(per_kv.items()))
+        raise SlimlmError(
+            f"{where}: every kept key/value head must keep the same number of query heads ({counts})"
+        )
