@@ -45,9 +45,7 @@ def static_cost(
     )
     params = dims.params_outside_layers + layer_params
     matmul_weights = dims.vocab_size * dims.hidden_size + sum(
-        s.heads * dims.weights_per_head
-        + s.kv_heads * dims.weights_per_kv_head
-        + s.neurons * dims.weights_per_neuron
+        s.heads * dims.weights_per_head + s.kv_heads * dims.weights_per_kv_head + s.neurons * dims.weights_per_neuron
         for s in shapes
     )
     # scores (q·k) and mixing (p·v) against ``context`` cached positions: 2 matmuls, 2 FLOPs per MAC
@@ -81,9 +79,7 @@ class LatencyProbe:
     def __init__(self, model: PreTrainedModel, prompt_tokens: int = 128, new_tokens: int = 32, seed: int = 0):
         self.model = model
         vocab = model.config.vocab_size
-        self.prompt = torch.randint(
-            0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(seed)
-        )
+        self.prompt = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(seed))
         self.new_tokens = new_tokens
         eos = model.generation_config.eos_token_id
         pad = model.generation_config.pad_token_id

@@ -26,8 +26,6 @@ def perplexity(
     for batch in batches:
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
         targets = batch[:, 1:]
-        total_nll += F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
-        ).item()
+        total_nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
         total_tokens += targets.numel()
     return math.exp(total_nll / total_tokens)

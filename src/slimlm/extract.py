@@ -35,9 +35,8 @@ class Extracted:
 def extract(loaded: LoadedModel, subnet: SubNetwork, out: str | Path) -> Extracted:
     """Save ``subnet`` of ``loaded`` to ``out`` as a model folder with its tokenizer."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not (out / "config.json").is_file():
-            raise SlimlmError(f"{out} exists and is not a model folder; refusing to write into it")
+    if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise SlimlmError(f"{out} exists and is not a model folder; refusing to write into it")
     subnet.validate(loaded.dims)
     config = loaded.adapter.extracted_config(loaded.model.config, subnet.kept_layers, subnet.shapes())
     remote = bool(getattr(config, "auto_map", None))

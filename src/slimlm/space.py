@@ -63,9 +63,7 @@ def uniform_shape(dims: ModelDims, params: int) -> LayerShape:
 
 def _most_neurons(dims: ModelDims, params: int, heads: int, kv_heads: int, limit: int) -> int | None:
     per_layer = (params - dims.params_outside_layers) / dims.num_layers
-    spare = (
-        per_layer - dims.params_per_layer - heads * dims.params_per_head - kv_heads * dims.params_per_kv_head
-    )
+    spare = per_layer - dims.params_per_layer - heads * dims.params_per_head - kv_heads * dims.params_per_kv_head
     neurons = min(limit, int(spare // dims.params_per_neuron) // NEURON_STEP * NEURON_STEP)
     return neurons if neurons >= NEURON_STEP else None
 

@@ -72,9 +72,7 @@ class SubNetwork:
             raise SlimlmError("sub-network keeps no layers")
         for index, keep in self.layers.items():
             if not 0 <= index < dims.num_layers:
-                raise SlimlmError(
-                    f"sub-network layer {index} is out of range: the model has {dims.num_layers}"
-                )
+                raise SlimlmError(f"sub-network layer {index} is out of range: the model has {dims.num_layers}")
             _validate_layer(index, keep, dims.layers[index])
         return self
 
@@ -92,12 +90,7 @@ class SubNetwork:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise SlimlmError(f'not a slimlm sub-network: expected "format": "{FORMAT}"')
         try:
-            return cls(
-                {
-                    int(i): LayerKeep(k["heads"], k["kv_heads"], k["neurons"])
-                    for i, k in data["layers"].items()
-                }
-            )
+            return cls({int(i): LayerKeep(k["heads"], k["kv_heads"], k["neurons"]) for i, k in data["layers"].items()})
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise SlimlmError(f"malformed sub-network: {type(error).__name__}: {error}") from error
 
@@ -138,6 +131,4 @@ def _validate_layer(index: int, keep: LayerKeep, full: LayerShape) -> None:
         raise SlimlmError(f"{where}: key/value head {unused[0]} is kept with no query head")
     if len(set(per_kv.values())) > 1:
         counts = ", ".join(f"kv {g}: {n}" for g, n in sorted(per_kv.items()))
-        raise SlimlmError(
-            f"{where}: every kept key/value head must keep the same number of query heads ({counts})"
-        )
+        raise SlimlmError(f"{where}: every kept key/value head must keep the same number of query heads ({counts})")

@@ -10,9 +10,7 @@ from slimlm.models.llama import LlamaFamilyAdapter
 from slimlm.models.remote import modeling_slimlm as remote
 
 # model_type -> adapter. A new family is one adapter module and one line here.
-ADAPTERS: dict[str, Adapter] = {
-    family: LlamaFamilyAdapter(family) for family in ("llama", "mistral", "qwen2")
-}
+ADAPTERS: dict[str, Adapter] = {family: LlamaFamilyAdapter(family) for family in ("llama", "mistral", "qwen2")}
 
 # slimlm's own heterogeneous models load in slimlm without trust_remote_code.
 for _config, _model in (
@@ -31,9 +29,7 @@ def adapter_for(config: PretrainedConfig) -> Adapter:
     if adapter is None:
         names = ", ".join(config.architectures or []) or "no architectures listed"
         supported = ", ".join(sorted(k for k in ADAPTERS if not k.startswith("slimlm_")))
-        raise SlimlmError(
-            f"unsupported architecture '{config.model_type}' ({names}); slimlm supports: {supported}"
-        )
+        raise SlimlmError(f"unsupported architecture '{config.model_type}' ({names}); slimlm supports: {supported}")
     return adapter
 
 

@@ -49,7 +49,7 @@ class LlamaFamilyAdapter(Adapter):
 
     def __init__(self, family: str) -> None:
         self.family = family
-        stock, slim, slim_model = FAMILIES[family]
+        stock, _, slim_model = FAMILIES[family]
         name = stock.__name__.removesuffix("Config")
         self.architectures = (f"{name}ForCausalLM", slim_model)
 
@@ -149,9 +149,7 @@ class LlamaFamilyAdapter(Adapter):
             values.update(zip(SHAPE_KEYS, (first.heads, first.kv_heads, first.neurons), strict=True))
             values["architectures"] = [self.architectures[0]]
             return stock.from_dict(values)
-        values["slimlm_layers"] = [
-            dict(zip(SHAPE_KEYS, (s.heads, s.kv_heads, s.neurons), strict=True)) for s in shapes
-        ]
+        values["slimlm_layers"] = [dict(zip(SHAPE_KEYS, (s.heads, s.kv_heads, s.neurons), strict=True)) for s in shapes]
         values["architectures"] = [slim_model]
         values["auto_map"] = {
             "AutoConfig": f"modeling_slimlm.{slim.__name__}",

@@ -128,9 +128,7 @@ def _cached_from_gguf(gguf: Path, cache_name: str) -> Path:
 
 def _load_gguf(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     folder, name = gguf.parent, gguf.name
-    adapter_for(
-        AutoConfig.from_pretrained(folder, gguf_file=name)
-    )  # refuse other families before the slow part
+    adapter_for(AutoConfig.from_pretrained(folder, gguf_file=name))  # refuse other families before the slow part
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     # save_pretrained refuses a model that still looks quantized; the weights are plain float32 now.

@@ -38,9 +38,7 @@ class PerLayerShapes:
 def rebuild_layers(model, layer_class):
     """Replace the uniformly built decoder layers with layers of their own shapes."""
     config = model.config
-    model.model.layers = nn.ModuleList(
-        layer_class(config.layer_config(i), i) for i in range(config.num_hidden_layers)
-    )
+    model.model.layers = nn.ModuleList(layer_class(config.layer_config(i), i) for i in range(config.num_hidden_layers))
 
 
 class SlimLlamaConfig(PerLayerShapes, LlamaConfig):
