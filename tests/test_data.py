@@ -18,13 +18,6 @@ from slimlm.errors import SlimlmError
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far"]
 
 
-@pytest.fixture(autouse=True)
-def tmp_cache(tmp_path, monkeypatch, request):
-    """Fast tests get an empty cache; real tests keep the default one so reruns are quick."""
-    if "real" not in request.keywords:
-        monkeypatch.setenv("SLIMLM_CACHE", str(tmp_path / "cache"))
-
-
 @pytest.fixture
 def tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer: token i + 1 is WORDS[i], 0 is [UNK]; one token per word."""

@@ -7,7 +7,10 @@ tests check the parameter count against the real extracted models. Latency is me
 
 from __future__ import annotations
 
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -130,3 +133,25 @@ def measure_latency(
     for _ in range(repeats):
         probe.sample()
     return probe.result()
+
+
+def peak_memory(model: str, prompt_tokens: int = 128, new_tokens: int = 32) -> int:
+    """Peak resident memory in bytes of a fresh process that loads ``model`` and generates once.
+
+    A separate process, because a process's peak never goes down: measured in the caller, the
+    second model would inherit the first one's peak.
+    """
+    code = "import sys; from slimlm.costs import _report_peak_memory as r; r(sys.argv[1], *map(int, sys.argv[2:]))"
+    args = [sys.executable, "-c", code, model, str(prompt_tokens), str(new_tokens)]
+    done = subprocess.run(args, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory probe for {model} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return int(done.stdout.split()[-1])
+
+
+def _report_peak_memory(model: str, prompt_tokens: int, new_tokens: int) -> None:
+    from slimlm.models import load_model
+
+    probe = LatencyProbe(load_model(model).model, prompt_tokens, new_tokens)
+    probe.sample()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB

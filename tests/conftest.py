@@ -1,0 +1,78 @@
+"""Tiny random models of every supported family, built in the test: no download needed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+from slimlm.models import LoadedModel, adapter_for
+
+VOCAB = 96
+WORDS = [f"w{i}" for i in range(VOCAB - 1)]
+TEXT = " ".join(WORDS[(i * 7) % len(WORDS)] for i in range(4000))
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per whitespace-separated word ``w0`` … ``w94``; 0 is [UNK]."""
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0} | {w: i + 1 for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[UNK]")
+
+
+def tiny_config(family: str = "llama", **overrides):
+    """A 4-layer model: 6 query heads in 2 GQA groups of 3, head dim 8, 40 MLP neurons."""
+    values = dict(
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=40,
+        num_hidden_layers=4,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        eos_token_id=0,
+        pad_token_id=0,
+        bos_token_id=None,
+    )
+    values.update(overrides)
+    config_class = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family]
+    if family == "qwen2":
+        values.pop("head_dim")  # Qwen2 derives it: 48 / 6 = 8
+    return config_class(**values)
+
+
+def tiny_loaded(family: str = "llama", seed: int = 0, **overrides) -> LoadedModel:
+    """A tiny random model of ``family`` wrapped as slimlm loads models."""
+    torch.manual_seed(seed)
+    config = tiny_config(family, **overrides)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():  # random biases, so bias slicing is exercised (init sets them to zero)
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.5)
+    return LoadedModel(model, tiny_tokenizer(), adapter_for(config), f"tiny-{family}", Path("."), 0.0)
+
+
+def save_tiny(loaded: LoadedModel, folder: Path) -> Path:
+    """Save a tiny model with its tokenizer as a Hugging Face folder."""
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch, request):
+    """Fast tests get an empty cache; real tests keep the default one so reruns are quick."""
+    if "real" not in request.keywords:
+        monkeypatch.setenv("SLIMLM_CACHE", str(tmp_path / "cache"))

@@ -1,0 +1,132 @@
+"""Applying a sub-network in place: it computes the sub-network, and leaves no trace afterwards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimlm.apply import subnetwork_applied
+from slimlm.errors import SlimlmError
+from slimlm.subnet import LayerKeep, SubNetwork
+
+from .conftest import tiny_loaded
+
+FAMILIES = ["llama", "mistral", "qwen2"]
+INPUT = torch.arange(2 * 12).view(2, 12) % 90 + 3
+
+
+def heterogeneous() -> SubNetwork:
+    """Layer 1 dropped, per-layer widths, GQA groups pruned in different ways."""
+    return SubNetwork(
+        {
+            0: LayerKeep([0, 1, 2, 3, 4, 5], [0, 1], range(40)),
+            2: LayerKeep([1, 2, 3, 5], [0, 1], [0, 3, 9, 17, 39]),
+            3: LayerKeep([4], [1], range(0, 40, 3)),
+        }
+    )
+
+
+def masked_logits(loaded, subnet: SubNetwork, ids: torch.Tensor) -> torch.Tensor:
+    """Reference: the full model with removed units zeroed and removed layers skipped by hooks."""
+    model, dims = loaded.model, loaded.dims
+    layers = loaded.adapter.decoder_layers(model)
+    hooks = []
+    for i, layer in enumerate(layers):
+        if i not in subnet.layers:
+            hooks.append(layer.register_forward_hook(lambda _m, args, _out: args[0]))
+            continue
+        keep, o_proj, down_proj = subnet.layers[i], *loaded.adapter.output_projections(layer)
+        head_mask = torch.zeros(dims.layers[i].heads).index_fill(0, torch.tensor(keep.heads), 1)
+        neuron_mask = torch.zeros(dims.layers[i].neurons).index_fill(0, torch.tensor(keep.neurons), 1)
+        head_mask = head_mask.repeat_interleave(dims.head_dim)
+        hooks.append(o_proj.register_forward_pre_hook(lambda _m, args, m=head_mask: (args[0] * m,)))
+        hooks.append(down_proj.register_forward_pre_hook(lambda _m, args, m=neuron_mask: (args[0] * m,)))
+    try:
+        with torch.no_grad():
+            return model(input_ids=ids, use_cache=False).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_applied_model_computes_the_masked_subnetwork(family):
+    loaded = tiny_loaded(family)
+    subnet = heterogeneous()
+    expected = masked_logits(loaded, subnet, INPUT)
+    with subnetwork_applied(loaded, subnet) as model, torch.no_grad():
+        got = model(input_ids=INPUT, use_cache=False).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_restore_leaves_the_model_exactly_as_it_was(family):
+    loaded = tiny_loaded(family)
+    model = loaded.model
+    before_params = {name: p for name, p in model.named_parameters()}
+    before_values = {name: p.detach().clone() for name, p in before_params.items()}
+    before_logits = model(input_ids=INPUT).logits.detach()
+    config_before = model.config.to_dict()
+    with subnetwork_applied(loaded, heterogeneous()) as applied:
+        assert len(loaded.adapter.decoder_layers(applied)) == 3
+        assert applied.config.num_hidden_layers == 3
+    after = dict(model.named_parameters())
+    assert after.keys() == before_params.keys()
+    for name, param in after.items():
+        assert param is before_params[name], name  # the very same tensors, not copies
+        assert torch.equal(param, before_values[name]), name
+    assert model.config.to_dict() == config_before
+    assert loaded.dims.layers == tiny_loaded(family).dims.layers
+    torch.testing.assert_close(model(input_ids=INPUT).logits, before_logits, rtol=0, atol=0)
+
+
+def test_restore_happens_even_when_the_block_raises():
+    loaded = tiny_loaded()
+    before = loaded.dims
+    with pytest.raises(RuntimeError, match="boom"), subnetwork_applied(loaded, heterogeneous()):
+        raise RuntimeError("boom")
+    assert loaded.dims == before
+
+
+def test_full_subnetwork_shares_all_weights_and_matches_dense():
+    loaded = tiny_loaded()
+    dense = loaded.model(input_ids=INPUT).logits.detach()
+    weights = {name: p for name, p in loaded.model.named_parameters()}
+    with subnetwork_applied(loaded, SubNetwork.full(loaded.dims)) as model:
+        for name, param in model.named_parameters():
+            assert param is weights[name], f"{name} was copied although every unit is kept"
+        torch.testing.assert_close(model(input_ids=INPUT).logits, dense, rtol=0, atol=0)
+
+
+def test_nested_application_is_refused():
+    loaded = tiny_loaded()
+    with (
+        subnetwork_applied(loaded, heterogeneous()),
+        pytest.raises(SlimlmError, match="already applied"),
+        subnetwork_applied(loaded, heterogeneous()),
+    ):
+        pass
+
+
+def test_invalid_subnetwork_is_refused_before_touching_the_model():
+    loaded = tiny_loaded()
+    before = loaded.dims
+    with (
+        pytest.raises(SlimlmError, match="out of range"),
+        subnetwork_applied(loaded, SubNetwork({0: LayerKeep([0], [0], [99])})),
+    ):
+        pass
+    assert loaded.dims == before
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generation_with_kv_cache_works_on_the_applied_model(family):
+    loaded = tiny_loaded(family)
+    with subnetwork_applied(loaded, heterogeneous()) as model, torch.no_grad():
+        out = model.generate(INPUT[:1], max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        # greedy decoding with the cache must agree with recomputing the whole sequence each time
+        ids = INPUT[:1]
+        for _ in range(6):
+            next_id = model(input_ids=ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, next_id], dim=1)
+    assert torch.equal(out, ids)

@@ -1,0 +1,134 @@
+"""Extraction: the written model is a standalone stock-transformers model equal to the in-place one."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from slimlm.apply import subnetwork_applied
+from slimlm.costs import static_cost
+from slimlm.errors import SlimlmError
+from slimlm.extract import SUBNET_FILE, extract
+from slimlm.subnet import LayerKeep, SubNetwork
+
+from .conftest import tiny_loaded
+from .test_apply import INPUT, heterogeneous
+
+FAMILIES = ["llama", "mistral", "qwen2"]
+CASES = {
+    "uniform": SubNetwork({i: LayerKeep([0, 1, 3, 4], [0, 1], range(0, 40, 2)) for i in range(4)}),
+    "layers_dropped": SubNetwork({i: LayerKeep(range(6), range(2), range(40)) for i in (0, 3)}),
+    "gqa_pruned": SubNetwork({i: LayerKeep([3, 4, 5], [1], range(10, 30)) for i in range(4)}),
+    "heterogeneous": heterogeneous(),
+}
+
+# Runs in a fresh interpreter that never imports slimlm: what a user of the folder has.
+RELOAD = textwrap.dedent(
+    """
+    import json, sys, torch
+    from transformers import AutoModelForCausalLM
+    jobs = json.loads(sys.argv[1])
+    ids = torch.tensor(jobs["input"])
+    for folder, remote in jobs["folders"]:
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote, dtype=torch.float32)
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+            generated = model.generate(ids[:1], max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+        torch.save({"logits": logits, "generated": generated}, folder + "/reloaded.pt")
+    assert not any(name.startswith("slimlm") for name in sys.modules)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory):
+    """Every family x case extracted once, then reloaded together in one clean process."""
+    results = {}
+    for family in FAMILIES:
+        for case, subnet in CASES.items():
+            loaded = tiny_loaded(family)
+            folder = tmp_path_factory.mktemp(f"{family}-{case}")
+            info = extract(loaded, subnet, folder)
+            with subnetwork_applied(loaded, subnet) as model, torch.no_grad():
+                logits = model(input_ids=INPUT).logits
+                generated = model.generate(INPUT[:1], max_new_tokens=5, min_new_tokens=5, do_sample=False)
+            results[family, case] = (loaded, info, logits, generated)
+    jobs = {
+        "input": INPUT.tolist(),
+        "folders": [[str(i.folder), i.needs_remote_code] for _, i, _, _ in results.values()],
+    }
+    subprocess.run([sys.executable, "-c", RELOAD, json.dumps(jobs)], check=True, timeout=300)
+    return results
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_reloaded_model_has_the_in_place_logits_and_generation(extracted, family, case):
+    _, info, logits, generated = extracted[family, case]
+    reloaded = torch.load(info.folder / "reloaded.pt")
+    torch.testing.assert_close(reloaded["logits"], logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(reloaded["generated"], generated)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_only_heterogeneous_models_need_remote_code(extracted, family, case):
+    _, info, _, _ = extracted[family, case]
+    config = json.loads((info.folder / "config.json").read_text())
+    assert info.needs_remote_code == (case == "heterogeneous")
+    assert ("auto_map" in config) == info.needs_remote_code
+    assert (info.folder / "modeling_slimlm.py").exists() == info.needs_remote_code
+    assert config["num_hidden_layers"] == len(CASES[case].layers)
+    if not info.needs_remote_code:
+        shape = CASES[case].shapes()[0]
+        assert config["model_type"] == family
+        assert (config["num_attention_heads"], config["num_key_value_heads"]) == (shape.heads, shape.kv_heads)
+        assert config["intermediate_size"] == shape.neurons
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_parameter_count_matches_the_static_cost(extracted, family, case):
+    loaded, info, _, _ = extracted[family, case]
+    assert info.params == static_cost(loaded.dims, CASES[case].shapes()).params
+
+
+def test_folder_holds_tokenizer_and_subnetwork(extracted):
+    _, info, _, _ = extracted["llama", "heterogeneous"]
+    assert (info.folder / "tokenizer.json").is_file()
+    assert SubNetwork.load(info.folder / SUBNET_FILE) == CASES["heterogeneous"]
+
+
+def test_untied_embeddings_are_extracted_and_counted(tmp_path):
+    loaded = tiny_loaded(tie_word_embeddings=False)
+    assert not loaded.dims.tied_embeddings
+    info = extract(loaded, CASES["uniform"], tmp_path / "out")
+    assert info.params == static_cost(loaded.dims, CASES["uniform"].shapes()).params
+    assert info.params > static_cost(tiny_loaded().dims, CASES["uniform"].shapes()).params
+
+
+def test_extracted_slimlm_model_can_be_extracted_again(extracted, tmp_path):
+    """A heterogeneous slimlm model is itself a valid MODEL: sub-networks of it extract too."""
+    from slimlm.models import load_model
+
+    _, info, _, _ = extracted["qwen2", "heterogeneous"]
+    again = load_model(info.folder)
+    assert again.dims.layers == tuple(CASES["heterogeneous"].shapes())
+    smaller = SubNetwork({0: LayerKeep(range(6), range(2), range(40)), 2: LayerKeep([0], [0], range(13))})
+    second = extract(again, smaller, tmp_path / "again")
+    with subnetwork_applied(again, smaller) as model, torch.no_grad():
+        expected = model(input_ids=INPUT).logits
+    third = load_model(second.folder)
+    torch.testing.assert_close(third.model(input_ids=INPUT).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_refuses_to_write_into_a_folder_that_is_not_a_model(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SlimlmError, match="not a model folder"):
+        extract(tiny_loaded(), CASES["uniform"], tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"

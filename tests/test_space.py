@@ -1,0 +1,86 @@
+"""Importance scores and the importance-ranked uniform sub-network."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimlm.costs import static_cost
+from slimlm.errors import SlimlmError
+from slimlm.importance import Importance, activation_importance
+from slimlm.models.base import LayerShape
+from slimlm.space import NEURON_STEP, keep_most_important, uniform_subnetwork
+
+from .conftest import tiny_loaded
+from .test_apply import masked_logits
+
+
+def fixed_importance(dims) -> Importance:
+    """Scores that make the expected choice obvious: higher index = more important."""
+    heads = [torch.arange(s.heads, dtype=torch.float) for s in dims.layers]
+    return Importance(
+        heads=heads,
+        kv_heads=[h.view(s.kv_heads, -1).sum(1) for h, s in zip(heads, dims.layers, strict=True)],
+        neurons=[torch.arange(s.neurons, dtype=torch.float) for s in dims.layers],
+        layers=torch.ones(dims.num_layers),
+    )
+
+
+def test_activation_importance_has_one_score_per_unit():
+    loaded = tiny_loaded()
+    scores = activation_importance(loaded, torch.randint(0, 96, (3, 16)))
+    dims = loaded.dims
+    assert [h.shape[0] for h in scores.heads] == [s.heads for s in dims.layers]
+    assert [k.shape[0] for k in scores.kv_heads] == [s.kv_heads for s in dims.layers]
+    assert [n.shape[0] for n in scores.neurons] == [s.neurons for s in dims.layers]
+    assert scores.layers.shape == (dims.num_layers,)
+    assert all(torch.isfinite(t).all() and (t >= 0).all() for t in [*scores.heads, *scores.neurons, scores.layers])
+
+
+def test_activation_importance_ranks_by_what_changes_the_output():
+    """Removing the lowest-scored neurons must hurt less than removing the highest-scored ones."""
+    loaded = tiny_loaded()
+    ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(1))
+    scores = activation_importance(loaded, ids)
+    with torch.no_grad():
+        dense = loaded.model(input_ids=ids).logits
+    shapes = {i: LayerShape(s.heads, s.kv_heads, 20) for i, s in enumerate(loaded.dims.layers)}
+    reversed_scores = Importance(scores.heads, scores.kv_heads, [-n for n in scores.neurons], scores.layers)
+    errors = [
+        (masked_logits(loaded, keep_most_important(loaded.dims, ranking, shapes), ids) - dense).pow(2).mean()
+        for ranking in (scores, reversed_scores)
+    ]
+    assert errors[0] < errors[1]
+
+
+def test_keep_most_important_respects_gqa_groups():
+    dims = tiny_loaded().dims  # 2 kv groups of 3 heads
+    subnet = keep_most_important(dims, fixed_importance(dims), {0: LayerShape(2, 1, 8)})
+    keep = subnet.validate(dims).layers[0]
+    assert keep.kv_heads == (1,)  # group 1 holds heads 3..5, the higher scores
+    assert keep.heads == (4, 5)
+    assert keep.neurons == tuple(range(32, 40))
+
+
+@pytest.mark.parametrize("fraction", [0.95, 0.8, 0.6, 0.45])
+def test_uniform_subnetwork_fits_the_budget(fraction):
+    dims = tiny_loaded().dims
+    subnet = uniform_subnetwork(dims, fixed_importance(dims), fraction).validate(dims)
+    shapes = set(subnet.shapes())
+    assert len(shapes) == 1 and len(subnet.layers) == dims.num_layers
+    assert static_cost(dims, subnet.shapes()).params <= fraction * static_cost(dims).params
+    assert next(iter(shapes)).neurons % NEURON_STEP == 0
+
+
+def test_infeasible_budget_names_the_smallest_feasible_size():
+    dims = tiny_loaded().dims
+    smallest = static_cost(dims, [LayerShape(1, 1, NEURON_STEP)] * dims.num_layers).params
+    with pytest.raises(SlimlmError, match=f"the smallest has {smallest:,}"):
+        uniform_subnetwork(dims, fixed_importance(dims), 0.1)
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.5, 1.5])
+def test_fraction_outside_zero_one_is_refused(fraction):
+    dims = tiny_loaded().dims
+    with pytest.raises(SlimlmError, match="fraction"):
+        uniform_subnetwork(dims, fixed_importance(dims), fraction)
