@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import PreTrainedModel
 
+from slimlm.errors import SlimlmError
 from slimlm.models.base import LayerShape, ModelDims
 
 
@@ -80,6 +81,10 @@ class LatencyProbe:
     """Times one model; call ``sample()`` repeatedly (interleaved with other models) then ``result()``."""
 
     def __init__(self, model: PreTrainedModel, prompt_tokens: int = 128, new_tokens: int = 32, seed: int = 0):
+        if prompt_tokens < 1 or new_tokens < 2:
+            raise SlimlmError(
+                f"need a prompt of at least 1 token and at least 2 new tokens, got {prompt_tokens}, {new_tokens}"
+            )
         self.model = model
         vocab = model.config.vocab_size
         self.prompt = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(seed))
@@ -122,10 +127,17 @@ class LatencyProbe:
         )
 
 
+def check_repeats(repeats: int) -> None:
+    """Timings are medians of repeated runs: at least one is needed."""
+    if repeats < 1:
+        raise SlimlmError(f"repeats must be at least 1, got {repeats}")
+
+
 def measure_latency(
     model: PreTrainedModel, prompt_tokens: int = 128, new_tokens: int = 32, repeats: int = 3
 ) -> Latency:
     """Median prefill time and decode rate of ``model`` over ``repeats`` runs, after one warm-up."""
+    check_repeats(repeats)
     probe = LatencyProbe(model, prompt_tokens, new_tokens)
     probe.sample()  # warm-up: first calls allocate and pick kernels
     probe.prefill.clear()

@@ -8,6 +8,7 @@ import torch
 from torch.nn import functional as F
 from transformers import PreTrainedModel
 
+from slimlm.errors import SlimlmError
 from slimlm.progress import track
 
 
@@ -19,6 +20,8 @@ def perplexity(
 
     ``description`` shows a progress bar with that label; None evaluates silently (search loops).
     """
+    if batch_size < 1:
+        raise SlimlmError(f"batch size must be at least 1, got {batch_size}")
     batches = windows.split(batch_size)
     if description is not None:
         batches = track(batches, description)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
-from slimlm.costs import LatencyProbe, static_cost
+from slimlm.costs import LatencyProbe, check_repeats, static_cost
 from slimlm.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, model_windows
 from slimlm.evaluate import perplexity
 from slimlm.extract import extract
@@ -43,6 +43,7 @@ def compare_speed(
     models: list[PreTrainedModel], repeats: int = 3, prompt_tokens: int = 128, new_tokens: int = 32
 ) -> list:
     """Latency of several models measured side by side: one sample of each in turn, then medians."""
+    check_repeats(repeats)
     probes = [LatencyProbe(m, prompt_tokens, new_tokens) for m in models]
     for probe in probes:  # warm-up, not counted
         probe.sample()

