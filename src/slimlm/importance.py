@@ -1,19 +1,65 @@
 """How much each structural unit matters, measured on calibration text.
 
-Default metric is activation-aware (Wanda-style, structured): a unit's score is the norm of the
-activations that flow through it times the norm of the weights that carry them on. Weight
-magnitude alone is misleading on real models: in SmolLM2 the most active layer-0 MLP neurons have
-the smallest weight norms. Scores come from one streaming pass; only per-channel sums are kept.
+One streaming pass over calibration windows (``calibrate``) records, for the input of every
+output projection (attention ``o_proj``: head channels; MLP ``down_proj``: neurons), the per-channel
+count, sum, sum of squares and the diagonal of the inverse Gram matrix, plus each layer's block
+influence. Metrics turn those statistics and the projection's weights into channel scores; a head
+scores the sum of its channels, a key/value head the sum of its query heads.
+
+Metrics (``METRICS``; a new one is one function and one registry line):
+- ``activation`` (default; structured Wanda): ‖X_j‖ · ‖W_:,j‖.
+- ``magnitude``: ‖W_:,j‖. Misleading on real models: in SmolLM2 the most active layer-0 MLP neurons
+  have the smallest weight norms, so it is not the default.
+- ``fluctuation`` (FLAP): Var(X_j) · ‖W_:,j‖², the output change a bias could not compensate.
+- ``second-order`` (Shen et al., NeurIPS 2024): ‖W_:,j‖² / [(XXᵀ + λI)⁻¹]_jj, the optimal-brain-surgeon
+  error of removing column j.
+Layers are scored by block influence, mean 1 − cos(layer input, layer output) (ShortGPT).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 
+from slimlm.cache import cache_root
+from slimlm.errors import SlimlmError
 from slimlm.models import LoadedModel
 from slimlm.progress import track
+
+DAMPING = 0.01  # λ as a fraction of the mean Gram diagonal: keeps the inverse finite on dead channels
+
+
+@dataclass
+class ChannelStats:
+    """Streaming statistics of one projection's input channels."""
+
+    count: int
+    sum: torch.Tensor
+    sumsq: torch.Tensor
+    inverse_gram_diagonal: torch.Tensor
+
+    @property
+    def norm(self) -> torch.Tensor:
+        return self.sumsq.sqrt()
+
+    @property
+    def variance(self) -> torch.Tensor:
+        mean = self.sum / self.count
+        return (self.sumsq / self.count - mean**2).clamp_min(0) * self.count / max(self.count - 1, 1)
+
+
+@dataclass
+class Calibration:
+    """Everything importance needs from calibration text, per decoder layer of the full model."""
+
+    attention: list[ChannelStats]  # inputs of the attention output projection (head channels)
+    mlp: list[ChannelStats]  # inputs of the MLP output projection (neurons)
+    block_influence: torch.Tensor
+    tokens: int
 
 
 @dataclass(frozen=True)
@@ -23,52 +69,141 @@ class Importance:
     heads: list[torch.Tensor]
     kv_heads: list[torch.Tensor]
     neurons: list[torch.Tensor]
-    layers: torch.Tensor  # block influence: mean 1 - cos(layer input, layer output)
+    layers: torch.Tensor
+
+
+Metric = Callable[[ChannelStats, torch.Tensor], torch.Tensor]  # (input stats, weight column norms) -> score
+
+METRICS: dict[str, Metric] = {
+    "activation": lambda stats, w: stats.norm * w,
+    "magnitude": lambda stats, w: w,
+    "fluctuation": lambda stats, w: stats.variance * w**2,
+    "second-order": lambda stats, w: w**2 / stats.inverse_gram_diagonal,
+}
+DEFAULT_METRIC = "activation"
+
+
+class _Accumulator:
+    """Sums of one projection's inputs, fed batch by batch from a forward pre-hook."""
+
+    def __init__(self, width: int) -> None:
+        self.count = 0
+        self.sum = torch.zeros(width, dtype=torch.float64)
+        self.sumsq = torch.zeros(width, dtype=torch.float64)
+        self.gram = torch.zeros(width, width, dtype=torch.float64)
+
+    def __call__(self, _module, args) -> None:
+        x = args[0].reshape(-1, args[0].shape[-1]).double()
+        self.count += x.shape[0]
+        self.sum += x.sum(0)
+        self.sumsq += x.pow(2).sum(0)
+        self.gram += x.T @ x
+
+    def stats(self) -> ChannelStats:
+        damping = DAMPING * self.gram.diagonal().mean().clamp_min(1e-12)
+        eye = torch.eye(self.gram.shape[0], dtype=torch.float64)
+        inverse = torch.linalg.inv(self.gram + damping * eye)
+        return ChannelStats(self.count, self.sum, self.sumsq, inverse.diagonal().clone())
 
 
 @torch.no_grad()
-def activation_importance(loaded: LoadedModel, windows: torch.Tensor, batch_size: int = 4) -> Importance:
-    """Score every head, key/value head, neuron and layer of the full model on ``windows``."""
-    model, dims = loaded.model, loaded.dims
-    layers = loaded.adapter.decoder_layers(model)
-    n = len(layers)
-    o_sq = [torch.zeros(s.heads * dims.head_dim, dtype=torch.float64) for s in dims.layers]
-    down_sq = [torch.zeros(s.neurons, dtype=torch.float64) for s in dims.layers]
-    influence = torch.zeros(n, dtype=torch.float64)
-    hooks = []
-
-    def accumulate(store: list[torch.Tensor], i: int):
-        def hook(_module, args):
-            store[i] += args[0].double().pow(2).sum(dim=(0, 1))
-
-        return hook
+def calibrate(loaded: LoadedModel, windows: torch.Tensor, batch_size: int = 4) -> Calibration:
+    """One streaming pass over ``windows`` through the full model, collecting ``Calibration``."""
+    layers = loaded.adapter.decoder_layers(loaded.model)
+    projections = [loaded.adapter.output_projections(layer) for layer in layers]
+    attention = [_Accumulator(o.in_features) for o, _ in projections]
+    mlp = [_Accumulator(d.in_features) for _, d in projections]
+    influence = torch.zeros(len(layers), dtype=torch.float64)
 
     def block_influence(i: int):
         def hook(_module, args, output):
             out = output[0] if isinstance(output, tuple) else output
-            cos = torch.nn.functional.cosine_similarity(args[0].double(), out.double(), dim=-1)
-            influence[i] += (1 - cos).sum()
+            influence[i] += (1 - torch.cosine_similarity(args[0].double(), out.double(), dim=-1)).sum()
 
         return hook
 
-    outputs = [loaded.adapter.output_projections(layer) for layer in layers]
-    for i, (layer, (o_proj, down_proj)) in enumerate(zip(layers, outputs, strict=True)):
-        hooks.append(o_proj.register_forward_pre_hook(accumulate(o_sq, i)))
-        hooks.append(down_proj.register_forward_pre_hook(accumulate(down_sq, i)))
-        hooks.append(layer.register_forward_hook(block_influence(i)))
+    hooks = []
+    for i, (layer, (o_proj, down_proj)) in enumerate(zip(layers, projections, strict=True)):
+        hooks += [
+            o_proj.register_forward_pre_hook(attention[i]),
+            down_proj.register_forward_pre_hook(mlp[i]),
+            layer.register_forward_hook(block_influence(i)),
+        ]
     try:
-        for batch in track(windows.split(batch_size), "scoring importance"):
-            model(input_ids=batch, use_cache=False)
+        for batch in track(windows.split(batch_size), "calibrating"):
+            loaded.model(input_ids=batch, use_cache=False)
     finally:
         for hook in hooks:
             hook.remove()
+    return Calibration(
+        [a.stats() for a in attention], [m.stats() for m in mlp], influence / windows.numel(), windows.numel()
+    )
 
+
+def importance(loaded: LoadedModel, calibration: Calibration, metric: str = DEFAULT_METRIC) -> Importance:
+    """Score every unit of the full model with ``metric`` (see ``METRICS``)."""
+    if metric not in METRICS:
+        raise SlimlmError(f"unknown importance metric '{metric}'; choose from {', '.join(METRICS)}")
+    score = METRICS[metric]
+    dims = loaded.dims
     heads, kv_heads, neurons = [], [], []
-    for i, (o_proj, down_proj) in enumerate(outputs):
+    for i, layer in enumerate(loaded.adapter.decoder_layers(loaded.model)):
+        o_proj, down_proj = loaded.adapter.output_projections(layer)
         shape = dims.layers[i]
-        channel = o_sq[i].sqrt() * o_proj.weight.double().norm(dim=0)
+        channel = score(calibration.attention[i], o_proj.weight.double().norm(dim=0))
         head = channel.view(shape.heads, dims.head_dim).sum(dim=1)
         heads.append(head.float())
         kv_heads.append(head.view(shape.kv_heads, shape.group_size).sum(dim=1).float())
-        neurons.append((down_sq[i].sqrt() * down_proj.weight.double().norm(dim=0)).float())
-    return Importance(heads, kv_heads, neurons, (influence / windows.numel()).float())
+        neurons.append(score(calibration.mlp[i], down_proj.weight.double().norm(dim=0)).float())
+    return Importance(heads, kv_heads, neurons, calibration.block_influence.float())
+
+
+def activation_importance(loaded: LoadedModel, windows: torch.Tensor, batch_size: int = 4) -> Importance:
+    """Calibrate on ``windows`` and score with the default, activation-aware metric."""
+    return importance(loaded, calibrate(loaded, windows, batch_size))
+
+
+def cached_calibration(loaded: LoadedModel, windows: torch.Tensor, source: str) -> Calibration:
+    """``calibrate``, cached on disk per model weights and exact calibration tokens.
+
+    Models not loaded from safetensors files (built in memory) are calibrated without caching.
+    """
+    path = _cache_path(loaded, windows, source)
+    if path is None:
+        return calibrate(loaded, windows)
+    if path.is_file():
+        data = torch.load(path, weights_only=True)
+        return Calibration(
+            [ChannelStats(**s) for s in data["attention"]],
+            [ChannelStats(**s) for s in data["mlp"]],
+            data["block_influence"],
+            data["tokens"],
+        )
+    calibration = calibrate(loaded, windows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    as_dicts = [
+        [{f.name: getattr(s, f.name) for f in fields(s)} for s in side]
+        for side in (calibration.attention, calibration.mlp)
+    ]
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {
+            "attention": as_dicts[0],
+            "mlp": as_dicts[1],
+            "block_influence": calibration.block_influence,
+            "tokens": calibration.tokens,
+        },
+        tmp,
+    )
+    tmp.rename(path)  # atomic: a killed run leaves no half-written cache entry
+    return calibration
+
+
+def _cache_path(loaded: LoadedModel, windows: torch.Tensor, source: str) -> Path | None:
+    weights = sorted(Path(loaded.folder).glob("*.safetensors"))
+    if not weights:
+        return None
+    stamp = [f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in weights]
+    digest = hashlib.sha1("|".join([*stamp, source]).encode())
+    digest.update(windows.numpy().tobytes())
+    return cache_root() / "calibration" / f"{digest.hexdigest()[:16]}.pt"

@@ -1,8 +1,16 @@
-"""From a size to a concrete sub-network: which units to keep, ranked by importance."""
+"""The search space: what may shrink, how, and how a point in it becomes a concrete sub-network.
+
+A point gives every layer a shape (kept query heads and key/value heads as a GQA shape, kept MLP
+neurons, or removed); ``keep_most_important`` turns shapes into kept unit indices by importance,
+so every candidate inherits the most important weights.
+"""
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
+
+import optuna
 
 from slimlm.costs import static_cost
 from slimlm.errors import SlimlmError
@@ -11,6 +19,85 @@ from slimlm.models.base import LayerShape, ModelDims
 from slimlm.subnet import LayerKeep, SubNetwork
 
 NEURON_STEP = 8  # kept MLP widths are multiples of this: ragged widths run slower on real kernels
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What may shrink and how.
+
+    ``per_layer``: each layer gets its own ratios (else one shape for all layers).
+    ``depth``: whole layers may be removed. ``min_ratio``/``max_ratio``/``step``: bounds and grid of
+    the kept fraction of each layer's neurons and heads. ``frozen_layers`` are always kept whole.
+    """
+
+    per_layer: bool = True
+    depth: bool = False
+    min_ratio: float = 0.2
+    max_ratio: float = 1.0
+    step: float = 0.05
+    frozen_layers: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_ratio <= self.max_ratio <= 1:
+            raise SlimlmError(f"need 0 < min ratio <= max ratio <= 1, got {self.min_ratio}, {self.max_ratio}")
+        if not 0 < self.step <= 1:
+            raise SlimlmError(f"ratio step must be in (0, 1], got {self.step}")
+
+    def neuron_choices(self, full: LayerShape) -> list[int]:
+        """Allowed kept-neuron counts of a layer: the ratio grid, rounded to ``NEURON_STEP``."""
+        steps = round((self.max_ratio - self.min_ratio) / self.step)
+        ratios = [self.min_ratio + i * self.step for i in range(steps + 1)]
+        counts = {
+            min(full.neurons, max(NEURON_STEP, round(r * full.neurons / NEURON_STEP) * NEURON_STEP)) for r in ratios
+        }
+        return sorted(counts)
+
+    def attention_choices(self, full: LayerShape) -> list[LayerShape]:
+        """Allowed (query heads, key/value heads) of a layer, smallest first; neurons left 0."""
+        shapes = [
+            LayerShape(kv * per_group, kv, 0)
+            for kv, per_group in itertools.product(range(1, full.kv_heads + 1), range(1, full.group_size + 1))
+        ]
+        allowed = [s for s in shapes if self.min_ratio - 1e-9 <= s.heads / full.heads <= self.max_ratio + 1e-9]
+        allowed = allowed or [min(shapes, key=lambda s: abs(s.heads / full.heads - self.min_ratio))]
+        return sorted(allowed, key=lambda s: (s.heads, s.kv_heads))
+
+    def suggest(self, trial: optuna.Trial, dims: ModelDims) -> dict[int, LayerShape]:
+        """Layer shapes chosen by an Optuna trial (define-by-run: the sampler picks every choice)."""
+        full = dims.layers[0]
+        if not self.per_layer:
+            uniform = self._suggest_layer(trial, "", full)
+        shapes = {}
+        for i, layer in enumerate(dims.layers):
+            if i in self.frozen_layers:
+                shapes[i] = layer
+                continue
+            if self.depth and not trial.suggest_categorical(f"keep_{i}", [True, False]):
+                continue
+            shapes[i] = self._suggest_layer(trial, f"_{i}", layer) if self.per_layer else uniform
+        return shapes or {0: dims.layers[0]}
+
+    def _suggest_layer(self, trial: optuna.Trial, suffix: str, full: LayerShape) -> LayerShape:
+        attention = self.attention_choices(full)
+        neurons = self.neuron_choices(full)
+        a = attention[trial.suggest_int(f"attention{suffix}", 0, len(attention) - 1)]
+        n = neurons[trial.suggest_int(f"neurons{suffix}", 0, len(neurons) - 1)]
+        return LayerShape(a.heads, a.kv_heads, n)
+
+    def smallest(self, dims: ModelDims) -> dict[int, LayerShape]:
+        """The cheapest shapes the space allows (one layer left when depth may shrink)."""
+        shapes = {}
+        for i, full in enumerate(dims.layers):
+            if i in self.frozen_layers:
+                shapes[i] = full
+            elif not self.depth:
+                a = self.attention_choices(full)[0]
+                shapes[i] = LayerShape(a.heads, a.kv_heads, self.neuron_choices(full)[0])
+        if not shapes:  # every layer may go, but a model needs one
+            full = dims.layers[0]
+            a = self.attention_choices(full)[0]
+            shapes[0] = LayerShape(a.heads, a.kv_heads, self.neuron_choices(full)[0])
+        return shapes
 
 
 def keep_most_important(dims: ModelDims, importance: Importance, shapes: dict[int, LayerShape]) -> SubNetwork:

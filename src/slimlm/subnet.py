@@ -94,6 +94,17 @@ class SubNetwork:
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise SlimlmError(f"malformed sub-network: {type(error).__name__}: {error}") from error
 
+    def to_compact(self) -> str:
+        """A short string form (kept sets as hex bitmasks) for search stores holding many candidates."""
+        return json.dumps(
+            {str(i): [_bits(k.heads), _bits(k.kv_heads), _bits(k.neurons)] for i, k in sorted(self.layers.items())},
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_compact(cls, text: str) -> SubNetwork:
+        return cls({int(i): LayerKeep(*(_indices(m) for m in masks)) for i, masks in json.loads(text).items()})
+
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), separators=(",", ":")) + "\n")
 
@@ -107,6 +118,15 @@ class SubNetwork:
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise SlimlmError(f"{path} is not valid JSON: {error}") from error
         return cls.from_json(data)
+
+
+def _bits(indices: tuple[int, ...]) -> str:
+    return format(sum(1 << i for i in indices), "x")
+
+
+def _indices(mask: str) -> list[int]:
+    value = int(mask, 16)
+    return [i for i in range(value.bit_length()) if value >> i & 1]
 
 
 def _validate_layer(index: int, keep: LayerKeep, full: LayerShape) -> None:

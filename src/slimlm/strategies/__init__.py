@@ -1,0 +1,30 @@
+"""Search strategies, each one small object behind ``Strategy``; add one here with one registry line."""
+
+from __future__ import annotations
+
+from slimlm.errors import SlimlmError
+from slimlm.strategies.base import SUBNET_ATTR, SearchContext, Strategy, candidate, completed
+from slimlm.strategies.evolution import Evolution
+from slimlm.strategies.sampled import NSGA2, RandomSearch
+
+STRATEGIES: dict[str, type] = {"evolution": Evolution, "nsga2": NSGA2, "random": RandomSearch}
+DEFAULT_STRATEGY = "evolution"
+
+
+def make_strategy(name: str) -> Strategy:
+    """A strategy by name, or a clear error listing the known ones."""
+    if name not in STRATEGIES:
+        raise SlimlmError(f"unknown strategy '{name}'; choose from {', '.join(STRATEGIES)}")
+    return STRATEGIES[name]()
+
+
+__all__ = [
+    "DEFAULT_STRATEGY",
+    "STRATEGIES",
+    "SUBNET_ATTR",
+    "SearchContext",
+    "Strategy",
+    "candidate",
+    "completed",
+    "make_strategy",
+]

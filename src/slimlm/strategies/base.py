@@ -1,0 +1,52 @@
+"""The one interface every search strategy implements."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import optuna
+
+from slimlm.importance import Importance
+from slimlm.models.base import ModelDims
+from slimlm.space import SearchSpace
+from slimlm.subnet import SubNetwork
+
+SUBNET_ATTR = "subnet"  # trial user attribute holding the candidate (``SubNetwork.to_compact``)
+
+
+@dataclass(frozen=True)
+class SearchContext:
+    """What a strategy may use to propose candidates."""
+
+    dims: ModelDims
+    importance: Importance
+    space: SearchSpace
+    fits: Callable[[SubNetwork], bool]  # within the budget, judged from structure alone
+    start: SubNetwork  # the importance-ranked uniform sub-network at the budget
+    seed: int
+
+
+class Strategy(Protocol):
+    """A search strategy: an Optuna sampler plus how a trial becomes a candidate sub-network.
+
+    Strategies that sample the parametric space call ``context.space.suggest(trial, ...)`` and let
+    their sampler choose; strategies that work on kept sets directly (evolution) read the study's
+    completed trials and ignore the sampler.
+    """
+
+    name: str
+
+    def sampler(self, seed: int) -> optuna.samplers.BaseSampler: ...
+
+    def propose(self, trial: optuna.Trial, study: optuna.Study, context: SearchContext) -> SubNetwork: ...
+
+
+def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Evaluated candidates, oldest first."""
+    return [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+
+
+def candidate(trial: optuna.trial.FrozenTrial) -> SubNetwork:
+    return SubNetwork.from_compact(trial.user_attrs[SUBNET_ATTR])

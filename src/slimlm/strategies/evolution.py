@@ -1,0 +1,122 @@
+"""Training-free evolutionary search on kept sets (Shen et al., "Search for Efficient LLMs", NeurIPS 2024).
+
+The population starts from the importance-ranked uniform sub-network at the budget and its mutants.
+A child comes from one parent (mutation) or two (per-layer crossover, then mutation). Mutation
+changes a few layers' widths by one grid step (and, with depth search, removes or restores layers),
+then resamples their kept neurons with probability proportional to importance while inheriting at
+least ``overlap`` of the parent's kept set. Parents are the ``parents`` fittest candidates so far;
+children outside the budget are discarded and redrawn. Each child is drawn from a generator seeded
+by (seed, trial number) and the stored history, so a run is reproducible and resumes from its store.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import optuna
+
+from slimlm.models.base import LayerShape
+from slimlm.space import keep_most_important
+from slimlm.strategies.base import SearchContext, candidate, completed
+from slimlm.subnet import LayerKeep, SubNetwork
+
+ATTEMPTS = 100  # redraws of a child outside the budget before handing it back anyway
+
+
+@dataclass
+class Evolution:
+    population: int = 8
+    parents: int = 4
+    crossover: float = 0.5  # probability a child has two parents
+    mutate_layer: float = 0.15  # probability each layer mutates
+    overlap: float = 0.9  # minimum share of a mutated layer's kept neurons inherited from its parent
+    name = "evolution"
+
+    def sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        return optuna.samplers.RandomSampler(seed=seed)  # unused: children come from the history
+
+    def propose(self, trial: optuna.Trial, study: optuna.Study, context: SearchContext) -> SubNetwork:
+        history = completed(study)
+        if not history:
+            return context.start
+        rng = np.random.default_rng([context.seed, trial.number])
+        if len(history) < self.population:
+            parents = [context.start]
+        else:
+            parents = [candidate(t) for t in sorted(history, key=lambda t: t.values[0])[: self.parents]]
+        seen = {t.user_attrs.get("subnet") for t in history}
+        child = context.start
+        for _ in range(ATTEMPTS):
+            first = parents[rng.integers(len(parents))]
+            child = first
+            if len(parents) > 1 and rng.random() < self.crossover:
+                child = self._cross(rng, first, parents[rng.integers(len(parents))], context)
+            child = self._mutate(rng, child, context)
+            if context.fits(child) and child.to_compact() not in seen:
+                return child
+        return child
+
+    def _cross(self, rng: np.random.Generator, a: SubNetwork, b: SubNetwork, context: SearchContext) -> SubNetwork:
+        layers = {}
+        for i in range(context.dims.num_layers):
+            source = a if rng.random() < 0.5 else b
+            if i in source.layers:
+                layers[i] = source.layers[i]
+        return SubNetwork(layers or dict(a.layers))
+
+    def _mutate(self, rng: np.random.Generator, parent: SubNetwork, context: SearchContext) -> SubNetwork:
+        layers = dict(parent.layers)
+        space, dims = context.space, context.dims
+        for i, full in enumerate(dims.layers):
+            if i in space.frozen_layers or rng.random() >= self.mutate_layer:
+                continue
+            if space.depth and rng.random() < 0.2:  # depth mutation: remove or restore the layer
+                if i in layers and len(layers) > 1:
+                    del layers[i]
+                elif i not in layers:
+                    layers[i] = context.start.layers.get(i) or _best(context, i, full)
+                continue
+            if i in layers:
+                layers[i] = self._mutate_layer(rng, layers[i], i, full, context)
+        return SubNetwork(layers)
+
+    def _mutate_layer(
+        self, rng: np.random.Generator, keep: LayerKeep, i: int, full: LayerShape, context: SearchContext
+    ) -> LayerKeep:
+        space = context.space
+        attention = space.attention_choices(full)
+        neurons = space.neuron_choices(full)
+        shape = keep.shape
+        a = min(
+            range(len(attention)),
+            key=lambda j: abs(attention[j].heads - shape.heads) * 10 + abs(attention[j].kv_heads - shape.kv_heads),
+        )
+        n = min(range(len(neurons)), key=lambda j: abs(neurons[j] - shape.neurons))
+        if rng.random() < 0.3:
+            a = int(np.clip(a + rng.choice([-1, 1]), 0, len(attention) - 1))
+        else:
+            n = int(np.clip(n + rng.choice([-1, 1]), 0, len(neurons) - 1))
+        new_shape = LayerShape(attention[a].heads, attention[a].kv_heads, neurons[n])
+        if (new_shape.heads, new_shape.kv_heads) == (shape.heads, shape.kv_heads):
+            heads, kv_heads = keep.heads, keep.kv_heads
+        else:
+            ranked = keep_most_important(context.dims, context.importance, {i: new_shape}).layers[i]
+            heads, kv_heads = ranked.heads, ranked.kv_heads
+        kept = self._resample(rng, keep.neurons, new_shape.neurons, context.importance.neurons[i].numpy())
+        return LayerKeep(heads, kv_heads, kept)
+
+    def _resample(self, rng: np.random.Generator, kept: tuple[int, ...], size: int, scores: np.ndarray) -> list[int]:
+        """``size`` neurons: at least ``overlap`` of them from ``kept``, all drawn in proportion to importance."""
+        weights = np.maximum(scores.astype(np.float64), 0) + 1e-12
+        inherit = min(len(kept), max(math.ceil(self.overlap * min(len(kept), size)), 0), size)
+        old = np.array(kept)
+        chosen = rng.choice(old, inherit, replace=False, p=weights[old] / weights[old].sum()) if inherit else []
+        rest = np.setdiff1d(np.arange(len(scores)), chosen)
+        extra = rng.choice(rest, size - inherit, replace=False, p=weights[rest] / weights[rest].sum())
+        return [int(j) for j in (*chosen, *extra)]
+
+
+def _best(context: SearchContext, i: int, full: LayerShape) -> LayerKeep:
+    return keep_most_important(context.dims, context.importance, {i: full}).layers[i]
