@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import time
+import typing
 from collections import Counter
 from pathlib import Path
 from typing import Annotated
@@ -19,9 +21,15 @@ from slimlm.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, describe_specs,
 from slimlm.errors import SlimlmError
 from slimlm.evaluate import perplexity
 from slimlm.extract import extract as extract_subnetwork
+from slimlm.importance import DEFAULT_METRIC
 from slimlm.models import load_model
 from slimlm.pipeline import compare_speed, folder_bytes
 from slimlm.pipeline import compress as compress_model
+from slimlm.report import write_report
+from slimlm.search import SearchJob, parse_size
+from slimlm.search import search as run_search
+from slimlm.space import SearchSpace
+from slimlm.strategies import DEFAULT_STRATEGY
 from slimlm.subnet import SubNetwork
 
 app = typer.Typer(
@@ -243,22 +251,150 @@ def bench(
     out.print(table)
 
 
-@app.command()
+Strategy = Annotated[str, typer.Option(help="search strategy: evolution, nsga2 or random")]
+Objective = Annotated[str, typer.Option(help="cost objective beside perplexity: params, flops, memory or latency")]
+Evaluations = Annotated[int, typer.Option(help="candidates to evaluate (the store keeps every one)")]
+ParamsFraction = Annotated[float | None, typer.Option("--params", help="keep at most this fraction of the parameters")]
+MaxParams = Annotated[str | None, typer.Option(help="absolute parameter budget, e.g. 90M")]
+MaxMemory = Annotated[str | None, typer.Option(help="weights + KV cache budget in bytes, e.g. 300MB")]
+MaxLatency = Annotated[float | None, typer.Option(help="prefill latency budget in ms (measured per candidate)")]
+RunOut = Annotated[Path, typer.Option("--out", help="run folder: store, pareto.json, pareto.png, best/")]
+Calib = Annotated[str, typer.Option("--calib", help=f"calibration text: {describe_specs()}")]
+EvalText = Annotated[str, typer.Option("--eval", help="evaluation text (same forms as --calib)")]
+Metric = Annotated[str, typer.Option(help="importance metric: activation, magnitude, fluctuation, second-order")]
+PerLayer = Annotated[bool, typer.Option("--per-layer/--uniform", help="per-layer ratios or one shape for all layers")]
+Depth = Annotated[bool, typer.Option(help="allow removing whole layers")]
+MinRatio = Annotated[float, typer.Option(help="smallest kept fraction of a layer's heads / neurons")]
+MaxRatio = Annotated[float, typer.Option(help="largest kept fraction of a layer's heads / neurons")]
+Frozen = Annotated[str, typer.Option(help="comma-separated layers kept whole, e.g. 0,29")]
+CalibWindows = Annotated[int, typer.Option("--calib-windows", help="calibration windows (importance)")]
+FitnessWindows = Annotated[int, typer.Option(help="calibration windows scored per candidate")]
+EvalWindows = Annotated[int, typer.Option("--eval-windows", help="evaluation windows for the front")]
+Seed = Annotated[int, typer.Option(help="random seed")]
+Storage = Annotated[str | None, typer.Option(help="Optuna storage URL (default: SQLite file in the run folder)")]
+Workers = Annotated[int, typer.Option(help="worker processes searching one store")]
+Resume = Annotated[bool, typer.Option(help="continue the search stored in the run folder")]
+
+
+def _job(model: str, out_dir: Path, **options) -> SearchJob:
+    """A search job from CLI options (sizes parsed, the space assembled)."""
+    frozen = tuple(int(i) for i in options.pop("frozen").split(",") if i.strip()) if options["frozen"] else ()
+    options.pop("frozen", None)
+    space = SearchSpace(
+        per_layer=options.pop("per_layer"),
+        depth=options.pop("depth"),
+        min_ratio=options.pop("min_ratio"),
+        max_ratio=options.pop("max_ratio"),
+        frozen_layers=frozen,
+    )
+    max_params, max_memory = options.pop("max_params"), options.pop("max_memory")
+    if options["params_fraction"] is None and max_params is None and max_memory is None:
+        raise SlimlmError("give a budget: --params FRACTION, --max-params N or --max-memory BYTES")
+    return SearchJob(
+        model=model,
+        out=str(out_dir),
+        space=space,
+        max_params=int(parse_size(max_params)) if max_params else None,
+        max_memory_bytes=int(parse_size(max_memory)) if max_memory else None,
+        **options,
+    )
+
+
+def _search_options(
+    params_fraction: ParamsFraction = None,
+    max_params: MaxParams = None,
+    max_memory: MaxMemory = None,
+    max_latency_ms: MaxLatency = None,
+    strategy: Strategy = DEFAULT_STRATEGY,
+    objective: Objective = "params",
+    evaluations: Evaluations = 60,
+    calibration: Calib = DEFAULT_CALIBRATION,
+    evaluation: EvalText = DEFAULT_EVALUATION,
+    seq_len: SeqLenOpt = 256,
+    calibration_windows: CalibWindows = 16,
+    fitness_windows: FitnessWindows = 4,
+    evaluation_windows: EvalWindows = 16,
+    metric: Metric = DEFAULT_METRIC,
+    per_layer: PerLayer = True,
+    depth: Depth = False,
+    min_ratio: MinRatio = 0.2,
+    max_ratio: MaxRatio = 1.0,
+    frozen: Frozen = "",
+    seed: Seed = 0,
+    storage: Storage = None,
+    workers: Workers = 1,
+    resume: Resume = False,
+) -> dict:
+    return locals()
+
+
+def _resolved(fn) -> list[inspect.Parameter]:
+    """Parameters with their annotations evaluated (this module postpones them; typer needs the real ones)."""
+    hints = typing.get_type_hints(fn, include_extras=True)
+    return [p.replace(annotation=hints[p.name]) for p in inspect.signature(fn).parameters.values()]
+
+
+def _with_search_options(command):
+    """Give ``command`` every search option (one definition for ``search`` and ``compress``)."""
+    own = [p for p in _resolved(command) if p.name != "options"]
+    shared = _resolved(_search_options)
+
+    @functools.wraps(command)
+    def run(**kwargs):
+        options = {name: kwargs.pop(name) for name in [p.name for p in shared]}
+        return command(**kwargs, options=options)
+
+    run.__signature__ = inspect.Signature([*own, *shared])
+    return run
+
+
+@app.command("search")
+@_with_search_options
 @friendly
-def compress(
-    model: ModelArg,
-    params: Annotated[float, typer.Option(help="fraction of the parameters to keep, in (0, 1]")],
-    out_dir: Annotated[Path, typer.Option("--out", help="folder to write the smaller model to")],
-    calib: DataOpt = DEFAULT_CALIBRATION,
-    eval_data: Annotated[str, typer.Option("--eval", help="evaluation text (same forms as --calib)")] = (
-        DEFAULT_EVALUATION
-    ),
-    seq_len: SeqLenOpt = 512,
-    calib_windows: Annotated[int, typer.Option(help="calibration windows for importance")] = 8,
-    eval_windows: Annotated[int, typer.Option(help="evaluation windows for perplexity")] = 16,
-) -> None:
-    """Shrink a model to a parameter budget, save it, and compare it with the dense model."""
-    report = compress_model(model, params, out_dir, calib, eval_data, seq_len, calib_windows, eval_windows)
+def search_command(model: ModelArg, out_dir: RunOut, options: dict) -> None:
+    """Search for Pareto-optimal sub-networks within a budget; write the run folder."""
+    job = _job(model, out_dir, **options)
+    searcher, study = run_search(job)
+    report = write_report(searcher, study)
+    rows = [
+        [
+            f"trial {m['trial']}",
+            f"{m['params']:,}",
+            f"{m['params_fraction']:.3f}",
+            f"{m['calibration_perplexity']:.2f}",
+            f"{m['evaluation_perplexity']:.2f}",
+            f"{m['latency_ms']:.0f} ms",
+            "yes" if m["trial"] == report["best_trial"] else "",
+        ]
+        for m in report["front"]
+    ]
+    for name in ("uniform_importance", "dense"):
+        m = report[name]
+        rows.append(
+            [
+                name.replace("_", " "),
+                f"{m['params']:,}",
+                f"{m['params_fraction']:.3f}",
+                f"{m['calibration_perplexity']:.2f}",
+                f"{m['evaluation_perplexity']:.2f}",
+                f"{m['latency_ms']:.0f} ms",
+                "",
+            ]
+        )
+    columns = ["", "parameters", "fraction", "calib ppl", "eval ppl", f"prefill {job.seq_len}", "best"]
+    out.print(_table(f"Pareto front: {job.strategy}, {report['evaluations']} candidates", columns, rows))
+    out.print(
+        f"wrote {out_dir}/pareto.json, {out_dir}/pareto.png"
+        + (f", {out_dir}/best" if report["best_trial"] is not None else "")
+    )
+
+
+@app.command()
+@_with_search_options
+@friendly
+def compress(model: ModelArg, out_dir: RunOut, options: dict) -> None:
+    """Search, save the best model within the budget in RUN/best, and compare it with the dense model."""
+    report = compress_model(_job(model, out_dir, **options))
     dense, small = report["dense"], report["compressed"]
     rows = [
         ["parameters", f"{dense['params']:,}", f"{small['params']:,}", f"{small['params'] / dense['params']:.3f}x"],
@@ -287,6 +423,10 @@ def compress(
             f"{small['decode_tokens_per_s'] / dense['decode_tokens_per_s']:.2f}x faster",
         ],
     ]
-    out.print(_table(f"{model} -> {out_dir}", ["", "dense", "compressed", "ratio"], rows))
+    out.print(_table(f"{model} -> {out_dir / 'best'}", ["", "dense", "compressed", "ratio"], rows))
     how = "trust_remote_code=True" if report["needs_remote_code"] else "plain from_pretrained"
-    out.print(f"saved {out_dir} (loads with {how}); report in {out_dir / 'slimlm_report.json'}")
+    out.print(
+        f"uniform importance-ranked sub-network at the same budget: perplexity "
+        f"{report['uniform_importance_perplexity']:.2f}"
+    )
+    out.print(f"saved {out_dir / 'best'} (loads with {how}); report in {out_dir / 'slimlm_report.json'}")

@@ -140,6 +140,7 @@ def calibrate(loaded: LoadedModel, windows: torch.Tensor, batch_size: int = 4) -
     )
 
 
+@torch.no_grad()
 def importance(loaded: LoadedModel, calibration: Calibration, metric: str = DEFAULT_METRIC) -> Importance:
     """Score every unit of the full model with ``metric`` (see ``METRICS``)."""
     if metric not in METRICS:

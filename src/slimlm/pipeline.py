@@ -1,4 +1,4 @@
-"""The end-to-end job: a model and a size in, a smaller real model out, measured against the dense one."""
+"""The end-to-end job: a model and a budget in, a smaller real model out, measured against the dense one."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from pathlib import Path
 from transformers import PreTrainedModel
 
 from slimlm.costs import LatencyProbe, check_repeats, static_cost
-from slimlm.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, model_windows
+from slimlm.data import model_windows
+from slimlm.errors import SlimlmError
 from slimlm.evaluate import perplexity
-from slimlm.extract import extract
-from slimlm.importance import activation_importance
 from slimlm.models import LoadedModel, load_model
 from slimlm.progress import track
-from slimlm.space import uniform_subnetwork
+from slimlm.report import write_report
+from slimlm.search import SearchJob, search
 
 REPORT_FILE = "slimlm_report.json"
 
@@ -70,44 +70,37 @@ def describe(loaded: LoadedModel, windows, latency, name: str, context: int, des
     )
 
 
-def compress(
-    model: str,
-    params_fraction: float,
-    out: str | Path,
-    calibration: str = DEFAULT_CALIBRATION,
-    evaluation: str = DEFAULT_EVALUATION,
-    seq_len: int = 512,
-    calibration_windows: int = 8,
-    evaluation_windows: int = 16,
-    repeats: int = 3,
-) -> dict:
-    """Shrink ``model`` to ``params_fraction`` of its parameters, write it to ``out``, and measure both.
+def compress(job: SearchJob, repeats: int = 3) -> dict:
+    """Search ``job``, write its run folder (store, ``pareto.json``, ``pareto.png``, ``best/``), then
+    reload ``best/`` from disk as a user would and measure it against the dense model side by side.
 
-    Units are ranked by activation-aware importance on the calibration text and every layer keeps
-    the same shape. The written model is reloaded from disk for measurement, as a user would load it.
-    Returns the report that is also saved as ``out/slimlm_report.json``.
+    Returns the comparison, also saved as ``RUN/slimlm_report.json``.
     """
-    dense = load_model(model)
-    calib = model_windows(dense, calibration, seq_len, calibration_windows)
-    evaluation_ids = model_windows(dense, evaluation, seq_len, evaluation_windows)
-    subnet = uniform_subnetwork(dense.dims, activation_importance(dense, calib), params_fraction)
-    extracted = extract(dense, subnet, out)
-    small = load_model(extracted.folder)
+    searcher, study = search(job)
+    pareto = write_report(searcher, study)
+    if pareto["best_trial"] is None:
+        raise SlimlmError("the search found no candidate within the budget; allow more evaluations or a larger budget")
+    out = Path(job.out)
+    dense, small = searcher.loaded, load_model(out / "best")
+    evaluation_ids = model_windows(dense, job.evaluation, job.seq_len, job.evaluation_windows)
     latency = compare_speed([dense.model, small.model], repeats=repeats)
     reports = [
-        describe(dense, evaluation_ids, latency[0], f"dense {model}", seq_len, "perplexity (dense)"),
-        describe(small, evaluation_ids, latency[1], str(out), seq_len, "perplexity (compressed)"),
+        describe(dense, evaluation_ids, latency[0], f"dense {job.model}", job.seq_len, "perplexity (dense)"),
+        describe(small, evaluation_ids, latency[1], str(out / "best"), job.seq_len, "perplexity (compressed)"),
     ]
     report = {
-        "model": model,
-        "params_fraction": params_fraction,
-        "calibration": calibration,
-        "evaluation": evaluation,
-        "seq_len": seq_len,
+        "model": job.model,
+        "budget": pareto["budget"],
+        "strategy": job.strategy,
+        "evaluations": pareto["evaluations"],
+        "calibration": job.calibration,
+        "evaluation": job.evaluation,
+        "seq_len": job.seq_len,
         "evaluation_tokens": evaluation_ids.numel(),
-        "needs_remote_code": extracted.needs_remote_code,
+        "needs_remote_code": (out / "best" / "modeling_slimlm.py").exists(),
+        "uniform_importance_perplexity": pareto["uniform_importance"]["evaluation_perplexity"],
         "dense": asdict(reports[0]),
         "compressed": asdict(reports[1]),
     }
-    (Path(out) / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -1,0 +1,140 @@
+"""The Pareto front of a search: chosen, measured on evaluation text, written as JSON and a plot."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import matplotlib
+import optuna
+
+from slimlm.apply import subnetwork_applied
+from slimlm.data import model_windows
+from slimlm.evaluate import perplexity
+from slimlm.extract import extract
+from slimlm.progress import track
+from slimlm.search import Searcher
+from slimlm.strategies import candidate, completed
+from slimlm.subnet import SubNetwork
+
+matplotlib.use("Agg")  # files only; no display on servers
+
+from matplotlib import pyplot as plt
+
+
+def pareto_front(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """Trials no other trial beats on both objectives (lower is better), cheapest first."""
+    front = [
+        t
+        for t in trials
+        if not any(o.values[0] <= t.values[0] and o.values[1] <= t.values[1] and o.values != t.values for o in trials)
+    ]
+    unique = {tuple(t.values): t for t in sorted(front, key=lambda t: t.number)}  # one per point
+    return sorted(unique.values(), key=lambda t: t.values[1])
+
+
+def spread(front: list, size: int) -> list:
+    """At most ``size`` members evenly spread along the front, always keeping both ends."""
+    if len(front) <= size:
+        return front
+    picks = {round(i * (len(front) - 1) / (size - 1)) for i in range(size)}
+    return [front[i] for i in sorted(picks)]
+
+
+def measure(searcher: Searcher, subnet: SubNetwork | None, evaluation_ids) -> dict:
+    """Evaluation perplexity and prefill latency of a sub-network (None: the dense model), in place."""
+    full = SubNetwork.full(searcher.context.dims)
+    subnet = subnet or full
+    cost = searcher.cost(subnet)
+    with subnetwork_applied(searcher.loaded, subnet) as model:
+        return {
+            "params": cost.params,
+            "params_fraction": cost.params / searcher.cost(full).params,
+            "flops_per_token": cost.flops_per_token,
+            "memory_bytes": cost.memory_bytes,
+            "latency_ms": searcher.latency_ms(model),
+            "calibration_perplexity": perplexity(model, searcher.fitness_ids),
+            "evaluation_perplexity": perplexity(model, evaluation_ids),
+        }
+
+
+def write_report(searcher: Searcher, study: optuna.Study, front_size: int = 6) -> dict:
+    """Evaluate the front on evaluation text; write ``pareto.json``, ``pareto.png`` and ``best/``."""
+    job, out = searcher.job, Path(searcher.job.out)
+    evaluation_ids = model_windows(searcher.loaded, job.evaluation, job.seq_len, job.evaluation_windows)
+    trials = completed(study)
+    front = spread(pareto_front(trials), front_size)
+    members = []
+    for trial in track(front, "evaluating the Pareto front"):
+        subnet = candidate(trial)
+        members.append(
+            {
+                "trial": trial.number,
+                **measure(searcher, subnet, evaluation_ids),
+                "within_budget": searcher.budget.fits(searcher.cost(subnet)),
+                "subnet": subnet.to_json(),
+            }
+        )
+    dense = measure(searcher, None, evaluation_ids)
+    uniform = measure(searcher, searcher.context.start, evaluation_ids)
+    feasible = [m for m in members if m["within_budget"]]
+    best = min(feasible, key=lambda m: m["calibration_perplexity"]) if feasible else None
+    report = {
+        "model": job.model,
+        "strategy": job.strategy,
+        "objective": job.objective,
+        "budget": asdict(searcher.budget),
+        "evaluations": len(trials),
+        "calibration": job.calibration,
+        "evaluation": job.evaluation,
+        "seq_len": job.seq_len,
+        "dense": dense,
+        "uniform_importance": uniform,
+        "front": members,
+        "best_trial": best["trial"] if best else None,
+    }
+    (out / "pareto.json").write_text(json.dumps(report, indent=1) + "\n")
+    plot(report, trials, out / "pareto.png")
+    if best:
+        extract(searcher.loaded, SubNetwork.from_json(best["subnet"]), out / "best")
+    return report
+
+
+def plot(report: dict, trials: list[optuna.trial.FrozenTrial], path: Path) -> None:
+    """Perplexity against parameters: every candidate, the front, the dense and uniform models, the budget."""
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    millions = 1e6
+    ax.scatter(
+        [t.user_attrs["params"] / millions for t in trials],
+        [t.values[0] for t in trials],
+        s=12,
+        color="0.75",
+        label="candidates (calibration)",
+    )
+    front = report["front"]
+    xs = [m["params"] / millions for m in front]
+    ax.plot(xs, [m["calibration_perplexity"] for m in front], "o-", color="tab:blue", label="front (calibration)")
+    ax.plot(xs, [m["evaluation_perplexity"] for m in front], "s--", color="tab:orange", label="front (evaluation)")
+    for name, marker, color in (("dense", "*", "black"), ("uniform_importance", "D", "tab:red")):
+        point = report[name]
+        ax.scatter(
+            [point["params"] / millions],
+            [point["evaluation_perplexity"]],
+            marker=marker,
+            s=120,
+            color=color,
+            zorder=5,
+            label=f"{name.replace('_', ' ')} (evaluation)",
+        )
+    if report["budget"]["params"]:
+        ax.axvline(report["budget"]["params"] / millions, color="tab:green", linestyle=":", label="budget")
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters (millions)")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_title(f"{report['model']}: {report['strategy']} search, {report['evaluations']} candidates")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,301 @@
+"""The search engine: candidates proposed by a strategy, evaluated in place, stored in an Optuna study.
+
+Every evaluated candidate is a COMPLETE trial (objectives: calibration perplexity, and a cost);
+candidates outside the budget or already seen are PRUNED without evaluation. The study lives in
+an SQLite file in the run folder by default, or at any database URL Optuna accepts, so a killed
+search resumes from its store and several worker processes (or machines) can share one study.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import optuna
+import torch
+
+from slimlm.apply import subnetwork_applied
+from slimlm.costs import LatencyProbe, StaticCost, static_cost
+from slimlm.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, model_windows
+from slimlm.errors import SlimlmError
+from slimlm.evaluate import perplexity
+from slimlm.importance import DEFAULT_METRIC, cached_calibration, importance
+from slimlm.models import LoadedModel, load_model
+from slimlm.progress import progress_bar
+from slimlm.space import SearchSpace, uniform_subnetwork
+from slimlm.strategies import DEFAULT_STRATEGY, SUBNET_ATTR, SearchContext, completed, make_strategy
+from slimlm.subnet import SubNetwork
+
+STUDY_NAME = "slimlm"
+OBJECTIVES = ("params", "flops", "memory", "latency")
+MAX_PRUNED_IN_A_ROW = 500  # the space is exhausted or the budget too tight for the strategy
+
+
+def parse_size(text: str) -> float:
+    """``90M`` -> 9e7, ``1.5G`` -> 1.5e9, ``300MB`` -> 3e8 (decimal units, as parameter counts are quoted)."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgGtT]?)[bB]?\s*", str(text))
+    if not match:
+        raise SlimlmError(f"cannot read size '{text}': use a number with an optional K, M, G suffix (e.g. 90M)")
+    return float(match.group(1)) * 1000 ** " KMGT".index(match.group(2).upper() or " ")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Upper limits a result must meet; ``None`` is no limit."""
+
+    params: int | None = None
+    memory_bytes: int | None = None
+    latency_ms: float | None = None
+
+    def fits(self, cost: StaticCost) -> bool:
+        return (self.params is None or cost.params <= self.params) and (
+            self.memory_bytes is None or cost.memory_bytes <= self.memory_bytes
+        )
+
+    def describe(self) -> str:
+        parts = [
+            f"params <= {self.params:,}" if self.params else "",
+            f"memory <= {self.memory_bytes / 1e6:,.1f} MB" if self.memory_bytes else "",
+            f"latency <= {self.latency_ms:g} ms" if self.latency_ms else "",
+        ]
+        return ", ".join(p for p in parts if p) or "no budget"
+
+
+@dataclass
+class SearchJob:
+    """Everything a search (or one of its workers) needs; plain values so it crosses processes."""
+
+    model: str
+    out: str
+    params_fraction: float | None = None
+    max_params: int | None = None
+    max_memory_bytes: int | None = None
+    max_latency_ms: float | None = None
+    strategy: str = DEFAULT_STRATEGY
+    objective: str = "params"
+    evaluations: int = 60
+    space: SearchSpace = field(default_factory=SearchSpace)
+    metric: str = DEFAULT_METRIC
+    calibration: str = DEFAULT_CALIBRATION
+    evaluation: str = DEFAULT_EVALUATION
+    seq_len: int = 256
+    calibration_windows: int = 16
+    fitness_windows: int = 4
+    evaluation_windows: int = 16
+    seed: int = 0
+    storage: str | None = None
+    workers: int = 1
+    resume: bool = False
+
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{Path(self.out).resolve() / 'search.db'}"
+
+    def identity(self) -> dict:
+        """What must match for ``--resume`` to continue a study rather than mix two searches."""
+        keys = (
+            "model",
+            "params_fraction",
+            "max_params",
+            "max_memory_bytes",
+            "max_latency_ms",
+            "strategy",
+            "objective",
+            "metric",
+            "calibration",
+            "seq_len",
+            "calibration_windows",
+            "fitness_windows",
+            "seed",
+        )
+        return {k: getattr(self, k) for k in keys} | {"space": asdict(self.space)}
+
+
+@dataclass
+class Searcher:
+    """A loaded model with what it needs to price and evaluate candidates."""
+
+    job: SearchJob
+    loaded: LoadedModel
+    budget: Budget
+    context: SearchContext
+    fitness_ids: torch.Tensor
+
+    def cost(self, subnet: SubNetwork) -> StaticCost:
+        # the full model's dims, fixed at preparation (``loaded.dims`` reads modules, which shrink while applied)
+        return static_cost(self.context.dims, subnet.shapes(), context=self.job.seq_len)
+
+    def latency_ms(self, model) -> float:
+        probe = LatencyProbe(model, prompt_tokens=self.job.seq_len, new_tokens=2)
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            with torch.no_grad():
+                model(input_ids=probe.prompt, use_cache=False)
+            times.append(1000 * (time.perf_counter() - start))
+        return sorted(times)[1]
+
+    def evaluate(self, subnet: SubNetwork) -> dict:
+        """Fitness and costs of one candidate, measured in place."""
+        start = time.perf_counter()
+        cost = self.cost(subnet)
+        with subnetwork_applied(self.loaded, subnet) as model:
+            result = {"perplexity": perplexity(model, self.fitness_ids)}
+            if self.job.objective == "latency" or self.budget.latency_ms is not None:
+                result["latency_ms"] = self.latency_ms(model)
+        return result | {
+            "params": cost.params,
+            "flops": cost.flops_per_token,
+            "memory": cost.memory_bytes,
+            "seconds": time.perf_counter() - start,
+        }
+
+
+def prepare(job: SearchJob, loaded: LoadedModel | None = None) -> Searcher:
+    """Load, check the budget against the space, calibrate (cached), and set up the strategy context."""
+    loaded = loaded or load_model(job.model)
+    dims = loaded.dims
+    if job.objective not in OBJECTIVES:
+        raise SlimlmError(f"unknown objective '{job.objective}'; choose from {', '.join(OBJECTIVES)}")
+    make_strategy(job.strategy)  # unknown names fail before any work
+    total = static_cost(dims, context=job.seq_len)
+    params = job.max_params
+    if job.params_fraction is not None:
+        if not 0 < job.params_fraction <= 1:
+            raise SlimlmError(f"--params must be a fraction in (0, 1], got {job.params_fraction}")
+        params = int(job.params_fraction * total.params)
+    budget = Budget(params, job.max_memory_bytes, job.max_latency_ms)
+    smallest = static_cost(dims, list(job.space.smallest(dims).values()), context=job.seq_len)
+    if params is not None and smallest.params > params:
+        raise SlimlmError(
+            f"budget of {params:,} parameters is below the smallest sub-network this search space allows: "
+            f"{smallest.params:,} ({smallest.params / total.params:.3f} of the model)"
+        )
+    if job.max_memory_bytes is not None and smallest.memory_bytes > job.max_memory_bytes:
+        raise SlimlmError(
+            f"memory budget of {job.max_memory_bytes / 1e6:,.1f} MB is below the smallest sub-network this "
+            f"search space allows: {smallest.memory_bytes / 1e6:,.1f} MB"
+        )
+    if job.fitness_windows > job.calibration_windows:
+        raise SlimlmError("--fitness-windows cannot exceed --calib-windows (fitness uses calibration windows)")
+    calib = model_windows(loaded, job.calibration, job.seq_len, job.calibration_windows)
+    scores = importance(loaded, cached_calibration(loaded, calib, job.calibration), job.metric)
+    start = uniform_subnetwork(dims, scores, (params or total.params) / total.params)
+
+    def fits(subnet: SubNetwork) -> bool:
+        return budget.fits(static_cost(dims, subnet.shapes(), context=job.seq_len))
+
+    context = SearchContext(dims, scores, job.space, fits, start, job.seed)
+    return Searcher(job, loaded, budget, context, calib[: job.fitness_windows])
+
+
+def open_study(job: SearchJob, create: bool) -> optuna.Study:
+    """The job's study; ``create`` makes it (refusing to mix with an existing one unless resuming)."""
+    url = job.storage_url()
+    storage = optuna.storages.RDBStorage(url)
+    exists = STUDY_NAME in {s.study_name for s in optuna.study.get_all_study_summaries(storage)}
+    sampler = make_strategy(job.strategy).sampler(job.seed)
+    if create and exists and not job.resume:
+        raise SlimlmError(f"{url} already holds a search; pass --resume to continue it, or choose another --out")
+    if create and not exists:
+        study = optuna.create_study(
+            storage=storage, study_name=STUDY_NAME, sampler=sampler, directions=["minimize", "minimize"]
+        )
+        study.set_user_attr("job", job.identity())
+        return study
+    study = optuna.load_study(study_name=STUDY_NAME, storage=storage, sampler=sampler)
+    stored = study.user_attrs.get("job")
+    if stored != json.loads(json.dumps(job.identity())):
+        changed = sorted(
+            k for k in job.identity() if (stored or {}).get(k) != json.loads(json.dumps(job.identity()))[k]
+        )
+        raise SlimlmError(f"--resume with different settings than the stored search: {', '.join(changed)}")
+    return study
+
+
+def run_worker(searcher: Searcher, study: optuna.Study, on_result=None) -> None:
+    """Ask, propose, price, evaluate, tell, until the study holds ``evaluations`` candidates."""
+    job, strategy = searcher.job, make_strategy(searcher.job.strategy)
+    pruned_in_a_row = 0
+    while len(completed(study)) < job.evaluations:
+        trial = study.ask()
+        subnet = strategy.propose(trial, study, searcher.context)
+        compact = subnet.to_compact()
+        seen = {t.user_attrs.get(SUBNET_ATTR) for t in completed(study)}
+        if not searcher.context.fits(subnet) or compact in seen:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            pruned_in_a_row += 1
+            if pruned_in_a_row >= MAX_PRUNED_IN_A_ROW:
+                raise SlimlmError(
+                    f"{MAX_PRUNED_IN_A_ROW} candidates in a row were outside the budget or already seen; "
+                    "widen the search space or the budget"
+                )
+            continue
+        pruned_in_a_row = 0
+        result = searcher.evaluate(subnet)
+        for key, value in result.items():
+            trial.set_user_attr(key, value)
+        trial.set_user_attr(SUBNET_ATTR, compact)
+        if searcher.budget.latency_ms is not None and result["latency_ms"] > searcher.budget.latency_ms:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            continue
+        study.tell(trial, [result["perplexity"], result[_objective_key(job.objective)]])
+        if on_result:
+            on_result(result)
+
+
+def _objective_key(objective: str) -> str:
+    return "latency_ms" if objective == "latency" else objective
+
+
+def _worker_process(job: SearchJob, threads: int) -> None:
+    torch.set_num_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    searcher = prepare(job)
+    run_worker(searcher, open_study(job, create=False))
+
+
+def search(job: SearchJob, loaded: LoadedModel | None = None) -> tuple[Searcher, optuna.Study]:
+    """Run (or resume) a search to ``job.evaluations`` evaluated candidates; show progress."""
+    Path(job.out).mkdir(parents=True, exist_ok=True)
+    if job.evaluations < 1 or job.workers < 1:
+        raise SlimlmError("--evaluations and --workers must be at least 1")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    searcher = prepare(job, loaded)
+    study = open_study(job, create=True)
+    if not job.storage:  # a private SQLite store: whatever was running when killed is stale
+        for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
+            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+    threads = max(1, (os.cpu_count() or 1) // job.workers)
+    context = multiprocessing.get_context("spawn")
+    helpers = [context.Process(target=_worker_process, args=(job, threads)) for _ in range(job.workers - 1)]
+    for process in helpers:
+        process.start()
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads if helpers else previous_threads)
+    try:
+        with progress_bar() as bar:
+            task = bar.add_task("searching", total=job.evaluations, completed=len(completed(study)))
+
+            def show(_result: dict) -> None:
+                done = completed(study)
+                best = min(t.values[0] for t in done)
+                bar.update(task, completed=len(done), description=f"searching (best perplexity {best:.2f})")
+
+            run_worker(searcher, study, show)
+            for process in helpers:
+                process.join()
+            bar.update(task, completed=len(completed(study)))
+    finally:
+        torch.set_num_threads(previous_threads)
+        for process in helpers:
+            if process.is_alive():
+                process.terminate()
+    failed = [p.exitcode for p in helpers if p.exitcode]
+    if failed:
+        raise SlimlmError(f"{len(failed)} search worker(s) failed (exit codes {failed}); the store keeps their results")
+    return searcher, study
