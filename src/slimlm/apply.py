@@ -23,8 +23,13 @@ _APPLIED = "_slimlm_subnetwork_applied"
 
 
 @contextmanager
-def subnetwork_applied(loaded: LoadedModel, subnet: SubNetwork) -> Iterator[PreTrainedModel]:
-    """Within the block, ``loaded.model`` computes ``subnet``; on exit it is the full model again."""
+def subnetwork_applied(
+    loaded: LoadedModel, subnet: SubNetwork, reformed: dict | None = None
+) -> Iterator[PreTrainedModel]:
+    """Within the block, ``loaded.model`` computes ``subnet``; on exit it is the full model again.
+
+    ``reformed`` (from ``slimlm.reform.reform``) replaces the kept output-projection weights.
+    """
     model, adapter = loaded.model, loaded.adapter
     if getattr(model, _APPLIED, False):
         raise SlimlmError("a sub-network is already applied to this model; leave its block first")
@@ -46,6 +51,9 @@ def subnetwork_applied(loaded: LoadedModel, subnet: SubNetwork) -> Iterator[PreT
                 for piece in adapter.layer_slices(layer, *units):
                     save([(piece.linear, n) for n in ("weight", "bias", "in_features", "out_features")])
                     _slice_linear(piece)
+                for name, linear in zip(("attention", "mlp"), adapter.output_projections(layer), strict=True):
+                    if reformed and (index, name) in reformed:
+                        linear.weight = nn.Parameter(reformed[index, name], requires_grad=False)
                 adapter.configure_layer(layer, keep.shape, position)
         save(adapter.model_attributes(model))
         adapter.configure_model(model, kept)

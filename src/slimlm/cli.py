@@ -25,6 +25,7 @@ from slimlm.importance import DEFAULT_METRIC
 from slimlm.models import load_model
 from slimlm.pipeline import compare_speed, folder_bytes
 from slimlm.pipeline import compress as compress_model
+from slimlm.reform import reform as reform_weights
 from slimlm.report import write_report
 from slimlm.search import SearchJob, parse_size
 from slimlm.search import search as run_search
@@ -167,15 +168,54 @@ def extract(
     model: ModelArg,
     subnet: Annotated[Path, typer.Option(help="sub-network JSON file")],
     out_dir: Annotated[Path, typer.Option("--out", help="folder to write the smaller model to")],
+    reform: Annotated[bool, typer.Option(help="repair the kept weights with calibration data")] = True,
+    calibration: Annotated[str, typer.Option("--calib", help="calibration text for reformation")] = DEFAULT_CALIBRATION,
+    calibration_windows: Annotated[int, typer.Option("--calib-windows", help="calibration windows")] = 16,
+    seq_len: SeqLenOpt = 256,
 ) -> None:
-    """Write a sub-network as a standalone smaller Hugging Face model folder."""
+    """Write a sub-network as a standalone smaller Hugging Face model folder (reformed by default)."""
     loaded = load_model(model)
-    result = extract_subnetwork(loaded, SubNetwork.load(subnet), out_dir)
+    chosen = SubNetwork.load(subnet).validate(loaded.dims)
+    reformed = None
+    if reform:
+        reformed = reform_weights(loaded, chosen, model_windows(loaded, calibration, seq_len, calibration_windows))
+    result = extract_subnetwork(loaded, chosen, out_dir, reformed)
     full = static_cost(loaded.dims).params
     how = "trust_remote_code=True" if result.needs_remote_code else "plain from_pretrained"
     out.print(
-        f"wrote {result.folder}: {result.params:,} parameters ({result.params / full:.3f} of {full:,}); "
-        f"loads with {how}"
+        f"wrote {result.folder}: {result.params:,} parameters ({result.params / full:.3f} of {full:,}), "
+        f"{'reformed' if reform else 'not reformed'}; loads with {how}"
+    )
+
+
+@app.command("reform")
+@friendly
+def reform_command(
+    model: ModelArg,
+    subnet: Annotated[Path, typer.Option(help="sub-network JSON file")],
+    out_dir: Annotated[Path, typer.Option("--out", help="folder to write the reformed smaller model to")],
+    calibration: Annotated[str, typer.Option("--calib", help="calibration text")] = DEFAULT_CALIBRATION,
+    evaluation: Annotated[str, typer.Option("--eval", help="evaluation text")] = DEFAULT_EVALUATION,
+    calibration_windows: Annotated[int, typer.Option("--calib-windows", help="calibration windows")] = 16,
+    evaluation_windows: Annotated[int, typer.Option("--eval-windows", help="evaluation windows")] = 16,
+    seq_len: SeqLenOpt = 256,
+) -> None:
+    """Reform a sub-network's kept weights, report perplexity before and after, and write the model."""
+    loaded = load_model(model)
+    chosen = SubNetwork.load(subnet).validate(loaded.dims)
+    calib = model_windows(loaded, calibration, seq_len, calibration_windows)
+    ids = model_windows(loaded, evaluation, seq_len, evaluation_windows)
+    start = time.perf_counter()
+    reformed = reform_weights(loaded, chosen, calib)
+    seconds = time.perf_counter() - start
+    scores = []
+    for weights in (None, reformed):
+        with subnetwork_applied(loaded, chosen, weights) as applied:
+            scores.append(perplexity(applied, ids, description="perplexity" + (" (reformed)" if weights else "")))
+    result = extract_subnetwork(loaded, chosen, out_dir, reformed)
+    out.print(
+        f"perplexity on {evaluation}: {scores[0]:.2f} -> {scores[1]:.2f} after reformation "
+        f"({calib.numel():,} calibration tokens, {seconds:.1f} s); wrote {result.folder}"
     )
 
 
@@ -274,6 +314,8 @@ Seed = Annotated[int, typer.Option(help="random seed")]
 Storage = Annotated[str | None, typer.Option(help="Optuna storage URL (default: SQLite file in the run folder)")]
 Workers = Annotated[int, typer.Option(help="worker processes searching one store")]
 Resume = Annotated[bool, typer.Option(help="continue the search stored in the run folder")]
+Reform = Annotated[bool, typer.Option(help="reform the kept weights of the saved best model")]
+ReformCandidates = Annotated[bool, typer.Option(help="score every candidate after reformation (slower)")]
 
 
 def _job(model: str, out_dir: Path, **options) -> SearchJob:
@@ -324,6 +366,8 @@ def _search_options(
     storage: Storage = None,
     workers: Workers = 1,
     resume: Resume = False,
+    reform: Reform = True,
+    reform_candidates: ReformCandidates = False,
 ) -> dict:
     return locals()
 

@@ -18,6 +18,7 @@ from slimlm.apply import subnetwork_applied
 from slimlm.errors import SlimlmError
 from slimlm.models import LoadedModel
 from slimlm.models.remote import modeling_slimlm
+from slimlm.progress import quiet_transformers
 from slimlm.subnet import SubNetwork
 
 SUBNET_FILE = "slimlm_subnetwork.json"
@@ -32,15 +33,15 @@ class Extracted:
     params: int
 
 
-def extract(loaded: LoadedModel, subnet: SubNetwork, out: str | Path) -> Extracted:
-    """Save ``subnet`` of ``loaded`` to ``out`` as a model folder with its tokenizer."""
+def extract(loaded: LoadedModel, subnet: SubNetwork, out: str | Path, reformed: dict | None = None) -> Extracted:
+    """Save ``subnet`` of ``loaded`` (with ``reformed`` weights, if given) to ``out`` with its tokenizer."""
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
         raise SlimlmError(f"{out} exists and is not a model folder; refusing to write into it")
     subnet.validate(loaded.dims)
     config = loaded.adapter.extracted_config(loaded.model.config, subnet.kept_layers, subnet.shapes())
     remote = bool(getattr(config, "auto_map", None))
-    with subnetwork_applied(loaded, subnet) as model:
+    with subnetwork_applied(loaded, subnet, reformed) as model:
         state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     with torch.device("meta"):  # no random init: every weight comes from ``state``
         small = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -48,8 +49,9 @@ def extract(loaded: LoadedModel, subnet: SubNetwork, out: str | Path) -> Extract
     small.tie_weights()
     small.generation_config = loaded.model.generation_config
     out.mkdir(parents=True, exist_ok=True)
-    small.save_pretrained(out)
-    loaded.tokenizer.save_pretrained(out)
+    with quiet_transformers():
+        small.save_pretrained(out)
+        loaded.tokenizer.save_pretrained(out)
     subnet.save(out / SUBNET_FILE)
     if remote:
         shutil.copy(modeling_slimlm.__file__, out / "modeling_slimlm.py")

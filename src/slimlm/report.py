@@ -14,6 +14,7 @@ from slimlm.data import model_windows
 from slimlm.evaluate import perplexity
 from slimlm.extract import extract
 from slimlm.progress import track
+from slimlm.reform import reform
 from slimlm.search import Searcher
 from slimlm.strategies import candidate, completed
 from slimlm.subnet import SubNetwork
@@ -97,7 +98,13 @@ def write_report(searcher: Searcher, study: optuna.Study, front_size: int = 6) -
     (out / "pareto.json").write_text(json.dumps(report, indent=1) + "\n")
     plot(report, trials, out / "pareto.png")
     if best:
-        extract(searcher.loaded, SubNetwork.from_json(best["subnet"]), out / "best")
+        subnet = SubNetwork.from_json(best["subnet"])
+        reformed = reform(searcher.loaded, subnet, searcher.calibration_ids) if job.reform else None
+        extract(searcher.loaded, subnet, out / "best", reformed)
+        if reformed:
+            with subnetwork_applied(searcher.loaded, subnet, reformed) as model:
+                report["best_reformed_evaluation_perplexity"] = perplexity(model, evaluation_ids)
+            (out / "pareto.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
 
 

@@ -27,6 +27,7 @@ from slimlm.evaluate import perplexity
 from slimlm.importance import DEFAULT_METRIC, cached_calibration, importance
 from slimlm.models import LoadedModel, load_model
 from slimlm.progress import progress_bar
+from slimlm.reform import reform
 from slimlm.space import SearchSpace, uniform_subnetwork
 from slimlm.strategies import DEFAULT_STRATEGY, SUBNET_ATTR, SearchContext, completed, make_strategy
 from slimlm.subnet import SubNetwork
@@ -91,6 +92,8 @@ class SearchJob:
     storage: str | None = None
     workers: int = 1
     resume: bool = False
+    reform: bool = True  # reform the kept weights of the extracted best model
+    reform_candidates: bool = False  # score every candidate after reformation (slower, closer to the result)
 
     def storage_url(self) -> str:
         return self.storage or f"sqlite:///{Path(self.out).resolve() / 'search.db'}"
@@ -111,6 +114,7 @@ class SearchJob:
             "calibration_windows",
             "fitness_windows",
             "seed",
+            "reform_candidates",
         )
         return {k: getattr(self, k) for k in keys} | {"space": asdict(self.space)}
 
@@ -123,7 +127,16 @@ class Searcher:
     loaded: LoadedModel
     budget: Budget
     context: SearchContext
-    fitness_ids: torch.Tensor
+    calibration_ids: torch.Tensor  # importance and reformation of the result
+
+    @property
+    def fitness_ids(self) -> torch.Tensor:
+        return self.calibration_ids[: self.job.fitness_windows]
+
+    @property
+    def candidate_reform_ids(self) -> torch.Tensor:
+        """Windows that reform candidates: calibration windows not scored for fitness, so fitness stays honest."""
+        return self.calibration_ids[self.job.fitness_windows : 2 * self.job.fitness_windows]
 
     def cost(self, subnet: SubNetwork) -> StaticCost:
         # the full model's dims, fixed at preparation (``loaded.dims`` reads modules, which shrink while applied)
@@ -143,7 +156,8 @@ class Searcher:
         """Fitness and costs of one candidate, measured in place."""
         start = time.perf_counter()
         cost = self.cost(subnet)
-        with subnetwork_applied(self.loaded, subnet) as model:
+        reformed = reform(self.loaded, subnet, self.candidate_reform_ids) if self.job.reform_candidates else None
+        with subnetwork_applied(self.loaded, subnet, reformed) as model:
             result = {"perplexity": perplexity(model, self.fitness_ids)}
             if self.job.objective == "latency" or self.budget.latency_ms is not None:
                 result["latency_ms"] = self.latency_ms(model)
@@ -180,8 +194,12 @@ def prepare(job: SearchJob, loaded: LoadedModel | None = None) -> Searcher:
             f"memory budget of {job.max_memory_bytes / 1e6:,.1f} MB is below the smallest sub-network this "
             f"search space allows: {smallest.memory_bytes / 1e6:,.1f} MB"
         )
-    if job.fitness_windows > job.calibration_windows:
-        raise SlimlmError("--fitness-windows cannot exceed --calib-windows (fitness uses calibration windows)")
+    needed = job.fitness_windows * (2 if job.reform_candidates else 1)
+    if needed > job.calibration_windows:
+        raise SlimlmError(
+            f"--calib-windows must be at least {needed}: fitness uses {job.fitness_windows} calibration windows"
+            + (" and reforming candidates as many more" if job.reform_candidates else "")
+        )
     calib = model_windows(loaded, job.calibration, job.seq_len, job.calibration_windows)
     scores = importance(loaded, cached_calibration(loaded, calib, job.calibration), job.metric)
     start = uniform_subnetwork(dims, scores, (params or total.params) / total.params)
@@ -190,7 +208,7 @@ def prepare(job: SearchJob, loaded: LoadedModel | None = None) -> Searcher:
         return budget.fits(static_cost(dims, subnet.shapes(), context=job.seq_len))
 
     context = SearchContext(dims, scores, job.space, fits, start, job.seed)
-    return Searcher(job, loaded, budget, context, calib[: job.fitness_windows])
+    return Searcher(job, loaded, budget, context, calib)
 
 
 def open_study(job: SearchJob, create: bool) -> optuna.Study:

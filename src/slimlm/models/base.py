@@ -8,6 +8,7 @@ plus one line in ``slimlm.models.ADAPTERS``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -94,6 +95,10 @@ class Adapter:
 
     def output_projections(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear]:
         """The linears whose input columns are the attention heads' and the MLP neurons' outputs."""
+        raise NotImplementedError
+
+    def residual_branches(self, layer: nn.Module) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
+        """The layer as ``h + attention(h, **layer_kwargs)`` then ``h + mlp(h)``: the two branch functions."""
         raise NotImplementedError
 
     def layer_attributes(self, layer: nn.Module) -> list[tuple[object, str]]:

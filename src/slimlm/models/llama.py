@@ -114,6 +114,15 @@ class LlamaFamilyAdapter(Adapter):
     def output_projections(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear]:
         return layer.self_attn.o_proj, layer.mlp.down_proj
 
+    def residual_branches(self, layer: nn.Module):
+        def attention(hidden: torch.Tensor, **kwargs) -> torch.Tensor:
+            return layer.self_attn(layer.input_layernorm(hidden), **kwargs)[0]
+
+        def mlp(hidden: torch.Tensor) -> torch.Tensor:
+            return layer.mlp(layer.post_attention_layernorm(hidden))
+
+        return attention, mlp
+
     def layer_attributes(self, layer: nn.Module) -> list[tuple[object, str]]:
         attn = layer.self_attn
         return [(attn, "num_key_value_groups"), (attn, "layer_idx"), (layer.mlp, "intermediate_size")]

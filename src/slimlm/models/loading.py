@@ -24,13 +24,12 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
-from transformers.utils import logging as hf_logging
 
 from slimlm.cache import cache_root
 from slimlm.errors import SlimlmError
 from slimlm.models import adapter_for
 from slimlm.models.base import Adapter, ModelDims
-from slimlm.progress import console
+from slimlm.progress import console, quiet_transformers
 
 
 @dataclass(frozen=True)
@@ -165,16 +164,11 @@ def _load_gguf(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
 
 def _guarded(path: Path, load):
     """Run a loader; turn the many ways a broken checkpoint fails into one clear error."""
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     try:
-        return load()
+        with quiet_transformers():
+            return load()
     except SlimlmError:
         raise
     except Exception as error:  # corrupt or partial files surface as many exception types
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise SlimlmError(f"cannot load {path}: {type(error).__name__}: {first_line}") from error
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
