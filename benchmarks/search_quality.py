@@ -3,7 +3,9 @@
 For every kept fraction and strategy, one search (same calibration and evaluation texts, same
 seed), then the evaluation-text perplexity of the best sub-network within the budget, next to the
 uniform importance-ranked sub-network at the same budget and the dense model. Also candidates per
-minute. Prints a Markdown table and writes it to benchmarks/results/search_quality.md.
+minute. Prints a Markdown table and writes it to benchmarks/results/search_quality.md; the best
+sub-networks go to benchmarks/results/subnets/ for the reformation benchmark. Perplexities here
+are without reformation (see reform_quality.py).
 
     python benchmarks/search_quality.py --model smollm2-135m --evaluations 40
 """
@@ -19,6 +21,7 @@ from slimlm.models import load_model
 from slimlm.report import write_report
 from slimlm.search import SearchJob, search
 from slimlm.strategies import STRATEGIES
+from slimlm.subnet import SubNetwork
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -47,12 +50,15 @@ def main() -> None:
                     strategy=strategy,
                     evaluations=args.evaluations,
                     evaluation_windows=args.eval_windows,
+                    reform=False,
                 )
                 start = time.perf_counter()
                 searcher, study = search(job, loaded)
                 minutes = (time.perf_counter() - start) / 60
                 report = write_report(searcher, study, front_size=3)
                 best = next(m for m in report["front"] if m["trial"] == report["best_trial"])
+                (RESULTS / "subnets").mkdir(parents=True, exist_ok=True)
+                SubNetwork.from_json(best["subnet"]).save(RESULTS / "subnets" / f"{strategy}-{fraction}.json")
                 row[strategy] = (best["evaluation_perplexity"], best["params_fraction"], args.evaluations / minutes)
                 row["uniform"] = (
                     report["uniform_importance"]["evaluation_perplexity"],

@@ -1,0 +1,102 @@
+"""Reformation: the closed form matches the paper's ADMM, errors drop, nothing blows up."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimlm.apply import subnetwork_applied
+from slimlm.errors import SlimlmError
+from slimlm.extract import extract
+from slimlm.models import load_model
+from slimlm.reform import admm, reform, solve
+from slimlm.subnet import LayerKeep, SubNetwork
+
+from .conftest import tiny_loaded
+from .test_apply import heterogeneous
+
+IDS = torch.randint(3, 96, (8, 24), generator=torch.Generator().manual_seed(0))
+
+
+def problem(seed: int = 0, tokens: int = 300):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(16, 24, generator=g, dtype=torch.float64)
+    x = torch.randn(24, tokens, generator=g, dtype=torch.float64)
+    return weight, x, torch.tensor([0, 3, 5, 7, 11, 20, 21])
+
+
+def reconstruction_error(weight, x, kept, new_weight) -> float:
+    return ((new_weight @ x[kept] - weight @ x) ** 2).sum().item()
+
+
+def test_closed_form_agrees_with_the_papers_admm():
+    weight, x, kept = problem()
+    gram = x @ x.T
+    closed = solve(weight, gram, kept, damping=1e-12)
+    iterative = admm(weight, gram, kept, rho=gram.diagonal().mean().item(), iterations=100)
+    torch.testing.assert_close(closed, iterative, rtol=1e-6, atol=1e-6)
+
+
+def test_closed_form_is_the_least_squares_optimum():
+    weight, x, kept = problem()
+    closed = solve(weight, x @ x.T, kept, damping=1e-12)
+    reference = torch.linalg.lstsq(x[kept].T, (weight @ x).T).solution.T
+    torch.testing.assert_close(closed, reference, rtol=1e-6, atol=1e-6)
+    assert reconstruction_error(weight, x, kept, closed) < reconstruction_error(weight, x, kept, weight[:, kept])
+
+
+def test_singular_gram_gives_finite_weights():
+    weight, x, kept = problem(tokens=4)  # 4 tokens, 24 channels: rank 4, and a dead channel
+    x[kept[0]] = 0
+    new = solve(weight, x @ x.T, kept)
+    assert torch.isfinite(new).all()
+    assert reconstruction_error(weight, x, kept, new) <= reconstruction_error(weight, x, kept, weight[:, kept])
+
+
+def test_hopeless_gram_is_a_clear_error():
+    weight, _, kept = problem()
+    with pytest.raises(SlimlmError, match="reformation failed"):
+        solve(weight, torch.full((24, 24), float("nan"), dtype=torch.float64), kept)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_reformation_brings_the_subnetwork_closer_to_the_full_model(family):
+    loaded = tiny_loaded(family)
+    subnet = heterogeneous()
+    with torch.no_grad():
+        dense = loaded.model(input_ids=IDS).logits
+    errors = []
+    for weights in (None, reform(loaded, subnet, IDS)):
+        with subnetwork_applied(loaded, subnet, weights) as model, torch.no_grad():
+            errors.append((model(input_ids=IDS).logits - dense).pow(2).mean().item())
+    assert errors[1] < errors[0]
+
+
+def test_full_subnetwork_is_left_unchanged():
+    loaded = tiny_loaded()
+    reformed = reform(loaded, SubNetwork.full(loaded.dims), IDS)
+    for index, layer in enumerate(loaded.adapter.decoder_layers(loaded.model)):
+        o_proj, down_proj = loaded.adapter.output_projections(layer)
+        assert torch.equal(reformed[index, "attention"], o_proj.weight)
+        assert torch.equal(reformed[index, "mlp"], down_proj.weight)
+
+
+def test_reform_only_touches_kept_layers_and_leaves_the_model_intact():
+    loaded = tiny_loaded()
+    before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    reformed = reform(loaded, heterogeneous(), IDS)
+    assert {i for i, _ in reformed} == set(heterogeneous().layers)
+    for name, param in loaded.model.named_parameters():
+        assert torch.equal(param, before[name]), name
+
+
+def test_reformed_extraction_reloads_with_the_in_place_logits(tmp_path):
+    loaded = tiny_loaded("qwen2")
+    subnet = SubNetwork({i: LayerKeep([0, 1, 3, 4], [0, 1], range(0, 40, 2)) for i in range(4)})
+    reformed = reform(loaded, subnet, IDS)
+    with subnetwork_applied(loaded, subnet, reformed) as model, torch.no_grad():
+        expected = model(input_ids=IDS).logits
+    info = extract(loaded, subnet, tmp_path / "small", reformed)
+    again = load_model(info.folder)
+    with torch.no_grad():
+        torch.testing.assert_close(again.model(input_ids=IDS).logits, expected, rtol=1e-5, atol=1e-5)
