@@ -61,7 +61,7 @@ def small_subnet(tmp_path_factory) -> Path:
 def extracted(tmp_path_factory, dense, small_subnet) -> Path:
     """``dense`` with only ``SMALL`` kept, written by ``slimlm extract``."""
     out = tmp_path_factory.mktemp("extracted") / "small"
-    result = invoke("extract", dense, "--subnet", small_subnet, "--out", out)
+    result = invoke("extract", dense, "--subnet", small_subnet, "--out", out, "--no-reform")
     assert result.exit_code == 0, result.output
     return out
 
@@ -166,13 +166,39 @@ def test_extract_writes_a_smaller_model_that_evaluates_like_the_subnetwork(dense
 
 def test_extract_reports_the_parameter_count(dense, small_subnet, tmp_path):
     out = tmp_path / "small"
-    result = invoke("extract", dense, "--subnet", small_subnet, "--out", out)
+    result = invoke("extract", dense, "--subnet", small_subnet, "--out", out, "--no-reform")
     assert result.exit_code == 0, result.output
     params = static_cost(load_model(out).dims).params
     full = static_cost(tiny_loaded("llama").dims).params
     assert f"{params:,} parameters" in result.stdout
     assert f"of {full:,}" in result.stdout
     assert "plain from_pretrained" in result.stdout
+    assert "not reformed" in result.stdout
+
+
+def test_extract_reforms_by_default_and_reform_reports_the_gain(dense, small_subnet, text, tmp_path):
+    calib = ["--calib", text, "--seq-len", "16", "--calib-windows", "8"]
+    result = invoke("extract", dense, "--subnet", small_subnet, "--out", tmp_path / "a", *calib)
+    assert result.exit_code == 0, result.output
+    assert "reformed" in result.stdout and "not reformed" not in result.stdout
+    plain = ok_json("eval", dense, "--data", text, *WINDOWS, "--subnet", small_subnet)["perplexity"]
+    reformed = ok_json("eval", tmp_path / "a", "--data", text, *WINDOWS)["perplexity"]
+    assert reformed != pytest.approx(plain, rel=1e-4)  # the written weights are the reformed ones
+    result = invoke(
+        "reform",
+        dense,
+        "--subnet",
+        small_subnet,
+        "--out",
+        tmp_path / "b",
+        *calib,
+        "--eval",
+        text,
+        "--eval-windows",
+        "4",
+    )
+    assert result.exit_code == 0, result.output
+    assert "after reformation" in result.stdout and (tmp_path / "b" / "config.json").is_file()
 
 
 # --- bench --------------------------------------------------------------------------------------
@@ -226,17 +252,21 @@ def test_compress_end_to_end(dense, text, tmp_path):
         "--seq-len",
         "16",
         "--calib-windows",
+        "8",
+        "--fitness-windows",
         "2",
         "--eval-windows",
         "2",
+        "--evaluations",
+        "8",
     )
     assert result.exit_code == 0, result.output
-    assert (out / "config.json").is_file()
+    assert (out / "best" / "config.json").is_file()
     report = json.loads((out / "slimlm_report.json").read_text())
     dense_params, small_params = report["dense"]["params"], report["compressed"]["params"]
     assert dense_params == static_cost(tiny_loaded("llama").dims).params
     assert small_params <= 0.6 * dense_params
-    assert small_params == static_cost(load_model(out).dims).params
+    assert small_params == static_cost(load_model(out / "best").dims).params
     assert report["evaluation_tokens"] == 32
     assert math.isfinite(report["compressed"]["perplexity"])
     assert "saved" in result.stdout
@@ -332,8 +362,7 @@ def test_compress_infeasible_budget(dense, text, tmp_path):
         "compress", dense, "--params", "0.0001", "--out", out, "--calib", text, "--eval", text, "--seq-len", "16"
     )
     line = one_error(result)
-    assert "no uniform sub-network" in line
-    assert "the smallest has" in line
+    assert "below the smallest sub-network this search space allows" in line
     assert not out.exists()
 
 

@@ -20,6 +20,7 @@ from slimlm.costs import measure_latency, peak_memory, static_cost
 from slimlm.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, describe_specs, model_windows
 from slimlm.errors import SlimlmError
 from slimlm.evaluate import perplexity
+from slimlm.extract import check_output_folder
 from slimlm.extract import extract as extract_subnetwork
 from slimlm.importance import DEFAULT_METRIC
 from slimlm.models import load_model
@@ -39,8 +40,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)  # messages stay on one line (scripts grep them)
+err = Console(stderr=True, soft_wrap=True)
 
 ModelArg = Annotated[str, typer.Argument(help="built-in name (smollm2-135m), Hugging Face folder, or .gguf file")]
 DataOpt = Annotated[str, typer.Option(help=f"text: {describe_specs()}")]
@@ -73,6 +74,32 @@ def _table(title: str, columns: list[str], rows: list[list[str]]) -> Table:
 
 def _mb(n: float) -> str:
     return f"{n / 2**20:,.1f} MiB"
+
+
+def _comparison_rows(left: dict, right: dict, prompt_tokens: int, subject: int) -> list[list[str]]:
+    """Size and speed of two measured models side by side; ratios are of model ``subject`` (0 or 1) to the other."""
+    x, ref = (left, right) if subject == 0 else (right, left)
+    return [
+        ["parameters", f"{left['params']:,}", f"{right['params']:,}", f"{x['params'] / ref['params']:.3f}x"],
+        [
+            "weights on disk",
+            _mb(left["disk_bytes"]),
+            _mb(right["disk_bytes"]),
+            f"{x['disk_bytes'] / ref['disk_bytes']:.3f}x",
+        ],
+        [
+            f"prefill {prompt_tokens} tokens",
+            f"{left['prefill_ms']:.1f} ms",
+            f"{right['prefill_ms']:.1f} ms",
+            f"{ref['prefill_ms'] / x['prefill_ms']:.2f}x faster",
+        ],
+        [
+            "decode (generate)",
+            f"{left['decode_tokens_per_s']:.1f} tok/s",
+            f"{right['decode_tokens_per_s']:.1f} tok/s",
+            f"{x['decode_tokens_per_s'] / ref['decode_tokens_per_s']:.2f}x faster",
+        ],
+    ]
 
 
 @app.command()
@@ -174,6 +201,7 @@ def extract(
     seq_len: SeqLenOpt = 256,
 ) -> None:
     """Write a sub-network as a standalone smaller Hugging Face model folder (reformed by default)."""
+    check_output_folder(out_dir)
     loaded = load_model(model)
     chosen = SubNetwork.load(subnet).validate(loaded.dims)
     reformed = None
@@ -201,6 +229,7 @@ def reform_command(
     seq_len: SeqLenOpt = 256,
 ) -> None:
     """Reform a sub-network's kept weights, report perplexity before and after, and write the model."""
+    check_output_folder(out_dir)
     loaded = load_model(model)
     chosen = SubNetwork.load(subnet).validate(loaded.dims)
     calib = model_windows(loaded, calibration, seq_len, calibration_windows)
@@ -256,31 +285,7 @@ def bench(
     if as_json:
         out.print_json(json.dumps({"models": rows, "ratios": ratios}))
         return
-    table = _table(
-        f"{model} vs {vs}",
-        ["", model, vs, "ratio"],
-        [
-            ["parameters", f"{a['params']:,}", f"{b['params']:,}", f"{ratios['params']:.3f}x"],
-            [
-                "weights on disk",
-                _mb(a["disk_bytes"]),
-                _mb(b["disk_bytes"]),
-                f"{a['disk_bytes'] / b['disk_bytes']:.3f}x",
-            ],
-            [
-                f"prefill {prompt_tokens} tokens",
-                f"{a['prefill_ms']:.1f} ms",
-                f"{b['prefill_ms']:.1f} ms",
-                f"{ratios['prefill_speedup']:.2f}x faster",
-            ],
-            [
-                "decode (generate)",
-                f"{a['decode_tokens_per_s']:.1f} tok/s",
-                f"{b['decode_tokens_per_s']:.1f} tok/s",
-                f"{ratios['decode_speedup']:.2f}x faster",
-            ],
-        ],
-    )
+    table = _table(f"{model} vs {vs}", ["", model, vs, "ratio"], _comparison_rows(a, b, prompt_tokens, subject=0))
     if memory:
         table.add_row(
             "peak process memory",
@@ -414,6 +419,8 @@ def search_command(model: ModelArg, out_dir: RunOut, options: dict) -> None:
     ]
     for name in ("uniform_importance", "dense"):
         m = report[name]
+        if m is None:
+            continue
         rows.append(
             [
                 name.replace("_", " "),
@@ -440,37 +447,21 @@ def compress(model: ModelArg, out_dir: RunOut, options: dict) -> None:
     """Search, save the best model within the budget in RUN/best, and compare it with the dense model."""
     report = compress_model(_job(model, out_dir, **options))
     dense, small = report["dense"], report["compressed"]
-    rows = [
-        ["parameters", f"{dense['params']:,}", f"{small['params']:,}", f"{small['params'] / dense['params']:.3f}x"],
-        [
-            "weights on disk",
-            _mb(dense["disk_bytes"]),
-            _mb(small["disk_bytes"]),
-            f"{small['disk_bytes'] / dense['disk_bytes']:.3f}x",
-        ],
+    rows = _comparison_rows(dense, small, 128, subject=1)
+    rows.insert(
+        2,
         [
             f"perplexity ({report['evaluation']})",
             f"{dense['perplexity']:.2f}",
             f"{small['perplexity']:.2f}",
             f"{small['perplexity'] / dense['perplexity']:.2f}x",
         ],
-        [
-            "prefill 128 tokens",
-            f"{dense['prefill_ms']:.1f} ms",
-            f"{small['prefill_ms']:.1f} ms",
-            f"{dense['prefill_ms'] / small['prefill_ms']:.2f}x faster",
-        ],
-        [
-            "decode (generate)",
-            f"{dense['decode_tokens_per_s']:.1f} tok/s",
-            f"{small['decode_tokens_per_s']:.1f} tok/s",
-            f"{small['decode_tokens_per_s'] / dense['decode_tokens_per_s']:.2f}x faster",
-        ],
-    ]
+    )
     out.print(_table(f"{model} -> {out_dir / 'best'}", ["", "dense", "compressed", "ratio"], rows))
     how = "trust_remote_code=True" if report["needs_remote_code"] else "plain from_pretrained"
-    out.print(
-        f"uniform importance-ranked sub-network at the same budget: perplexity "
-        f"{report['uniform_importance_perplexity']:.2f}"
-    )
+    if report["uniform_importance_perplexity"] is not None:
+        out.print(
+            f"uniform importance-ranked sub-network at the same budget: perplexity "
+            f"{report['uniform_importance_perplexity']:.2f} (before reformation)"
+        )
     out.print(f"saved {out_dir / 'best'} (loads with {how}); report in {out_dir / 'slimlm_report.json'}")

@@ -33,11 +33,17 @@ class Extracted:
     params: int
 
 
+def check_output_folder(out: str | Path) -> Path:
+    """``out`` as a Path, if it is new, empty or a model folder (which is overwritten); else a clear error."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
+        raise SlimlmError(f"{out} exists and is not a model folder; refusing to write into it")
+    return out
+
+
 def extract(loaded: LoadedModel, subnet: SubNetwork, out: str | Path, reformed: dict | None = None) -> Extracted:
     """Save ``subnet`` of ``loaded`` (with ``reformed`` weights, if given) to ``out`` with its tokenizer."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
-        raise SlimlmError(f"{out} exists and is not a model folder; refusing to write into it")
+    out = check_output_folder(out)
     subnet.validate(loaded.dims)
     config = loaded.adapter.extracted_config(loaded.model.config, subnet.kept_layers, subnet.shapes())
     remote = bool(getattr(config, "auto_map", None))

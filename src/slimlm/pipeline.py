@@ -98,7 +98,7 @@ def compress(job: SearchJob, repeats: int = 3) -> dict:
         "seq_len": job.seq_len,
         "evaluation_tokens": evaluation_ids.numel(),
         "needs_remote_code": (out / "best" / "modeling_slimlm.py").exists(),
-        "uniform_importance_perplexity": pareto["uniform_importance"]["evaluation_perplexity"],
+        "uniform_importance_perplexity": (pareto["uniform_importance"] or {}).get("evaluation_perplexity"),
         "dense": asdict(reports[0]),
         "compressed": asdict(reports[1]),
     }

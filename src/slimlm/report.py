@@ -39,6 +39,8 @@ def spread(front: list, size: int) -> list:
     """At most ``size`` members evenly spread along the front, always keeping both ends."""
     if len(front) <= size:
         return front
+    if size < 2:
+        return front[:size]
     picks = {round(i * (len(front) - 1) / (size - 1)) for i in range(size)}
     return [front[i] for i in sorted(picks)]
 
@@ -78,7 +80,7 @@ def write_report(searcher: Searcher, study: optuna.Study, front_size: int = 6) -
             }
         )
     dense = measure(searcher, None, evaluation_ids)
-    uniform = measure(searcher, searcher.context.start, evaluation_ids)
+    uniform = measure(searcher, searcher.reference, evaluation_ids) if searcher.reference else None
     feasible = [m for m in members if m["within_budget"]]
     best = min(feasible, key=lambda m: m["calibration_perplexity"]) if feasible else None
     report = {
@@ -125,6 +127,8 @@ def plot(report: dict, trials: list[optuna.trial.FrozenTrial], path: Path) -> No
     ax.plot(xs, [m["evaluation_perplexity"] for m in front], "s--", color="tab:orange", label="front (evaluation)")
     for name, marker, color in (("dense", "*", "black"), ("uniform_importance", "D", "tab:red")):
         point = report[name]
+        if point is None:
+            continue
         ax.scatter(
             [point["params"] / millions],
             [point["evaluation_perplexity"]],

@@ -29,7 +29,14 @@ from slimlm.models import LoadedModel, load_model
 from slimlm.progress import progress_bar
 from slimlm.reform import reform
 from slimlm.space import SearchSpace, uniform_subnetwork
-from slimlm.strategies import DEFAULT_STRATEGY, SUBNET_ATTR, SearchContext, completed, make_strategy
+from slimlm.strategies import (
+    DEFAULT_STRATEGY,
+    SUBNET_ATTR,
+    SearchContext,
+    completed,
+    make_strategy,
+    seen_candidates,
+)
 from slimlm.subnet import SubNetwork
 
 STUDY_NAME = "slimlm"
@@ -39,7 +46,7 @@ MAX_PRUNED_IN_A_ROW = 500  # the space is exhausted or the budget too tight for 
 
 def parse_size(text: str) -> float:
     """``90M`` -> 9e7, ``1.5G`` -> 1.5e9, ``300MB`` -> 3e8 (decimal units, as parameter counts are quoted)."""
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgGtT]?)[bB]?\s*", str(text))
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([kKmMgGtT]?)[bB]?\s*", str(text))
     if not match:
         raise SlimlmError(f"cannot read size '{text}': use a number with an optional K, M, G suffix (e.g. 90M)")
     return float(match.group(1)) * 1000 ** " KMGT".index(match.group(2).upper() or " ")
@@ -128,6 +135,7 @@ class Searcher:
     budget: Budget
     context: SearchContext
     calibration_ids: torch.Tensor  # importance and reformation of the result
+    reference: SubNetwork | None  # uniform importance-ranked sub-network at the budget (None: none fits)
 
     @property
     def fitness_ids(self) -> torch.Tensor:
@@ -202,13 +210,17 @@ def prepare(job: SearchJob, loaded: LoadedModel | None = None) -> Searcher:
         )
     calib = model_windows(loaded, job.calibration, job.seq_len, job.calibration_windows)
     scores = importance(loaded, cached_calibration(loaded, calib, job.calibration), job.metric)
-    start = uniform_subnetwork(dims, scores, (params or total.params) / total.params)
+    start = job.space.start(dims, scores, params)
+    try:
+        reference = uniform_subnetwork(dims, scores, (params or total.params) / total.params)
+    except SlimlmError:  # budgets only depth pruning reaches have no uniform reference
+        reference = None
 
     def fits(subnet: SubNetwork) -> bool:
         return budget.fits(static_cost(dims, subnet.shapes(), context=job.seq_len))
 
     context = SearchContext(dims, scores, job.space, fits, start, job.seed)
-    return Searcher(job, loaded, budget, context, calib)
+    return Searcher(job, loaded, budget, context, calib, reference)
 
 
 def open_study(job: SearchJob, create: bool) -> optuna.Study:
@@ -243,8 +255,12 @@ def run_worker(searcher: Searcher, study: optuna.Study, on_result=None) -> None:
         trial = study.ask()
         subnet = strategy.propose(trial, study, searcher.context)
         compact = subnet.to_compact()
-        seen = {t.user_attrs.get(SUBNET_ATTR) for t in completed(study)}
-        if not searcher.context.fits(subnet) or compact in seen:
+        claimed = searcher.context.fits(subnet) and compact not in seen_candidates(study, exclude=trial.number)
+        if claimed:
+            trial.set_user_attr(SUBNET_ATTR, compact)  # claim it before evaluating, so other workers skip it
+            # two workers may claim one candidate at once: the lower trial number keeps it
+            claimed = compact not in seen_candidates(study, exclude=trial.number, before=trial.number)
+        if not claimed:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             pruned_in_a_row += 1
             if pruned_in_a_row >= MAX_PRUNED_IN_A_ROW:
@@ -257,7 +273,6 @@ def run_worker(searcher: Searcher, study: optuna.Study, on_result=None) -> None:
         result = searcher.evaluate(subnet)
         for key, value in result.items():
             trial.set_user_attr(key, value)
-        trial.set_user_attr(SUBNET_ATTR, compact)
         if searcher.budget.latency_ms is not None and result["latency_ms"] > searcher.budget.latency_ms:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             continue
@@ -279,11 +294,11 @@ def _worker_process(job: SearchJob, threads: int) -> None:
 
 def search(job: SearchJob, loaded: LoadedModel | None = None) -> tuple[Searcher, optuna.Study]:
     """Run (or resume) a search to ``job.evaluations`` evaluated candidates; show progress."""
-    Path(job.out).mkdir(parents=True, exist_ok=True)
     if job.evaluations < 1 or job.workers < 1:
         raise SlimlmError("--evaluations and --workers must be at least 1")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     searcher = prepare(job, loaded)
+    Path(job.out).mkdir(parents=True, exist_ok=True)  # only now: bad input leaves no empty run folder
     study = open_study(job, create=True)
     if not job.storage:  # a private SQLite store: whatever was running when killed is stale
         for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):

@@ -99,6 +99,43 @@ class SearchSpace:
             shapes[0] = LayerShape(a.heads, a.kv_heads, self.neuron_choices(full)[0])
         return shapes
 
+    def start(self, dims: ModelDims, importance: Importance, params: int | None) -> SubNetwork:
+        """The importance-ranked sub-network of this space with one shape for every free layer,
+        as large as ``params`` allows (with ``depth``, the least influential layers go first if needed).
+
+        Frozen layers stay whole and shapes come from the space's own choices, so a search started
+        here stays inside the space.
+        """
+        free = [i for i in range(dims.num_layers) if i not in self.frozen_layers]
+        by_influence = sorted(free, key=lambda i: -float(importance.layers[i]))
+        full = dims.layers[free[0]] if free else dims.layers[0]
+        for count in range(len(free), 0, -1) if self.depth else [len(free)]:
+            kept = sorted(by_influence[:count])
+            best: tuple[float, int, dict[int, LayerShape]] | None = None
+            for a, n in itertools.product(self.attention_choices(full), self.neuron_choices(full)):
+                ratios = (a.heads / full.heads, n / full.neurons)
+                shapes = {i: dims.layers[i] for i in self.frozen_layers} | {
+                    i: self._nearest(dims.layers[i], *ratios) for i in kept
+                }
+                cost = static_cost(dims, list(shapes.values())).params
+                if params is not None and cost > params:
+                    continue
+                key = (abs(ratios[0] - ratios[1]), -cost)
+                if best is None or key < best[:2]:
+                    best = (*key, shapes)
+            if best is not None:
+                return keep_most_important(dims, importance, best[2])
+        smallest = static_cost(dims, list(self.smallest(dims).values())).params
+        raise SlimlmError(
+            f"no sub-network of this search space has at most {params:,} parameters; the smallest has {smallest:,}"
+        )
+
+    def _nearest(self, full: LayerShape, head_ratio: float, neuron_ratio: float) -> LayerShape:
+        """The layer's allowed shape closest to the given kept fractions."""
+        a = min(self.attention_choices(full), key=lambda c: abs(c.heads / full.heads - head_ratio))
+        n = min(self.neuron_choices(full), key=lambda c: abs(c / full.neurons - neuron_ratio))
+        return LayerShape(a.heads, a.kv_heads, n)
+
 
 def keep_most_important(dims: ModelDims, importance: Importance, shapes: dict[int, LayerShape]) -> SubNetwork:
     """The sub-network keeping, in each listed layer, its most important units in the given amounts.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from slimlm.errors import SlimlmError
-from slimlm.strategies.base import SUBNET_ATTR, SearchContext, Strategy, candidate, completed
+from slimlm.strategies.base import SUBNET_ATTR, SearchContext, Strategy, candidate, completed, seen_candidates
 from slimlm.strategies.evolution import Evolution
 from slimlm.strategies.sampled import NSGA2, RandomSearch
 
@@ -27,4 +27,5 @@ __all__ = [
     "candidate",
     "completed",
     "make_strategy",
+    "seen_candidates",
 ]

@@ -50,3 +50,16 @@ def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 def candidate(trial: optuna.trial.FrozenTrial) -> SubNetwork:
     return SubNetwork.from_compact(trial.user_attrs[SUBNET_ATTR])
+
+
+def seen_candidates(study: optuna.Study, exclude: int | None = None, before: int | None = None) -> set[str]:
+    """Candidates evaluated or being evaluated (by any worker), as stored compact strings.
+
+    ``exclude`` leaves out one trial (the asking one); ``before`` keeps only lower-numbered trials.
+    """
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+    return {
+        t.user_attrs[SUBNET_ATTR]
+        for t in study.get_trials(deepcopy=False, states=states)
+        if SUBNET_ATTR in t.user_attrs and t.number != exclude and (before is None or t.number < before)
+    }

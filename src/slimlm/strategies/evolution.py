@@ -19,7 +19,7 @@ import optuna
 
 from slimlm.models.base import LayerShape
 from slimlm.space import keep_most_important
-from slimlm.strategies.base import SearchContext, candidate, completed
+from slimlm.strategies.base import SearchContext, candidate, completed, seen_candidates
 from slimlm.subnet import LayerKeep, SubNetwork
 
 ATTEMPTS = 100  # redraws of a child outside the budget before handing it back anyway
@@ -39,14 +39,14 @@ class Evolution:
 
     def propose(self, trial: optuna.Trial, study: optuna.Study, context: SearchContext) -> SubNetwork:
         history = completed(study)
-        if not history:
+        seen = seen_candidates(study, exclude=trial.number)
+        if context.start.to_compact() not in seen:
             return context.start
         rng = np.random.default_rng([context.seed, trial.number])
         if len(history) < self.population:
             parents = [context.start]
         else:
             parents = [candidate(t) for t in sorted(history, key=lambda t: t.values[0])[: self.parents]]
-        seen = {t.user_attrs.get("subnet") for t in history}
         child = context.start
         for _ in range(ATTEMPTS):
             first = parents[rng.integers(len(parents))]
@@ -59,6 +59,8 @@ class Evolution:
         return child
 
     def _cross(self, rng: np.random.Generator, a: SubNetwork, b: SubNetwork, context: SearchContext) -> SubNetwork:
+        if not context.space.per_layer:  # one shape for all layers: mix only kept sets of equally shaped layers
+            b = SubNetwork({i: b.layers[i] if b.layers.get(i, k).shape == k.shape else k for i, k in a.layers.items()})
         layers = {}
         for i in range(context.dims.num_layers):
             source = a if rng.random() < 0.5 else b
@@ -67,56 +69,66 @@ class Evolution:
         return SubNetwork(layers or dict(a.layers))
 
     def _mutate(self, rng: np.random.Generator, parent: SubNetwork, context: SearchContext) -> SubNetwork:
-        layers = dict(parent.layers)
+        """Depth, width and mask mutation; with a uniform space one width change applies to every layer."""
         space, dims = context.space, context.dims
-        for i, full in enumerate(dims.layers):
-            if i in space.frozen_layers or rng.random() >= self.mutate_layer:
-                continue
-            if space.depth and rng.random() < 0.2:  # depth mutation: remove or restore the layer
-                if i in layers and len(layers) > 1:
-                    del layers[i]
-                elif i not in layers:
-                    layers[i] = context.start.layers.get(i) or _best(context, i, full)
-                continue
-            if i in layers:
-                layers[i] = self._mutate_layer(rng, layers[i], i, full, context)
+        layers = dict(parent.layers)
+        free = [i for i in range(dims.num_layers) if i not in space.frozen_layers]
+        if space.depth:
+            for i in free:
+                if rng.random() < self.mutate_layer * 0.2:
+                    if i in layers and len(layers) > 1:
+                        del layers[i]
+                    elif i not in layers:
+                        template = next((layers[j].shape for j in free if j in layers), dims.layers[i])
+                        layers[i] = keep_most_important(dims, context.importance, {i: template}).layers[i]
+        present = [i for i in free if i in layers]
+        if not present:
+            return SubNetwork(layers)
+        if space.per_layer:
+            for i in present:
+                if rng.random() < self.mutate_layer:
+                    layers[i] = self._reshape(
+                        rng, layers[i], i, self._step(rng, space, dims.layers[i], layers[i].shape), context
+                    )
+        else:
+            shape = self._step(rng, space, dims.layers[present[0]], layers[present[0]].shape)
+            for i in present:
+                layers[i] = self._reshape(rng, layers[i], i, shape, context)
         return SubNetwork(layers)
 
-    def _mutate_layer(
-        self, rng: np.random.Generator, keep: LayerKeep, i: int, full: LayerShape, context: SearchContext
-    ) -> LayerKeep:
-        space = context.space
-        attention = space.attention_choices(full)
-        neurons = space.neuron_choices(full)
-        shape = keep.shape
+    @staticmethod
+    def _step(rng: np.random.Generator, space, full: LayerShape, shape: LayerShape) -> LayerShape:
+        """A neighbouring shape on the space's grid: one step in attention (30%) or in neurons (70%)."""
+        attention, neurons = space.attention_choices(full), space.neuron_choices(full)
         a = min(
             range(len(attention)),
-            key=lambda j: abs(attention[j].heads - shape.heads) * 10 + abs(attention[j].kv_heads - shape.kv_heads),
+            key=lambda j: (abs(attention[j].heads - shape.heads), abs(attention[j].kv_heads - shape.kv_heads)),
         )
         n = min(range(len(neurons)), key=lambda j: abs(neurons[j] - shape.neurons))
         if rng.random() < 0.3:
             a = int(np.clip(a + rng.choice([-1, 1]), 0, len(attention) - 1))
         else:
             n = int(np.clip(n + rng.choice([-1, 1]), 0, len(neurons) - 1))
-        new_shape = LayerShape(attention[a].heads, attention[a].kv_heads, neurons[n])
-        if (new_shape.heads, new_shape.kv_heads) == (shape.heads, shape.kv_heads):
+        return LayerShape(attention[a].heads, attention[a].kv_heads, neurons[n])
+
+    def _reshape(
+        self, rng: np.random.Generator, keep: LayerKeep, i: int, shape: LayerShape, context: SearchContext
+    ) -> LayerKeep:
+        """``keep`` at ``shape``: heads re-ranked if the attention shape changed, neurons resampled (mask mutation)."""
+        if (shape.heads, shape.kv_heads) == (keep.shape.heads, keep.shape.kv_heads):
             heads, kv_heads = keep.heads, keep.kv_heads
         else:
-            ranked = keep_most_important(context.dims, context.importance, {i: new_shape}).layers[i]
+            ranked = keep_most_important(context.dims, context.importance, {i: shape}).layers[i]
             heads, kv_heads = ranked.heads, ranked.kv_heads
-        kept = self._resample(rng, keep.neurons, new_shape.neurons, context.importance.neurons[i].numpy())
+        kept = self._resample(rng, keep.neurons, shape.neurons, context.importance.neurons[i].numpy())
         return LayerKeep(heads, kv_heads, kept)
 
     def _resample(self, rng: np.random.Generator, kept: tuple[int, ...], size: int, scores: np.ndarray) -> list[int]:
         """``size`` neurons: at least ``overlap`` of them from ``kept``, all drawn in proportion to importance."""
         weights = np.maximum(scores.astype(np.float64), 0) + 1e-12
-        inherit = min(len(kept), max(math.ceil(self.overlap * min(len(kept), size)), 0), size)
+        inherit = min(len(kept), math.ceil(self.overlap * min(len(kept), size)), size)
         old = np.array(kept)
         chosen = rng.choice(old, inherit, replace=False, p=weights[old] / weights[old].sum()) if inherit else []
         rest = np.setdiff1d(np.arange(len(scores)), chosen)
         extra = rng.choice(rest, size - inherit, replace=False, p=weights[rest] / weights[rest].sum())
         return [int(j) for j in (*chosen, *extra)]
-
-
-def _best(context: SearchContext, i: int, full: LayerShape) -> LayerKeep:
-    return keep_most_important(context.dims, context.importance, {i: full}).layers[i]

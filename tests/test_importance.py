@@ -1,0 +1,214 @@
+"""Importance: the calibration pass, every metric, and the on-disk calibration cache."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import slimlm.importance
+from slimlm.cache import cache_root
+from slimlm.errors import SlimlmError
+from slimlm.importance import DAMPING, METRICS, Calibration, ChannelStats, cached_calibration, calibrate, importance
+from slimlm.models import load_model
+
+from .conftest import VOCAB, save_tiny, tiny_loaded
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and threads on busy cores make them crawl."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def windows(seed: int, n: int = 6, seq_len: int = 16) -> torch.Tensor:
+    return torch.randint(1, VOCAB, (n, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    loaded = tiny_loaded()
+    return loaded, calibrate(loaded, windows(0))
+
+
+def all_scores(scores) -> list[torch.Tensor]:
+    return [*scores.heads, *scores.kv_heads, *scores.neurons, scores.layers]
+
+
+def assert_same_calibration(a: Calibration, b: Calibration) -> None:
+    assert a.tokens == b.tokens
+    torch.testing.assert_close(a.block_influence, b.block_influence, rtol=0, atol=0)
+    for side_a, side_b in ((a.attention, b.attention), (a.mlp, b.mlp)):
+        assert len(side_a) == len(side_b)
+        for x, y in zip(side_a, side_b, strict=True):
+            assert x.count == y.count
+            for name in ("sum", "sumsq", "inverse_gram_diagonal"):
+                torch.testing.assert_close(getattr(x, name), getattr(y, name), rtol=0, atol=0)
+
+
+# --- metrics ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("metric", list(METRICS))
+def test_every_metric_scores_every_unit(calibrated, metric):
+    loaded, calibration = calibrated
+    dims = loaded.dims
+    scores = importance(loaded, calibration, metric)
+    assert [h.shape for h in scores.heads] == [(s.heads,) for s in dims.layers]
+    assert [k.shape for k in scores.kv_heads] == [(s.kv_heads,) for s in dims.layers]
+    assert [n.shape for n in scores.neurons] == [(s.neurons,) for s in dims.layers]
+    assert scores.layers.shape == (dims.num_layers,)
+    for t in all_scores(scores):
+        assert t.dtype == torch.float32
+        assert torch.isfinite(t).all() and (t >= 0).all()
+    assert any((n > 0).any() for n in scores.neurons)
+    assert any((h > 0).any() for h in scores.heads)
+
+
+@pytest.mark.parametrize("metric", list(METRICS))
+def test_heads_sum_their_channels_and_kv_heads_their_query_heads(calibrated, metric):
+    loaded, calibration = calibrated
+    dims = loaded.dims
+    scores = importance(loaded, calibration, metric)
+    layers = loaded.adapter.decoder_layers(loaded.model)
+    for i, layer in enumerate(layers):
+        o_proj, down_proj = loaded.adapter.output_projections(layer)
+        shape = dims.layers[i]
+        channels = METRICS[metric](calibration.attention[i], o_proj.weight.double().norm(dim=0))
+        heads = channels.view(shape.heads, dims.head_dim).sum(1)
+        torch.testing.assert_close(scores.heads[i], heads.float())
+        torch.testing.assert_close(scores.kv_heads[i], heads.view(shape.kv_heads, shape.group_size).sum(1).float())
+        neurons = METRICS[metric](calibration.mlp[i], down_proj.weight.double().norm(dim=0))
+        torch.testing.assert_close(scores.neurons[i], neurons.float())
+    torch.testing.assert_close(scores.layers, calibration.block_influence.float())
+
+
+def test_unknown_metric_is_refused(calibrated):
+    loaded, calibration = calibrated
+    with pytest.raises(SlimlmError, match=r"unknown importance metric 'wanda'.*activation"):
+        importance(loaded, calibration, "wanda")
+
+
+def test_magnitude_ignores_activations_and_activation_does_not():
+    loaded = tiny_loaded()
+    one, other = calibrate(loaded, windows(1)), calibrate(loaded, windows(2))
+    magnitude = [importance(loaded, c, "magnitude") for c in (one, other)]
+    for a, b in zip(magnitude[0].heads + magnitude[0].neurons, magnitude[1].heads + magnitude[1].neurons, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    activation = [importance(loaded, c, "activation") for c in (one, other)]
+    assert not all(torch.equal(a, b) for a, b in zip(activation[0].neurons, activation[1].neurons, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(activation[0].heads, activation[1].heads, strict=True))
+
+
+# --- the calibration pass -----------------------------------------------------------------------
+
+
+def test_calibrate_matches_a_direct_computation_on_the_captured_inputs():
+    loaded = tiny_loaded()
+    ids = windows(3, n=6)  # two batches of the default 4 windows
+    layer = loaded.adapter.decoder_layers(loaded.model)[1]
+    o_proj, down_proj = loaded.adapter.output_projections(layer)
+    captured = {"attention": [], "mlp": []}
+    hooks = [
+        module.register_forward_pre_hook(lambda _m, args, side=side: captured[side].append(args[0].detach().clone()))
+        for module, side in ((o_proj, "attention"), (down_proj, "mlp"))
+    ]
+    try:
+        calibration = calibrate(loaded, ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    assert calibration.tokens == ids.numel()
+    assert len(calibration.attention) == len(calibration.mlp) == loaded.dims.num_layers
+    for side, stats in (("attention", calibration.attention[1]), ("mlp", calibration.mlp[1])):
+        assert len(captured[side]) == 2
+        x = torch.cat([c.reshape(-1, c.shape[-1]) for c in captured[side]]).double()
+        assert stats.count == x.shape[0] == ids.numel()
+        # float32 precision: the pass may multiply in float32 per batch and accumulate in float64
+        close = {"rtol": 1e-5, "atol": 1e-6}
+        torch.testing.assert_close(stats.sum, x.sum(0), **close)
+        torch.testing.assert_close(stats.sumsq, x.pow(2).sum(0), **close)
+        torch.testing.assert_close(stats.norm, x.norm(dim=0), **close)
+        torch.testing.assert_close(stats.variance, x.var(0), **close)
+        gram = x.T @ x
+        damping = DAMPING * gram.diagonal().mean()
+        expected = torch.linalg.inv(gram + damping * torch.eye(gram.shape[0], dtype=torch.float64)).diagonal()
+        # the inverse amplifies float32 rounding of the Gram matrix by its condition number (~1e3 here)
+        torch.testing.assert_close(stats.inverse_gram_diagonal, expected, rtol=1e-3, atol=1e-6)
+    assert calibration.block_influence.shape == (loaded.dims.num_layers,)
+    assert ((calibration.block_influence >= 0) & (calibration.block_influence <= 2)).all()
+
+
+@pytest.mark.parametrize("dead", [[5], list(range(40))], ids=["one-neuron", "whole-mlp"])
+def test_dead_channels_keep_every_metric_finite(dead):
+    """A channel that is always zero makes the Gram matrix singular; damping keeps its inverse finite."""
+    loaded = tiny_loaded()
+    mlp = loaded.adapter.decoder_layers(loaded.model)[1].mlp
+    with torch.no_grad():  # down_proj input is act(gate(x)) * up(x): zero rows there, zero channels here
+        mlp.gate_proj.weight[dead] = 0
+        mlp.up_proj.weight[dead] = 0
+    calibration = calibrate(loaded, windows(4))
+    stats = calibration.mlp[1]
+    assert (stats.sumsq[dead] == 0).all()
+    damping = DAMPING * stats.sumsq.mean().clamp_min(1e-12)  # the Gram diagonal is the sum of squares
+    expected = (1 / damping).expand(len(dead))
+    torch.testing.assert_close(stats.inverse_gram_diagonal[dead], expected, rtol=1e-5, atol=0)
+    for metric in METRICS:
+        scores = importance(loaded, calibration, metric)
+        for t in all_scores(scores):
+            assert torch.isfinite(t).all() and (t >= 0).all(), metric
+    for metric in ("activation", "fluctuation"):
+        assert (importance(loaded, calibration, metric).neurons[1][dead] == 0).all()
+
+
+# --- the cache ----------------------------------------------------------------------------------
+
+
+def test_cached_calibration_is_written_once_and_read_back(tmp_path, monkeypatch):
+    loaded = load_model(save_tiny(tiny_loaded(), tmp_path / "model"))
+    ids = windows(5)
+    first = cached_calibration(loaded, ids, "words.txt")
+    entries = sorted((cache_root() / "calibration").iterdir())
+    assert len(entries) == 1 and entries[0].suffix == ".pt"
+    assert entries[0].parent.parent == tmp_path / "cache"
+    assert_same_calibration(first, calibrate(loaded, ids))
+
+    def no_calibration(*_args, **_kwargs):
+        raise AssertionError("calibrate called although the cache holds this calibration")
+
+    monkeypatch.setattr(slimlm.importance, "calibrate", no_calibration)
+    second = cached_calibration(loaded, ids, "words.txt")
+    assert_same_calibration(first, second)
+    assert all(isinstance(s, ChannelStats) for s in second.attention + second.mlp)
+    assert sorted((cache_root() / "calibration").iterdir()) == entries  # no new entry, no temp file left
+
+    # other tokens or another source are other entries, not served from this one
+    with pytest.raises(AssertionError, match="calibrate called"):
+        cached_calibration(loaded, windows(6), "words.txt")
+    with pytest.raises(AssertionError, match="calibrate called"):
+        cached_calibration(loaded, ids, "other.txt")
+
+
+def test_in_memory_models_are_not_cached(tmp_path, monkeypatch):
+    empty = tmp_path / "no-weights"
+    empty.mkdir()
+    loaded = dataclasses.replace(tiny_loaded(), folder=empty)
+    calls = []
+    real = slimlm.importance.calibrate
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(slimlm.importance, "calibrate", counting)
+    ids = windows(7)
+    first = cached_calibration(loaded, ids, "words.txt")
+    second = cached_calibration(loaded, ids, "words.txt")
+    assert len(calls) == 2
+    assert_same_calibration(first, second)
+    assert not (cache_root() / "calibration").exists()

@@ -1,0 +1,635 @@
+"""The search engine (strategies, store, resume, workers), the Pareto report, and the search CLI commands."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+import threading
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from typer.testing import CliRunner
+
+from slimlm.apply import subnetwork_applied
+from slimlm.cli import app
+from slimlm.costs import static_cost
+from slimlm.data import model_windows
+from slimlm.errors import SlimlmError
+from slimlm.evaluate import perplexity
+from slimlm.models import load_model
+from slimlm.report import pareto_front, spread, write_report
+from slimlm.search import STUDY_NAME, Searcher, SearchJob, open_study, parse_size, prepare, run_worker, search
+from slimlm.space import SearchSpace
+from slimlm.strategies import STRATEGIES, candidate, completed
+from slimlm.subnet import SubNetwork
+
+from .conftest import TEXT, VOCAB, save_tiny, tiny_loaded
+
+FRACTION = 0.6
+EVALUATIONS = 12
+COMPLETE, PRUNED, FAIL, RUNNING = (
+    optuna.trial.TrialState.COMPLETE,
+    optuna.trial.TrialState.PRUNED,
+    optuna.trial.TrialState.FAIL,
+    optuna.trial.TrialState.RUNNING,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and threads on busy cores make them crawl."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_cache(tmp_path_factory):
+    """Module-scoped runs calibrate before the per-test cache exists: give them their own empty cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SLIMLM_CACHE", str(tmp_path_factory.mktemp("module-cache")))
+        yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _sqlite_without_fsync():
+    """Each Optuna write is an SQLite commit; without fsync they are ~100x faster. Durability is not under test.
+
+    Only this process: worker processes spawned by a search use SQLite as shipped.
+    """
+
+    def no_fsync(connection, _record):
+        if isinstance(connection, sqlite3.Connection):
+            connection.execute("PRAGMA synchronous = OFF")
+
+    event.listen(Engine, "connect", no_fsync)
+    yield
+    event.remove(Engine, "connect", no_fsync)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return save_tiny(tiny_loaded("llama"), tmp_path_factory.mktemp("model") / "llama")
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "words.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def make_job(folder, text):
+    """A fast job on the tiny model: 16-token windows, 8 for calibration, 2 scored per candidate."""
+
+    def make(out: Path, **overrides) -> SearchJob:
+        values = dict(
+            model=str(folder),
+            out=str(out),
+            params_fraction=FRACTION,
+            evaluations=EVALUATIONS,
+            calibration=str(text),
+            evaluation=str(text),
+            seq_len=16,
+            calibration_windows=8,
+            fitness_windows=2,
+            evaluation_windows=2,
+        )
+        return SearchJob(**(values | overrides))
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def runs(make_job, tmp_path_factory):
+    """Searches shared by the tests that only read them: ``runs(strategy, tag=..., **overrides)``."""
+    done = {}
+
+    def run(strategy: str, tag: str = "", **overrides):
+        key = (strategy, tag, tuple(sorted(overrides.items())))
+        if key not in done:
+            job = make_job(tmp_path_factory.mktemp(f"{strategy}{tag}") / "run", strategy=strategy, **overrides)
+            searcher, study = search(job)
+            done[key] = job, searcher, study
+        return done[key]
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def reported(runs):
+    """The report of the shared evolution run; ``best/`` holds the plain sub-network (no weight reformation)."""
+    job, searcher, study = runs("evolution")
+    if any(f.name == "reform" for f in dataclasses.fields(SearchJob)):
+        searcher = dataclasses.replace(searcher, job=dataclasses.replace(job, reform=False))
+    return job, searcher, study, write_report(searcher, study)
+
+
+def subnets(study: optuna.Study) -> list[str]:
+    return [t.user_attrs["subnet"] for t in completed(study)]
+
+
+def total_params(loaded) -> int:
+    return static_cost(loaded.dims).params
+
+
+def smallest_params(dims) -> int:
+    """Parameters of the cheapest sub-network the default search space allows."""
+    return static_cost(dims, list(SearchSpace().smallest(dims).values())).params
+
+
+# --- every strategy ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_each_strategy_evaluates_distinct_subnetworks_within_the_budget(runs, strategy):
+    job, searcher, study = runs(strategy)
+    trials = study.get_trials()
+    assert {t.state for t in trials} <= {COMPLETE, PRUNED}
+    done = completed(study)
+    assert len(done) == EVALUATIONS
+    dims = searcher.context.dims
+    budget = FRACTION * total_params(searcher.loaded)
+    assert searcher.budget.params == int(budget)
+    for trial in done:
+        subnet = candidate(trial).validate(dims)
+        cost = static_cost(dims, subnet.shapes(), context=job.seq_len)
+        assert cost.params <= budget
+        assert trial.user_attrs["params"] == cost.params
+        assert trial.user_attrs["flops"] == cost.flops_per_token
+        assert trial.user_attrs["memory"] == cost.memory_bytes
+        assert trial.values == [trial.user_attrs["perplexity"], cost.params]
+        assert 1 < trial.values[0] < 10 * VOCAB  # a perplexity of a (random) model over this vocabulary
+    assert len(set(subnets(study))) == EVALUATIONS
+    for trial in trials:
+        if trial.state == PRUNED and "subnet" in trial.user_attrs:  # only the latency budget prunes after pricing
+            pytest.fail(f"trial {trial.number} was pruned after evaluation without a latency budget")
+
+
+def space_violations(subnet: SubNetwork, dims, space: SearchSpace) -> list[str]:
+    """How ``subnet`` leaves ``space`` (empty: it is one of the space's points)."""
+    problems = []
+    shapes = {i: keep.shape for i, keep in subnet.layers.items()}
+    for i, full in enumerate(dims.layers):
+        shape = shapes.get(i)
+        if shape is None:
+            if not space.depth or i in space.frozen_layers:
+                problems.append(f"layer {i} removed")
+        elif i in space.frozen_layers:
+            if shape != full:
+                problems.append(f"frozen layer {i} shrunk to {shape}")
+        else:
+            attention = [(a.heads, a.kv_heads) for a in space.attention_choices(full)]
+            if (shape.heads, shape.kv_heads) not in attention or shape.neurons not in space.neuron_choices(full):
+                problems.append(f"layer {i} shape {shape} is not a choice of the space")
+    free = [s for i, s in shapes.items() if i not in space.frozen_layers]
+    if not space.per_layer and len(set(free)) > 1:
+        problems.append(f"layers differ in a uniform space: {set(free)}")
+    return problems
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_candidates_lie_in_the_default_search_space(runs, strategy):
+    job, searcher, study = runs(strategy)
+    for trial in completed(study):
+        assert space_violations(candidate(trial), searcher.context.dims, job.space) == [], trial.number
+
+
+@pytest.mark.parametrize(
+    ("space", "fraction"),
+    [
+        (SearchSpace(frozen_layers=(0,)), FRACTION),
+        (SearchSpace(per_layer=False), FRACTION),
+        (SearchSpace(max_ratio=0.5), 0.9),
+    ],
+    ids=["frozen", "uniform", "max-ratio"],
+)
+def test_evolution_candidates_lie_in_the_search_space(make_job, tmp_path, space, fraction):
+    job = make_job(tmp_path / "run", space=space, params_fraction=fraction, evaluations=4)
+    searcher, study = search(job)
+    for trial in completed(study):
+        assert space_violations(candidate(trial), searcher.context.dims, space) == [], trial.number
+
+
+def test_evolution_starts_from_the_uniform_importance_subnetwork(runs):
+    _, searcher, study = runs("evolution")
+    assert candidate(completed(study)[0]) == searcher.context.start
+
+
+def test_stored_fitness_is_the_perplexity_of_the_subnetwork_in_place(runs):
+    job, searcher, study = runs("random")
+    loaded = searcher.loaded
+    fitness = model_windows(loaded, job.calibration, job.seq_len, job.calibration_windows)[: job.fitness_windows]
+    assert torch.equal(searcher.fitness_ids, fitness)
+    trial = completed(study)[-1]
+    with subnetwork_applied(loaded, candidate(trial)) as model:
+        assert perplexity(model, fitness) == pytest.approx(trial.values[0], rel=1e-6)
+    dense = perplexity(loaded.model, fitness)  # the model is whole again after the block
+    assert dense == pytest.approx(perplexity(load_model(job.model).model, fitness), rel=1e-6)
+
+
+def test_other_objectives_are_stored_as_the_second_value(runs):
+    _, _, study = runs("evolution", objective="flops", evaluations=4)
+    assert len(completed(study)) == 4
+    for trial in completed(study):
+        assert trial.values == [trial.user_attrs["perplexity"], trial.user_attrs["flops"]]
+
+
+# --- determinism and resume ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["evolution", "random"])
+def test_same_seed_same_search(runs, strategy):
+    _, _, first = runs(strategy)
+    _, _, again = runs(strategy, tag="again")
+    assert first._storage is not again._storage
+    assert subnets(again) == subnets(first)
+    assert [t.values for t in completed(again)] == [t.values for t in completed(first)]
+
+
+def test_another_seed_another_search(runs):
+    _, _, first = runs("evolution")
+    _, _, other = runs("evolution", seed=1)
+    assert subnets(other)[0] == subnets(first)[0]  # both start from the importance-ranked uniform sub-network
+    assert subnets(other) != subnets(first)
+
+
+def test_resume_continues_the_stored_search(make_job, runs, tmp_path):
+    job = make_job(tmp_path / "run", evaluations=6)
+    _, study = search(job)
+    before = [(t.number, t.values, t.user_attrs["subnet"]) for t in completed(study)]
+    assert len(before) == 6
+
+    _, study = search(dataclasses.replace(job, evaluations=EVALUATIONS, resume=True))
+    after = [(t.number, t.values, t.user_attrs["subnet"]) for t in completed(study)]
+    assert len(after) == EVALUATIONS
+    assert after[:6] == before
+    assert len({s for _, _, s in after}) == EVALUATIONS
+    # evolution draws each child from (seed, trial number) and the history: resuming changes nothing
+    _, _, uninterrupted = runs("evolution")
+    assert [s for _, _, s in after] == subnets(uninterrupted)
+
+
+def test_an_existing_store_needs_resume(runs):
+    job, _, _ = runs("evolution")
+    with pytest.raises(SlimlmError, match="already holds a search; pass --resume"):
+        search(dataclasses.replace(job, evaluations=EVALUATIONS + 2))
+    assert len(completed(optuna.load_study(study_name=STUDY_NAME, storage=job.storage_url()))) == EVALUATIONS
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("seed", 7), ("strategy", "random"), ("params_fraction", 0.7), ("space", SearchSpace(min_ratio=0.5))],
+)
+def test_resume_with_other_settings_is_refused(runs, setting, value):
+    job, _, _ = runs("evolution")
+    changed = dataclasses.replace(job, resume=True, evaluations=EVALUATIONS + 2, **{setting: value})
+    with pytest.raises(SlimlmError, match=f"different settings than the stored search: {setting}$"):
+        search(changed)
+    study = optuna.load_study(study_name=STUDY_NAME, storage=job.storage_url())
+    assert len(completed(study)) == EVALUATIONS  # nothing was added
+
+
+def test_resume_after_a_kill_fails_the_trial_left_running(make_job, tmp_path):
+    job = make_job(tmp_path / "run", evaluations=4)
+    search(job)
+    killed = optuna.load_study(study_name=STUDY_NAME, storage=job.storage_url()).ask()  # never told: a kill
+
+    _, study = search(dataclasses.replace(job, evaluations=6, resume=True))
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states[killed.number] == FAIL
+    assert RUNNING not in states.values()
+    assert len(completed(study)) == 6
+
+
+def test_a_resumed_random_search_does_not_replay_its_draws(make_job, tmp_path):
+    job = make_job(tmp_path / "run", strategy="random", evaluations=3)
+    _, study = search(job)
+    first_run = len(study.trials)
+    _, study = search(dataclasses.replace(job, evaluations=5, resume=True))
+    trials = study.get_trials()
+    assert len(completed(study)) == 5
+    assert trials[first_run].params != trials[0].params
+
+
+# --- budgets and bad settings -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "budget",
+    [
+        lambda smallest: {"params_fraction": 0.05},
+        lambda smallest: {"params_fraction": None, "max_params": smallest - 1},
+    ],
+    ids=["fraction", "max-params"],
+)
+def test_an_infeasible_budget_names_the_smallest_feasible_size(make_job, tmp_path, budget):
+    smallest = smallest_params(tiny_loaded().dims)
+    job = make_job(tmp_path / "run", **budget(smallest))
+    with pytest.raises(SlimlmError, match="below the smallest sub-network") as error:
+        search(job)
+    assert f"{smallest:,}" in str(error.value)
+    assert not (tmp_path / "run" / "search.db").exists()
+
+
+def test_the_smallest_subnetwork_itself_is_a_feasible_budget(make_job, tmp_path):
+    smallest = smallest_params(tiny_loaded().dims)
+    _, study = search(make_job(tmp_path / "run", params_fraction=None, max_params=smallest, evaluations=1))
+    assert [t.user_attrs["params"] <= smallest for t in completed(study)] == [True]
+
+
+def test_depth_search_accepts_budgets_below_every_layer_kept(make_job, tmp_path):
+    space = SearchSpace(depth=True)
+    dims = tiny_loaded().dims
+    smallest = static_cost(dims, list(space.smallest(dims).values())).params  # one layer left
+    uniform = smallest_params(dims)  # every layer at its smallest
+    budget = (smallest + uniform) // 2
+    job = make_job(tmp_path / "run", strategy="random", space=space, params_fraction=None, max_params=budget)
+    _, study = search(dataclasses.replace(job, evaluations=2))
+    assert all(t.user_attrs["params"] <= budget for t in completed(study))
+
+
+def test_an_infeasible_memory_budget_is_refused(make_job, tmp_path):
+    job = make_job(tmp_path / "run", params_fraction=None, max_memory_bytes=1000)
+    with pytest.raises(SlimlmError, match=r"memory budget of 0\.0 MB is below the smallest"):
+        search(job)
+    assert not (tmp_path / "run" / "search.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"strategy": "annealing"}, "unknown strategy 'annealing'; choose from evolution, nsga2, random"),
+        ({"objective": "energy"}, "unknown objective 'energy'; choose from params, flops, memory, latency"),
+        ({"evaluations": 0}, "--evaluations and --workers must be at least 1"),
+        ({"fitness_windows": 9}, "calib-windows.*fitness|fitness-windows.*calib-windows"),
+        ({"params_fraction": 1.5}, r"--params must be a fraction in \(0, 1\]"),
+    ],
+    ids=["strategy", "objective", "evaluations", "fitness-windows", "fraction"],
+)
+def test_bad_settings_are_refused_before_any_store(make_job, tmp_path, overrides, message):
+    with pytest.raises(SlimlmError, match=message):
+        search(make_job(tmp_path / "run", **overrides))
+    assert not (tmp_path / "run" / "search.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("90M", 90e6), ("1.5G", 1.5e9), ("300MB", 300e6), ("12345", 12345), (" 2k ", 2000)]
+)
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["abc", "", "1.5X", "-3M"])
+def test_parse_size_refuses_nonsense(text):
+    with pytest.raises(SlimlmError, match="cannot read size"):
+        parse_size(text)
+
+
+@pytest.mark.parametrize("text", ["1.2.3", ".", "1..5M"])
+def test_parse_size_refuses_several_dots(text):
+    with pytest.raises(SlimlmError, match="cannot read size"):
+        parse_size(text)
+
+
+# --- the report ---------------------------------------------------------------------------------
+
+
+def test_report_front_is_non_dominated_and_fully_measured(reported):
+    job, searcher, study, report = reported
+    saved = json.loads((Path(job.out) / "pareto.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    front = report["front"]
+    assert front
+    stored = {t.number: t.values for t in completed(study)}
+    values = [stored[m["trial"]] for m in front]
+    for i, a in enumerate(values):
+        for j, b in enumerate(values):
+            if i != j:
+                assert not (b[0] <= a[0] and b[1] <= a[1]), f"front member {front[i]['trial']} is dominated"
+        assert not any(o[0] <= a[0] and o[1] <= a[1] and o != a for o in stored.values())
+    assert {m["trial"] for m in front} <= {t.number for t in study.best_trials}  # Optuna's own Pareto front
+    assert [m["params"] for m in front] == sorted(m["params"] for m in front)
+    keys = {"subnet", "params", "flops_per_token", "memory_bytes", "latency_ms"}
+    keys |= {"calibration_perplexity", "evaluation_perplexity"}
+    for member, (ppl, params) in zip(front, values, strict=True):
+        assert keys <= set(member)
+        assert member["params"] == params
+        assert member["calibration_perplexity"] == pytest.approx(ppl, rel=1e-6)
+        assert member["evaluation_perplexity"] > 1 and member["latency_ms"] > 0
+        SubNetwork.from_json(member["subnet"]).validate(searcher.context.dims)
+        assert member["within_budget"]
+    assert report["evaluations"] == EVALUATIONS
+    assert report["dense"]["params"] == total_params(searcher.loaded)
+    assert report["dense"]["params_fraction"] == 1
+    assert report["uniform_importance"]["params"] <= FRACTION * report["dense"]["params"]
+
+
+def test_report_best_is_the_feasible_member_with_the_lowest_perplexity(reported):
+    _, _, study, report = reported
+    feasible = [m for m in report["front"] if m["within_budget"]]
+    best = min(feasible, key=lambda m: m["calibration_perplexity"])
+    assert report["best_trial"] == best["trial"]
+    assert study.trials[best["trial"]].values[0] == min(t.values[0] for t in completed(study))
+
+
+def test_report_best_folder_computes_the_best_subnetwork(reported):
+    job, searcher, study, report = reported
+    small = load_model(Path(job.out) / "best")
+    subnet = candidate(study.trials[report["best_trial"]])
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with subnetwork_applied(searcher.loaded, subnet) as model:
+            expected = model(input_ids=ids, use_cache=False).logits
+        got = small.model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    best = next(m for m in report["front"] if m["trial"] == report["best_trial"])
+    assert static_cost(small.dims).params == best["params"] == sum(p.numel() for p in small.model.parameters())
+
+
+def test_report_plot_is_a_png(reported):
+    job, *_ = reported
+    data = (Path(job.out) / "pareto.png").read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    assert len(data) > 10_000
+
+
+def made(values: list[tuple[float, float]]) -> list[optuna.trial.FrozenTrial]:
+    trials = []
+    for number, v in enumerate(values):
+        trial = optuna.trial.create_trial(values=list(v))
+        trial.number = number
+        trials.append(trial)
+    return trials
+
+
+def test_pareto_front_keeps_the_non_dominated_cheapest_first():
+    trials = made([(10, 5), (8, 7), (12, 3), (11, 6), (8, 8), (20, 1), (10, 5), (9, 7)])
+    front = pareto_front(trials)
+    assert [tuple(t.values) for t in front] == [(20, 1), (12, 3), (10, 5), (8, 7)]
+    assert [t.number for t in front][:2] == [5, 2]
+    assert {t.number for t in front if tuple(t.values) == (10, 5)} <= {0, 6}  # one of two equal points
+
+
+def test_pareto_front_edge_cases():
+    assert pareto_front([]) == []
+    single = made([(3, 3)])
+    assert pareto_front(single) == single
+    same = made([(3, 3), (3, 3)])
+    assert len(pareto_front(same)) == 1
+
+
+def test_spread_keeps_both_ends_and_spaces_evenly():
+    assert spread([1, 2, 3], 6) == [1, 2, 3]
+    assert spread(list(range(6)), 6) == list(range(6))
+    assert spread(list(range(10)), 4) == [0, 3, 6, 9]
+    assert spread(list(range(10)), 2) == [0, 9]
+    picked = spread(list(range(100)), 6)
+    assert len(picked) == 6 and picked[0] == 0 and picked[-1] == 99 and picked == sorted(picked)
+    assert spread([], 3) == []
+
+
+def test_spread_to_one_member():
+    assert len(spread(list(range(5)), 1)) == 1
+
+
+# --- workers ------------------------------------------------------------------------------------
+
+
+def test_two_worker_processes_share_one_store(make_job, tmp_path):
+    evaluations = 8
+    _, study = search(make_job(tmp_path / "run", evaluations=evaluations, workers=2))
+    # each worker checks the count before evaluating, so both may add the last candidate at once
+    done = completed(optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{tmp_path / 'run' / 'search.db'}"))
+    assert evaluations <= len(done) <= evaluations + 1
+    assert len(completed(study)) == len(done)
+    dims = tiny_loaded().dims
+    for trial in done:
+        subnet = candidate(trial).validate(dims)
+        assert static_cost(dims, subnet.shapes()).params <= FRACTION * static_cost(dims).params
+    assert RUNNING not in {t.state for t in study.get_trials()}
+
+
+@pytest.mark.parametrize("strategy", ["evolution", "random"])
+def test_concurrent_workers_never_evaluate_one_candidate_twice(make_job, tmp_path, monkeypatch, strategy):
+    """Two workers as ``search`` runs them (the first creates the store, the others open it), in threads,
+    with their first evaluations overlapping as they do on a multi-core machine."""
+    job = make_job(tmp_path / "run", strategy=strategy, evaluations=4, workers=2)
+    Path(job.out).mkdir()
+    searchers = [prepare(job), prepare(job)]
+    studies = [open_study(job, create=True), open_study(job, create=False)]
+    overlap = threading.Barrier(2, timeout=60)
+    started = set()
+    evaluate = Searcher.evaluate
+
+    def overlapping(self, subnet):
+        if id(self) not in started:
+            started.add(id(self))
+            overlap.wait()
+        return evaluate(self, subnet)
+
+    monkeypatch.setattr(Searcher, "evaluate", overlapping)
+    errors = []
+
+    def work(searcher, study):
+        try:
+            run_worker(searcher, study)
+        except Exception as error:  # re-raised below, in the test's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=pair) for pair in zip(searchers, studies, strict=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    stored = subnets(optuna.load_study(study_name=STUDY_NAME, storage=job.storage_url()))
+    assert len(stored) >= job.evaluations
+    assert len(set(stored)) == len(stored)
+
+
+def test_workers_check(make_job, tmp_path):
+    with pytest.raises(SlimlmError, match="--evaluations and --workers must be at least 1"):
+        search(make_job(tmp_path / "run", workers=0))
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_error(result) -> str:
+    """Assert ``result`` is a clean failure (exit 1, one ``error:`` line on stderr, no traceback); return it."""
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if "error:" in line]
+    assert len(lines) == 1, result.output
+    assert lines[0] in result.stderr.splitlines()
+    assert "error:" not in result.stdout
+    return lines[0]
+
+
+def search_options(text: Path, run: Path) -> list:
+    return [
+        *("--out", run, "--calib", text, "--eval", text, "--seq-len", 16),
+        *("--calib-windows", 8, "--fitness-windows", 2, "--eval-windows", 2, "--evaluations", 10),
+    ]
+
+
+def test_cli_search_prints_the_front_and_writes_the_run(folder, text, tmp_path):
+    run = tmp_path / "run"
+    result = invoke("search", folder, "--params", FRACTION, *search_options(text, run))
+    assert result.exit_code == 0, result.output
+    report = json.loads((run / "pareto.json").read_text())
+    assert report["evaluations"] == 10 and report["strategy"] == "evolution"
+    assert "Pareto front: evolution, 10 candidates" in result.stdout
+    rows = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.startswith("│ ")}
+    assert {"uniform", "dense"} <= set(rows)  # "uniform importance" wraps in an 80-column terminal
+    assert f"{report['dense']['params']:,}" in rows["dense"]
+    for member in report["front"]:
+        row = rows[f"trial {member['trial']}"]
+        assert f"{member['params']:,}" in row and f"{member['calibration_perplexity']:.2f}" in row
+        assert ("yes" in row) == (member["trial"] == report["best_trial"])
+    assert str(run / "pareto.json") in result.stdout.replace("\n", "")
+    assert (run / "pareto.png").is_file() and (run / "best" / "config.json").is_file()
+
+
+def test_cli_compress_writes_a_smaller_model_and_its_report(folder, text, tmp_path):
+    run = tmp_path / "run"
+    result = invoke("compress", folder, "--params", FRACTION, *search_options(text, run))
+    assert result.exit_code == 0, result.output
+    report = json.loads((run / "slimlm_report.json").read_text())
+    dense, small = report["dense"]["params"], report["compressed"]["params"]
+    assert dense == static_cost(tiny_loaded().dims).params
+    assert small <= FRACTION * dense
+    assert small == static_cost(load_model(run / "best").dims).params
+    assert report["evaluations"] == 10
+    assert (run / "pareto.json").is_file()
+    assert "saved" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["search", "compress"])
+@pytest.mark.parametrize(
+    ("budget", "message"),
+    [
+        (["--params", "0.01"], "below the smallest sub-network this search space allows"),
+        ([], "give a budget: --params FRACTION, --max-params N or --max-memory BYTES"),
+        (["--max-params", "abc"], "cannot read size 'abc'"),
+    ],
+    ids=["too-small", "none", "not-a-size"],
+)
+def test_cli_bad_budgets_are_one_clear_error(folder, text, tmp_path, command, budget, message):
+    run = tmp_path / "run"
+    line = one_error(invoke(command, folder, *budget, *search_options(text, run)))
+    assert message in line
+    assert not (run / "search.db").exists()
