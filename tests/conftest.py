@@ -14,12 +14,31 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
+from typer.testing import CliRunner
 
+from slimlm.cli import app
 from slimlm.models import LoadedModel, adapter_for
 
 VOCAB = 96
 WORDS = [f"w{i}" for i in range(VOCAB - 1)]
 TEXT = " ".join(WORDS[(i * 7) % len(WORDS)] for i in range(4000))
+
+
+def invoke(*args):
+    """Run the ``slimlm`` command line in-process with ``args`` (paths welcome)."""
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_error(result) -> str:
+    """Assert ``result`` is a clean failure (exit 1, one ``error:`` line on stderr, no traceback); return it."""
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if "error:" in line]
+    assert len(lines) == 1, result.output
+    assert lines[0] in result.stderr.splitlines()
+    assert "error:" not in result.stdout
+    return lines[0]
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -69,6 +88,26 @@ def save_tiny(loaded: LoadedModel, folder: Path) -> Path:
     loaded.model.save_pretrained(folder)
     loaded.tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_for_tiny_models(request):
+    """Tiny models gain nothing from threads, and threads on busy cores make them crawl; the real model keeps them."""
+    if "real" in request.keywords:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory) -> Path:
+    """A long local text the tiny tokenizer encodes one token per word."""
+    path = tmp_path_factory.mktemp("text") / "words.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
 
 
 @pytest.fixture(autouse=True)

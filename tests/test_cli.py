@@ -8,15 +8,12 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
-from typer.testing import CliRunner
 
-from slimlm.cli import app
 from slimlm.costs import static_cost
 from slimlm.models import load_model
 from slimlm.subnet import FORMAT, LayerKeep, SubNetwork
 
-from .conftest import TEXT, save_tiny, tiny_loaded
+from .conftest import invoke, one_error, save_tiny, tiny_loaded
 
 # The tiny model: 4 layers, 6 query heads in 2 groups of 3 (head h uses kv head h // 3), 40 neurons.
 SMALL = SubNetwork(
@@ -28,26 +25,10 @@ SMALL = SubNetwork(
 WINDOWS = ["--seq-len", "16", "--windows", "4"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and threads on busy cores (parallel runs) make them crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory) -> Path:
     """A tiny llama folder shared by the tests that only read it."""
     return save_tiny(tiny_loaded("llama"), tmp_path_factory.mktemp("dense") / "llama")
-
-
-@pytest.fixture(scope="module")
-def text(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "words.txt"
-    path.write_text(TEXT, encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -66,26 +47,10 @@ def extracted(tmp_path_factory, dense, small_subnet) -> Path:
     return out
 
 
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
 def ok_json(*args) -> dict:
     result = invoke(*args, "--json")
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
-
-
-def one_error(result) -> str:
-    """Assert ``result`` is a clean failure (exit 1, one ``error:`` line on stderr, no traceback); return it."""
-    assert result.exit_code == 1, result.output
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if "error:" in line]
-    assert len(lines) == 1, result.output
-    assert lines[0] in result.stderr.splitlines()
-    assert "error:" not in result.stdout
-    return lines[0]
 
 
 # --- info ---------------------------------------------------------------------------------------

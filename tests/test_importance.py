@@ -16,15 +16,6 @@ from slimlm.models import load_model
 from .conftest import VOCAB, save_tiny, tiny_loaded
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and threads on busy cores make them crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def windows(seed: int, n: int = 6, seq_len: int = 16) -> torch.Tensor:
     return torch.randint(1, VOCAB, (n, seq_len), generator=torch.Generator().manual_seed(seed))
 

@@ -13,10 +13,8 @@ import pytest
 import torch
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from typer.testing import CliRunner
 
 from slimlm.apply import subnetwork_applied
-from slimlm.cli import app
 from slimlm.costs import static_cost
 from slimlm.data import model_windows
 from slimlm.errors import SlimlmError
@@ -28,7 +26,7 @@ from slimlm.space import SearchSpace
 from slimlm.strategies import STRATEGIES, candidate, completed
 from slimlm.subnet import SubNetwork
 
-from .conftest import TEXT, VOCAB, save_tiny, tiny_loaded
+from .conftest import VOCAB, invoke, one_error, save_tiny, tiny_loaded
 
 FRACTION = 0.6
 EVALUATIONS = 12
@@ -38,15 +36,6 @@ COMPLETE, PRUNED, FAIL, RUNNING = (
     optuna.trial.TrialState.FAIL,
     optuna.trial.TrialState.RUNNING,
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and threads on busy cores make them crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -76,13 +65,6 @@ def _sqlite_without_fsync():
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     return save_tiny(tiny_loaded("llama"), tmp_path_factory.mktemp("model") / "llama")
-
-
-@pytest.fixture(scope="module")
-def text(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "words.txt"
-    path.write_text(TEXT, encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -561,22 +543,6 @@ def test_workers_check(make_job, tmp_path):
 
 
 # --- the command line ---------------------------------------------------------------------------
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def one_error(result) -> str:
-    """Assert ``result`` is a clean failure (exit 1, one ``error:`` line on stderr, no traceback); return it."""
-    assert result.exit_code == 1, result.output
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if "error:" in line]
-    assert len(lines) == 1, result.output
-    assert lines[0] in result.stderr.splitlines()
-    assert "error:" not in result.stdout
-    return lines[0]
 
 
 def search_options(text: Path, run: Path) -> list:
