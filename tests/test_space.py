@@ -9,7 +9,7 @@ from slimlm.costs import static_cost
 from slimlm.errors import SlimlmError
 from slimlm.importance import Importance, activation_importance
 from slimlm.models.base import LayerShape
-from slimlm.space import NEURON_STEP, keep_most_important, uniform_subnetwork
+from slimlm.space import NEURON_STEP, SearchSpace, keep_most_important, uniform_subnetwork
 
 from .conftest import tiny_loaded
 from .test_apply import masked_logits
@@ -84,3 +84,29 @@ def test_fraction_outside_zero_one_is_refused(fraction):
     dims = tiny_loaded().dims
     with pytest.raises(SlimlmError, match="fraction"):
         uniform_subnetwork(dims, fixed_importance(dims), fraction)
+
+
+@pytest.mark.parametrize("fraction", [0.9, 0.7, 0.5])
+def test_search_start_is_as_large_as_the_budget_allows(fraction):
+    """The evolution's starting point fills the budget: one more grid step of neurons everywhere would not fit."""
+    dims = tiny_loaded().dims
+    space = SearchSpace()
+    budget = int(fraction * static_cost(dims).params)
+    start = space.start(dims, fixed_importance(dims), budget).validate(dims)
+    shape = start.shapes()[0]
+    assert set(start.shapes()) == {shape} and len(start.layers) == dims.num_layers
+    assert static_cost(dims, start.shapes()).params <= budget
+    choices = space.neuron_choices(dims.layers[0])
+    if shape.neurons < choices[-1]:
+        bigger = LayerShape(shape.heads, shape.kv_heads, choices[choices.index(shape.neurons) + 1])
+        assert static_cost(dims, [bigger] * dims.num_layers).params > budget
+
+
+def test_search_start_keeps_frozen_layers_whole_and_uses_the_space_grid():
+    dims = tiny_loaded().dims
+    space = SearchSpace(frozen_layers=(0,), max_ratio=0.5)
+    start = space.start(dims, fixed_importance(dims), int(0.8 * static_cost(dims).params))
+    assert start.layers[0].shape == dims.layers[0]
+    for i in (1, 2, 3):
+        assert start.layers[i].shape.neurons in space.neuron_choices(dims.layers[i])
+        assert start.layers[i].shape.neurons <= 0.5 * dims.layers[i].neurons

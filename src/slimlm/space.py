@@ -34,7 +34,7 @@ class SearchSpace:
     depth: bool = False
     min_ratio: float = 0.2
     max_ratio: float = 1.0
-    step: float = 0.05
+    step: float = 0.025
     frozen_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
@@ -103,6 +103,9 @@ class SearchSpace:
         """The importance-ranked sub-network of this space with one shape for every free layer,
         as large as ``params`` allows (with ``depth``, the least influential layers go first if needed).
 
+        For each attention shape the most neurons that fit are taken; the attention shape whose kept
+        fraction is closest to the neuron fraction wins (heads and neurons shrink alike).
+
         Frozen layers stay whole and shapes come from the space's own choices, so a search started
         here stays inside the space.
         """
@@ -112,17 +115,18 @@ class SearchSpace:
         for count in range(len(free), 0, -1) if self.depth else [len(free)]:
             kept = sorted(by_influence[:count])
             best: tuple[float, int, dict[int, LayerShape]] | None = None
-            for a, n in itertools.product(self.attention_choices(full), self.neuron_choices(full)):
-                ratios = (a.heads / full.heads, n / full.neurons)
-                shapes = {i: dims.layers[i] for i in self.frozen_layers} | {
-                    i: self._nearest(dims.layers[i], *ratios) for i in kept
-                }
-                cost = static_cost(dims, list(shapes.values())).params
-                if params is not None and cost > params:
-                    continue
-                key = (abs(ratios[0] - ratios[1]), -cost)
-                if best is None or key < best[:2]:
-                    best = (*key, shapes)
+            for a in self.attention_choices(full):
+                for n in reversed(self.neuron_choices(full)):  # the most neurons that fit with this attention
+                    ratios = (a.heads / full.heads, n / full.neurons)
+                    shapes = {i: dims.layers[i] for i in self.frozen_layers} | {
+                        i: self._nearest(dims.layers[i], *ratios) for i in kept
+                    }
+                    cost = static_cost(dims, list(shapes.values())).params
+                    if params is None or cost <= params:
+                        key = (abs(ratios[0] - ratios[1]), -cost)
+                        if best is None or key < best[:2]:
+                            best = (*key, shapes)
+                        break
             if best is not None:
                 return keep_most_important(dims, importance, best[2])
         smallest = static_cost(dims, list(self.smallest(dims).values())).params
