@@ -273,7 +273,9 @@ def run_worker(searcher: Searcher, study: optuna.Study, on_result=None) -> None:
         result = searcher.evaluate(subnet)
         for key, value in result.items():
             trial.set_user_attr(key, value)
-        if searcher.budget.latency_ms is not None and result["latency_ms"] > searcher.budget.latency_ms:
+        duplicate = compact in seen_candidates(study, exclude=trial.number, before=trial.number)  # a claim raced ours
+        over_latency = searcher.budget.latency_ms is not None and result["latency_ms"] > searcher.budget.latency_ms
+        if duplicate or over_latency:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             continue
         study.tell(trial, [result["perplexity"], result[_objective_key(job.objective)]])
