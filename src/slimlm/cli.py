@@ -114,7 +114,8 @@ def info(
     loaded = load_model(model)
     dims = loaded.dims
     cost = static_cost(dims, context=context)
-    speed = measure_latency(loaded.model, repeats=2) if latency else None
+    prompt = min(128, dims.max_positions // 2)  # short-context models: prompt and generation stay in context
+    speed = measure_latency(loaded.model, prompt, min(32, dims.max_positions // 4), repeats=2) if latency else None
     shapes = Counter(dims.layers)
     result = {
         "model": model,
