@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from slimlm.apply import subnetwork_applied
-from slimlm.costs import measure_latency, peak_memory, static_cost
+from slimlm.costs import compare_speed, measure_latency, peak_memory, static_cost
 from slimlm.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, describe_specs, model_windows
 from slimlm.errors import SlimlmError
 from slimlm.evaluate import perplexity
@@ -24,8 +24,8 @@ from slimlm.extract import check_output_folder
 from slimlm.extract import extract as extract_subnetwork
 from slimlm.importance import DEFAULT_METRIC
 from slimlm.models import load_model
-from slimlm.pipeline import compare_speed, folder_bytes
 from slimlm.pipeline import compress as compress_model
+from slimlm.pipeline import folder_bytes
 from slimlm.reform import reform as reform_weights
 from slimlm.report import write_report
 from slimlm.search import SearchJob, parse_size

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 
 from slimlm.errors import SlimlmError
 from slimlm.models.base import LayerShape, ModelDims
+from slimlm.progress import track
 
 
 @dataclass(frozen=True)
@@ -137,14 +138,24 @@ def measure_latency(
     model: PreTrainedModel, prompt_tokens: int = 128, new_tokens: int = 32, repeats: int = 3
 ) -> Latency:
     """Median prefill time and decode rate of ``model`` over ``repeats`` runs, after one warm-up."""
+    return compare_speed([model], repeats, prompt_tokens, new_tokens)[0]
+
+
+def compare_speed(
+    models: list[PreTrainedModel], repeats: int = 3, prompt_tokens: int = 128, new_tokens: int = 32
+) -> list[Latency]:
+    """Latency of several models measured side by side: a warm-up each, then one sample of each in turn."""
     check_repeats(repeats)
-    probe = LatencyProbe(model, prompt_tokens, new_tokens)
-    probe.sample()  # warm-up: first calls allocate and pick kernels
-    probe.prefill.clear()
-    probe.decode.clear()
-    for _ in range(repeats):
+    probes = [LatencyProbe(m, prompt_tokens, new_tokens) for m in models]
+    for probe in probes:  # warm-up, not counted: first calls allocate and pick kernels
         probe.sample()
-    return probe.result()
+        probe.prefill.clear()
+        probe.decode.clear()
+    rounds = range(repeats)
+    for _ in track(rounds, "timing prefill and decode") if len(models) > 1 else rounds:
+        for probe in probes:
+            probe.sample()
+    return [p.result() for p in probes]
 
 
 def peak_memory(model: str, prompt_tokens: int = 128, new_tokens: int = 32) -> int:

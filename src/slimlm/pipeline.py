@@ -6,14 +6,11 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from transformers import PreTrainedModel
-
-from slimlm.costs import LatencyProbe, check_repeats, static_cost
+from slimlm.costs import compare_speed, static_cost
 from slimlm.data import model_windows
 from slimlm.errors import SlimlmError
 from slimlm.evaluate import perplexity
 from slimlm.models import LoadedModel, load_model
-from slimlm.progress import track
 from slimlm.report import write_report
 from slimlm.search import SearchJob, search
 
@@ -37,22 +34,6 @@ class ModelReport:
 def folder_bytes(folder: Path) -> int:
     """Bytes of the weight files in a model folder."""
     return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
-
-
-def compare_speed(
-    models: list[PreTrainedModel], repeats: int = 3, prompt_tokens: int = 128, new_tokens: int = 32
-) -> list:
-    """Latency of several models measured side by side: one sample of each in turn, then medians."""
-    check_repeats(repeats)
-    probes = [LatencyProbe(m, prompt_tokens, new_tokens) for m in models]
-    for probe in probes:  # warm-up, not counted
-        probe.sample()
-        probe.prefill.clear()
-        probe.decode.clear()
-    for _ in track(range(repeats), "timing prefill and decode"):
-        for probe in probes:
-            probe.sample()
-    return [p.result() for p in probes]
 
 
 def describe(loaded: LoadedModel, windows, latency, name: str, context: int, description: str) -> ModelReport:
