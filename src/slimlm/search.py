@@ -25,7 +25,7 @@ from slimlm.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, model_windows
 from slimlm.errors import SlimlmError
 from slimlm.evaluate import perplexity
 from slimlm.importance import DEFAULT_METRIC, cached_calibration, importance
-from slimlm.models import LoadedModel, load_model
+from slimlm.models import LayerShape, LoadedModel, load_model
 from slimlm.progress import progress_bar
 from slimlm.reform import reform
 from slimlm.space import SearchSpace, uniform_subnetwork
@@ -210,14 +210,18 @@ def prepare(job: SearchJob, loaded: LoadedModel | None = None) -> Searcher:
         )
     calib = model_windows(loaded, job.calibration, job.seq_len, job.calibration_windows)
     scores = importance(loaded, cached_calibration(loaded, calib, job.calibration), job.metric)
-    start = job.space.start(dims, scores, params)
+
+    def within(shapes: list[LayerShape]) -> bool:
+        return budget.fits(static_cost(dims, shapes, context=job.seq_len))
+
+    def fits(subnet: SubNetwork) -> bool:
+        return within(subnet.shapes())
+
+    start = job.space.start(dims, scores, within)
     try:
         reference = uniform_subnetwork(dims, scores, (params or total.params) / total.params)
     except SlimlmError:  # budgets only depth pruning reaches have no uniform reference
         reference = None
-
-    def fits(subnet: SubNetwork) -> bool:
-        return budget.fits(static_cost(dims, subnet.shapes(), context=job.seq_len))
 
     context = SearchContext(dims, scores, job.space, fits, start, job.seed)
     return Searcher(job, loaded, budget, context, calib, reference)

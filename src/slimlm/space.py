@@ -8,6 +8,7 @@ so every candidate inherits the most important weights.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import optuna
@@ -99,9 +100,10 @@ class SearchSpace:
             shapes[0] = LayerShape(a.heads, a.kv_heads, self.neuron_choices(full)[0])
         return shapes
 
-    def start(self, dims: ModelDims, importance: Importance, params: int | None) -> SubNetwork:
+    def start(self, dims: ModelDims, importance: Importance, within: Callable[[list[LayerShape]], bool]) -> SubNetwork:
         """The importance-ranked sub-network of this space with one shape for every free layer,
-        as large as ``params`` allows (with ``depth``, the least influential layers go first if needed).
+        as large as the budget allows (``within(shapes)``; with ``depth``, the least influential
+        layers go first if needed).
 
         For each attention shape the most neurons that fit are taken; the attention shape whose kept
         fraction is closest to the neuron fraction wins (heads and neurons shrink alike).
@@ -121,8 +123,8 @@ class SearchSpace:
                     shapes = {i: dims.layers[i] for i in self.frozen_layers} | {
                         i: self._nearest(dims.layers[i], *ratios) for i in kept
                     }
-                    cost = static_cost(dims, list(shapes.values())).params
-                    if params is None or cost <= params:
+                    if within(list(shapes.values())):
+                        cost = static_cost(dims, list(shapes.values())).params
                         key = (abs(ratios[0] - ratios[1]), -cost)
                         if best is None or key < best[:2]:
                             best = (*key, shapes)
@@ -131,7 +133,7 @@ class SearchSpace:
                 return keep_most_important(dims, importance, best[2])
         smallest = static_cost(dims, list(self.smallest(dims).values())).params
         raise SlimlmError(
-            f"no sub-network of this search space has at most {params:,} parameters; the smallest has {smallest:,}"
+            f"no sub-network of this search space fits the budget; the smallest has {smallest:,} parameters"
         )
 
     def _nearest(self, full: LayerShape, head_ratio: float, neuron_ratio: float) -> LayerShape:
