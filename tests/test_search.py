@@ -200,9 +200,12 @@ def test_evolution_candidates_lie_in_the_search_space(make_job, tmp_path, space,
         assert space_violations(candidate(trial), searcher.context.dims, space) == [], trial.number
 
 
-def test_evolution_starts_from_the_uniform_importance_subnetwork(runs):
+def test_evolution_starts_from_the_uniform_importance_subnetworks(runs):
+    """The initial population is every uniform importance-ranked shape that fills the budget, best guess first."""
     _, searcher, study = runs("evolution")
-    assert candidate(completed(study)[0]) == searcher.context.start
+    starts = searcher.context.starts
+    assert len(starts) > 1
+    assert [candidate(t) for t in completed(study)[: len(starts)]] == list(starts)
 
 
 def test_stored_fitness_is_the_perplexity_of_the_subnetwork_in_place(runs):

@@ -92,8 +92,9 @@ def test_search_start_is_as_large_as_the_budget_allows(fraction):
     dims = tiny_loaded().dims
     space = SearchSpace()
     budget = int(fraction * static_cost(dims).params)
-    start = space.start(dims, fixed_importance(dims), lambda shapes: static_cost(dims, shapes).params <= budget)
-    start.validate(dims)
+    starts = space.starts(dims, fixed_importance(dims), lambda shapes: static_cost(dims, shapes).params <= budget)
+    start = starts[0].validate(dims)
+    assert len({s.shapes()[0].heads * 10 + s.shapes()[0].kv_heads for s in starts}) == len(starts)  # one per attention
     shape = start.shapes()[0]
     assert set(start.shapes()) == {shape} and len(start.layers) == dims.num_layers
     assert static_cost(dims, start.shapes()).params <= budget
@@ -107,7 +108,7 @@ def test_search_start_keeps_frozen_layers_whole_and_uses_the_space_grid():
     dims = tiny_loaded().dims
     space = SearchSpace(frozen_layers=(0,), max_ratio=0.5)
     budget = int(0.8 * static_cost(dims).params)
-    start = space.start(dims, fixed_importance(dims), lambda shapes: static_cost(dims, shapes).params <= budget)
+    start = space.starts(dims, fixed_importance(dims), lambda shapes: static_cost(dims, shapes).params <= budget)[0]
     assert start.layers[0].shape == dims.layers[0]
     for i in (1, 2, 3):
         assert start.layers[i].shape.neurons in space.neuron_choices(dims.layers[i])

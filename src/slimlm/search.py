@@ -217,13 +217,13 @@ def prepare(job: SearchJob, loaded: LoadedModel | None = None) -> Searcher:
     def fits(subnet: SubNetwork) -> bool:
         return within(subnet.shapes())
 
-    start = job.space.start(dims, scores, within)
+    starts = tuple(job.space.starts(dims, scores, within))
     try:
         reference = uniform_subnetwork(dims, scores, (params or total.params) / total.params)
     except SlimlmError:  # budgets only depth pruning reaches have no uniform reference
         reference = None
 
-    context = SearchContext(dims, scores, job.space, fits, start, job.seed)
+    context = SearchContext(dims, scores, job.space, fits, starts, job.seed)
     return Searcher(job, loaded, budget, context, calib, reference)
 
 

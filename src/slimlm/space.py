@@ -100,45 +100,49 @@ class SearchSpace:
             shapes[0] = LayerShape(a.heads, a.kv_heads, self.neuron_choices(full)[0])
         return shapes
 
-    def start(self, dims: ModelDims, importance: Importance, within: Callable[[list[LayerShape]], bool]) -> SubNetwork:
-        """The importance-ranked sub-network of this space with one shape for every free layer,
-        as large as the budget allows (``within(shapes)``; with ``depth``, the least influential
-        layers go first if needed).
+    def starts(
+        self, dims: ModelDims, importance: Importance, within: Callable[[list[LayerShape]], bool]
+    ) -> list[SubNetwork]:
+        """Importance-ranked sub-networks of this space with one shape for every free layer: for each
+        attention shape, the most neurons the budget allows (``within(shapes)``). With ``depth``, the
+        least influential layers go first when nothing fits with all of them.
 
-        For each attention shape the most neurons that fit are taken; the attention shape whose kept
-        fraction is closest to the neuron fraction wins (heads and neurons shrink alike).
-
-        Frozen layers stay whole and shapes come from the space's own choices, so a search started
-        here stays inside the space.
+        Ordered best guess first: kept head fraction closest to kept neuron fraction (heads and
+        neurons shrink alike), then larger. Frozen layers stay whole and shapes come from the space's
+        own choices, so a search started here stays inside the space.
         """
         free = [i for i in range(dims.num_layers) if i not in self.frozen_layers]
         by_influence = sorted(free, key=lambda i: -float(importance.layers[i]))
         full = dims.layers[free[0]] if free else dims.layers[0]
         for count in range(len(free), 0, -1) if self.depth else [len(free)]:
             kept = sorted(by_influence[:count])
-            best: tuple[float, int, dict[int, LayerShape]] | None = None
+            found: list[tuple[float, int, dict[int, LayerShape]]] = []
             for a in self.attention_choices(full):
                 for n in reversed(self.neuron_choices(full)):  # the most neurons that fit with this attention
-                    ratios = (a.heads / full.heads, n / full.neurons)
+                    target = LayerShape(a.heads, a.kv_heads, n)
                     shapes = {i: dims.layers[i] for i in self.frozen_layers} | {
-                        i: self._nearest(dims.layers[i], *ratios) for i in kept
+                        i: self._nearest(dims.layers[i], target, full) for i in kept
                     }
                     if within(list(shapes.values())):
                         cost = static_cost(dims, list(shapes.values())).params
-                        key = (abs(ratios[0] - ratios[1]), -cost)
-                        if best is None or key < best[:2]:
-                            best = (*key, shapes)
+                        found.append((abs(a.heads / full.heads - n / full.neurons), -cost, shapes))
                         break
-            if best is not None:
-                return keep_most_important(dims, importance, best[2])
+            if found:
+                found.sort(key=lambda f: f[:2])
+                return [keep_most_important(dims, importance, shapes) for *_, shapes in found]
         smallest = static_cost(dims, list(self.smallest(dims).values())).params
         raise SlimlmError(
             f"no sub-network of this search space fits the budget; the smallest has {smallest:,} parameters"
         )
 
-    def _nearest(self, full: LayerShape, head_ratio: float, neuron_ratio: float) -> LayerShape:
-        """The layer's allowed shape closest to the given kept fractions."""
-        a = min(self.attention_choices(full), key=lambda c: abs(c.heads / full.heads - head_ratio))
+    def _nearest(self, full: LayerShape, target: LayerShape, reference: LayerShape) -> LayerShape:
+        """The allowed shape of a layer of size ``full`` that keeps the fractions ``target`` keeps of ``reference``."""
+        head_ratio, kv_ratio = target.heads / reference.heads, target.kv_heads / reference.kv_heads
+        neuron_ratio = target.neurons / reference.neurons
+        a = min(
+            self.attention_choices(full),
+            key=lambda c: (abs(c.heads / full.heads - head_ratio), abs(c.kv_heads / full.kv_heads - kv_ratio)),
+        )
         n = min(self.neuron_choices(full), key=lambda c: abs(c / full.neurons - neuron_ratio))
         return LayerShape(a.heads, a.kv_heads, n)
 

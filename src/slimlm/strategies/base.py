@@ -24,7 +24,7 @@ class SearchContext:
     importance: Importance
     space: SearchSpace
     fits: Callable[[SubNetwork], bool]  # within the budget, judged from structure alone
-    start: SubNetwork  # the importance-ranked uniform sub-network at the budget
+    starts: tuple[SubNetwork, ...]  # importance-ranked uniform sub-networks filling the budget, best guess first
     seed: int
 
 

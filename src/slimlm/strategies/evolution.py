@@ -1,8 +1,10 @@
 """Training-free evolutionary search on kept sets (Shen et al., "Search for Efficient LLMs", NeurIPS 2024).
 
-The population starts from the importance-ranked uniform sub-network at the budget and its mutants.
+The initial population is the importance-ranked uniform sub-networks that fill the budget, one per
+attention shape (so the search sees early whether heads or neurons are the cheaper to lose).
 A child comes from one parent (mutation) or two (per-layer crossover, then mutation). Mutation
-changes a few layers' widths by one grid step (and, with depth search, removes or restores layers),
+changes a few layers' widths by one grid step (an attention step moves the neurons the other way
+to keep the layer's size; with depth search it also removes or restores layers),
 then resamples their kept neurons with probability proportional to importance while inheriting at
 least ``overlap`` of the parent's kept set. Parents are the ``parents`` fittest candidates so far;
 children outside the budget are discarded and redrawn. Each child is drawn from a generator seeded
@@ -40,14 +42,13 @@ class Evolution:
     def propose(self, trial: optuna.Trial, study: optuna.Study, context: SearchContext) -> SubNetwork:
         history = completed(study)
         seen = seen_candidates(study, exclude=trial.number)
-        if context.start.to_compact() not in seen:
-            return context.start
+        for start in context.starts:  # the initial population: every uniform shape that fills the budget
+            if start.to_compact() not in seen:
+                return start
         rng = np.random.default_rng([context.seed, trial.number])
-        if len(history) < self.population:
-            parents = [context.start]
-        else:
-            parents = [candidate(t) for t in sorted(history, key=lambda t: t.values[0])[: self.parents]]
-        child = context.start
+        ranked = [candidate(t) for t in sorted(history, key=lambda t: t.values[0])]
+        parents = ranked[: self.parents] or list(context.starts)
+        child = parents[0]
         for _ in range(ATTEMPTS):
             first = parents[rng.integers(len(parents))]
             child = first
@@ -87,29 +88,33 @@ class Evolution:
         if space.per_layer:
             for i in present:
                 if rng.random() < self.mutate_layer:
-                    layers[i] = self._reshape(
-                        rng, layers[i], i, self._step(rng, space, dims.layers[i], layers[i].shape), context
-                    )
+                    shape = self._step(rng, context, dims.layers[i], layers[i].shape)
+                    layers[i] = self._reshape(rng, layers[i], i, shape, context)
         else:
-            shape = self._step(rng, space, dims.layers[present[0]], layers[present[0]].shape)
+            shape = self._step(rng, context, dims.layers[present[0]], layers[present[0]].shape)
             for i in present:
                 layers[i] = self._reshape(rng, layers[i], i, shape, context)
         return SubNetwork(layers)
 
     @staticmethod
-    def _step(rng: np.random.Generator, space, full: LayerShape, shape: LayerShape) -> LayerShape:
-        """A neighbouring shape on the space's grid: one step in attention (30%) or in neurons (70%)."""
+    def _step(rng: np.random.Generator, context: SearchContext, full: LayerShape, shape: LayerShape) -> LayerShape:
+        """A neighbouring shape on the space's grid: one neuron step (70%), or one attention step (30%)
+        with the neurons moved the other way to keep the layer's size, so heads can be traded for neurons."""
+        space, dims = context.space, context.dims
         attention, neurons = space.attention_choices(full), space.neuron_choices(full)
         a = min(
             range(len(attention)),
             key=lambda j: (abs(attention[j].heads - shape.heads), abs(attention[j].kv_heads - shape.kv_heads)),
         )
         n = min(range(len(neurons)), key=lambda j: abs(neurons[j] - shape.neurons))
-        if rng.random() < 0.3:
-            a = int(np.clip(a + rng.choice([-1, 1]), 0, len(attention) - 1))
-        else:
+        if rng.random() >= 0.3:
             n = int(np.clip(n + rng.choice([-1, 1]), 0, len(neurons) - 1))
-        return LayerShape(attention[a].heads, attention[a].kv_heads, neurons[n])
+            return LayerShape(attention[a].heads, attention[a].kv_heads, neurons[n])
+        a = int(np.clip(a + rng.choice([-1, 1]), 0, len(attention) - 1))
+        new = attention[a]
+        size = _layer_params(dims, shape)
+        fitting = [c for c in neurons if _layer_params(dims, LayerShape(new.heads, new.kv_heads, c)) <= size]
+        return LayerShape(new.heads, new.kv_heads, fitting[-1] if fitting else neurons[0])
 
     def _reshape(
         self, rng: np.random.Generator, keep: LayerKeep, i: int, shape: LayerShape, context: SearchContext
@@ -132,3 +137,12 @@ class Evolution:
         rest = np.setdiff1d(np.arange(len(scores)), chosen)
         extra = rng.choice(rest, size - inherit, replace=False, p=weights[rest] / weights[rest].sum())
         return [int(j) for j in (*chosen, *extra)]
+
+
+def _layer_params(dims, shape: LayerShape) -> int:
+    return (
+        dims.params_per_layer
+        + shape.heads * dims.params_per_head
+        + shape.kv_heads * dims.params_per_kv_head
+        + shape.neurons * dims.params_per_neuron
+    )
