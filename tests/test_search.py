@@ -208,6 +208,23 @@ def test_evolution_starts_from_the_uniform_importance_subnetworks(runs):
     assert [candidate(t) for t in completed(study)[: len(starts)]] == list(starts)
 
 
+def test_nsga2_first_generation_starts_from_the_uniform_importance_subnetworks(runs):
+    _, searcher, study = runs("nsga2")
+    starts = searcher.context.starts
+    assert [candidate(t) for t in completed(study)[: len(starts)]] == list(starts)
+
+
+@pytest.mark.parametrize("strategy", ["random", "nsga2"])
+def test_sampling_strategies_fill_a_tight_budget_without_wasting_trials(make_job, tmp_path, strategy):
+    """At a budget few random points fit, the repair steps samples into it instead of discarding them."""
+    job = make_job(tmp_path / "run", strategy=strategy, params_fraction=0.4, evaluations=6)
+    searcher, study = search(job)
+    done = completed(study)
+    assert len(done) == 6
+    assert all(searcher.context.fits(candidate(t)) for t in done)
+    assert len(study.get_trials()) <= 2 * 6  # only repeats are discarded (without the repair: hundreds)
+
+
 def test_stored_fitness_is_the_perplexity_of_the_subnetwork_in_place(runs):
     job, searcher, study = runs("random")
     loaded = searcher.loaded

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import optuna
 import pytest
 import torch
 
@@ -113,3 +114,61 @@ def test_search_start_keeps_frozen_layers_whole_and_uses_the_space_grid():
     for i in (1, 2, 3):
         assert start.layers[i].shape.neurons in space.neuron_choices(dims.layers[i])
         assert start.layers[i].shape.neurons <= 0.5 * dims.layers[i].neurons
+
+
+@pytest.mark.parametrize(
+    ("space", "fraction"), [(SearchSpace(), 0.45), (SearchSpace(frozen_layers=(1,), min_ratio=0.25, step=0.1), 0.6)]
+)
+def test_shrink_to_fit_steps_random_shapes_into_the_budget_along_the_grid(space, fraction):
+    dims = tiny_loaded().dims
+    budget = int(fraction * static_cost(dims).params)
+
+    def within(shapes):
+        return static_cost(dims, shapes).params <= budget
+
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        shapes = {}
+        for i, full in enumerate(dims.layers):
+            attention = space.attention_choices(full)
+            a = attention[int(torch.randint(len(attention), (1,), generator=generator))]
+            neurons = space.neuron_choices(full)
+            shapes[i] = full if i in space.frozen_layers else LayerShape(a.heads, a.kv_heads, neurons[-1])
+        fitted = space.shrink_to_fit(dims, shapes, within)
+        assert within(list(fitted.values()))
+        for i, shape in fitted.items():
+            full = dims.layers[i]
+            if i in space.frozen_layers:
+                assert shape == full
+                continue
+            assert shape.neurons in space.neuron_choices(full) and shape.neurons <= shapes[i].neurons
+            assert (shape.heads, shape.kv_heads) in [(a.heads, a.kv_heads) for a in space.attention_choices(full)]
+            assert shape.heads <= shapes[i].heads
+        assert fitted != shapes
+
+
+def test_shrink_to_fit_leaves_fitting_shapes_alone_and_stops_at_the_smallest():
+    dims = tiny_loaded().dims
+    space = SearchSpace()
+    full = dict(enumerate(dims.layers))
+    assert space.shrink_to_fit(dims, full, lambda shapes: True) == full
+    assert space.shrink_to_fit(dims, full, lambda shapes: False) == space.smallest(dims)
+
+
+@pytest.mark.parametrize("space", [SearchSpace(), SearchSpace(per_layer=False), SearchSpace(depth=True)])
+def test_params_of_gives_back_the_shapes_through_suggest(space):
+    dims = tiny_loaded().dims
+    budget = int(0.6 * static_cost(dims).params)
+    start = space.starts(dims, fixed_importance(dims), lambda shapes: static_cost(dims, shapes).params <= budget)[0]
+    shapes = {i: start.layers[i].shape for i in start.kept_layers}
+    if space.depth:
+        shapes.pop(2)
+    trial = optuna.trial.FixedTrial(space.params_of(dims, shapes))
+    assert space.suggest(trial, dims) == shapes
+
+
+def test_params_of_refuses_shapes_off_the_grid():
+    dims = tiny_loaded().dims
+    shapes = {0: LayerShape(dims.layers[0].heads, dims.layers[0].kv_heads, NEURON_STEP + 1)}
+    with pytest.raises(SlimlmError, match="not a choice of this search space"):
+        SearchSpace().params_of(dims, shapes)

@@ -214,16 +214,13 @@ def prepare(job: SearchJob, loaded: LoadedModel | None = None) -> Searcher:
     def within(shapes: list[LayerShape]) -> bool:
         return budget.fits(static_cost(dims, shapes, context=job.seq_len))
 
-    def fits(subnet: SubNetwork) -> bool:
-        return within(subnet.shapes())
-
     starts = tuple(job.space.starts(dims, scores, within))
     try:
         reference = uniform_subnetwork(dims, scores, (params or total.params) / total.params)
     except SlimlmError:  # budgets only depth pruning reaches have no uniform reference
         reference = None
 
-    context = SearchContext(dims, scores, job.space, fits, starts, job.seed)
+    context = SearchContext(dims, scores, job.space, within, starts, job.seed)
     return Searcher(job, loaded, budget, context, calib, reference)
 
 
@@ -306,6 +303,8 @@ def search(job: SearchJob, loaded: LoadedModel | None = None) -> tuple[Searcher,
     searcher = prepare(job, loaded)
     Path(job.out).mkdir(parents=True, exist_ok=True)  # only now: bad input leaves no empty run folder
     study = open_study(job, create=True)
+    if not study.get_trials(deepcopy=False):
+        make_strategy(job.strategy).begin(study, searcher.context)
     if not job.storage:  # a private SQLite store: whatever was running when killed is stale
         for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
             study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)

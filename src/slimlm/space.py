@@ -78,6 +78,27 @@ class SearchSpace:
             shapes[i] = self._suggest_layer(trial, f"_{i}", layer) if self.per_layer else uniform
         return shapes or {0: dims.layers[0]}
 
+    def params_of(self, dims: ModelDims, shapes: dict[int, LayerShape]) -> dict[str, int | bool]:
+        """The trial parameters ``suggest`` would need to return ``shapes`` (to enqueue a known point).
+
+        Shapes must be choices of this space; with one shape for all layers, the first free layer's counts.
+        """
+        free = [i for i in range(dims.num_layers) if i not in self.frozen_layers]
+        params: dict[str, int | bool] = {}
+        for i in free:
+            if self.depth:
+                params[f"keep_{i}"] = i in shapes
+            if i in shapes and (self.per_layer or "attention" not in params):
+                suffix = f"_{i}" if self.per_layer else ""
+                shape, full = shapes[i], dims.layers[i]
+                attention = [(a.heads, a.kv_heads) for a in self.attention_choices(full)]
+                try:
+                    params[f"attention{suffix}"] = attention.index((shape.heads, shape.kv_heads))
+                    params[f"neurons{suffix}"] = self.neuron_choices(full).index(shape.neurons)
+                except ValueError:
+                    raise SlimlmError(f"layer {i} shape {shape} is not a choice of this search space") from None
+        return params
+
     def _suggest_layer(self, trial: optuna.Trial, suffix: str, full: LayerShape) -> LayerShape:
         attention = self.attention_choices(full)
         neurons = self.neuron_choices(full)
@@ -134,6 +155,41 @@ class SearchSpace:
         raise SlimlmError(
             f"no sub-network of this search space fits the budget; the smallest has {smallest:,} parameters"
         )
+
+    def shrink_to_fit(
+        self, dims: ModelDims, shapes: dict[int, LayerShape], within: Callable[[list[LayerShape]], bool]
+    ) -> dict[int, LayerShape]:
+        """Shapes made to fit the budget by stepping down, one grid step at a time, the free layer that
+        keeps the largest fraction of its units (its larger of heads and neurons first).
+
+        A repair for strategies that sample shapes blindly: at tight budgets almost no random point
+        fits, so without it they would spend their evaluations on candidates the budget rejects.
+        Returns the shapes unchanged when they fit, and the smallest reachable ones when nothing does.
+        """
+        shapes = dict(shapes)
+        while not within(list(shapes.values())):
+            steps = [(self._fraction(dims.layers[i], s), i) for i, s in shapes.items() if i not in self.frozen_layers]
+            steps = [(f, i) for f, i in steps if self._step_down(dims.layers[i], shapes[i]) != shapes[i]]
+            if not steps:
+                break
+            _, i = max(steps)
+            shapes[i] = self._step_down(dims.layers[i], shapes[i])
+        return shapes
+
+    @staticmethod
+    def _fraction(full: LayerShape, shape: LayerShape) -> float:
+        return max(shape.heads / full.heads, shape.neurons / full.neurons)
+
+    def _step_down(self, full: LayerShape, shape: LayerShape) -> LayerShape:
+        """One grid step smaller: neurons when they keep the larger fraction, else attention."""
+        neurons = [n for n in self.neuron_choices(full) if n < shape.neurons]
+        attention = [a for a in self.attention_choices(full) if a.heads < shape.heads]
+        if neurons and (shape.neurons / full.neurons >= shape.heads / full.heads or not attention):
+            return LayerShape(shape.heads, shape.kv_heads, neurons[-1])
+        if attention:
+            a = min(attention, key=lambda a: (-a.heads, abs(a.kv_heads / a.heads - shape.kv_heads / shape.heads)))
+            return LayerShape(a.heads, a.kv_heads, shape.neurons)
+        return shape
 
     def _nearest(self, full: LayerShape, target: LayerShape, reference: LayerShape) -> LayerShape:
         """The allowed shape of a layer of size ``full`` that keeps the fractions ``target`` keeps of ``reference``."""

@@ -9,7 +9,7 @@ from typing import Protocol
 import optuna
 
 from slimlm.importance import Importance
-from slimlm.models.base import ModelDims
+from slimlm.models.base import LayerShape, ModelDims
 from slimlm.space import SearchSpace
 from slimlm.subnet import SubNetwork
 
@@ -23,9 +23,13 @@ class SearchContext:
     dims: ModelDims
     importance: Importance
     space: SearchSpace
-    fits: Callable[[SubNetwork], bool]  # within the budget, judged from structure alone
+    within: Callable[[list[LayerShape]], bool]  # layer shapes within the budget, judged from structure alone
     starts: tuple[SubNetwork, ...]  # importance-ranked uniform sub-networks filling the budget, best guess first
     seed: int
+
+    def fits(self, subnet: SubNetwork) -> bool:
+        """Whether a candidate is within the budget (from its structure alone)."""
+        return self.within(subnet.shapes())
 
 
 class Strategy(Protocol):
@@ -39,6 +43,9 @@ class Strategy(Protocol):
     name: str
 
     def sampler(self, seed: int) -> optuna.samplers.BaseSampler: ...
+
+    def begin(self, study: optuna.Study, context: SearchContext) -> None:
+        """Called once on a new, empty study before any trial (e.g. to enqueue a first population)."""
 
     def propose(self, trial: optuna.Trial, study: optuna.Study, context: SearchContext) -> SubNetwork: ...
 

@@ -39,6 +39,9 @@ class Evolution:
     def sampler(self, seed: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.RandomSampler(seed=seed)  # unused: children come from the history
 
+    def begin(self, study: optuna.Study, context: SearchContext) -> None:
+        pass  # the initial population is proposed from ``context.starts``
+
     def propose(self, trial: optuna.Trial, study: optuna.Study, context: SearchContext) -> SubNetwork:
         history = completed(study)
         seen = seen_candidates(study, exclude=trial.number)

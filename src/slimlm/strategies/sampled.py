@@ -13,10 +13,19 @@ from slimlm.subnet import SubNetwork
 
 
 class _SampledShapes:
-    """Shapes from the sampler, kept units by importance."""
+    """Shapes from the sampler, stepped down into the budget, kept units by importance.
+
+    The repair is not written back to the trial's parameters: the sampler breeds from what it drew
+    (Baldwinian repair), and the stored candidate is what was evaluated.
+    """
+
+    def begin(self, study: optuna.Study, context: SearchContext) -> None:
+        pass
 
     def propose(self, trial: optuna.Trial, study: optuna.Study, context: SearchContext) -> SubNetwork:
-        return keep_most_important(context.dims, context.importance, context.space.suggest(trial, context.dims))
+        shapes = context.space.suggest(trial, context.dims)
+        shapes = context.space.shrink_to_fit(context.dims, shapes, context.within)
+        return keep_most_important(context.dims, context.importance, shapes)
 
 
 def trial_seed(seed: int, trial_number: int) -> int:
@@ -63,6 +72,13 @@ class NSGA2(_SampledShapes):
 
     population: int = 16
     name = "nsga2"
+
+    def begin(self, study: optuna.Study, context: SearchContext) -> None:
+        """The first generation starts with the importance-ranked uniform sub-networks (then random ones)."""
+        for start in context.starts[: self.population]:
+            study.enqueue_trial(
+                context.space.params_of(context.dims, {i: start.layers[i].shape for i in start.kept_layers})
+            )
 
     def sampler(self, seed: int) -> optuna.samplers.BaseSampler:
         return _TrialSeededNSGAIISampler(self.population, seed)
