@@ -28,7 +28,8 @@ def subnetwork_applied(
 ) -> Iterator[PreTrainedModel]:
     """Within the block, ``loaded.model`` computes ``subnet``; on exit it is the full model again.
 
-    ``reformed`` (from ``slimlm.reform.reform``) replaces the kept output-projection weights.
+    ``reformed`` (from ``slimlm.reform.reform`` or a pruning method) replaces the kept output-projection
+    weights (keys ``(layer, "attention" | "mlp")``) and sets their biases (``"attention_bias" | "mlp_bias"``).
     """
     model, adapter = loaded.model, loaded.adapter
     if getattr(model, _APPLIED, False):
@@ -52,8 +53,11 @@ def subnetwork_applied(
                     save([(piece.linear, n) for n in ("weight", "bias", "in_features", "out_features")])
                     _slice_linear(piece)
                 for name, linear in zip(("attention", "mlp"), adapter.output_projections(layer), strict=True):
+                    save([(linear, "weight"), (linear, "bias")])
                     if reformed and (index, name) in reformed:
                         linear.weight = nn.Parameter(reformed[index, name], requires_grad=False)
+                    if reformed and (index, f"{name}_bias") in reformed:
+                        linear.bias = nn.Parameter(reformed[index, f"{name}_bias"], requires_grad=False)
                 adapter.configure_layer(layer, keep.shape, position)
         save(adapter.model_attributes(model))
         adapter.configure_model(model, kept)

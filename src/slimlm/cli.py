@@ -22,10 +22,11 @@ from slimlm.errors import SlimlmError
 from slimlm.evaluate import perplexity
 from slimlm.extract import check_output_folder
 from slimlm.extract import extract as extract_subnetwork
-from slimlm.importance import DEFAULT_METRIC
+from slimlm.importance import DEFAULT_METRIC, cached_calibration
 from slimlm.models import load_model
 from slimlm.pipeline import compress as compress_model
 from slimlm.pipeline import folder_bytes
+from slimlm.prune import METHODS, PruneInput, params_budget, prune
 from slimlm.reform import reform as reform_weights
 from slimlm.report import write_report
 from slimlm.search import SearchJob, parse_size
@@ -47,6 +48,8 @@ ModelArg = Annotated[str, typer.Argument(help="built-in name (smollm2-135m), Hug
 DataOpt = Annotated[str, typer.Option(help=f"text: {describe_specs()}")]
 SeqLenOpt = Annotated[int, typer.Option(help="tokens per window")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
+ParamsFraction = Annotated[float | None, typer.Option("--params", help="keep at most this fraction of the parameters")]
+MaxParams = Annotated[str | None, typer.Option(help="absolute parameter budget, e.g. 90M")]
 
 
 def friendly(command):
@@ -249,6 +252,54 @@ def reform_command(
     )
 
 
+@app.command("prune")
+@friendly
+def prune_command(
+    model: ModelArg,
+    method: Annotated[str, typer.Option(help=f"pruning method: {', '.join(METHODS)}")],
+    out_dir: Annotated[Path, typer.Option("--out", help="folder to write the pruned model to")],
+    params_fraction: ParamsFraction = None,
+    max_params: MaxParams = None,
+    calibration: Annotated[str, typer.Option("--calib", help="calibration text")] = DEFAULT_CALIBRATION,
+    evaluation: Annotated[str, typer.Option("--eval", help="evaluation text")] = DEFAULT_EVALUATION,
+    calibration_windows: Annotated[int, typer.Option("--calib-windows", help="calibration windows")] = 16,
+    evaluation_windows: Annotated[int, typer.Option("--eval-windows", help="evaluation windows")] = 16,
+    seq_len: SeqLenOpt = 256,
+    as_json: JsonOpt = False,
+) -> None:
+    """Prune with a one-shot method from the literature (a baseline for search); write the smaller model."""
+    check_output_folder(out_dir)
+    loaded = load_model(model)
+    budget = params_budget(loaded.dims, params_fraction, int(parse_size(max_params)) if max_params else None)
+    calib = model_windows(loaded, calibration, seq_len, calibration_windows)
+    ids = model_windows(loaded, evaluation, seq_len, evaluation_windows)
+    given = PruneInput(loaded, cached_calibration(loaded, calib, calibration), calib, budget)
+    pruned = prune(method, given)
+    with subnetwork_applied(loaded, pruned.subnet, pruned.reformed) as applied:
+        pruned_perplexity = perplexity(applied, ids, description=f"perplexity ({method})")
+    result = extract_subnetwork(loaded, pruned.subnet, out_dir, pruned.reformed)
+    full = static_cost(loaded.dims).params
+    summary = {
+        "method": method,
+        "params": result.params,
+        "params_fraction": result.params / full,
+        "perplexity": pruned_perplexity,
+        "evaluation": evaluation,
+        "seconds": pruned.seconds,
+        "folder": str(result.folder),
+        "needs_remote_code": result.needs_remote_code,
+    }
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    how = "trust_remote_code=True" if result.needs_remote_code else "plain from_pretrained"
+    out.print(
+        f"{method}: {result.params:,} parameters ({result.params / full:.3f} of {full:,}), perplexity "
+        f"{pruned_perplexity:.2f} on {evaluation}, pruned in {pruned.seconds:.1f} s; "
+        f"wrote {result.folder} (loads with {how})"
+    )
+
+
 @app.command()
 @friendly
 def bench(
@@ -300,8 +351,6 @@ def bench(
 Strategy = Annotated[str, typer.Option(help="search strategy: evolution, nsga2 or random")]
 Objective = Annotated[str, typer.Option(help="cost objective beside perplexity: params, flops, memory or latency")]
 Evaluations = Annotated[int, typer.Option(help="candidates to evaluate (the store keeps every one)")]
-ParamsFraction = Annotated[float | None, typer.Option("--params", help="keep at most this fraction of the parameters")]
-MaxParams = Annotated[str | None, typer.Option(help="absolute parameter budget, e.g. 90M")]
 MaxMemory = Annotated[str | None, typer.Option(help="weights + KV cache budget in bytes, e.g. 300MB")]
 MaxLatency = Annotated[float | None, typer.Option(help="prefill latency budget in ms (measured per candidate)")]
 RunOut = Annotated[Path, typer.Option("--out", help="run folder: store, pareto.json, pareto.png, best/")]

@@ -45,7 +45,8 @@ def extract(loaded: LoadedModel, subnet: SubNetwork, out: str | Path, reformed: 
     """Save ``subnet`` of ``loaded`` (with ``reformed`` weights, if given) to ``out`` with its tokenizer."""
     out = check_output_folder(out)
     subnet.validate(loaded.dims)
-    config = loaded.adapter.extracted_config(loaded.model.config, subnet.kept_layers, subnet.shapes())
+    output_bias = any(str(key[1]).endswith("_bias") for key in reformed or {})
+    config = loaded.adapter.extracted_config(loaded.model.config, subnet.kept_layers, subnet.shapes(), output_bias)
     remote = bool(getattr(config, "auto_map", None))
     with subnetwork_applied(loaded, subnet, reformed) as model:
         state = {name: tensor.clone() for name, tensor in model.state_dict().items()}

@@ -14,6 +14,9 @@ Metrics (``METRICS``; a new one is one function and one registry line):
 - ``second-order`` (Shen et al., NeurIPS 2024): ‖W_:,j‖² / [(XXᵀ + λI)⁻¹]_jj, the optimal-brain-surgeon
   error of removing column j.
 Layers are scored by block influence, mean 1 − cos(layer input, layer output) (ShortGPT).
+
+``taylor_importance`` (LLM-Pruner) needs gradients, so it is its own pass: per weight |w · ∂L/∂w| of
+the calibration loss, summed over every weight coupled to a unit (``Adapter.coupled_weights``).
 """
 
 from __future__ import annotations
@@ -208,3 +211,43 @@ def _cache_path(loaded: LoadedModel, windows: torch.Tensor, source: str) -> Path
     digest = hashlib.sha1("|".join([*stamp, source]).encode())
     digest.update(windows.numpy().tobytes())
     return cache_root() / "calibration" / f"{digest.hexdigest()[:16]}.pt"
+
+
+def taylor_importance(loaded: LoadedModel, windows: torch.Tensor, layers: torch.Tensor | None = None) -> Importance:
+    """First-order Taylor importance (LLM-Pruner, element-wise): Σ |w · ∂L/∂w| over each unit's coupled weights.
+
+    L is the mean language-modelling loss over ``windows`` (one backward pass per window; only the
+    coupled weights take gradients). A key/value head scores its key and value rows plus its query
+    heads. ``layers`` become the layer scores (default: all equal; this pass does not score layers).
+    """
+    model, adapter, dims = loaded.model, loaded.adapter, loaded.dims
+    coupled = [adapter.coupled_weights(layer) for layer in adapter.decoder_layers(model)]
+    weights = {id(c.linear.weight) for layer in coupled for c in layer}
+    parameters = list(model.parameters())
+    previous = [p.requires_grad for p in parameters]
+    for p in parameters:  # gradients for the coupled weights only
+        p.requires_grad_(id(p) in weights)
+        p.grad = None
+    try:
+        with torch.enable_grad():
+            for window in track(windows.split(1), "taylor scores"):
+                (model(input_ids=window, labels=window, use_cache=False).loss / len(windows)).backward()
+        sums: list[dict[str, torch.Tensor]] = []
+        for layer in coupled:
+            per_unit: dict[str, torch.Tensor] = {}
+            for c in layer:
+                score = (c.linear.weight * c.linear.weight.grad).abs().double().sum(dim=1 - c.axis)
+                score = score.view(-1, c.width).sum(dim=1)
+                per_unit[c.unit] = per_unit.get(c.unit, 0) + score
+            sums.append(per_unit)
+    finally:
+        for p, needed in zip(parameters, previous, strict=True):
+            p.grad = None
+            p.requires_grad_(needed)
+    heads = [s["heads"].float() for s in sums]
+    kv_heads = [
+        (s["kv_heads"] + s["heads"].view(shape.kv_heads, shape.group_size).sum(dim=1)).float()
+        for s, shape in zip(sums, dims.layers, strict=True)
+    ]
+    neurons = [s["neurons"].float() for s in sums]
+    return Importance(heads, kv_heads, neurons, torch.ones(dims.num_layers) if layers is None else layers)

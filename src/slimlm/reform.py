@@ -26,7 +26,8 @@ from slimlm.progress import track
 from slimlm.subnet import SubNetwork
 
 DAMPING = 0.01  # λ relative to the mean diagonal of G[K, K]; raised automatically if the solve is unstable
-Reformed = dict[tuple[int, str], torch.Tensor]  # (layer index, "attention" | "mlp") -> new weight
+# (layer index, "attention" | "mlp") -> new output-projection weight; "attention_bias" | "mlp_bias" -> its bias
+Reformed = dict[tuple[int, str], torch.Tensor]
 
 
 def solve(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:

@@ -41,6 +41,11 @@ class LayerKeep:
     def shape(self) -> LayerShape:
         return LayerShape(len(self.heads), len(self.kv_heads), len(self.neurons))
 
+    @classmethod
+    def full(cls, shape: LayerShape) -> LayerKeep:
+        """Every unit of a layer of ``shape``."""
+        return cls(tuple(range(shape.heads)), tuple(range(shape.kv_heads)), tuple(range(shape.neurons)))
+
 
 @dataclass(frozen=True)
 class SubNetwork:
@@ -51,12 +56,7 @@ class SubNetwork:
     @classmethod
     def full(cls, dims: ModelDims) -> SubNetwork:
         """The sub-network that keeps everything."""
-        return cls(
-            {
-                i: LayerKeep(tuple(range(s.heads)), tuple(range(s.kv_heads)), tuple(range(s.neurons)))
-                for i, s in enumerate(dims.layers)
-            }
-        )
+        return cls({i: LayerKeep.full(s) for i, s in enumerate(dims.layers)})
 
     @property
     def kept_layers(self) -> list[int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from slimlm.errors import SlimlmError
-from slimlm.models.base import Adapter, LayerShape, LinearSlice, ModelDims
+from slimlm.models.base import Adapter, CoupledWeight, LayerShape, LinearSlice, ModelDims
 from slimlm.models.llama import LlamaFamilyAdapter
 from slimlm.models.remote import modeling_slimlm as remote
 
@@ -39,6 +39,7 @@ __all__ = [
     "ADAPTERS",
     "BUILTIN_MODELS",
     "Adapter",
+    "CoupledWeight",
     "LayerShape",
     "LinearSlice",
     "LoadedModel",

@@ -69,6 +69,19 @@ class LinearSlice:
     cols: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class CoupledWeight:
+    """A linear whose rows (``axis`` 0) or columns (1) come in groups of ``width``, one per ``unit``.
+
+    ``unit`` is "heads", "kv_heads" or "neurons": removing unit k removes features [k*width, (k+1)*width).
+    """
+
+    linear: nn.Linear
+    axis: int
+    unit: str
+    width: int
+
+
 class Adapter:
     """Family-specific knowledge behind one small interface. Subclass it for a new family."""
 
@@ -87,11 +100,20 @@ class Adapter:
         """Replace the decoder layers (to drop some of them)."""
         raise NotImplementedError
 
+    def coupled_weights(self, layer: nn.Module) -> list[CoupledWeight]:
+        """Every linear of a layer whose rows or columns belong to structural units, and to which."""
+        raise NotImplementedError
+
     def layer_slices(
         self, layer: nn.Module, heads: torch.Tensor, kv_heads: torch.Tensor, neurons: torch.Tensor
     ) -> list[LinearSlice]:
         """Which rows/columns of which linears to keep for the given kept unit indices."""
-        raise NotImplementedError
+        kept = {"heads": heads, "kv_heads": kv_heads, "neurons": neurons}
+        slices = []
+        for c in self.coupled_weights(layer):
+            features = (kept[c.unit][:, None] * c.width + torch.arange(c.width)).reshape(-1)
+            slices.append(LinearSlice(c.linear, rows=features) if c.axis == 0 else LinearSlice(c.linear, cols=features))
+        return slices
 
     def output_projections(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear]:
         """The linears whose input columns are the attention heads' and the MLP neurons' outputs."""
@@ -118,7 +140,10 @@ class Adapter:
         raise NotImplementedError
 
     def extracted_config(
-        self, config: PretrainedConfig, kept_layers: list[int], shapes: list[LayerShape]
+        self, config: PretrainedConfig, kept_layers: list[int], shapes: list[LayerShape], output_bias: bool = False
     ) -> PretrainedConfig:
-        """The config of a standalone model with these layers: stock when uniform, else slimlm's own."""
+        """The config of a standalone model with these layers: stock when uniform, else slimlm's own.
+
+        ``output_bias``: the attention and MLP output projections carry biases (slimlm's own config).
+        """
         raise NotImplementedError

@@ -18,7 +18,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from slimlm.models.base import Adapter, LayerShape, LinearSlice, ModelDims
+from slimlm.models.base import Adapter, CoupledWeight, LayerShape, ModelDims
 from slimlm.models.remote import modeling_slimlm as remote
 
 # family -> (stock config class, slimlm's heterogeneous config class, its model class name)
@@ -28,11 +28,6 @@ FAMILIES: dict[str, tuple[type[PretrainedConfig], type[PretrainedConfig], str]] 
     "qwen2": (Qwen2Config, remote.SlimQwen2Config, "SlimQwen2ForCausalLM"),
 }
 SHAPE_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
-
-
-def _unit_rows(units: torch.Tensor, width: int) -> torch.Tensor:
-    """Row indices of whole units (heads) of ``width`` rows each."""
-    return (units[:, None] * width + torch.arange(width)).reshape(-1)
 
 
 def head_dim_of(config: PretrainedConfig) -> int:
@@ -95,20 +90,17 @@ class LlamaFamilyAdapter(Adapter):
             neurons=layer.mlp.gate_proj.out_features,
         )
 
-    def layer_slices(
-        self, layer: nn.Module, heads: torch.Tensor, kv_heads: torch.Tensor, neurons: torch.Tensor
-    ) -> list[LinearSlice]:
+    def coupled_weights(self, layer: nn.Module) -> list[CoupledWeight]:
         attn, mlp = layer.self_attn, layer.mlp
-        q_rows = _unit_rows(heads, attn.head_dim)
-        kv_rows = _unit_rows(kv_heads, attn.head_dim)
+        head = attn.head_dim
         return [
-            LinearSlice(attn.q_proj, rows=q_rows),
-            LinearSlice(attn.k_proj, rows=kv_rows),
-            LinearSlice(attn.v_proj, rows=kv_rows),
-            LinearSlice(attn.o_proj, cols=q_rows),
-            LinearSlice(mlp.gate_proj, rows=neurons),
-            LinearSlice(mlp.up_proj, rows=neurons),
-            LinearSlice(mlp.down_proj, cols=neurons),
+            CoupledWeight(attn.q_proj, 0, "heads", head),
+            CoupledWeight(attn.k_proj, 0, "kv_heads", head),
+            CoupledWeight(attn.v_proj, 0, "kv_heads", head),
+            CoupledWeight(attn.o_proj, 1, "heads", head),
+            CoupledWeight(mlp.gate_proj, 0, "neurons", 1),
+            CoupledWeight(mlp.up_proj, 0, "neurons", 1),
+            CoupledWeight(mlp.down_proj, 1, "neurons", 1),
         ]
 
     def output_projections(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear]:
@@ -142,7 +134,7 @@ class LlamaFamilyAdapter(Adapter):
             config.layer_types = [config.layer_types[i] for i in kept_layers]
 
     def extracted_config(
-        self, config: PretrainedConfig, kept_layers: list[int], shapes: list[LayerShape]
+        self, config: PretrainedConfig, kept_layers: list[int], shapes: list[LayerShape], output_bias: bool = False
     ) -> PretrainedConfig:
         stock, slim, slim_model = FAMILIES[self.family]
         values = config.to_dict()
@@ -154,10 +146,12 @@ class LlamaFamilyAdapter(Adapter):
             values["layer_types"] = [values["layer_types"][i] for i in kept_layers]
         first = shapes[0]
         # Stock configs require hidden_size % num_attention_heads == 0 even with an explicit head_dim.
-        if all(s == first for s in shapes) and config.hidden_size % first.heads == 0:
+        uniform = all(s == first for s in shapes) and config.hidden_size % first.heads == 0
+        if uniform and not output_bias:
             values.update(zip(SHAPE_KEYS, (first.heads, first.kv_heads, first.neurons), strict=True))
             values["architectures"] = [self.architectures[0]]
             return stock.from_dict(values)
+        values["slimlm_output_bias"] = output_bias
         values["slimlm_layers"] = [dict(zip(SHAPE_KEYS, (s.heads, s.kv_heads, s.neurons), strict=True)) for s in shapes]
         values["architectures"] = [slim_model]
         values["auto_map"] = {

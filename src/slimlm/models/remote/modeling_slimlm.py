@@ -6,11 +6,13 @@ nothing but torch and transformers: load such a folder with
 
 The config keeps the parent model's global sizes (so stock validation holds) and adds
 ``slimlm_layers``: one ``{"num_attention_heads", "num_key_value_heads", "intermediate_size"}``
-per decoder layer. Each layer is built by the stock layer class from its own config view.
+per decoder layer, and ``slimlm_output_bias`` (biases on the attention and MLP output projections).
+Each layer is built by the stock layer class from its own config view.
 """
 
 import copy
 
+import torch
 from torch import nn
 from transformers import (
     LlamaConfig,
@@ -39,6 +41,11 @@ def rebuild_layers(model, layer_class):
     """Replace the uniformly built decoder layers with layers of their own shapes."""
     config = model.config
     model.model.layers = nn.ModuleList(layer_class(config.layer_config(i), i) for i in range(config.num_hidden_layers))
+    if getattr(config, "slimlm_output_bias", False):  # pruning methods that compensate removed units with a bias
+        for layer in model.model.layers:
+            for linear in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                if linear.bias is None:
+                    linear.bias = nn.Parameter(torch.zeros(linear.out_features))
 
 
 class SlimLlamaConfig(PerLayerShapes, LlamaConfig):
