@@ -100,6 +100,8 @@ def flap(given: PruneInput) -> tuple[SubNetwork, Reformed | None]:
     loaded, calib, dims = given.loaded, given.calibration, given.loaded.dims
     layers = loaded.adapter.decoder_layers(loaded.model)
     units: list[tuple[float, int, int, str, int]] = []  # (score, cost, layer, kind, index)
+    kept_groups: dict[int, list[int]] = {}  # every layer starts with its best group and neuron
+    kept_neurons: dict[int, list[int]] = {}
     group_cost = dims.layers[0].group_size * dims.params_per_head + dims.params_per_kv_head
     for i, layer in enumerate(layers):
         o_proj, down_proj = loaded.adapter.output_projections(layer)
@@ -109,8 +111,7 @@ def flap(given: PruneInput) -> tuple[SubNetwork, Reformed | None]:
         neurons = _standardised(calib.mlp[i].variance * down_proj.weight.double().pow(2).sum(dim=0))
         units += [(float(v), group_cost, i, "group", k) for k, v in enumerate(groups)]
         units += [(float(v), dims.params_per_neuron, i, "neuron", k) for k, v in enumerate(neurons)]
-    kept_groups = {i: [int(torch.argmax(_group_scores(units, i)))] for i in range(dims.num_layers)}
-    kept_neurons = {i: [_best(units, i, "neuron")] for i in range(dims.num_layers)}
+        kept_groups[i], kept_neurons[i] = [int(groups.argmax())], [int(neurons.argmax())]
     spent = static_cost(dims, [LayerShape(dims.layers[i].group_size, 1, 1) for i in range(dims.num_layers)]).params
     if spent > given.budget:
         raise SlimlmError(f"flap: the smallest model it makes exceeds the budget of {given.budget:,} parameters")
@@ -135,14 +136,6 @@ def flap(given: PruneInput) -> tuple[SubNetwork, Reformed | None]:
 
 def _standardised(scores: torch.Tensor) -> torch.Tensor:
     return (scores - scores.mean()) / scores.std().clamp_min(1e-12)
-
-
-def _group_scores(units: list[tuple[float, int, int, str, int]], layer: int) -> torch.Tensor:
-    return torch.tensor([u[0] for u in units if u[2] == layer and u[3] == "group"])
-
-
-def _best(units: list[tuple[float, int, int, str, int]], layer: int, kind: str) -> int:
-    return max((u for u in units if u[2] == layer and u[3] == kind), key=lambda u: u[0])[4]
 
 
 def _bias_compensation(loaded: LoadedModel, calib: Calibration, subnet: SubNetwork) -> Reformed:
