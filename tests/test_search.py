@@ -299,16 +299,19 @@ def test_resume_with_other_settings_is_refused(runs, setting, value):
     assert len(completed(study)) == EVALUATIONS  # nothing was added
 
 
-def test_resume_after_a_kill_fails_the_trial_left_running(make_job, tmp_path):
-    job = make_job(tmp_path / "run", evaluations=4)
+@pytest.mark.parametrize("strategy", ["evolution", "random"])
+def test_resume_after_a_kill_finishes_the_uninterrupted_search(make_job, runs, tmp_path, strategy):
+    job = make_job(tmp_path / "run", strategy=strategy, evaluations=4)
     search(job)
     killed = optuna.load_study(study_name=STUDY_NAME, storage=job.storage_url()).ask()  # never told: a kill
 
-    _, study = search(dataclasses.replace(job, evaluations=6, resume=True))
+    _, study = search(dataclasses.replace(job, evaluations=EVALUATIONS, resume=True))
     states = {t.number: t.state for t in study.get_trials()}
     assert states[killed.number] == FAIL
     assert RUNNING not in states.values()
-    assert len(completed(study)) == 6
+    _, _, uninterrupted = runs(strategy)
+    assert subnets(study) == subnets(uninterrupted)
+    assert [t.values for t in completed(study)] == [t.values for t in completed(uninterrupted)]
 
 
 def test_a_resumed_random_search_does_not_replay_its_draws(make_job, tmp_path):

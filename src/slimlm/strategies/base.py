@@ -59,6 +59,16 @@ def candidate(trial: optuna.trial.FrozenTrial) -> SubNetwork:
     return SubNetwork.from_compact(trial.user_attrs[SUBNET_ATTR])
 
 
+def draw_number(study: optuna.Study, number: int) -> int:
+    """A trial's number among the trials before it that did not fail, to seed its random draws.
+
+    A trial killed mid-evaluation is failed on resume and leaves no gap, so a resumed search draws
+    the same candidates an uninterrupted one would.
+    """
+    failed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
+    return number - sum(t.number < number for t in failed)
+
+
 def seen_candidates(study: optuna.Study, exclude: int | None = None, before: int | None = None) -> set[str]:
     """Candidates evaluated or being evaluated (by any worker), as stored compact strings.
 

@@ -8,7 +8,8 @@ to keep the layer's size; with depth search it also removes or restores layers),
 then resamples their kept neurons with probability proportional to importance while inheriting at
 least ``overlap`` of the parent's kept set. Parents are the ``parents`` fittest candidates so far;
 children outside the budget are discarded and redrawn. Each child is drawn from a generator seeded
-by (seed, trial number) and the stored history, so a run is reproducible and resumes from its store.
+by (seed, trial number) and the stored history, so a run is reproducible and a killed run resumes
+from its store to the same candidates.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import optuna
 
 from slimlm.models.base import LayerShape
 from slimlm.space import keep_most_important
-from slimlm.strategies.base import SearchContext, candidate, completed, seen_candidates
+from slimlm.strategies.base import SearchContext, candidate, completed, draw_number, seen_candidates
 from slimlm.subnet import LayerKeep, SubNetwork
 
 ATTEMPTS = 100  # redraws of a child outside the budget before handing it back anyway
@@ -48,7 +49,7 @@ class Evolution:
         for start in context.starts:  # the initial population: every uniform shape that fills the budget
             if start.to_compact() not in seen:
                 return start
-        rng = np.random.default_rng([context.seed, trial.number])
+        rng = np.random.default_rng([context.seed, draw_number(study, trial.number)])
         ranked = [candidate(t) for t in sorted(history, key=lambda t: t.values[0])]
         parents = ranked[: self.parents] or list(context.starts)
         child = parents[0]

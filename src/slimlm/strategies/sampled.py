@@ -8,7 +8,7 @@ import numpy as np
 import optuna
 
 from slimlm.space import keep_most_important
-from slimlm.strategies.base import SearchContext
+from slimlm.strategies.base import SearchContext, draw_number
 from slimlm.subnet import SubNetwork
 
 
@@ -42,7 +42,7 @@ class _TrialSeededRandomSampler(optuna.samplers.RandomSampler):
         self._base_seed = seed
 
     def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        self._rng.rng.seed(trial_seed(self._base_seed, trial.number))
+        self._rng.rng.seed(trial_seed(self._base_seed, draw_number(study, trial.number)))
         super().before_trial(study, trial)
 
 
@@ -52,8 +52,8 @@ class _TrialSeededNSGAIISampler(optuna.samplers.NSGAIISampler):
         self._base_seed = seed
 
     def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        self._rng.rng.seed(trial_seed(self._base_seed, trial.number))
-        self._random_sampler._rng.rng.seed(trial_seed(self._base_seed + 1, trial.number))
+        self._rng.rng.seed(trial_seed(self._base_seed, draw_number(study, trial.number)))
+        self._random_sampler._rng.rng.seed(trial_seed(self._base_seed + 1, draw_number(study, trial.number)))
         super().before_trial(study, trial)
 
 
