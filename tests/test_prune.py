@@ -197,3 +197,7 @@ def test_cli_prune_writes_a_model_that_loads_and_reports_its_perplexity(tmp_path
     bad = invoke("prune", str(folder), "--method", "nope", "--params", "0.6", "--out", str(tmp_path / "x"), *common)
     assert bad.exit_code != 0 and "unknown pruning method 'nope'" in one_error(bad)
     assert not (tmp_path / "x").exists()
+    # refused before any work: a model that does not exist is never reached
+    missing = str(tmp_path / "missing")
+    early = invoke("prune", missing, "--method", "nope", "--params", "0.6", "--out", str(tmp_path / "y"))
+    assert early.exit_code != 0 and "unknown pruning method 'nope'" in one_error(early)

@@ -26,7 +26,7 @@ from slimlm.importance import DEFAULT_METRIC, cached_calibration
 from slimlm.models import load_model
 from slimlm.pipeline import compress as compress_model
 from slimlm.pipeline import folder_bytes
-from slimlm.prune import METHODS, PruneInput, params_budget, prune
+from slimlm.prune import METHODS, PruneInput, check_method, params_budget, prune
 from slimlm.reform import reform as reform_weights
 from slimlm.report import write_report
 from slimlm.search import SearchJob, parse_size
@@ -268,6 +268,7 @@ def prune_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Prune with a one-shot method from the literature (a baseline for search); write the smaller model."""
+    check_method(method)
     check_output_folder(out_dir)
     loaded = load_model(model)
     budget = params_budget(loaded.dims, params_fraction, int(parse_size(max_params)) if max_params else None)

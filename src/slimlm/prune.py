@@ -193,10 +193,15 @@ def params_budget(dims: ModelDims, fraction: float | None = None, max_params: in
     return int(fraction * static_cost(dims).params) if fraction is not None else int(max_params)
 
 
-def prune(method: str, given: PruneInput) -> Pruned:
-    """Run one method (see ``METHODS``); its result fits ``given.budget`` or it raises a clear error."""
+def check_method(method: str) -> None:
+    """Refuse a method slimlm does not have (before any model is loaded)."""
     if method not in METHODS:
         raise SlimlmError(f"unknown pruning method '{method}'; choose from {', '.join(METHODS)}")
+
+
+def prune(method: str, given: PruneInput) -> Pruned:
+    """Run one method (see ``METHODS``); its result fits ``given.budget`` or it raises a clear error."""
+    check_method(method)
     start = time.perf_counter()
     subnet, reformed = METHODS[method](given)
     seconds = time.perf_counter() - start
