@@ -8,8 +8,9 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
-from slimlm.costs import static_cost
+from slimlm.costs import peak_memory, static_cost
 from slimlm.models import load_model
 from slimlm.subnet import FORMAT, LayerKeep, SubNetwork
 
@@ -364,3 +365,13 @@ BAD_NUMBERS = [
 @pytest.mark.parametrize("args", BAD_NUMBERS)
 def test_nonsense_numbers_are_one_clear_error(dense, text, args):
     one_error(invoke(*(a.format(m=dense, t=text) for a in args)))
+
+
+def test_peak_memory_is_the_probe_process_own(dense, monkeypatch):
+    """The probe is forked from this process: its figure must not inherit this process's size."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    alone = peak_memory(str(dense), prompt_tokens=8, new_tokens=4)
+    ballast = torch.ones(2**28)  # 1 GiB resident in this process while probing
+    beside = peak_memory(str(dense), prompt_tokens=8, new_tokens=4)
+    assert ballast.sum() > 0
+    assert abs(beside - alone) < 256 * 2**20

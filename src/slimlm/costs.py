@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel
@@ -177,4 +178,19 @@ def _report_peak_memory(model: str, prompt_tokens: int, new_tokens: int) -> None
 
     probe = LatencyProbe(load_model(model).model, prompt_tokens, new_tokens)
     probe.sample()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
+    print(_peak_resident_bytes())
+
+
+def _peak_resident_bytes() -> int:
+    """This process's peak resident memory since it started.
+
+    On Linux, ``ru_maxrss`` survives ``exec`` and so starts at the parent's resident size when the
+    probe was forked; ``VmHWM`` belongs to the new address space and does not.
+    """
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, others KiB
