@@ -31,7 +31,7 @@ from slimlm.evaluate import perplexity
 from slimlm.extract import extract
 from slimlm.importance import cached_calibration
 from slimlm.models import load_model
-from slimlm.prune import METHODS, PruneInput, prune
+from slimlm.prune import METHODS, PruneInput, params_budget, prune
 from slimlm.report import write_report
 from slimlm.search import SearchJob, search
 from slimlm.tasks import LASTWORD, build_task, evaluate_task
@@ -66,10 +66,9 @@ def main() -> None:
     methods = args.methods.split(",")
     rows = [measure_quality("dense", 1.0, dense, total, texts, cloze, 0.0)]
     rows[0]["fraction"] = 1.0
-    speeds: dict[float, list] = {}
     with tempfile.TemporaryDirectory() as scratch:
         for fraction in map(float, args.fractions.split(",")):
-            budget = int(fraction * total)
+            budget = params_budget(dense.dims, fraction)
             folders = {}
             for method in methods:
                 folder, seconds = run_method(method, fraction, budget, dense, calib, calibration, scratch, args)
@@ -81,7 +80,6 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
             # every model of this fraction and the dense one, timed in one interleaved loop
             latencies = compare_speed([dense.model, *(m.model for m in folders.values())], repeats=args.repeats)
-            speeds[fraction] = latencies
             for row, latency in zip(rows[-len(methods) :], latencies[1:], strict=True):
                 row["prefill_speedup"] = latencies[0].prefill_ms / latency.prefill_ms
                 row["decode_speedup"] = latency.decode_tokens_per_s / latencies[0].decode_tokens_per_s

@@ -52,8 +52,9 @@ class _TrialSeededNSGAIISampler(optuna.samplers.NSGAIISampler):
         self._base_seed = seed
 
     def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        self._rng.rng.seed(trial_seed(self._base_seed, draw_number(study, trial.number)))
-        self._random_sampler._rng.rng.seed(trial_seed(self._base_seed + 1, draw_number(study, trial.number)))
+        number = draw_number(study, trial.number)
+        self._rng.rng.seed(trial_seed(self._base_seed, number))
+        self._random_sampler._rng.rng.seed(trial_seed(self._base_seed + 1, number))
         super().before_trial(study, trial)
 
 
