@@ -34,6 +34,7 @@ from slimlm.models import load_model
 from slimlm.prune import METHODS, PruneInput, params_budget, prune
 from slimlm.report import write_report
 from slimlm.search import SearchJob, search
+from slimlm.space import SearchSpace
 from slimlm.tasks import LASTWORD, build_task, evaluate_task
 
 RESULTS = Path(__file__).parent / "results"
@@ -47,6 +48,7 @@ def main() -> None:
     parser.add_argument("--fractions", default="0.9,0.8,0.7,0.5")
     parser.add_argument("--methods", default=",".join([*METHODS, SLIMLM]))
     parser.add_argument("--evaluations", type=int, default=60, help="candidates per slimlm search (its default)")
+    parser.add_argument("--depth", action="store_true", help="slimlm may also remove whole layers")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--calib-windows", type=int, default=16)
     parser.add_argument("--eval-windows", type=int, default=16)
@@ -103,6 +105,7 @@ def run_method(method, fraction, budget, dense, calib, calibration, scratch, arg
             seq_len=args.seq_len,
             calibration_windows=args.calib_windows,
             evaluation_windows=args.eval_windows,
+            space=SearchSpace(depth=args.depth),
         )
         searcher, study = search(job, dense)
         write_report(searcher, study)

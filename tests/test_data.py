@@ -83,11 +83,31 @@ def test_describe_specs_is_one_line_with_every_form():
         assert form in text
 
 
-def test_defaults_are_different_austen_books():
-    assert data.DEFAULT_CALIBRATION != data.DEFAULT_EVALUATION
-    for spec in (data.DEFAULT_CALIBRATION, data.DEFAULT_EVALUATION):
-        kind, book = spec.split(":")
-        assert kind == "austen" and book in data.AUSTEN_BOOKS
+def test_default_calibration_mixes_prose_and_docs_apart_from_the_evaluation_text():
+    parts = data.mixed_parts(data.DEFAULT_CALIBRATION)
+    assert {p.split(":")[0] for p in parts} == {"austen", "pydoc"}
+    assert data.DEFAULT_EVALUATION not in parts
+    kind, book = data.DEFAULT_EVALUATION.split(":")
+    assert kind == "austen" and book in data.AUSTEN_BOOKS
+
+
+def test_mixed_spec_takes_windows_from_its_parts_in_turn(tokenizer, tmp_path):
+    (tmp_path / "a.txt").write_text(" ".join(["cat"] * 40), encoding="utf-8")
+    (tmp_path / "b.txt").write_text(" ".join(["dog"] * 12), encoding="utf-8")  # only 3 windows of 4
+    spec = f"{tmp_path / 'a.txt'}+{tmp_path / 'b.txt'}"
+    windows = data.text_windows(tokenizer, spec, 4)
+    cat, dog = WORDS.index("cat") + 1, WORDS.index("dog") + 1
+    assert [int(w[0]) for w in windows] == [cat, dog] * 3  # equal shares: as many of each as the shorter has
+    assert [int(w[0]) for w in data.text_windows(tokenizer, spec, 4, max_windows=3)] == [cat, dog, cat]
+    assert data.load_text(spec) == data.load_text(str(tmp_path / "a.txt")) + "\n\n" + data.load_text(
+        str(tmp_path / "b.txt")
+    )
+
+
+@pytest.mark.parametrize("spec", ["austen:emma+", "+pydoc", "austen++pydoc"])
+def test_mixed_spec_with_an_empty_part_is_an_error(spec):
+    with pytest.raises(SlimlmError, match="empty part"):
+        data.mixed_parts(spec)
 
 
 def test_windows_are_consecutive_fixed_and_deterministic(tokenizer):

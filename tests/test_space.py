@@ -95,7 +95,8 @@ def test_search_start_is_as_large_as_the_budget_allows(fraction):
     budget = int(fraction * static_cost(dims).params)
     starts = space.starts(dims, fixed_importance(dims), lambda shapes: static_cost(dims, shapes).params <= budget)
     start = starts[0].validate(dims)
-    assert len({s.shapes()[0].heads * 10 + s.shapes()[0].kv_heads for s in starts}) == len(starts)  # one per attention
+    attention = [(s.shapes()[0].heads, s.shapes()[0].kv_heads) for s in starts]
+    assert len(set(attention)) >= len(starts) - 1  # one per attention shape, and the adaptive start
     shape = start.shapes()[0]
     assert set(start.shapes()) == {shape} and len(start.layers) == dims.num_layers
     assert static_cost(dims, start.shapes()).params <= budget
@@ -103,6 +104,43 @@ def test_search_start_is_as_large_as_the_budget_allows(fraction):
     if shape.neurons < choices[-1]:
         bigger = LayerShape(shape.heads, shape.kv_heads, choices[choices.index(shape.neurons) + 1])
         assert static_cost(dims, [bigger] * dims.num_layers).params > budget
+
+
+def test_depth_search_also_starts_from_whole_layers_removed_least_influential_first():
+    dims = tiny_loaded().dims
+    scores = fixed_importance(dims)
+    scores = Importance(scores.heads, scores.kv_heads, scores.neurons, torch.tensor([4.0, 1.0, 3.0, 2.0]))
+    budget = int(0.8 * static_cost(dims).params)
+    fits = lambda shapes: static_cost(dims, shapes).params <= budget  # noqa: E731
+    width = SearchSpace().starts(dims, scores, fits)
+    starts = SearchSpace(depth=True).starts(dims, scores, fits)
+    assert [s.to_compact() for s in starts[:-1]] == [s.to_compact() for s in width]
+    depth = starts[-1]
+    assert all(keep.shape == dims.layers[i] for i, keep in depth.layers.items())  # whole layers
+    removal_order = [1, 3, 2, 0]  # least influential first
+    removed = removal_order[: dims.num_layers - len(depth.layers)]
+    assert removed and depth.kept_layers == sorted(set(range(dims.num_layers)) - set(removed))
+    assert fits(depth.shapes()) and not fits([dims.layers[i] for i in (*depth.layers, removed[-1])])
+
+
+def test_adaptive_start_gives_layers_with_differently_spread_scores_different_widths():
+    """FLAP's adaptive structure: one threshold on standardised scores, so a layer whose importance
+    is spread differently (here skewed: a few standout units) keeps a different number of units."""
+    dims = tiny_loaded().dims
+    scores = fixed_importance(dims)
+    skewed = torch.exp(torch.arange(dims.layers[1].neurons, dtype=torch.float) / 4)
+    scores = Importance(scores.heads, scores.kv_heads, [scores.neurons[0], skewed, *scores.neurons[2:]], scores.layers)
+    budget = int(0.7 * static_cost(dims).params)
+    fits = lambda shapes: static_cost(dims, shapes).params <= budget  # noqa: E731
+    space = SearchSpace()
+    adaptive = [s for s in space.starts(dims, scores, fits) if len(set(s.shapes())) > 1]
+    assert len(adaptive) == 1
+    start = adaptive[0].validate(dims)
+    assert fits(start.shapes()) and start.layers[1].shape.neurons != start.layers[0].shape.neurons
+    assert all(s.neurons in space.neuron_choices(dims.layers[0]) for s in start.shapes())
+    assert set(start.layers[1].neurons) == set(
+        range(dims.layers[1].neurons - len(start.layers[1].neurons), dims.layers[1].neurons)
+    )
 
 
 def test_search_start_keeps_frozen_layers_whole_and_uses_the_space_grid():

@@ -21,8 +21,11 @@ from slimlm.cache import cache_root
 from slimlm.errors import SlimlmError
 from slimlm.progress import track
 
-DEFAULT_CALIBRATION = "austen:emma"  # calibration and evaluation texts are different books
+# Calibration mixes prose and technical text, so what a search keeps serves both; evaluation
+# texts are other books and sections than the calibration ones.
+DEFAULT_CALIBRATION = "austen:emma+pydoc:library"
 DEFAULT_EVALUATION = "austen:prideprejudice"
+MIX = "+"  # joins specs: ``austen:emma+pydoc:library``
 AUSTEN_BOOKS = (
     "emma",
     "mansfieldpark",
@@ -43,12 +46,15 @@ def describe_specs() -> str:
     books = ", ".join(AUSTEN_BOOKS)
     return (
         f"a .txt file or a folder of .txt files; austen or austen:BOOK (BOOK: {books}); "
-        "pydoc or pydoc:SECTION (e.g. pydoc:library, pydoc:tutorial); hf:NAME[:CONFIG[:SPLIT]] via datasets"
+        "pydoc or pydoc:SECTION (e.g. pydoc:library, pydoc:tutorial); hf:NAME[:CONFIG[:SPLIT]] via datasets; "
+        f"several joined with {MIX} (e.g. {DEFAULT_CALIBRATION}) to mix them window by window"
     )
 
 
 def load_text(spec: str) -> str:
-    """Return the text named by ``spec`` (see :func:`describe_specs`); never empty."""
+    """Return the text named by ``spec`` (see :func:`describe_specs`); never empty. Mixed specs are joined whole."""
+    if MIX in spec:
+        return "\n\n".join(load_text(part) for part in mixed_parts(spec))
     kind, _, arg = spec.partition(":")
     if kind == "austen":
         books = [arg] if arg else list(AUSTEN_BOOKS)
@@ -217,9 +223,30 @@ def _hf_text(arg: str) -> str:
     return "\n".join(ds["text"])
 
 
+def mixed_parts(spec: str) -> list[str]:
+    """The specs a mixed spec joins (a plain spec is its own single part)."""
+    parts = spec.split(MIX)
+    if not all(parts):
+        raise SlimlmError(f"data spec `{spec}` has an empty part: expected {describe_specs()}")
+    return parts
+
+
+def text_windows(tokenizer, spec: str, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+    """Token windows of ``spec``; a mixed spec takes windows from its parts in turn (A1, B1, A2, B2, ...),
+    so any prefix of them (a search's fitness windows) covers every part alike."""
+    parts = mixed_parts(spec)
+    if len(parts) == 1:
+        return token_windows(tokenizer, load_text(spec), seq_len, max_windows, source=spec)
+    each = None if max_windows is None else -(-max_windows // len(parts))
+    windows = [token_windows(tokenizer, load_text(p), seq_len, each, source=p) for p in parts]
+    rounds = min(len(w) for w in windows)  # equal shares, so no part dominates
+    mixed = torch.stack([w[:rounds] for w in windows], dim=1).reshape(-1, seq_len)
+    return mixed[:max_windows]
+
+
 def model_windows(loaded, spec: str, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
     """Token windows of ``spec`` for a loaded model, refusing windows longer than its context."""
     limit = loaded.dims.max_positions
     if seq_len > limit:
         raise SlimlmError(f"--seq-len {seq_len} is longer than the model's context of {limit} tokens")
-    return token_windows(loaded.tokenizer, load_text(spec), seq_len, max_windows, source=spec)
+    return text_windows(loaded.tokenizer, spec, seq_len, max_windows)

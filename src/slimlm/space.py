@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import optuna
+import torch
 
 from slimlm.costs import static_cost
 from slimlm.errors import SlimlmError
@@ -129,11 +130,63 @@ class SearchSpace:
         least influential layers go first when nothing fits with all of them.
 
         Ordered best guess first: kept head fraction closest to kept neuron fraction (heads and
-        neurons shrink alike), then larger. Frozen layers stay whole and shapes come from the space's
+        neurons shrink alike), then larger. With ``depth`` the layer-removal start comes last: whole
+        layers, the least influential removed until the rest fit (ShortGPT's answer), so a search can
+        mix depth and width from both ends. Frozen layers stay whole and shapes come from the space's
         own choices, so a search started here stays inside the space.
         """
         free = [i for i in range(dims.num_layers) if i not in self.frozen_layers]
         by_influence = sorted(free, key=lambda i: -float(importance.layers[i]))
+        starts = self._width_starts(dims, importance, within, free, by_influence)
+        starts.append(self._adaptive_start(dims, importance, within) if self.per_layer else None)
+        starts.append(self._depth_start(dims, importance, within, by_influence) if self.depth else None)
+        unique = {s.to_compact(): s for s in starts if s is not None}
+        return list(unique.values())
+
+    def _adaptive_start(self, dims, importance, within) -> SubNetwork | None:
+        """Per-layer widths from one global threshold on importance standardised within each layer's
+        attention and MLP (FLAP's adaptive structure), snapped to the grid: the lowest threshold that fits."""
+        free = [i for i in range(dims.num_layers) if i not in self.frozen_layers]
+        groups = {i: _standardised(importance.kv_heads[i]) for i in free}
+        neurons = {i: _standardised(importance.neurons[i]) for i in free}
+
+        def shapes_at(threshold: float) -> dict[int, LayerShape]:
+            shapes = {i: dims.layers[i] for i in self.frozen_layers}
+            for i in free:
+                full = dims.layers[i]
+                kv = max(1, int((groups[i] > threshold).sum()))
+                attention = min(
+                    self.attention_choices(full), key=lambda a: (abs(a.kv_heads - kv), -a.group_size, a.heads)
+                )
+                wanted = int((neurons[i] > threshold).sum())
+                n = max([c for c in self.neuron_choices(full) if c <= wanted], default=self.neuron_choices(full)[0])
+                shapes[i] = LayerShape(attention.heads, attention.kv_heads, n)
+            return dict(sorted(shapes.items()))
+
+        thresholds = sorted({float(v) for scores in (*groups.values(), *neurons.values()) for v in scores})
+        low, high = 0, len(thresholds) - 1  # find the lowest threshold whose shapes fit
+        if not thresholds or not within(list(shapes_at(thresholds[high]).values())):
+            return None
+        while low < high:
+            middle = (low + high) // 2
+            if within(list(shapes_at(thresholds[middle]).values())):
+                high = middle
+            else:
+                low = middle + 1
+        return keep_most_important(dims, importance, shapes_at(thresholds[low]))
+
+    def _depth_start(self, dims, importance, within, by_influence) -> SubNetwork | None:
+        """Every layer whole but the least influential ones, removed until the rest fit; None if none fits."""
+        frozen = {i: dims.layers[i] for i in self.frozen_layers}
+        for count in range(len(by_influence), 0, -1):
+            shapes = frozen | {
+                i: self._nearest(dims.layers[i], dims.layers[i], dims.layers[i]) for i in by_influence[:count]
+            }
+            if within(list(shapes.values())):
+                return keep_most_important(dims, importance, dict(sorted(shapes.items())))
+        return None
+
+    def _width_starts(self, dims, importance, within, free, by_influence) -> list[SubNetwork]:
         full = dims.layers[free[0]] if free else dims.layers[0]
         for count in range(len(free), 0, -1) if self.depth else [len(free)]:
             kept = sorted(by_influence[:count])
@@ -219,6 +272,11 @@ def keep_most_important(dims: ModelDims, importance: Importance, shapes: dict[in
         neurons = importance.neurons[i].topk(shape.neurons).indices
         layers[i] = LayerKeep(heads, groups.tolist(), neurons.tolist())
     return SubNetwork(layers)
+
+
+def _standardised(scores: torch.Tensor) -> torch.Tensor:
+    scores = scores.double()
+    return (scores - scores.mean()) / scores.std().clamp_min(1e-12) if len(scores) > 1 else scores * 0
 
 
 def uniform_shape(dims: ModelDims, params: int) -> LayerShape:
