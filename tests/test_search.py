@@ -20,7 +20,7 @@ from slimlm.data import model_windows
 from slimlm.errors import SlimlmError
 from slimlm.evaluate import perplexity
 from slimlm.models import load_model
-from slimlm.report import pareto_front, spread, write_report
+from slimlm.report import FINALISTS, pareto_front, reformed_fitness, spread, write_report
 from slimlm.search import STUDY_NAME, Searcher, SearchJob, open_study, parse_size, prepare, run_worker, search
 from slimlm.space import SearchSpace
 from slimlm.strategies import STRATEGIES, candidate, completed
@@ -443,6 +443,21 @@ def test_report_best_is_the_feasible_member_with_the_lowest_perplexity(reported)
     best = min(feasible, key=lambda m: m["calibration_perplexity"])
     assert report["best_trial"] == best["trial"]
     assert study.trials[best["trial"]].values[0] == min(t.values[0] for t in completed(study))
+
+
+def test_with_reformation_the_best_is_the_finalist_lowest_after_reforming(runs, tmp_path):
+    job, searcher, study = runs("evolution")
+    job = dataclasses.replace(job, out=str(tmp_path), reform=True)
+    report = write_report(dataclasses.replace(searcher, job=job), study)
+    finalists = [m for m in report["front"] if "reformed_calibration_perplexity" in m]
+    front = pareto_front(completed(study))
+    lowest = sorted(front, key=lambda t: t.values[0])[:FINALISTS]
+    assert sorted(m["trial"] for m in finalists) == sorted(t.number for t in lowest if len(lowest) > 1)
+    best = min(finalists, key=lambda m: m["reformed_calibration_perplexity"])
+    assert report["best_trial"] == best["trial"]
+    again = reformed_fitness(dataclasses.replace(searcher, job=job), SubNetwork.from_json(best["subnet"]))
+    assert again == pytest.approx(best["reformed_calibration_perplexity"], rel=1e-5)
+    assert (tmp_path / "best" / "config.json").is_file()
 
 
 def test_report_best_folder_computes_the_best_subnetwork(reported):

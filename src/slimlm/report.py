@@ -23,6 +23,8 @@ matplotlib.use("Agg")  # files only; no display on servers
 
 from matplotlib import pyplot as plt
 
+FINALISTS = 3  # front members reformed before the best is chosen
+
 
 def pareto_front(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
     """Trials no other trial beats on both objectives (lower is better), cheapest first."""
@@ -62,12 +64,28 @@ def measure(searcher: Searcher, subnet: SubNetwork | None, evaluation_ids) -> di
         }
 
 
+def reformed_fitness(searcher: Searcher, subnet: SubNetwork) -> float:
+    """Fitness perplexity of ``subnet`` after reformation on the calibration windows fitness does not
+    score (all of them when there are no others), so the comparison stays on held-out windows."""
+    held_out = searcher.calibration_ids[searcher.job.fitness_windows :]
+    reformed = reform(searcher.loaded, subnet, held_out if len(held_out) else searcher.calibration_ids)
+    with subnetwork_applied(searcher.loaded, subnet, reformed) as model:
+        return perplexity(model, searcher.fitness_ids)
+
+
 def write_report(searcher: Searcher, study: optuna.Study, front_size: int = 6) -> dict:
-    """Evaluate the front on evaluation text; write ``pareto.json``, ``pareto.png`` and ``best/``."""
+    """Evaluate the front on evaluation text; write ``pareto.json``, ``pareto.png`` and ``best/``.
+
+    The front shown is ``front_size`` members spread along it. The best is the within-budget member
+    with the lowest calibration perplexity; with reformation on, the ``FINALISTS`` lowest members of
+    the whole front are reformed (and shown), and the lowest after reformation wins.
+    """
     job, out = searcher.job, Path(searcher.job.out)
     evaluation_ids = model_windows(searcher.loaded, job.evaluation, job.seq_len, job.evaluation_windows)
     trials = completed(study)
-    front = spread(pareto_front(trials), front_size)
+    whole = pareto_front(trials)
+    finalists = sorted(whole, key=lambda t: t.values[0])[:FINALISTS] if job.reform else []
+    front = sorted({t.number: t for t in [*spread(whole, front_size), *finalists]}.values(), key=lambda t: t.values[1])
     members = []
     for trial in track(front, "evaluating the Pareto front"):
         subnet = candidate(trial)
@@ -81,8 +99,14 @@ def write_report(searcher: Searcher, study: optuna.Study, front_size: int = 6) -
         )
     dense = measure(searcher, None, evaluation_ids)
     uniform = measure(searcher, searcher.reference, evaluation_ids) if searcher.reference else None
-    feasible = [m for m in members if m["within_budget"]]
-    best = min(feasible, key=lambda m: m["calibration_perplexity"]) if feasible else None
+    feasible = sorted((m for m in members if m["within_budget"]), key=lambda m: m["calibration_perplexity"])
+    best = feasible[0] if feasible else None
+    chosen = [m for m in feasible if m["trial"] in {t.number for t in finalists}]
+    if len(chosen) > 1:  # reformation can reorder the best few: choose after it
+        for member in track(chosen, "reforming the finalists"):
+            subnet = SubNetwork.from_json(member["subnet"])
+            member["reformed_calibration_perplexity"] = reformed_fitness(searcher, subnet)
+        best = min(chosen, key=lambda m: m["reformed_calibration_perplexity"])
     report = {
         "model": job.model,
         "strategy": job.strategy,
