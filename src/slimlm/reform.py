@@ -8,8 +8,7 @@ reproduces the full layer's output on calibration inputs X,
     min ‖Ŵ X_K − W X‖²   →   Ŵ = W G[:, K] (G[K, K] + λI)⁻¹,   G = X Xᵀ,
 
 a closed-form ridge solution (the paper's ADMM iteration converges to the same point, see
-``admm``; the tests check they agree). An intercept is fitted with Ŵ (a bias b̂ on the projection),
-so the mean of what was removed is kept as well. Inputs are gathered sequentially: each layer sees hidden
+``admm``; the tests check they agree). Inputs are gathered sequentially: each layer sees hidden
 states from the already pruned and reformed layers before it (the model as it will run), and only
 Gram matrices and one layer's activations are held at a time.
 """
@@ -79,15 +78,13 @@ def _capture_input(linear: torch.nn.Module, store: list[torch.Tensor]) -> Iterat
 
 
 @torch.no_grad()
-def reform(
-    loaded: LoadedModel, subnet: SubNetwork, windows: torch.Tensor, batch_size: int = 4, *, bias: bool = True
-) -> Reformed:
-    """New output-projection weights (and, with ``bias``, biases) for every kept layer of ``subnet``.
+def reform(loaded: LoadedModel, subnet: SubNetwork, windows: torch.Tensor, batch_size: int = 4) -> Reformed:
+    """New output-projection weights for every kept layer of ``subnet``, from calibration ``windows``.
 
-    ``bias`` fits an intercept with the weights, so a shift of the mean output is restored too (what
-    FLAP's bias compensation does alone). Targets are the full layer's outputs on the pruned run's
-    inputs; asking instead for the dense run's outputs (correcting the drift of earlier layers) was
-    measured worse on SmolLM2 (FLAP's 0.8 sub-network: perplexity 44.6 vs 35.6 on Austen).
+    Two variants were measured worse or not worth their cost on SmolLM2 (FLAP's 0.8 sub-network,
+    perplexity on Austen): targets from the dense run's inputs, to correct the drift of earlier
+    layers, 44.8 against 35.6; and an intercept (a new bias), 35.55, which adds parameters a budget
+    did not count.
     """
     subnet.validate(loaded.dims)
     adapter, model = loaded.adapter, loaded.model
@@ -106,11 +103,8 @@ def reform(
         branches = (("attention", attention, o_proj, head_cols), ("mlp", mlp, down_proj, torch.tensor(keep.neurons)))
         for name, branch, projection, kept in branches:
             inputs = _projection_inputs(branch, projection, hidden, layer_kwargs[index])
-            w, b = reform_projection(projection, inputs, inputs, kept, bias)
-            reformed[index, name] = w
-            if b is not None:
-                reformed[index, f"{name}_bias"] = b
-            hidden = [h + torch.nn.functional.linear(x[..., kept], w, b) for h, x in zip(hidden, inputs, strict=True)]
+            reformed[index, name] = w = _reform_projection(projection, inputs, kept)
+            hidden = [h + _project(x[..., kept], w, projection.bias) for h, x in zip(hidden, inputs, strict=True)]
     return reformed
 
 
@@ -129,36 +123,19 @@ def _branches(adapter, layer):
     return (lambda h, kw: attention(h, **kw)), (lambda h, _kw: mlp(h))
 
 
-def reform_projection(
-    linear: torch.nn.Linear,
-    inputs: list[torch.Tensor],
-    targets: list[torch.Tensor],
-    kept: torch.Tensor,
-    bias: bool,
-    damping: float = DAMPING,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Ŵ (and b̂) over the ``kept`` input columns with Ŵ X_K + b̂ ≈ W T + b in least squares, from
-    inputs X and targets T (batches of them; in reformation both are the pruned run's inputs)."""
-    weight = linear.weight.detach().double()
-    old_bias = linear.bias.detach().double() if linear.bias is not None else torch.zeros(len(weight))
-    if len(kept) == linear.in_features and targets is inputs:
-        return linear.weight.detach().clone(), None  # nothing removed: nothing to correct
-    size = len(kept) + bias
-    gram = torch.zeros(size, size, dtype=torch.float64)
-    cross = torch.zeros(linear.in_features + 1, size, dtype=torch.float64)  # [T; 1] [X_K; 1]ᵀ
-    for x, t in zip(inputs, targets, strict=True):
-        x_kept = _with_ones(x[..., kept], bias)
-        gram += (x_kept.T @ x_kept).double()  # float32 products (fast), float64 sums
-        cross += (_with_ones(t, True).T @ x_kept).double()
-    solution = ridge(torch.cat([weight, old_bias[:, None]], dim=1) @ cross, gram, damping)
-    if not bias:
-        return solution.to(linear.weight.dtype), None
-    return solution[:, :-1].to(linear.weight.dtype).contiguous(), solution[:, -1].to(linear.weight.dtype)
+def _reform_projection(linear: torch.nn.Linear, inputs: list[torch.Tensor], kept: torch.Tensor) -> torch.Tensor:
+    """Ŵ over the ``kept`` input columns with Ŵ X_K ≈ W X in least squares, X the batches of ``inputs``."""
+    if len(kept) == linear.in_features:
+        return linear.weight.detach().clone()
+    gram = torch.zeros(linear.in_features, linear.in_features, dtype=torch.float64)
+    for x in inputs:
+        flat = x.reshape(-1, x.shape[-1]).float()
+        gram += (flat.T @ flat).double()  # float32 products (fast), float64 sums
+    return solve(linear.weight.detach(), gram, kept)
 
 
-def _with_ones(x: torch.Tensor, ones: bool) -> torch.Tensor:
-    flat = x.reshape(-1, x.shape[-1]).float()
-    return torch.cat([flat, torch.ones(len(flat), 1)], dim=1) if ones else flat
+def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 def _layer_inputs(loaded: LoadedModel, windows: torch.Tensor, batch_size: int):
