@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sqlite3
 import threading
 from pathlib import Path
@@ -20,7 +21,15 @@ from slimlm.data import model_windows
 from slimlm.errors import SlimlmError
 from slimlm.evaluate import perplexity
 from slimlm.models import load_model
-from slimlm.report import FINALISTS, pareto_front, reformed_fitness, spread, write_report
+from slimlm.report import (
+    FINALISTS,
+    HYPERVOLUME_CAP,
+    hypervolume,
+    pareto_front,
+    reformed_fitness,
+    spread,
+    write_report,
+)
 from slimlm.search import STUDY_NAME, Searcher, SearchJob, open_study, parse_size, prepare, run_worker, search
 from slimlm.space import SearchSpace
 from slimlm.strategies import STRATEGIES, candidate, completed
@@ -474,6 +483,25 @@ def test_report_best_folder_computes_the_best_subnetwork(reported):
     assert static_cost(small.dims).params == best["params"] == sum(p.numel() for p in small.model.parameters())
 
 
+def test_hypervolume_is_the_area_the_front_dominates_up_to_the_reference():
+    dense_params, dense_ppl = 1000, 20.0
+    front = [(500, dense_ppl * math.e), (750, dense_ppl * math.exp(0.5))]
+    cap = math.log(HYPERVOLUME_CAP)
+    by_hand = 0.25 * (cap - 1.0) + 0.25 * (cap - 0.5)
+    assert hypervolume(front, dense_params, dense_ppl) == pytest.approx(by_hand)
+    worse = [(800, dense_ppl * math.e), (400, dense_ppl * HYPERVOLUME_CAP * 2)]  # dominated; beyond the cap
+    assert hypervolume(front + worse, dense_params, dense_ppl) == pytest.approx(by_hand)
+    assert hypervolume([(600, dense_ppl * 1.5), *front], dense_params, dense_ppl) > by_hand
+    assert hypervolume([], dense_params, dense_ppl) == 0.0
+
+
+def test_report_states_the_hypervolume_of_every_candidate(reported):
+    _, _, study, report = reported
+    points = [(t.user_attrs["params"], t.values[0]) for t in completed(study)]
+    expected = hypervolume(points, report["dense"]["params"], report["dense"]["calibration_perplexity"])
+    assert report["hypervolume"] == pytest.approx(expected) and report["hypervolume"] > 0
+
+
 def test_report_plot_is_a_png(reported):
     job, *_ = reported
     data = (Path(job.out) / "pareto.png").read_bytes()
@@ -597,6 +625,7 @@ def test_cli_search_prints_the_front_and_writes_the_run(folder, text, tmp_path):
     report = json.loads((run / "pareto.json").read_text())
     assert report["evaluations"] == 10 and report["strategy"] == "evolution"
     assert "Pareto front: evolution, 10 candidates" in result.stdout
+    assert f"hypervolume {report['hypervolume']:.4f}" in result.stdout
     rows = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.startswith("│ ")}
     assert {"uniform", "dense"} <= set(rows)  # "uniform importance" wraps in an 80-column terminal
     assert f"{report['dense']['params']:,}" in rows["dense"]

@@ -485,6 +485,7 @@ def search_command(model: ModelArg, out_dir: RunOut, options: dict) -> None:
         )
     columns = ["", "parameters", "fraction", "calib ppl", "eval ppl", f"prefill {job.seq_len}", "best"]
     out.print(_table(f"Pareto front: {job.strategy}, {report['evaluations']} candidates", columns, rows))
+    out.print(f"hypervolume {report['hypervolume']:.4f} (kept parameters vs log perplexity over dense)")
     out.print(
         f"wrote {out_dir}/pareto.json, {out_dir}/pareto.png"
         + (f", {out_dir}/best" if report["best_trial"] is not None else "")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 import optuna
+from optuna._hypervolume import compute_hypervolume  # Optuna's own (pinned <6; a test checks it)
 
 from slimlm.apply import subnetwork_applied
 from slimlm.data import model_windows
@@ -24,6 +27,7 @@ matplotlib.use("Agg")  # files only; no display on servers
 from matplotlib import pyplot as plt
 
 FINALISTS = 3  # front members reformed before the best is chosen
+HYPERVOLUME_CAP = 10.0  # perplexity over dense beyond which a sub-network adds no hypervolume
 
 
 def pareto_front(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
@@ -35,6 +39,16 @@ def pareto_front(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.Fr
     ]
     unique = {tuple(t.values): t for t in sorted(front, key=lambda t: t.number)}  # one per point
     return sorted(unique.values(), key=lambda t: t.values[1])
+
+
+def hypervolume(points: list[tuple[float, float]], dense_params: int, dense_perplexity: float) -> float:
+    """Area of the (kept parameter fraction, log perplexity over dense) plane the points dominate, up to
+    the fixed reference (1, log ``HYPERVOLUME_CAP``): one number, larger is better, comparable across
+    searches, strategies and trainings of one model. Points worse than the cap count nothing."""
+    reference = np.array([1.0, math.log(HYPERVOLUME_CAP)])
+    losses = np.array([(params / dense_params, math.log(ppl / dense_perplexity)) for params, ppl in points])
+    losses = losses[(losses < reference).all(axis=1)] if len(losses) else losses
+    return float(compute_hypervolume(losses, reference)) if len(losses) else 0.0
 
 
 def spread(front: list, size: int) -> list:
@@ -119,6 +133,11 @@ def write_report(searcher: Searcher, study: optuna.Study, front_size: int = 6) -
         "dense": dense,
         "uniform_importance": uniform,
         "front": members,
+        "hypervolume": hypervolume(
+            [(t.user_attrs["params"], t.values[0]) for t in trials],
+            dense["params"],
+            dense["calibration_perplexity"],
+        ),
         "best_trial": best["trial"] if best else None,
     }
     (out / "pareto.json").write_text(json.dumps(report, indent=1) + "\n")
