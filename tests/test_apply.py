@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimlm.apply import subnetwork_applied
+from slimlm.apply import subnetwork_applied, subnetwork_masked
 from slimlm.errors import SlimlmError
 from slimlm.subnet import LayerKeep, SubNetwork
 
@@ -130,3 +130,48 @@ def test_generation_with_kv_cache_works_on_the_applied_model(family):
             next_id = model(input_ids=ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
             ids = torch.cat([ids, next_id], dim=1)
     assert torch.equal(out, ids)
+
+
+# --- the masked (training) path ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_masked_model_computes_what_the_applied_model_computes(family):
+    loaded = tiny_loaded(family)
+    with torch.no_grad(), subnetwork_applied(loaded, heterogeneous()) as model:
+        expected = model(input_ids=INPUT).logits
+    with torch.no_grad(), subnetwork_masked(loaded, heterogeneous()) as model:
+        got = model(input_ids=INPUT).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_reach_kept_weights_only_and_the_model_is_restored():
+    loaded = tiny_loaded()
+    before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    subnet = heterogeneous()
+    with subnetwork_masked(loaded, subnet) as model:
+        model(input_ids=INPUT, labels=INPUT).loss.backward()
+    layers = loaded.adapter.decoder_layers(loaded.model)
+    assert all(p.grad is None or not p.grad.any() for p in layers[1].parameters())  # a removed layer
+    o_proj, down_proj = loaded.adapter.output_projections(layers[3])  # keeps head 4 and every third neuron
+    head_dim = loaded.dims.head_dim
+    assert o_proj.weight.grad[:, 4 * head_dim : 5 * head_dim].abs().sum() > 0
+    assert not o_proj.weight.grad[:, : 4 * head_dim].any() and not o_proj.weight.grad[:, 5 * head_dim :].any()
+    kept = torch.zeros(down_proj.in_features, dtype=torch.bool)
+    kept[list(subnet.layers[3].neurons)] = True
+    assert down_proj.weight.grad[:, kept].abs().sum() > 0 and not down_proj.weight.grad[:, ~kept].any()
+    assert len(layers) == loaded.dims.num_layers and loaded.model.config.num_hidden_layers == loaded.dims.num_layers
+    for name, param in loaded.model.named_parameters():
+        assert torch.equal(param, before[name]), name
+    for module in loaded.model.modules():
+        assert not module._forward_pre_hooks, "a mask hook was left behind"
+
+
+def test_masked_generation_matches_the_applied_model():
+    loaded = tiny_loaded()
+    prompt = INPUT[:1, :5]
+    with torch.no_grad(), subnetwork_applied(loaded, heterogeneous()) as model:
+        expected = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    with torch.no_grad(), subnetwork_masked(loaded, heterogeneous()) as model:
+        got = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, expected)

@@ -1,9 +1,14 @@
 """Apply a sub-network to a loaded model in place, and undo it.
 
-This is the hot loop of every search: candidate after candidate on one loaded model. Each kept
-linear gets a smaller weight gathered from the full one (``index_select``: one copy of the kept
-slice, never of the whole model), layers not kept are left out of the layer list, and everything
-is put back on exit. The forward pass then runs exactly the computation of the extracted model.
+``subnetwork_applied`` is the hot loop of every search: candidate after candidate on one loaded
+model. Each kept linear gets a smaller weight gathered from the full one (``index_select``: one copy
+of the kept slice, never of the whole model), layers not kept are left out of the layer list, and
+everything is put back on exit. The forward pass then runs exactly the computation of the extracted
+model.
+
+``subnetwork_masked`` is the training path: the full weights stay in place and removed heads and
+neurons are zeroed at the inputs of the output projections (which is what removing them computes),
+so gradients reach the shared weights of every sub-network a super-network trains.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ def subnetwork_applied(
     saved: list[tuple[object, str, object]] = []
 
     def save(targets: list[tuple[object, str]]) -> None:
-        saved.extend((obj, name, getattr(obj, name)) for obj, name in targets if hasattr(obj, name))
+        saved.extend(_current(targets))
 
     setattr(model, _APPLIED, True)
     try:
@@ -85,3 +90,56 @@ def _slice_linear(piece: LinearSlice) -> None:
     if bias is not linear.bias:
         linear.bias = nn.Parameter(bias, requires_grad=False)
     linear.out_features, linear.in_features = weight.shape
+
+
+@contextmanager
+def subnetwork_masked(loaded: LoadedModel, subnet: SubNetwork) -> Iterator[PreTrainedModel]:
+    """Within the block, ``loaded.model`` computes ``subnet`` differentiably, by masks on the full weights.
+
+    Removing a query head removes its channels of the attention output projection's input; removing
+    a neuron, its channel of the MLP output projection's input; so zeroing those channels computes
+    the sub-network exactly, and gradients flow to every kept weight. Removed layers are skipped.
+    """
+    model, adapter = loaded.model, loaded.adapter
+    if getattr(model, _APPLIED, False):
+        raise SlimlmError("a sub-network is already applied to this model; leave its block first")
+    subnet.validate(loaded.dims)
+    layers, kept, head_dim = adapter.decoder_layers(model), subnet.kept_layers, loaded.dims.head_dim
+    hooks, saved = [], _current(adapter.model_attributes(model))
+    setattr(model, _APPLIED, True)
+    try:
+        for position, index in enumerate(kept):
+            layer, keep, shape = layers[index], subnet.layers[index], loaded.dims.layers[index]
+            saved += _current(adapter.layer_attributes(layer))
+            adapter.configure_layer(layer, shape, position)  # full shape; position indexes the cache
+            if keep.shape == shape:
+                continue
+            heads = torch.zeros(shape.heads, dtype=torch.bool)
+            heads[list(keep.heads)] = True
+            neurons = torch.zeros(shape.neurons, dtype=torch.bool)
+            neurons[list(keep.neurons)] = True
+            o_proj, down_proj = adapter.output_projections(layer)
+            hooks.append(o_proj.register_forward_pre_hook(_zero_channels(heads.repeat_interleave(head_dim))))
+            hooks.append(down_proj.register_forward_pre_hook(_zero_channels(neurons)))
+        adapter.configure_model(model, kept)
+        adapter.set_decoder_layers(model, nn.ModuleList(layers[i] for i in kept))
+        yield model
+    finally:
+        adapter.set_decoder_layers(model, layers)
+        for hook in hooks:
+            hook.remove()
+        for obj, name, value in reversed(saved):
+            setattr(obj, name, value)
+        setattr(model, _APPLIED, False)
+
+
+def _current(targets: list[tuple[object, str]]) -> list[tuple[object, str, object]]:
+    """The present values of the attributes that exist, to put back later."""
+    return [(obj, name, getattr(obj, name)) for obj, name in targets if hasattr(obj, name)]
+
+
+def _zero_channels(kept: torch.Tensor):
+    def hook(_module, args):
+        return (args[0] * kept.to(args[0].dtype), *args[1:])
+
+    return hook
