@@ -27,12 +27,14 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from slimlm.cache import cache_root
 from slimlm.errors import SlimlmError
 from slimlm.models import LoadedModel
 from slimlm.progress import track
 
+IMPORTANCE_FILE = "slimlm_importance.safetensors"  # a trained super-network's unit ranking, in its folder
 DAMPING = 0.01  # λ as a fraction of the mean Gram diagonal: keeps the inverse finite on dead channels
 
 
@@ -251,3 +253,21 @@ def taylor_importance(loaded: LoadedModel, windows: torch.Tensor, layers: torch.
     ]
     neurons = [s["neurons"].float() for s in sums]
     return Importance(heads, kv_heads, neurons, torch.ones(dims.num_layers) if layers is None else layers)
+
+
+def save_importance(scores: Importance, path: Path) -> None:
+    """Write a unit ranking (per-layer head, key/value head, neuron and layer scores) as safetensors."""
+    tensors = {"layers": scores.layers.contiguous()}
+    for name in ("heads", "kv_heads", "neurons"):
+        tensors |= {f"{name}.{i}": t.contiguous() for i, t in enumerate(getattr(scores, name))}
+    save_file(tensors, str(path))
+
+
+def load_importance(path: Path) -> Importance:
+    """The unit ranking ``save_importance`` wrote."""
+    tensors = load_file(str(path))
+    count = len(tensors["layers"])
+    return Importance(
+        *([tensors[f"{name}.{i}"] for i in range(count)] for name in ("heads", "kv_heads", "neurons")),
+        tensors["layers"],
+    )

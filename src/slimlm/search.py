@@ -24,7 +24,7 @@ from slimlm.costs import LatencyProbe, StaticCost, static_cost
 from slimlm.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, model_windows
 from slimlm.errors import SlimlmError
 from slimlm.evaluate import perplexity
-from slimlm.importance import DEFAULT_METRIC, cached_calibration, importance
+from slimlm.importance import DEFAULT_METRIC, IMPORTANCE_FILE, cached_calibration, importance, load_importance
 from slimlm.models import LayerShape, LoadedModel, load_model
 from slimlm.progress import progress_bar
 from slimlm.reform import reform
@@ -209,7 +209,11 @@ def prepare(job: SearchJob, loaded: LoadedModel | None = None) -> Searcher:
             + (" and reforming candidates as many more" if job.reform_candidates else "")
         )
     calib = model_windows(loaded, job.calibration, job.seq_len, job.calibration_windows)
-    scores = importance(loaded, cached_calibration(loaded, calib, job.calibration), job.metric)
+    trained = Path(loaded.folder) / IMPORTANCE_FILE  # a super-network: keep the units its training kept
+    if trained.is_file():
+        scores = load_importance(trained)
+    else:
+        scores = importance(loaded, cached_calibration(loaded, calib, job.calibration), job.metric)
 
     def within(shapes: list[LayerShape]) -> bool:
         return budget.fits(static_cost(dims, shapes, context=job.seq_len))

@@ -11,6 +11,7 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import optuna
 import torch
 
@@ -78,6 +79,24 @@ class SearchSpace:
                 continue
             shapes[i] = self._suggest_layer(trial, f"_{i}", layer) if self.per_layer else uniform
         return shapes or {0: dims.layers[0]}
+
+    def sample(self, dims: ModelDims, rng: np.random.Generator) -> dict[int, LayerShape]:
+        """Layer shapes drawn uniformly from this space's choices (for super-network training)."""
+        full, uniform = dims.layers[0], None
+        shapes = {}
+        for i, layer in enumerate(dims.layers):
+            if i in self.frozen_layers:
+                shapes[i] = layer
+                continue
+            if self.depth and rng.random() < 0.5:
+                continue
+            if self.per_layer or uniform is None:
+                attention, neurons = self.attention_choices(layer), self.neuron_choices(layer)
+                a = attention[rng.integers(len(attention))]
+                shape = LayerShape(a.heads, a.kv_heads, neurons[rng.integers(len(neurons))])
+                uniform = uniform or shape
+            shapes[i] = shape if self.per_layer else self._nearest(layer, uniform, full)
+        return shapes or {0: dims.layers[0]}  # as ``suggest``: a model keeps at least one layer
 
     def params_of(self, dims: ModelDims, shapes: dict[int, LayerShape]) -> dict[str, int | bool]:
         """The trial parameters ``suggest`` would need to return ``shapes`` (to enqueue a known point).

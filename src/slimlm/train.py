@@ -1,0 +1,234 @@
+"""Super-network training: fine-tune a model once so that its sub-networks work (one-shot NAS).
+
+Every step trains the full model and sub-networks drawn from the search space on one batch, with
+shared weights (``subnetwork_masked``), and takes one optimizer step on the summed gradients:
+
+- ``sandwich`` (whittle, after the sandwich rule of slimmable networks): the full model, the
+  smallest sub-network and ``random_subnets`` random ones;
+- ``random``: ``random_subnets`` random sub-networks;
+- ``alternate`` (InstaTune-like): the full model on even steps, one random sub-network on odd ones.
+
+The full model learns from the labels (cross-entropy). A sub-network learns from the labels and,
+with weight ``distillation``, from the full model's logits on the same batch (in-place
+distillation: KL divergence at ``temperature``). Units are ranked by importance once, before
+training, and every sub-network keeps the most important ones; the ranking is saved with the
+trained model so that a search on it keeps the units training kept.
+
+Full fine-tuning, or LoRA through ``peft`` (merged into the weights at the end). Devices, mixed
+precision and several GPUs come from ``accelerate``. A checkpoint (model, optimizer, step) is
+written every ``checkpoint_every`` steps; ``resume`` continues from it to the same result, since
+the batch and sub-networks of a step depend only on the seed and the step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from slimlm.apply import subnetwork_masked
+from slimlm.data import DEFAULT_CALIBRATION, model_windows
+from slimlm.errors import SlimlmError
+from slimlm.importance import (
+    DEFAULT_METRIC,
+    IMPORTANCE_FILE,
+    Importance,
+    cached_calibration,
+    importance,
+    save_importance,
+)
+from slimlm.models import LoadedModel, load_model
+from slimlm.progress import progress_bar, quiet_transformers
+from slimlm.space import SearchSpace, keep_most_important
+from slimlm.subnet import SubNetwork
+
+STRATEGIES = ("sandwich", "random", "alternate")
+CHECKPOINT = "checkpoint"
+IMPORTANCE_WINDOWS = 16
+
+
+@dataclass
+class TrainJob:
+    """A super-network training run; plain values, saved with its checkpoints."""
+
+    model: str
+    out: str
+    data: str = DEFAULT_CALIBRATION
+    strategy: str = "sandwich"
+    steps: int = 100
+    batch_size: int = 2
+    seq_len: int = 256
+    learning_rate: float = 2e-5
+    random_subnets: int = 2
+    distillation: float = 0.5  # weight of the KL to the full model's logits in a sub-network's loss
+    temperature: float = 1.0
+    lora_rank: int = 0  # 0: full fine-tuning
+    space: SearchSpace = field(default_factory=SearchSpace)
+    metric: str = DEFAULT_METRIC
+    checkpoint_every: int = 25
+    seed: int = 0
+    mixed_precision: str = "no"  # accelerate's: no, fp16, bf16
+    resume: bool = False
+
+    def identity(self) -> dict:
+        """What must match for ``resume`` to continue a run (``steps`` may grow)."""
+        values = asdict(self)
+        for key in ("steps", "resume", "checkpoint_every"):
+            values.pop(key)
+        return json.loads(json.dumps(values))
+
+
+def check(job: TrainJob) -> None:
+    """Refuse bad settings before any work."""
+    if job.strategy not in STRATEGIES:
+        raise SlimlmError(f"unknown training strategy '{job.strategy}'; choose from {', '.join(STRATEGIES)}")
+    if min(job.steps, job.batch_size, job.checkpoint_every) < 1 or job.random_subnets < 0 or job.lora_rank < 0:
+        raise SlimlmError("--steps, --batch-size and --checkpoint-every must be at least 1; ranks and counts >= 0")
+    if job.strategy != "sandwich" and job.random_subnets < 1:
+        raise SlimlmError(f"strategy '{job.strategy}' needs --random-subnets of at least 1")
+    if not 0 <= job.distillation <= 1 or job.temperature <= 0:
+        raise SlimlmError("--distillation must be in [0, 1] and --temperature positive")
+
+
+def step_subnets(job: TrainJob, loaded: LoadedModel, scores: Importance, step: int) -> list[SubNetwork | None]:
+    """The sub-networks one step trains (None: the full model, always first when present)."""
+    rng = np.random.default_rng([job.seed, step])
+    dims = loaded.dims
+
+    def drawn() -> SubNetwork:
+        return keep_most_important(dims, scores, job.space.sample(dims, rng))
+
+    if job.strategy == "sandwich":
+        smallest = keep_most_important(dims, scores, job.space.smallest(dims))
+        return [None, smallest, *(drawn() for _ in range(job.random_subnets))]
+    if job.strategy == "random":
+        return [drawn() for _ in range(job.random_subnets)]
+    return [None] if step % 2 == 0 else [drawn()]
+
+
+def batch_of(job: TrainJob, windows: torch.Tensor, step: int) -> torch.Tensor:
+    """The step's batch: windows in an order fixed by the seed, reshuffled each pass over the data."""
+    per_pass = len(windows) // job.batch_size
+    epoch, position = divmod(step, per_pass)
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(job.seed * 100_003 + epoch))
+    return windows[order[position * job.batch_size : (position + 1) * job.batch_size]]
+
+
+def sub_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None, job: TrainJob) -> torch.Tensor:
+    """Next-token cross-entropy, mixed with the KL to the teacher's distribution when there is one."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    if teacher is None or job.distillation == 0:
+        return ce
+    t = job.temperature
+    student = F.log_softmax(logits / t, dim=-1).reshape(-1, logits.shape[-1])
+    target = F.log_softmax(teacher[:, :-1].float() / t, dim=-1).reshape(-1, logits.shape[-1])
+    kl = F.kl_div(student, target, log_target=True, reduction="batchmean") * t * t
+    return (1 - job.distillation) * ce + job.distillation * kl
+
+
+def train(job: TrainJob, loaded: LoadedModel | None = None) -> Path:
+    """Train ``job.model`` as a super-network; write the trained model (and its unit ranking) to ``job.out``."""
+    check(job)
+    out = Path(job.out)
+    checkpoint = out / CHECKPOINT
+    if not job.resume and checkpoint.exists():
+        raise SlimlmError(f"{out} already holds a training run; pass --resume to continue it, or choose another --out")
+    if job.resume and checkpoint.exists():
+        stored = json.loads((checkpoint / "job.json").read_text())
+        if stored != job.identity():
+            changed = sorted(k for k in job.identity() if stored.get(k) != job.identity()[k])
+            raise SlimlmError(f"--resume with different settings than the stored run: {', '.join(changed)}")
+    loaded = loaded or load_model(job.model)
+    windows = model_windows(loaded, job.data, job.seq_len)
+    if len(windows) < job.batch_size:
+        needed = f"a batch needs {job.batch_size}"
+        raise SlimlmError(f"`{job.data}` gives {len(windows)} windows of {job.seq_len} tokens; {needed}")
+    calib = windows[:IMPORTANCE_WINDOWS]
+    scores = importance(loaded, cached_calibration(loaded, calib, job.data), job.metric)
+    peft_model = _add_lora(loaded, job.lora_rank) if job.lora_rank else None
+    torch.manual_seed(job.seed)
+    accelerator = Accelerator(mixed_precision=job.mixed_precision)
+    trainable = [p for p in loaded.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=job.learning_rate)
+    model, optimizer = accelerator.prepare(loaded.model, optimizer)
+    loaded.model.train()
+    start = 0
+    if job.resume and checkpoint.exists():
+        accelerator.load_state(str(checkpoint / "state"))
+        start = json.loads((checkpoint / "progress.json").read_text())["step"]
+    out.mkdir(parents=True, exist_ok=True)
+    with progress_bar() as bar:
+        task = bar.add_task("training the super-network", total=job.steps, completed=start)
+        tokens, began = 0, time.perf_counter()
+        for step in range(start, job.steps):
+            ids = batch_of(job, windows, step).to(accelerator.device)
+            loss = _train_step(job, loaded, model, accelerator, ids, step_subnets(job, loaded, scores, step))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens += ids.numel()
+            rate = tokens / (time.perf_counter() - began)
+            bar.update(task, advance=1, description=f"training (loss {loss:.3f}, {rate:.0f} tokens/s)")
+            if (step + 1) % job.checkpoint_every == 0 or step + 1 == job.steps:
+                _save_checkpoint(accelerator, job, checkpoint, step + 1)
+    loaded.model.eval()
+    _save_model(loaded, peft_model, scores, out)
+    return out
+
+
+def _train_step(job, loaded, model, accelerator, ids, subnets: list[SubNetwork | None]) -> float:
+    """Forward and backward every sub-network of the step; gradients summed, mean loss returned."""
+    teacher = None
+    if job.distillation > 0 and any(s is not None for s in subnets) and None not in subnets:
+        with torch.no_grad():  # no full-model update this step, but its logits still teach
+            teacher = model(input_ids=ids, use_cache=False).logits
+    total = 0.0
+    for subnet in subnets:
+        if subnet is None:
+            logits = model(input_ids=ids, use_cache=False).logits
+            teacher = logits.detach()
+            loss = sub_loss(logits, ids, None, job)
+        else:
+            with subnetwork_masked(loaded, subnet):
+                loss = sub_loss(model(input_ids=ids, use_cache=False).logits, ids, teacher, job)
+        accelerator.backward(loss / len(subnets))
+        total += loss.item() / len(subnets)
+    return total
+
+
+def _add_lora(loaded: LoadedModel, rank: int):
+    """Inject LoRA adapters into every linear of the decoder layers, in place; the rest is frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", lora_dropout=0.0)
+    return get_peft_model(loaded.model, config)  # the wrapped model keeps its modules: masks still apply
+
+
+def _save_checkpoint(accelerator: Accelerator, job: TrainJob, checkpoint: Path, step: int) -> None:
+    """Write the checkpoint beside the old one, then swap, so a kill never leaves a half-written one."""
+    fresh = checkpoint.with_name(f".{CHECKPOINT}.{os.getpid()}.tmp")
+    shutil.rmtree(fresh, ignore_errors=True)
+    accelerator.save_state(str(fresh / "state"), safe_serialization=True)
+    (fresh / "job.json").write_text(json.dumps(job.identity(), indent=1) + "\n")
+    (fresh / "progress.json").write_text(json.dumps({"step": step}) + "\n")
+    old = checkpoint.with_name(f".{CHECKPOINT}.old")
+    if checkpoint.exists():
+        os.replace(checkpoint, old)
+    os.replace(fresh, checkpoint)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_model(loaded: LoadedModel, peft_model, scores: Importance, out: Path) -> None:
+    model = peft_model.merge_and_unload() if peft_model is not None else loaded.model
+    with quiet_transformers():
+        model.save_pretrained(out)
+        loaded.tokenizer.save_pretrained(out)
+    save_importance(scores, out / IMPORTANCE_FILE)
