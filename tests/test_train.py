@@ -16,7 +16,7 @@ from slimlm.search import SearchJob, prepare
 from slimlm.space import SearchSpace, keep_most_important
 from slimlm.train import TrainJob, step_subnets, train
 
-from .conftest import TEXT, tiny_loaded
+from .conftest import TEXT, invoke, one_error, save_tiny, tiny_loaded
 from .test_space import fixed_importance
 
 SEQ = 32
@@ -144,3 +144,18 @@ def test_bad_settings_are_refused_before_anything_is_written(text, tmp_path, cha
     with pytest.raises(SlimlmError, match=message):
         train(job_for(text, tmp_path / "run", **changes), tiny_loaded())
     assert not (tmp_path / "run").exists()
+
+
+def test_the_train_command_writes_a_searchable_supernetwork(text, tmp_path):
+    folder = save_tiny(tiny_loaded(), tmp_path / "tiny")
+    run = tmp_path / "super"
+    options = ["--data", text, "--steps", 2, "--seq-len", SEQ, "--batch-size", 2, "--checkpoint-every", 1]
+    result = invoke("train", folder, "--out", run, *options)
+    assert result.exit_code == 0, result.output
+    assert f"slimlm search {run}" in result.stdout
+    assert (run / IMPORTANCE_FILE).is_file() and (run / "checkpoint" / "progress.json").is_file()
+    assert load_model(run).dims == load_model(folder).dims
+    assert "unknown training strategy 'greedy'" in one_error(
+        invoke("train", folder, "--out", run, "--strategy", "greedy")
+    )
+    assert "--resume" in one_error(invoke("train", folder, "--out", run, *options))

@@ -34,6 +34,9 @@ from slimlm.search import search as run_search
 from slimlm.space import SearchSpace
 from slimlm.strategies import DEFAULT_STRATEGY
 from slimlm.subnet import SubNetwork
+from slimlm.train import STRATEGIES as TRAIN_STRATEGIES
+from slimlm.train import TrainJob
+from slimlm.train import train as train_supernetwork
 
 app = typer.Typer(
     help="Make pretrained LLMs smaller and faster by structural sub-network search.",
@@ -299,6 +302,51 @@ def prune_command(
         f"{pruned_perplexity:.2f} on {evaluation}, pruned in {pruned.seconds:.1f} s; "
         f"wrote {result.folder} (loads with {how})"
     )
+
+
+@app.command("train")
+@friendly
+def train_command(
+    model: ModelArg,
+    out_dir: Annotated[Path, typer.Option("--out", help="folder for the trained super-network and its checkpoint")],
+    data: DataOpt = DEFAULT_CALIBRATION,
+    strategy: Annotated[str, typer.Option(help=f"sub-networks per step: {', '.join(TRAIN_STRATEGIES)}")] = "sandwich",
+    steps: Annotated[int, typer.Option(help="optimizer steps")] = 100,
+    batch_size: Annotated[int, typer.Option(help="windows per step")] = 2,
+    seq_len: SeqLenOpt = 256,
+    learning_rate: Annotated[float, typer.Option(help="AdamW learning rate")] = 2e-5,
+    random_subnets: Annotated[int, typer.Option(help="random sub-networks per step")] = 2,
+    distillation: Annotated[float, typer.Option(help="weight of the KL to the full model in [0, 1]")] = 0.5,
+    temperature: Annotated[float, typer.Option(help="distillation temperature")] = 1.0,
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank (0: full fine-tuning)")] = 0,
+    min_ratio: Annotated[float, typer.Option(help="smallest kept fraction of a layer's heads and neurons")] = 0.2,
+    checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints")] = 25,
+    mixed_precision: Annotated[str, typer.Option(help="accelerate's: no, fp16, bf16")] = "no",
+    seed: Annotated[int, typer.Option(help="seed of batches and sub-networks")] = 0,
+    resume: Annotated[bool, typer.Option(help="continue the run stored in --out")] = False,
+) -> None:
+    """Train the model once as a weight-sharing super-network; search it afterwards with `slimlm search OUT`."""
+    job = TrainJob(
+        model=model,
+        out=str(out_dir),
+        data=data,
+        strategy=strategy,
+        steps=steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        learning_rate=learning_rate,
+        random_subnets=random_subnets,
+        distillation=distillation,
+        temperature=temperature,
+        lora_rank=lora_rank,
+        space=SearchSpace(min_ratio=min_ratio),
+        checkpoint_every=checkpoint_every,
+        mixed_precision=mixed_precision,
+        seed=seed,
+        resume=resume,
+    )
+    folder = train_supernetwork(job)
+    out.print(f"wrote the trained super-network to {folder} (search it with: slimlm search {folder} ...)")
 
 
 @app.command()
