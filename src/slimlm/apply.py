@@ -140,6 +140,6 @@ def _current(targets: list[tuple[object, str]]) -> list[tuple[object, str, objec
 
 def _zero_channels(kept: torch.Tensor):
     def hook(_module, args):
-        return (args[0] * kept.to(args[0].dtype), *args[1:])
+        return (args[0] * kept.to(device=args[0].device, dtype=args[0].dtype), *args[1:])
 
     return hook

@@ -157,6 +157,8 @@ def train(job: TrainJob, loaded: LoadedModel | None = None) -> Path:
     peft_model = _add_lora(loaded, job.lora_rank) if job.lora_rank else None
     torch.manual_seed(job.seed)
     accelerator = Accelerator(mixed_precision=job.mixed_precision)
+    if job.batch_size < accelerator.num_processes:
+        raise SlimlmError(f"--batch-size {job.batch_size} is smaller than the {accelerator.num_processes} processes")
     trainable = [p for p in loaded.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=job.learning_rate)
     model, optimizer = accelerator.prepare(loaded.model, optimizer)
@@ -170,7 +172,8 @@ def train(job: TrainJob, loaded: LoadedModel | None = None) -> Path:
         task = bar.add_task("training the super-network", total=job.steps, completed=start)
         tokens, began = 0, time.perf_counter()
         for step in range(start, job.steps):
-            ids = batch_of(job, windows, step).to(accelerator.device)
+            ids = batch_of(job, windows, step)[accelerator.process_index :: accelerator.num_processes]  # data parallel
+            ids = ids.to(accelerator.device)
             loss = _train_step(job, loaded, model, accelerator, ids, step_subnets(job, loaded, scores, step))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -180,7 +183,8 @@ def train(job: TrainJob, loaded: LoadedModel | None = None) -> Path:
             if (step + 1) % job.checkpoint_every == 0 or step + 1 == job.steps:
                 _save_checkpoint(accelerator, job, checkpoint, step + 1)
     loaded.model.eval()
-    _save_model(loaded, peft_model, scores, out)
+    if accelerator.is_main_process:
+        _save_model(loaded, peft_model, scores, out)
     return out
 
 
@@ -214,16 +218,21 @@ def _add_lora(loaded: LoadedModel, rank: int):
 
 def _save_checkpoint(accelerator: Accelerator, job: TrainJob, checkpoint: Path, step: int) -> None:
     """Write the checkpoint beside the old one, then swap, so a kill never leaves a half-written one."""
-    fresh = checkpoint.with_name(f".{CHECKPOINT}.{os.getpid()}.tmp")
-    shutil.rmtree(fresh, ignore_errors=True)
-    accelerator.save_state(str(fresh / "state"), safe_serialization=True)
-    (fresh / "job.json").write_text(json.dumps(job.identity(), indent=1) + "\n")
-    (fresh / "progress.json").write_text(json.dumps({"step": step}) + "\n")
-    old = checkpoint.with_name(f".{CHECKPOINT}.old")
-    if checkpoint.exists():
-        os.replace(checkpoint, old)
-    os.replace(fresh, checkpoint)
-    shutil.rmtree(old, ignore_errors=True)
+    fresh = checkpoint.with_name(f".{CHECKPOINT}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(fresh, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(fresh / "state"), safe_serialization=True)  # every process saves its share
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (fresh / "job.json").write_text(json.dumps(job.identity(), indent=1) + "\n")
+        (fresh / "progress.json").write_text(json.dumps({"step": step}) + "\n")
+        old = checkpoint.with_name(f".{CHECKPOINT}.old")
+        if checkpoint.exists():
+            os.replace(checkpoint, old)
+        os.replace(fresh, checkpoint)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
 
 
 def _save_model(loaded: LoadedModel, peft_model, scores: Importance, out: Path) -> None:
