@@ -5,9 +5,15 @@ from __future__ import annotations
 from slimlm.errors import SlimlmError
 from slimlm.strategies.base import SUBNET_ATTR, SearchContext, Strategy, candidate, completed, seen_candidates
 from slimlm.strategies.evolution import Evolution
+from slimlm.strategies.predicted import PredictedNSGA2
 from slimlm.strategies.sampled import NSGA2, RandomSearch
 
-STRATEGIES: dict[str, type] = {"evolution": Evolution, "nsga2": NSGA2, "random": RandomSearch}
+STRATEGIES: dict[str, type] = {
+    "evolution": Evolution,
+    "nsga2": NSGA2,
+    "linas": PredictedNSGA2,
+    "random": RandomSearch,
+}
 DEFAULT_STRATEGY = "evolution"
 
 
