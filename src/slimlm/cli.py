@@ -562,6 +562,7 @@ def compress(model: ModelArg, out_dir: RunOut, options: dict) -> None:
     if report["uniform_importance_perplexity"] is not None:
         out.print(
             f"uniform importance-ranked sub-network at the same budget: perplexity "
-            f"{report['uniform_importance_perplexity']:.2f} (before reformation)"
+            f"{report['uniform_importance_perplexity']:.2f} (not reformed)"
         )
-    out.print(f"saved {out_dir / 'best'} (loads with {how}); report in {out_dir / 'slimlm_report.json'}")
+    reformed = "reformed" if report["reformed"] else "not reformed (it scored better so on held-out calibration)"
+    out.print(f"saved {out_dir / 'best'}, {reformed} (loads with {how}); report in {out_dir / 'slimlm_report.json'}")

@@ -79,6 +79,7 @@ def compress(job: SearchJob, repeats: int = 3) -> dict:
         "seq_len": job.seq_len,
         "evaluation_tokens": evaluation_ids.numel(),
         "needs_remote_code": (out / "best" / "modeling_slimlm.py").exists(),
+        "reformed": pareto["best_reformed"],
         "uniform_importance_perplexity": (pareto["uniform_importance"] or {}).get("evaluation_perplexity"),
         "dense": asdict(reports[0]),
         "compressed": asdict(reports[1]),

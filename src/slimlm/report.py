@@ -91,8 +91,10 @@ def write_report(searcher: Searcher, study: optuna.Study, front_size: int = 6) -
     """Evaluate the front on evaluation text; write ``pareto.json``, ``pareto.png`` and ``best/``.
 
     The front shown is ``front_size`` members spread along it. The best is the within-budget member
-    with the lowest calibration perplexity; with reformation on, the ``FINALISTS`` lowest members of
-    the whole front are reformed (and shown), and the lowest after reformation wins.
+    with the lowest calibration perplexity. With reformation on, the ``FINALISTS`` lowest members of
+    the whole front are also scored reformed (and shown), and the lowest of them, as it is or
+    reformed, wins: reformation can reorder candidates, and where little was removed it can fit
+    calibration noise (SmolLM2 at 0.9 kept: 29.6 unreformed, 34.5 reformed).
     """
     job, out = searcher.job, Path(searcher.job.out)
     evaluation_ids = model_windows(searcher.loaded, job.evaluation, job.seq_len, job.evaluation_windows)
@@ -116,11 +118,11 @@ def write_report(searcher: Searcher, study: optuna.Study, front_size: int = 6) -
     feasible = sorted((m for m in members if m["within_budget"]), key=lambda m: m["calibration_perplexity"])
     best = feasible[0] if feasible else None
     chosen = [m for m in feasible if m["trial"] in {t.number for t in finalists}]
-    if len(chosen) > 1:  # reformation can reorder the best few: choose after it
-        for member in track(chosen, "reforming the finalists"):
-            subnet = SubNetwork.from_json(member["subnet"])
-            member["reformed_calibration_perplexity"] = reformed_fitness(searcher, subnet)
-        best = min(chosen, key=lambda m: m["reformed_calibration_perplexity"])
+    for member in track(chosen, "reforming the finalists"):
+        member["reformed_calibration_perplexity"] = reformed_fitness(searcher, SubNetwork.from_json(member["subnet"]))
+    if chosen:  # each finalist as it is or reformed, whichever is lower on the windows reformation did not see
+        best = min(chosen, key=lambda m: min(m["calibration_perplexity"], m["reformed_calibration_perplexity"]))
+    reform_best = bool(chosen) and best["reformed_calibration_perplexity"] < best["calibration_perplexity"]
     report = {
         "model": job.model,
         "strategy": job.strategy,
@@ -144,12 +146,12 @@ def write_report(searcher: Searcher, study: optuna.Study, front_size: int = 6) -
     plot(report, trials, out / "pareto.png")
     if best:
         subnet = SubNetwork.from_json(best["subnet"])
-        reformed = reform(searcher.loaded, subnet, searcher.calibration_ids) if job.reform else None
+        reformed = reform(searcher.loaded, subnet, searcher.calibration_ids) if reform_best else None
         extract(searcher.loaded, subnet, out / "best", reformed)
-        if reformed:
-            with subnetwork_applied(searcher.loaded, subnet, reformed) as model:
-                report["best_reformed_evaluation_perplexity"] = perplexity(model, evaluation_ids)
-            (out / "pareto.json").write_text(json.dumps(report, indent=1) + "\n")
+        with subnetwork_applied(searcher.loaded, subnet, reformed) as model:
+            report["best_evaluation_perplexity"] = perplexity(model, evaluation_ids)
+        report["best_reformed"] = reform_best
+        (out / "pareto.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
 
 
