@@ -380,7 +380,7 @@ def test_an_infeasible_memory_budget_is_refused(make_job, tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"strategy": "annealing"}, "unknown strategy 'annealing'; choose from evolution, nsga2, random"),
+        ({"strategy": "annealing"}, "unknown strategy 'annealing'; choose from evolution, nsga2, linas, random"),
         ({"objective": "energy"}, "unknown objective 'energy'; choose from params, flops, memory, latency"),
         ({"evaluations": 0}, "--evaluations and --workers must be at least 1"),
         ({"fitness_windows": 9}, "calib-windows.*fitness|fitness-windows.*calib-windows"),
