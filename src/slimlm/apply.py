@@ -36,35 +36,43 @@ def subnetwork_applied(
     ``reformed`` (from ``slimlm.reform.reform`` or a pruning method) replaces the kept output-projection
     weights (keys ``(layer, "attention" | "mlp")``) and sets their biases (``"attention_bias" | "mlp_bias"``).
     """
+    adapter = loaded.adapter
+
+    @torch.no_grad()
+    def shrink(layer, index: int, position: int, saved: list) -> None:
+        keep = subnet.layers[index]
+        units = (torch.tensor(keep.heads), torch.tensor(keep.kv_heads), torch.tensor(keep.neurons))
+        for piece in adapter.layer_slices(layer, *units):
+            saved += _current([(piece.linear, n) for n in ("weight", "bias", "in_features", "out_features")])
+            _slice_linear(piece)
+        for name, linear in zip(("attention", "mlp"), adapter.output_projections(layer), strict=True):
+            saved += _current([(linear, "weight"), (linear, "bias")])
+            if reformed and (index, name) in reformed:
+                linear.weight = nn.Parameter(reformed[index, name], requires_grad=False)
+            if reformed and (index, f"{name}_bias") in reformed:
+                linear.bias = nn.Parameter(reformed[index, f"{name}_bias"], requires_grad=False)
+        adapter.configure_layer(layer, keep.shape, position)
+
+    with _kept_layers_only(loaded, subnet, shrink) as model:
+        yield model
+
+
+@contextmanager
+def _kept_layers_only(loaded: LoadedModel, subnet: SubNetwork, prepare_layer) -> Iterator[PreTrainedModel]:
+    """The bookkeeping both ways of applying share: one sub-network at a time, ``prepare_layer(layer,
+    index, position, saved)`` on every kept layer (appending what it changes to ``saved``), the
+    removed layers left out of the layer list, and everything put back on exit."""
     model, adapter = loaded.model, loaded.adapter
     if getattr(model, _APPLIED, False):
         raise SlimlmError("a sub-network is already applied to this model; leave its block first")
     subnet.validate(loaded.dims)
-    layers = adapter.decoder_layers(model)
-    kept = subnet.kept_layers
-    saved: list[tuple[object, str, object]] = []
-
-    def save(targets: list[tuple[object, str]]) -> None:
-        saved.extend(_current(targets))
-
+    layers, kept = adapter.decoder_layers(model), subnet.kept_layers
+    saved = _current(adapter.model_attributes(model))
     setattr(model, _APPLIED, True)
     try:
-        with torch.no_grad():
-            for position, index in enumerate(kept):
-                layer, keep = layers[index], subnet.layers[index]
-                save(adapter.layer_attributes(layer))
-                units = (torch.tensor(keep.heads), torch.tensor(keep.kv_heads), torch.tensor(keep.neurons))
-                for piece in adapter.layer_slices(layer, *units):
-                    save([(piece.linear, n) for n in ("weight", "bias", "in_features", "out_features")])
-                    _slice_linear(piece)
-                for name, linear in zip(("attention", "mlp"), adapter.output_projections(layer), strict=True):
-                    save([(linear, "weight"), (linear, "bias")])
-                    if reformed and (index, name) in reformed:
-                        linear.weight = nn.Parameter(reformed[index, name], requires_grad=False)
-                    if reformed and (index, f"{name}_bias") in reformed:
-                        linear.bias = nn.Parameter(reformed[index, f"{name}_bias"], requires_grad=False)
-                adapter.configure_layer(layer, keep.shape, position)
-        save(adapter.model_attributes(model))
+        for position, index in enumerate(kept):
+            saved += _current(adapter.layer_attributes(layers[index]))
+            prepare_layer(layers[index], index, position, saved)
         adapter.configure_model(model, kept)
         adapter.set_decoder_layers(model, nn.ModuleList(layers[i] for i in kept))
         yield model
@@ -100,37 +108,27 @@ def subnetwork_masked(loaded: LoadedModel, subnet: SubNetwork) -> Iterator[PreTr
     a neuron, its channel of the MLP output projection's input; so zeroing those channels computes
     the sub-network exactly, and gradients flow to every kept weight. Removed layers are skipped.
     """
-    model, adapter = loaded.model, loaded.adapter
-    if getattr(model, _APPLIED, False):
-        raise SlimlmError("a sub-network is already applied to this model; leave its block first")
-    subnet.validate(loaded.dims)
-    layers, kept, head_dim = adapter.decoder_layers(model), subnet.kept_layers, loaded.dims.head_dim
-    hooks, saved = [], _current(adapter.model_attributes(model))
-    setattr(model, _APPLIED, True)
+    adapter, head_dim, hooks = loaded.adapter, loaded.dims.head_dim, []
+
+    def mask(layer, index: int, position: int, _saved: list) -> None:
+        keep, shape = subnet.layers[index], loaded.dims.layers[index]
+        adapter.configure_layer(layer, shape, position)  # full shape; position indexes the cache
+        if keep.shape == shape:
+            return
+        heads = torch.zeros(shape.heads, dtype=torch.bool)
+        heads[list(keep.heads)] = True
+        neurons = torch.zeros(shape.neurons, dtype=torch.bool)
+        neurons[list(keep.neurons)] = True
+        o_proj, down_proj = adapter.output_projections(layer)
+        hooks.append(o_proj.register_forward_pre_hook(_zero_channels(heads.repeat_interleave(head_dim))))
+        hooks.append(down_proj.register_forward_pre_hook(_zero_channels(neurons)))
+
     try:
-        for position, index in enumerate(kept):
-            layer, keep, shape = layers[index], subnet.layers[index], loaded.dims.layers[index]
-            saved += _current(adapter.layer_attributes(layer))
-            adapter.configure_layer(layer, shape, position)  # full shape; position indexes the cache
-            if keep.shape == shape:
-                continue
-            heads = torch.zeros(shape.heads, dtype=torch.bool)
-            heads[list(keep.heads)] = True
-            neurons = torch.zeros(shape.neurons, dtype=torch.bool)
-            neurons[list(keep.neurons)] = True
-            o_proj, down_proj = adapter.output_projections(layer)
-            hooks.append(o_proj.register_forward_pre_hook(_zero_channels(heads.repeat_interleave(head_dim))))
-            hooks.append(down_proj.register_forward_pre_hook(_zero_channels(neurons)))
-        adapter.configure_model(model, kept)
-        adapter.set_decoder_layers(model, nn.ModuleList(layers[i] for i in kept))
-        yield model
+        with _kept_layers_only(loaded, subnet, mask) as model:
+            yield model
     finally:
-        adapter.set_decoder_layers(model, layers)
         for hook in hooks:
             hook.remove()
-        for obj, name, value in reversed(saved):
-            setattr(obj, name, value)
-        setattr(model, _APPLIED, False)
 
 
 def _current(targets: list[tuple[object, str]]) -> list[tuple[object, str, object]]:
