@@ -20,7 +20,7 @@ from slimlm.costs import static_cost
 from slimlm.models.base import LayerShape, ModelDims
 from slimlm.space import keep_most_important
 from slimlm.strategies.base import SearchContext, candidate, completed, draw_number, seen_candidates
-from slimlm.strategies.sampled import _SampledShapes, _TrialSeededRandomSampler, trial_seed
+from slimlm.strategies.sampled import SampledShapes, TrialSeededRandomSampler, trial_seed
 from slimlm.subnet import SubNetwork
 
 Predictor = Callable[[dict[int, LayerShape]], float]  # layer shapes -> predicted log perplexity
@@ -55,7 +55,7 @@ def fit_predictor(dims: ModelDims, history: list[optuna.trial.FrozenTrial], ridg
 
 
 @dataclass
-class PredictedNSGA2(_SampledShapes):
+class PredictedNSGA2(SampledShapes):
     """Real evaluations only for what an NSGA-II on a fitted predictor finds best (LINAS)."""
 
     warmup: int = 10  # real evaluations before the predictor is trusted
@@ -64,7 +64,7 @@ class PredictedNSGA2(_SampledShapes):
     name = "linas"
 
     def sampler(self, seed: int) -> optuna.samplers.BaseSampler:
-        return _TrialSeededRandomSampler(seed)  # warm-up draws
+        return TrialSeededRandomSampler(seed)  # warm-up draws
 
     def propose(self, trial: optuna.Trial, study: optuna.Study, context: SearchContext) -> SubNetwork:
         seen = seen_candidates(study, exclude=trial.number)

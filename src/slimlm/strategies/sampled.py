@@ -12,7 +12,7 @@ from slimlm.strategies.base import SearchContext, draw_number
 from slimlm.subnet import SubNetwork
 
 
-class _SampledShapes:
+class SampledShapes:
     """Shapes from the sampler, stepped down into the budget, kept units by importance.
 
     The repair is not written back to the trial's parameters: the sampler breeds from what it drew
@@ -36,7 +36,7 @@ def trial_seed(seed: int, trial_number: int) -> int:
     return int(np.random.SeedSequence([seed, trial_number]).generate_state(1)[0])
 
 
-class _TrialSeededRandomSampler(optuna.samplers.RandomSampler):
+class TrialSeededRandomSampler(optuna.samplers.RandomSampler):
     def __init__(self, seed: int) -> None:
         super().__init__(seed=seed)
         self._base_seed = seed
@@ -46,7 +46,7 @@ class _TrialSeededRandomSampler(optuna.samplers.RandomSampler):
         super().before_trial(study, trial)
 
 
-class _TrialSeededNSGAIISampler(optuna.samplers.NSGAIISampler):
+class TrialSeededNSGAIISampler(optuna.samplers.NSGAIISampler):
     def __init__(self, population_size: int, seed: int) -> None:
         super().__init__(population_size=population_size, seed=seed)
         self._base_seed = seed
@@ -58,17 +58,17 @@ class _TrialSeededNSGAIISampler(optuna.samplers.NSGAIISampler):
         super().before_trial(study, trial)
 
 
-class RandomSearch(_SampledShapes):
+class RandomSearch(SampledShapes):
     """Uniformly random shapes: the baseline every other strategy must beat."""
 
     name = "random"
 
     def sampler(self, seed: int) -> optuna.samplers.BaseSampler:
-        return _TrialSeededRandomSampler(seed)
+        return TrialSeededRandomSampler(seed)
 
 
 @dataclass
-class NSGA2(_SampledShapes):
+class NSGA2(SampledShapes):
     """Multi-objective genetic search over per-layer shapes (NSGA-II, as in LLaMA-NAS)."""
 
     population: int = 16
@@ -82,4 +82,4 @@ class NSGA2(_SampledShapes):
             )
 
     def sampler(self, seed: int) -> optuna.samplers.BaseSampler:
-        return _TrialSeededNSGAIISampler(self.population, seed)
+        return TrialSeededNSGAIISampler(self.population, seed)
