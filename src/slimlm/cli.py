@@ -33,6 +33,7 @@ from slimlm.search import SearchJob, parse_size
 from slimlm.search import search as run_search
 from slimlm.space import SearchSpace
 from slimlm.strategies import DEFAULT_STRATEGY
+from slimlm.strategies import STRATEGIES as SEARCH_STRATEGIES
 from slimlm.subnet import SubNetwork
 from slimlm.train import STRATEGIES as TRAIN_STRATEGIES
 from slimlm.train import TrainJob
@@ -53,6 +54,10 @@ SeqLenOpt = Annotated[int, typer.Option(help="tokens per window")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
 ParamsFraction = Annotated[float | None, typer.Option("--params", help="keep at most this fraction of the parameters")]
 MaxParams = Annotated[str | None, typer.Option(help="absolute parameter budget, e.g. 90M")]
+Calib = Annotated[str, typer.Option("--calib", help=f"calibration text: {describe_specs()}")]
+EvalText = Annotated[str, typer.Option("--eval", help="evaluation text (same forms as --calib)")]
+CalibWindows = Annotated[int, typer.Option("--calib-windows", help="calibration windows")]
+EvalWindows = Annotated[int, typer.Option("--eval-windows", help="evaluation windows")]
 
 
 def friendly(command):
@@ -203,8 +208,8 @@ def extract(
     subnet: Annotated[Path, typer.Option(help="sub-network JSON file")],
     out_dir: Annotated[Path, typer.Option("--out", help="folder to write the smaller model to")],
     reform: Annotated[bool, typer.Option(help="repair the kept weights with calibration data")] = True,
-    calibration: Annotated[str, typer.Option("--calib", help="calibration text for reformation")] = DEFAULT_CALIBRATION,
-    calibration_windows: Annotated[int, typer.Option("--calib-windows", help="calibration windows")] = 16,
+    calibration: Calib = DEFAULT_CALIBRATION,
+    calibration_windows: CalibWindows = 16,
     seq_len: SeqLenOpt = 256,
 ) -> None:
     """Write a sub-network as a standalone smaller Hugging Face model folder (reformed by default)."""
@@ -229,10 +234,10 @@ def reform_command(
     model: ModelArg,
     subnet: Annotated[Path, typer.Option(help="sub-network JSON file")],
     out_dir: Annotated[Path, typer.Option("--out", help="folder to write the reformed smaller model to")],
-    calibration: Annotated[str, typer.Option("--calib", help="calibration text")] = DEFAULT_CALIBRATION,
-    evaluation: Annotated[str, typer.Option("--eval", help="evaluation text")] = DEFAULT_EVALUATION,
-    calibration_windows: Annotated[int, typer.Option("--calib-windows", help="calibration windows")] = 16,
-    evaluation_windows: Annotated[int, typer.Option("--eval-windows", help="evaluation windows")] = 16,
+    calibration: Calib = DEFAULT_CALIBRATION,
+    evaluation: EvalText = DEFAULT_EVALUATION,
+    calibration_windows: CalibWindows = 16,
+    evaluation_windows: EvalWindows = 16,
     seq_len: SeqLenOpt = 256,
 ) -> None:
     """Reform a sub-network's kept weights, report perplexity before and after, and write the model."""
@@ -263,10 +268,10 @@ def prune_command(
     out_dir: Annotated[Path, typer.Option("--out", help="folder to write the pruned model to")],
     params_fraction: ParamsFraction = None,
     max_params: MaxParams = None,
-    calibration: Annotated[str, typer.Option("--calib", help="calibration text")] = DEFAULT_CALIBRATION,
-    evaluation: Annotated[str, typer.Option("--eval", help="evaluation text")] = DEFAULT_EVALUATION,
-    calibration_windows: Annotated[int, typer.Option("--calib-windows", help="calibration windows")] = 16,
-    evaluation_windows: Annotated[int, typer.Option("--eval-windows", help="evaluation windows")] = 16,
+    calibration: Calib = DEFAULT_CALIBRATION,
+    evaluation: EvalText = DEFAULT_EVALUATION,
+    calibration_windows: CalibWindows = 16,
+    evaluation_windows: EvalWindows = 16,
     seq_len: SeqLenOpt = 256,
     as_json: JsonOpt = False,
 ) -> None:
@@ -397,23 +402,19 @@ def bench(
     out.print(table)
 
 
-Strategy = Annotated[str, typer.Option(help="search strategy: evolution, nsga2 or random")]
+Strategy = Annotated[str, typer.Option(help=f"search strategy: {', '.join(SEARCH_STRATEGIES)}")]
 Objective = Annotated[str, typer.Option(help="cost objective beside perplexity: params, flops, memory or latency")]
 Evaluations = Annotated[int, typer.Option(help="candidates to evaluate (the store keeps every one)")]
 MaxMemory = Annotated[str | None, typer.Option(help="weights + KV cache budget in bytes, e.g. 300MB")]
 MaxLatency = Annotated[float | None, typer.Option(help="prefill latency budget in ms (measured per candidate)")]
 RunOut = Annotated[Path, typer.Option("--out", help="run folder: store, pareto.json, pareto.png, best/")]
-Calib = Annotated[str, typer.Option("--calib", help=f"calibration text: {describe_specs()}")]
-EvalText = Annotated[str, typer.Option("--eval", help="evaluation text (same forms as --calib)")]
 Metric = Annotated[str, typer.Option(help="importance metric: activation, magnitude, fluctuation, second-order")]
 PerLayer = Annotated[bool, typer.Option("--per-layer/--uniform", help="per-layer ratios or one shape for all layers")]
 Depth = Annotated[bool, typer.Option(help="allow removing whole layers")]
 MinRatio = Annotated[float, typer.Option(help="smallest kept fraction of a layer's heads / neurons")]
 MaxRatio = Annotated[float, typer.Option(help="largest kept fraction of a layer's heads / neurons")]
 Frozen = Annotated[str, typer.Option(help="comma-separated layers kept whole, e.g. 0,29")]
-CalibWindows = Annotated[int, typer.Option("--calib-windows", help="calibration windows (importance)")]
 FitnessWindows = Annotated[int, typer.Option(help="calibration windows scored per candidate")]
-EvalWindows = Annotated[int, typer.Option("--eval-windows", help="evaluation windows for the front")]
 Seed = Annotated[int, typer.Option(help="random seed")]
 Storage = Annotated[str | None, typer.Option(help="Optuna storage URL (default: SQLite file in the run folder)")]
 Workers = Annotated[int, typer.Option(help="worker processes searching one store")]
