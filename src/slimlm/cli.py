@@ -20,6 +20,7 @@ from slimlm.costs import compare_speed, measure_latency, peak_memory, static_cos
 from slimlm.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, describe_specs, model_windows
 from slimlm.errors import SlimlmError
 from slimlm.evaluate import perplexity
+from slimlm.export import QUANT_TYPES, export_gguf
 from slimlm.extract import check_output_folder
 from slimlm.extract import extract as extract_subnetwork
 from slimlm.importance import DEFAULT_METRIC, cached_calibration
@@ -226,6 +227,23 @@ def extract(
         f"wrote {result.folder}: {result.params:,} parameters ({result.params / full:.3f} of {full:,}), "
         f"{'reformed' if reform else 'not reformed'}; loads with {how}"
     )
+
+
+@app.command("export")
+@friendly
+def export_command(
+    model: ModelArg,
+    gguf_file: Annotated[Path, typer.Option("--gguf", help="GGUF file to write, for llama.cpp")],
+    quant: Annotated[str, typer.Option(help=f"tensor type: {', '.join(QUANT_TYPES)}")] = "f16",
+    tokenizer_pre: Annotated[
+        str | None, typer.Option(help="llama.cpp's pre-tokenizer name, for models that did not come from a GGUF")
+    ] = None,
+) -> None:
+    """Write a model (e.g. one slimlm extracted) as one self-contained GGUF file that llama.cpp runs."""
+    exported = export_gguf(load_model(model), gguf_file, quant, tokenizer_pre)
+    out.print(f"wrote {exported.path}: {quant}, {exported.bytes / 1e6:,.1f} MB")
+    if exported.kept_f16:
+        out.print(f"kept in f16 (rows not whole {quant} blocks): {', '.join(exported.kept_f16)}")
 
 
 @app.command("reform")

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from slimlm.apply import subnetwork_applied
 from slimlm.errors import SlimlmError
+from slimlm.export import TOKENIZER_GGUF, tokenizer_gguf
 from slimlm.models import LoadedModel
 from slimlm.models.remote import modeling_slimlm
 from slimlm.progress import quiet_transformers
@@ -60,6 +61,8 @@ def extract(loaded: LoadedModel, subnet: SubNetwork, out: str | Path, reformed: 
         small.save_pretrained(out)
         loaded.tokenizer.save_pretrained(out)
     subnet.save(out / SUBNET_FILE)
+    if (tokenizer := tokenizer_gguf(loaded.folder)) is not None:
+        shutil.copy(tokenizer, out / TOKENIZER_GGUF)
     if remote:
         shutil.copy(modeling_slimlm.__file__, out / "modeling_slimlm.py")
     params = sum(p.numel() for p in {id(p): p for p in small.parameters()}.values())

@@ -27,6 +27,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from slimlm.cache import cache_root
 from slimlm.errors import SlimlmError
+from slimlm.export import save_tokenizer_gguf, tokenizer_gguf
 from slimlm.models import adapter_for
 from slimlm.models.base import Adapter, ModelDims
 from slimlm.progress import console, quiet_transformers
@@ -132,6 +133,8 @@ def _builtin_gguf(name: str) -> Path:
 def _cached_from_gguf(gguf: Path, cache_name: str) -> Path:
     target = cache_root() / "models" / cache_name
     if (target / DONE_MARKER).is_file():
+        if tokenizer_gguf(target) is None:  # a cache written before GGUF export existed
+            save_tokenizer_gguf(gguf, target)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     console.print(f"dequantizing {gguf.name} to float32 (once; cached in {target})")
@@ -141,6 +144,7 @@ def _cached_from_gguf(gguf: Path, cache_name: str) -> Path:
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{cache_name}-") as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            save_tokenizer_gguf(gguf, tmp)  # llama.cpp's own tokenizer keys, for GGUF export
             (Path(tmp) / DONE_MARKER).write_text(str(gguf.resolve()))
             shutil.rmtree(target, ignore_errors=True)
             Path(tmp).rename(target)

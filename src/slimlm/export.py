@@ -1,0 +1,203 @@
+"""Write a model folder slimlm made as one self-contained GGUF file for llama.cpp.
+
+Layers whose shapes differ are written as llama.cpp's per-layer arrays (``head_count``,
+``head_count_kv``, ``feed_forward_length``), and the key/value head size is written explicitly,
+because llama.cpp would otherwise derive it from the first layer's head count. Query and key
+rows of Llama-layout models are reordered to llama.cpp's rotary layout (interleaved halves), as
+its own converter does. The tokenizer travels in the file: copied from the GGUF the model came
+from when there is one (``TOKENIZER_GGUF``, kept by loading and extraction), else built from the
+Hugging Face tokenizer with gguf's vocabulary readers.
+
+Quantization: the types gguf's Python code can write (``QUANT_TYPES``). A matrix whose rows are
+not a whole number of blocks stays in f16 (as llama.cpp's own quantizer does); ``export_gguf``
+returns those names so the caller can say so.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import gguf
+import numpy as np
+import torch
+
+from slimlm.errors import SlimlmError
+
+if TYPE_CHECKING:  # loading keeps tokenizer keys with this module's helpers, so no import at run time
+    from slimlm.models import LoadedModel
+
+TOKENIZER_GGUF = "slimlm_tokenizer.gguf"  # the source GGUF's tokenizer keys, no tensors
+Q = gguf.GGMLQuantizationType
+QUANT_TYPES = {
+    "f32": (Q.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+    "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    "q5_1": (Q.Q5_1, gguf.LlamaFileType.MOSTLY_Q5_1),
+    "q5_0": (Q.Q5_0, gguf.LlamaFileType.MOSTLY_Q5_0),
+    "q4_1": (Q.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1),
+    "q4_0": (Q.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
+}
+# slimlm family -> (llama.cpp architecture, query/key rows need llama.cpp's rotary order)
+ARCHITECTURES = {
+    "llama": (gguf.MODEL_ARCH.LLAMA, True),
+    "mistral": (gguf.MODEL_ARCH.LLAMA, True),
+    "qwen2": (gguf.MODEL_ARCH.QWEN2, False),
+}
+
+
+@dataclass(frozen=True)
+class Exported:
+    """A written GGUF file, its size, and the matrices kept in f16 because their rows do not fit the blocks."""
+
+    path: Path
+    bytes: int
+    kept_f16: tuple[str, ...]
+
+
+def export_gguf(loaded: LoadedModel, out: str | Path, quant: str = "f16", tokenizer_pre: str | None = None) -> Exported:
+    """Write ``loaded`` (any model slimlm loads or extracts) to the GGUF file ``out`` in ``quant``."""
+    if quant not in QUANT_TYPES:
+        raise SlimlmError(f"unknown GGUF type '{quant}'; choose from {', '.join(QUANT_TYPES)}")
+    family = loaded.dims.family
+    if family not in ARCHITECTURES:
+        raise SlimlmError(f"GGUF export does not support the '{family}' family yet ({', '.join(ARCHITECTURES)})")
+    out = Path(out)
+    if out.suffix != ".gguf":
+        raise SlimlmError(f"the GGUF file name must end in .gguf, got {out.name}")
+    arch, rotary_order = ARCHITECTURES[family]
+    qtype, file_type = QUANT_TYPES[quant]
+    partial = out.with_name(out.name + ".part")  # renamed when complete: a killed export leaves no broken .gguf
+    writer = gguf.GGUFWriter(partial, gguf.MODEL_ARCH_NAMES[arch])
+    _write_hyperparameters(writer, loaded, file_type)
+    _write_tokenizer(writer, loaded, tokenizer_pre)
+    kept_f16 = _write_tensors(writer, loaded, arch, rotary_order, qtype)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    partial.replace(out)
+    return Exported(out, out.stat().st_size, tuple(kept_f16))
+
+
+def _write_hyperparameters(writer: gguf.GGUFWriter, loaded: LoadedModel, file_type: int) -> None:
+    config, dims = loaded.model.config, loaded.dims
+    if getattr(config, "rope_scaling", None) and config.rope_scaling.get("rope_type", "default") != "default":
+        raise SlimlmError(f"GGUF export does not write rope scaling '{config.rope_scaling}' yet")
+    heads = [s.heads for s in dims.layers]
+    kv_heads = [s.kv_heads for s in dims.layers]
+    neurons = [s.neurons for s in dims.layers]
+    writer.add_name(Path(loaded.source).name)
+    writer.add_block_count(dims.num_layers)
+    writer.add_context_length(dims.max_positions)
+    writer.add_embedding_length(dims.hidden_size)
+    writer.add_feed_forward_length(_one_or_each(neurons))
+    writer.add_head_count(_one_or_each(heads))
+    writer.add_head_count_kv(_one_or_each(kv_heads))
+    writer.add_key_length(dims.head_dim)
+    writer.add_value_length(dims.head_dim)
+    writer.add_rope_dimension_count(dims.head_dim)
+    writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(dims.vocab_size)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _one_or_each(values: list[int]) -> int | list[int]:
+    """One number when every layer has it (what every GGUF reader expects), else one per layer."""
+    return values[0] if len(set(values)) == 1 else values
+
+
+def _write_tensors(writer, loaded: LoadedModel, arch, rotary_order: bool, qtype) -> list[str]:
+    dims = loaded.dims
+    names = gguf.get_tensor_name_map(arch, dims.num_layers)
+    kept_f16 = []
+    for hf_name, tensor in loaded.model.state_dict().items():
+        if hf_name == "lm_head.weight" and dims.tied_embeddings:
+            continue  # llama.cpp reads the embedding matrix when there is no output matrix
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise SlimlmError(f"no GGUF name for the tensor {hf_name}")
+        data = tensor.detach().to(torch.float32).numpy()
+        if rotary_order and hf_name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
+            data = _interleave_rotary_halves(data, dims.head_dim)
+        data, written = _encode(data, qtype)
+        if written == Q.F16 and qtype not in (Q.F16, Q.F32):
+            kept_f16.append(name)
+        writer.add_tensor(name, data, raw_dtype=written)
+    return kept_f16
+
+
+def _interleave_rotary_halves(rows: np.ndarray, head_dim: int) -> np.ndarray:
+    """Within each head, rows ``[x0..x(d/2-1), y0..]`` become ``[x0, y0, x1, y1, ...]``: transformers
+    rotates the two halves of a head, llama.cpp's Llama graph rotates neighbouring pairs."""
+    heads = rows.shape[0] // head_dim
+    return rows.reshape(heads, 2, head_dim // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def _encode(data: np.ndarray, qtype) -> tuple[np.ndarray, object]:
+    """``data`` in ``qtype``; vectors stay f32 and matrices whose rows do not fill whole blocks f16."""
+    if data.ndim == 1 or qtype == Q.F32:
+        return data.astype(np.float32), Q.F32
+    if qtype == Q.F16:
+        return data.astype(np.float16), Q.F16
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    if data.shape[-1] % block:
+        return data.astype(np.float16), Q.F16
+    return gguf.quants.quantize(data, qtype), qtype
+
+
+def _write_tokenizer(writer: gguf.GGUFWriter, loaded: LoadedModel, tokenizer_pre: str | None) -> None:
+    source = tokenizer_gguf(loaded.folder)
+    if source is not None and tokenizer_pre is None:
+        copy_tokenizer_keys(gguf.GGUFReader(source), writer)
+        return
+    folder = Path(loaded.folder)
+    if tokenizer_pre is None:
+        raise SlimlmError(
+            f"{folder} did not come from a GGUF file, so llama.cpp's name for its pre-tokenizer is unknown; "
+            "pass --tokenizer-pre NAME (the name llama.cpp's converter gives this tokenizer, e.g. llama-bpe, "
+            "qwen2, smollm)"
+        )
+    tokenizer = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = gguf.BpeVocab(folder) if tokenizer["model"]["type"] == "BPE" else gguf.LlamaHfVocab(folder)
+    tokens, scores, types = zip(*vocab.all_tokens(), strict=True)
+    writer.add_tokenizer_model(vocab.tokenizer_model)
+    writer.add_tokenizer_pre(tokenizer_pre)
+    writer.add_token_list(list(tokens))
+    writer.add_token_scores(list(scores))
+    writer.add_token_types([int(t) for t in types])
+    gguf.SpecialVocab(folder, load_merges=vocab.tokenizer_model == "gpt2").add_to_gguf(writer)
+
+
+def tokenizer_gguf(folder: str | Path) -> Path | None:
+    """The GGUF holding this model folder's tokenizer keys, if it came from a GGUF file."""
+    path = Path(folder) / TOKENIZER_GGUF
+    return path if path.is_file() else None
+
+
+def copy_tokenizer_keys(reader: gguf.GGUFReader, writer: gguf.GGUFWriter) -> None:
+    """Copy every ``tokenizer.*`` key of ``reader`` to ``writer``, with its GGUF types."""
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        vtype = field.types[0]
+        sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), vtype, sub_type)
+
+
+def save_tokenizer_gguf(source: str | Path, folder: str | Path) -> Path:
+    """Keep the tokenizer keys of the GGUF file ``source`` in ``folder`` (no tensors: a few MB)."""
+    path = Path(folder) / TOKENIZER_GGUF
+    writer = gguf.GGUFWriter(path, arch="tokenizer")
+    copy_tokenizer_keys(gguf.GGUFReader(source), writer)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    return path

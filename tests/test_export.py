@@ -1,0 +1,141 @@
+"""GGUF export: what llama.cpp reads back, checked with gguf's reader and transformers' GGUF loader."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from slimlm.errors import SlimlmError
+from slimlm.export import TOKENIZER_GGUF, export_gguf, save_tokenizer_gguf
+from slimlm.extract import extract
+from slimlm.models import load_model
+from slimlm.subnet import SubNetwork
+
+from .conftest import TEXT, invoke, one_error, save_tiny, tiny_loaded
+
+BPE_VOCAB = 300
+
+
+def bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (GPT-2 style, as SmolLM2's) trained on the test text."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=BPE_VOCAB,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+    )
+    tok.train_from_iterator([TEXT], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def bpe_model(tmp_path, family: str = "llama", subnet=None, **overrides):
+    """A tiny model with a BPE tokenizer saved as a folder (``subnet``: extracted to that sub-network)."""
+    loaded = tiny_loaded(family, vocab_size=BPE_VOCAB, tie_word_embeddings=family != "mistral", **overrides)
+    loaded.tokenizer = bpe_tokenizer()
+    folder = save_tiny(loaded, tmp_path / "dense")
+    if subnet is not None:
+        folder = extract(load_model(folder), subnet(loaded.dims), tmp_path / "small").folder
+    return load_model(folder)
+
+
+def gguf_logits(path, ids: torch.Tensor) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_f32_gguf_computes_the_same_logits(tmp_path, family):
+    loaded = bpe_model(tmp_path, family)
+    exported = export_gguf(loaded, tmp_path / "m.gguf", "f32", tokenizer_pre="default")
+    ids = torch.randint(0, BPE_VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = loaded.model(ids).logits
+    assert torch.allclose(gguf_logits(exported.path, ids), expected, atol=1e-4)
+
+
+def test_uniform_sub_network_round_trips_through_gguf(tmp_path):
+    def smaller(dims):  # 2 of 3 layers, one GQA group of 3 heads, 24 of 40 neurons in each
+        full = SubNetwork.full(dims)
+        return SubNetwork({i: full.layers[i].__class__((0, 1, 2), (0,), tuple(range(24))) for i in (0, 2, 3)})
+
+    loaded = bpe_model(tmp_path, subnet=smaller, hidden_size=96)  # rows of 96: whole q8_0 blocks of 32
+    exported = export_gguf(loaded, tmp_path / "m.gguf", "q8_0", tokenizer_pre="default")
+    ids = torch.randint(0, BPE_VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = loaded.model(ids).logits
+    got = gguf_logits(exported.path, ids)
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+    # 3 heads of 8 and 24 neurons: the output projections' rows are not whole blocks
+    assert set(exported.kept_f16) == {f"blk.{i}.{n}.weight" for i in range(3) for n in ("attn_output", "ffn_down")}
+
+
+def test_layers_that_differ_are_written_as_per_layer_arrays(tmp_path):
+    def ragged(dims):
+        full = SubNetwork.full(dims)
+        layer = full.layers[0].__class__
+        return SubNetwork(
+            {0: full.layers[0], 1: layer((0, 1, 2), (0,), tuple(range(32))), 3: layer((3, 4, 5), (1,), tuple(range(8)))}
+        )
+
+    loaded = bpe_model(tmp_path, subnet=ragged)
+    reader = gguf.GGUFReader(export_gguf(loaded, tmp_path / "m.gguf", "f16", tokenizer_pre="default").path)
+    field = lambda key: reader.fields[key].contents()  # noqa: E731
+    assert field("llama.block_count") == 3
+    assert field("llama.attention.head_count") == [6, 3, 3]
+    assert field("llama.attention.head_count_kv") == [2, 1, 1]
+    assert field("llama.feed_forward_length") == [40, 32, 8]
+    assert field("llama.attention.key_length") == 8  # not hidden / first layer's heads
+    shapes = {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors}
+    assert shapes["blk.2.attn_q.weight"] == (48, 24)  # GGUF lists the inner dimension first
+    assert shapes["blk.2.attn_k.weight"] == (48, 8)
+    assert shapes["blk.2.ffn_down.weight"] == (8, 48)
+    assert "output.weight" not in shapes  # tied: llama.cpp reads token_embd
+
+
+def test_tokenizer_keys_of_a_gguf_source_travel_with_the_model(tmp_path):
+    loaded = bpe_model(tmp_path)
+    source = export_gguf(loaded, tmp_path / "source.gguf", "f16", tokenizer_pre="smollm").path
+    save_tokenizer_gguf(source, loaded.folder)
+    assert (loaded.folder / TOKENIZER_GGUF).is_file()
+    reader = gguf.GGUFReader(export_gguf(loaded, tmp_path / "again.gguf", "f16").path)
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm"
+    assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert len(reader.fields["tokenizer.ggml.tokens"].contents()) == BPE_VOCAB
+
+
+def test_unknown_pre_tokenizer_and_bad_names_are_clear_errors(tmp_path):
+    loaded = bpe_model(tmp_path)
+    with pytest.raises(SlimlmError, match="--tokenizer-pre"):
+        export_gguf(loaded, tmp_path / "m.gguf", "f16")
+    with pytest.raises(SlimlmError, match="q8_0"):
+        export_gguf(loaded, tmp_path / "m.gguf", "q3", tokenizer_pre="default")
+    with pytest.raises(SlimlmError, match=r"\.gguf"):
+        export_gguf(loaded, tmp_path / "m.bin", "f16", tokenizer_pre="default")
+    assert not list(tmp_path.glob("m.*"))
+
+
+def test_interleaving_matches_the_rotary_pairs():
+    from slimlm.export import _interleave_rotary_halves
+
+    rows = np.arange(8, dtype=np.float32).reshape(8, 1)  # one head of 8: halves [0..3], [4..7]
+    assert _interleave_rotary_halves(rows, 8).ravel().tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+
+
+def test_cli_export_writes_the_file_and_names_what_stayed_f16(tmp_path):
+    folder = bpe_model(tmp_path).folder
+    result = invoke(
+        "export", str(folder), "--gguf", str(tmp_path / "m.gguf"), "--quant", "q8_0", "--tokenizer-pre", "default"
+    )
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and "kept in f16" in result.output
+    assert gguf.GGUFReader(tmp_path / "m.gguf").fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q8_0
+    error = one_error(invoke("export", str(folder), "--gguf", str(tmp_path / "n.gguf")))
+    assert "--tokenizer-pre" in error
