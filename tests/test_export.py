@@ -9,6 +9,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from slimlm import llamacpp
 from slimlm.errors import SlimlmError
 from slimlm.export import TOKENIZER_GGUF, export_gguf, save_tokenizer_gguf
 from slimlm.extract import extract
@@ -45,6 +46,15 @@ def bpe_model(tmp_path, family: str = "llama", subnet=None, **overrides):
     return load_model(folder)
 
 
+def ragged(dims):
+    """Layer 0 whole, layer 1 one GQA group and 32 neurons, layer 2 removed, layer 3 the other group and 8."""
+    full = SubNetwork.full(dims)
+    layer = full.layers[0].__class__
+    return SubNetwork(
+        {0: full.layers[0], 1: layer((0, 1, 2), (0,), tuple(range(32))), 3: layer((3, 4, 5), (1,), tuple(range(8)))}
+    )
+
+
 def gguf_logits(path, ids: torch.Tensor) -> torch.Tensor:
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     with torch.no_grad():
@@ -78,13 +88,6 @@ def test_uniform_sub_network_round_trips_through_gguf(tmp_path):
 
 
 def test_layers_that_differ_are_written_as_per_layer_arrays(tmp_path):
-    def ragged(dims):
-        full = SubNetwork.full(dims)
-        layer = full.layers[0].__class__
-        return SubNetwork(
-            {0: full.layers[0], 1: layer((0, 1, 2), (0,), tuple(range(32))), 3: layer((3, 4, 5), (1,), tuple(range(8)))}
-        )
-
     loaded = bpe_model(tmp_path, subnet=ragged)
     reader = gguf.GGUFReader(export_gguf(loaded, tmp_path / "m.gguf", "f16", tokenizer_pre="default").path)
     field = lambda key: reader.fields[key].contents()  # noqa: E731
@@ -139,3 +142,34 @@ def test_cli_export_writes_the_file_and_names_what_stayed_f16(tmp_path):
     assert gguf.GGUFReader(tmp_path / "m.gguf").fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q8_0
     error = one_error(invoke("export", str(folder), "--gguf", str(tmp_path / "n.gguf")))
     assert "--tokenizer-pre" in error
+
+
+needs_llama_cpp = pytest.mark.skipif(
+    not llamacpp.available(), reason="llama-cpp-python is not installed (optional extra: pip install '.[llamacpp]')"
+)
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_llama_cpp_computes_the_logits_of_the_extracted_model(tmp_path, family):
+    loaded = bpe_model(tmp_path, family, subnet=ragged)
+    path = export_gguf(loaded, tmp_path / "m.gguf", "f32", tokenizer_pre="default").path
+    ids = torch.randint(0, BPE_VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = loaded.model(ids).logits[0].numpy()
+    got = llamacpp.logits(path, ids[0].tolist())
+    assert np.abs(got - expected).max() < 1e-3 * max(1.0, np.abs(expected).max())
+
+
+@needs_llama_cpp
+def test_k_quant_goes_through_llama_cpp_and_stays_close(tmp_path):
+    loaded = bpe_model(tmp_path, hidden_size=96)
+    path = export_gguf(loaded, tmp_path / "m.gguf", "q4_k", tokenizer_pre="default").path
+    assert not list(tmp_path.glob("*.f16.gguf"))  # the staged f16 file is gone
+    ids = list(range(1, 17))
+    with torch.no_grad():
+        expected = loaded.model(torch.tensor([ids])).logits[0].numpy()
+    got = llamacpp.logits(path, ids)
+    assert np.abs(got - expected).max() < 0.1 * np.abs(expected).max()
+    speed = llamacpp.speed(path, prompt_tokens=16, new_tokens=4, repeats=1)
+    assert speed.prompt_tokens_per_s > 0 and speed.generation_tokens_per_s > 0

@@ -24,6 +24,7 @@ from slimlm.export import QUANT_TYPES, export_gguf
 from slimlm.extract import check_output_folder
 from slimlm.extract import extract as extract_subnetwork
 from slimlm.importance import DEFAULT_METRIC, cached_calibration
+from slimlm.llamacpp import NATIVE_QUANT_TYPES
 from slimlm.models import load_model
 from slimlm.pipeline import compress as compress_model
 from slimlm.pipeline import folder_bytes
@@ -234,7 +235,7 @@ def extract(
 def export_command(
     model: ModelArg,
     gguf_file: Annotated[Path, typer.Option("--gguf", help="GGUF file to write, for llama.cpp")],
-    quant: Annotated[str, typer.Option(help=f"tensor type: {', '.join(QUANT_TYPES)}")] = "f16",
+    quant: Annotated[str, typer.Option(help=f"tensor type: {', '.join([*QUANT_TYPES, *NATIVE_QUANT_TYPES])}")] = "f16",
     tokenizer_pre: Annotated[
         str | None, typer.Option(help="llama.cpp's pre-tokenizer name, for models that did not come from a GGUF")
     ] = None,

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from slimlm.errors import SlimlmError
+from slimlm.llamacpp import NATIVE_QUANT_TYPES, quantize
 
 if TYPE_CHECKING:  # loading keeps tokenizer keys with this module's helpers, so no import at run time
     from slimlm.models import LoadedModel
@@ -60,8 +61,16 @@ class Exported:
 
 def export_gguf(loaded: LoadedModel, out: str | Path, quant: str = "f16", tokenizer_pre: str | None = None) -> Exported:
     """Write ``loaded`` (any model slimlm loads or extracts) to the GGUF file ``out`` in ``quant``."""
+    if quant in NATIVE_QUANT_TYPES:  # k-quants: llama.cpp's quantizer, from an f16 file written here
+        staged = export_gguf(loaded, Path(out).with_name(Path(out).name + ".f16.gguf"), "f16", tokenizer_pre)
+        try:
+            path = quantize(staged.path, out, quant)
+        finally:
+            staged.path.unlink(missing_ok=True)
+        return Exported(path, path.stat().st_size, staged.kept_f16)
     if quant not in QUANT_TYPES:
-        raise SlimlmError(f"unknown GGUF type '{quant}'; choose from {', '.join(QUANT_TYPES)}")
+        choices = ", ".join([*QUANT_TYPES, *NATIVE_QUANT_TYPES])
+        raise SlimlmError(f"unknown GGUF type '{quant}'; choose from {choices} (the k-quants need llama.cpp)")
     family = loaded.dims.family
     if family not in ARCHITECTURES:
         raise SlimlmError(f"GGUF export does not support the '{family}' family yet ({', '.join(ARCHITECTURES)})")

@@ -1,0 +1,104 @@
+"""Run GGUF files in llama.cpp (through ``llama-cpp-python``, the optional ``llamacpp`` extra).
+
+What users deploy small models with: logits to check an export, speed as llama-bench reports it
+(prompt processing and generation tokens/s), and llama.cpp's own quantizer for the types gguf's
+Python code cannot write (the k-quants).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from slimlm.errors import SlimlmError
+
+INSTALL = "pip install 'slimlm[llamacpp]' (builds llama.cpp: several minutes)"
+# llama.cpp's file types for the quantizations only its own quantizer writes
+NATIVE_QUANT_TYPES = {"q4_k": 15, "q5_k": 17, "q6_k": 18, "q3_k": 12, "q2_k": 10}  # q4_k is Q4_K_M
+
+
+def available() -> bool:
+    """Whether llama-cpp-python is installed."""
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def _llama_cpp():
+    if not available():
+        raise SlimlmError(f"llama.cpp is not installed; {INSTALL}")
+    import llama_cpp
+
+    return llama_cpp
+
+
+def _open(path: str | Path, context: int, threads: int | None, all_logits: bool = False):
+    path = Path(path)
+    if not path.is_file():
+        raise SlimlmError(f"no GGUF file at {path}")
+    llama = _llama_cpp().Llama(
+        model_path=str(path),
+        n_ctx=context,
+        n_batch=context,
+        n_threads=threads or os.cpu_count(),
+        logits_all=all_logits,
+        verbose=False,
+    )
+    return llama
+
+
+def logits(path: str | Path, ids: list[int]) -> np.ndarray:
+    """llama.cpp's logits for every position of ``ids`` (one sequence), shape ``(len(ids), vocab)``."""
+    llama = _open(path, len(ids), None, all_logits=True)
+    llama.eval(list(ids))
+    return np.array(llama.scores[: len(ids)], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Speed:
+    """llama-bench's two numbers: prompt processing and generation, in tokens per second (medians)."""
+
+    prompt_tokens_per_s: float
+    generation_tokens_per_s: float
+
+
+def speed(path: str | Path, prompt_tokens: int = 128, new_tokens: int = 32, repeats: int = 3) -> Speed:
+    """Time one batched prompt pass and ``new_tokens`` single-token steps after it, ``repeats`` times."""
+    llama = _open(path, prompt_tokens + new_tokens, None)
+    vocab = llama.n_vocab()
+    rng = np.random.default_rng(0)
+    prompt, steps = [], []
+    for _ in range(repeats + 1):  # the first round warms caches and is not counted
+        tokens = rng.integers(0, vocab, prompt_tokens + new_tokens).tolist()
+        llama.reset()
+        start = time.perf_counter()
+        llama.eval(tokens[:prompt_tokens])
+        middle = time.perf_counter()
+        for token in tokens[prompt_tokens:]:
+            llama.eval([token])
+        end = time.perf_counter()
+        prompt.append(prompt_tokens / (middle - start))
+        steps.append(new_tokens / (end - middle))
+    return Speed(float(np.median(prompt[1:])), float(np.median(steps[1:])))
+
+
+def quantize(source: str | Path, out: str | Path, quant: str) -> Path:
+    """Quantize the GGUF ``source`` (f16 or f32) to ``quant`` with llama.cpp's own quantizer."""
+    if quant not in NATIVE_QUANT_TYPES:
+        raise SlimlmError(f"llama.cpp quantization '{quant}' is not offered: {', '.join(NATIVE_QUANT_TYPES)}")
+    llama_cpp = _llama_cpp()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = NATIVE_QUANT_TYPES[quant]
+    params.nthread = os.cpu_count() or 1
+    out = Path(out)
+    partial = out.with_name(out.name + ".part")
+    failed = llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params))
+    if failed:
+        partial.unlink(missing_ok=True)
+        raise SlimlmError(f"llama.cpp could not quantize {source} to {quant} (code {failed})")
+    partial.replace(out)
+    return out
