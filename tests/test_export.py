@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import gguf
 import numpy as np
 import pytest
@@ -171,5 +173,27 @@ def test_k_quant_goes_through_llama_cpp_and_stays_close(tmp_path):
         expected = loaded.model(torch.tensor([ids])).logits[0].numpy()
     got = llamacpp.logits(path, ids)
     assert np.abs(got - expected).max() < 0.1 * np.abs(expected).max()
-    speed = llamacpp.speed(path, prompt_tokens=16, new_tokens=4, repeats=1)
+    (speed,) = llamacpp.compare_speed([path], prompt_tokens=16, new_tokens=4, repeats=1)
     assert speed.prompt_tokens_per_s > 0 and speed.generation_tokens_per_s > 0
+
+
+@needs_llama_cpp
+def test_cli_bench_in_llama_cpp_compares_two_files(tmp_path):
+    dense = export_gguf(bpe_model(tmp_path / "a"), tmp_path / "dense.gguf", "f16", tokenizer_pre="default").path
+    small = bpe_model(tmp_path / "b", subnet=ragged)
+    smaller = export_gguf(small, tmp_path / "small.gguf", "f16", tokenizer_pre="default").path
+    args = ("bench", smaller, "--vs", dense, "--runtime", "llama.cpp", "--prompt-tokens", "16", "--new-tokens", "4")
+    result = invoke(*args, "--repeats", "1", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["ratios"]["file_size"] < 1
+    assert all(m["generation_tokens_per_s"] > 0 for m in report["models"])
+
+
+@pytest.mark.skipif(llamacpp.available(), reason="checks the message users see without llama.cpp")
+def test_llama_cpp_features_without_it_say_how_to_install(tmp_path):
+    path = export_gguf(bpe_model(tmp_path), tmp_path / "m.gguf", "f16", tokenizer_pre="default").path
+    error = one_error(invoke("bench", path, "--vs", path, "--runtime", "llama.cpp"))
+    assert "pip install" in error
+    error = one_error(invoke("export", tmp_path / "dense", "--gguf", tmp_path / "k.gguf", "--quant", "q4_k"))
+    assert "llama.cpp is not installed" in error

@@ -8,6 +8,7 @@ import json
 import time
 import typing
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from slimlm import llamacpp
 from slimlm.apply import subnetwork_applied
 from slimlm.costs import compare_speed, measure_latency, peak_memory, static_cost
 from slimlm.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, describe_specs, model_windows
@@ -382,9 +384,17 @@ def bench(
     new_tokens: Annotated[int, typer.Option(help="tokens to generate for the decode rate")] = 32,
     repeats: Annotated[int, typer.Option(help="timed rounds (median is reported)")] = 5,
     memory: Annotated[bool, typer.Option(help="measure peak process memory (one process per model)")] = True,
+    runtime: Annotated[str, typer.Option(help="transformers, or llama.cpp (MODEL and --vs are .gguf files)")] = (
+        "transformers"
+    ),
     as_json: JsonOpt = False,
 ) -> None:
     """Measure two models side by side in one run and print the ratios."""
+    if runtime == "llama.cpp":
+        _bench_llama_cpp(model, vs, prompt_tokens, new_tokens, repeats, as_json)
+        return
+    if runtime != "transformers":
+        raise SlimlmError(f"unknown runtime '{runtime}'; choose transformers or llama.cpp")
     models = [load_model(model), load_model(vs)]
     speeds = compare_speed([m.model for m in models], repeats, prompt_tokens, new_tokens)
     rows = []
@@ -419,6 +429,37 @@ def bench(
             f"{ratios['peak_memory']:.3f}x",
         )
     out.print(table)
+
+
+def _bench_llama_cpp(model: str, vs: str, prompt_tokens: int, new_tokens: int, repeats: int, as_json: bool) -> None:
+    """``bench --runtime llama.cpp``: prompt and generation tokens/s of two GGUF files, side by side."""
+    a, b = llamacpp.compare_speed([model, vs], prompt_tokens, new_tokens, repeats)
+    sizes = [Path(model).stat().st_size, Path(vs).stat().st_size]
+    ratios = {
+        "file_size": sizes[0] / sizes[1],
+        "prompt_speedup": a.prompt_tokens_per_s / b.prompt_tokens_per_s,
+        "generation_speedup": a.generation_tokens_per_s / b.generation_tokens_per_s,
+    }
+    if as_json:
+        rows = [{"model": m, "file_bytes": n, **asdict(x)} for m, n, x in ((model, sizes[0], a), (vs, sizes[1], b))]
+        out.print_json(json.dumps({"runtime": "llama.cpp", "models": rows, "ratios": ratios}))
+        return
+    rows = [
+        ["file size", _mb(sizes[0]), _mb(sizes[1]), f"{ratios['file_size']:.3f}x"],
+        [
+            f"prompt processing ({prompt_tokens} tokens)",
+            f"{a.prompt_tokens_per_s:,.1f} tok/s",
+            f"{b.prompt_tokens_per_s:,.1f} tok/s",
+            f"{ratios['prompt_speedup']:.2f}x",
+        ],
+        [
+            f"generation ({new_tokens} tokens)",
+            f"{a.generation_tokens_per_s:,.1f} tok/s",
+            f"{b.generation_tokens_per_s:,.1f} tok/s",
+            f"{ratios['generation_speedup']:.2f}x",
+        ],
+    ]
+    out.print(_table(f"llama.cpp: {model} vs {vs}", ["", model, vs, "ratio"], rows))
 
 
 Strategy = Annotated[str, typer.Option(help=f"search strategy: {', '.join(SEARCH_STRATEGIES)}")]

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from slimlm.errors import SlimlmError
-from slimlm.llamacpp import NATIVE_QUANT_TYPES, quantize
+from slimlm.llamacpp import NATIVE_QUANT_TYPES, quantize, require
 
 if TYPE_CHECKING:  # loading keeps tokenizer keys with this module's helpers, so no import at run time
     from slimlm.models import LoadedModel
@@ -62,6 +62,7 @@ class Exported:
 def export_gguf(loaded: LoadedModel, out: str | Path, quant: str = "f16", tokenizer_pre: str | None = None) -> Exported:
     """Write ``loaded`` (any model slimlm loads or extracts) to the GGUF file ``out`` in ``quant``."""
     if quant in NATIVE_QUANT_TYPES:  # k-quants: llama.cpp's quantizer, from an f16 file written here
+        require()  # before the slow part
         staged = export_gguf(loaded, Path(out).with_name(Path(out).name + ".f16.gguf"), "f16", tokenizer_pre)
         try:
             path = quantize(staged.path, out, quant)

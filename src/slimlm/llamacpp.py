@@ -28,7 +28,8 @@ def available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
-def _llama_cpp():
+def require():
+    """The ``llama_cpp`` module, or a clear error that says how to install it."""
     if not available():
         raise SlimlmError(f"llama.cpp is not installed; {INSTALL}")
     import llama_cpp
@@ -40,7 +41,7 @@ def _open(path: str | Path, context: int, threads: int | None, all_logits: bool 
     path = Path(path)
     if not path.is_file():
         raise SlimlmError(f"no GGUF file at {path}")
-    llama = _llama_cpp().Llama(
+    llama = require().Llama(
         model_path=str(path),
         n_ctx=context,
         n_batch=context,
@@ -66,31 +67,44 @@ class Speed:
     generation_tokens_per_s: float
 
 
-def speed(path: str | Path, prompt_tokens: int = 128, new_tokens: int = 32, repeats: int = 3) -> Speed:
-    """Time one batched prompt pass and ``new_tokens`` single-token steps after it, ``repeats`` times."""
-    llama = _open(path, prompt_tokens + new_tokens, None)
-    vocab = llama.n_vocab()
+def compare_speed(
+    paths: list[str | Path], prompt_tokens: int = 128, new_tokens: int = 32, repeats: int = 3
+) -> list[Speed]:
+    """Speed of several GGUF files side by side: per round, each file times one batched prompt pass
+    and ``new_tokens`` single-token steps after it (random tokens, as llama-bench); a first round
+    warms up and is not counted."""
+    models = [_open(path, prompt_tokens + new_tokens, None) for path in paths]
     rng = np.random.default_rng(0)
-    prompt, steps = [], []
-    for _ in range(repeats + 1):  # the first round warms caches and is not counted
-        tokens = rng.integers(0, vocab, prompt_tokens + new_tokens).tolist()
-        llama.reset()
-        start = time.perf_counter()
-        llama.eval(tokens[:prompt_tokens])
-        middle = time.perf_counter()
-        for token in tokens[prompt_tokens:]:
-            llama.eval([token])
-        end = time.perf_counter()
-        prompt.append(prompt_tokens / (middle - start))
-        steps.append(new_tokens / (end - middle))
-    return Speed(float(np.median(prompt[1:])), float(np.median(steps[1:])))
+    samples: list[list[tuple[float, float]]] = [[] for _ in models]
+    for _ in range(repeats + 1):
+        tokens = rng.integers(0, min(m.n_vocab() for m in models), prompt_tokens + new_tokens).tolist()
+        for llama, taken in zip(models, samples, strict=True):
+            taken.append(_timed(llama, tokens, prompt_tokens))
+    return [
+        Speed(
+            float(np.median([prompt_tokens / p for p, _ in taken[1:]])),
+            float(np.median([new_tokens / g for _, g in taken[1:]])),
+        )
+        for taken in samples
+    ]
+
+
+def _timed(llama, tokens: list[int], prompt_tokens: int) -> tuple[float, float]:
+    """Seconds for the prompt pass and for the single-token steps after it."""
+    llama.reset()
+    start = time.perf_counter()
+    llama.eval(tokens[:prompt_tokens])
+    middle = time.perf_counter()
+    for token in tokens[prompt_tokens:]:
+        llama.eval([token])
+    return middle - start, time.perf_counter() - middle
 
 
 def quantize(source: str | Path, out: str | Path, quant: str) -> Path:
     """Quantize the GGUF ``source`` (f16 or f32) to ``quant`` with llama.cpp's own quantizer."""
     if quant not in NATIVE_QUANT_TYPES:
         raise SlimlmError(f"llama.cpp quantization '{quant}' is not offered: {', '.join(NATIVE_QUANT_TYPES)}")
-    llama_cpp = _llama_cpp()
+    llama_cpp = require()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = NATIVE_QUANT_TYPES[quant]
     params.nthread = os.cpu_count() or 1
