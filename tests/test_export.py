@@ -197,3 +197,13 @@ def test_llama_cpp_features_without_it_say_how_to_install(tmp_path):
     assert "pip install" in error
     error = one_error(invoke("export", tmp_path / "dense", "--gguf", tmp_path / "k.gguf", "--quant", "q4_k"))
     assert "llama.cpp is not installed" in error
+
+
+@needs_llama_cpp
+def test_llama_cpp_perplexity_equals_the_hugging_face_one(tmp_path):
+    from slimlm.evaluate import perplexity
+
+    loaded = bpe_model(tmp_path)
+    path = export_gguf(loaded, tmp_path / "m.gguf", "f32", tokenizer_pre="default").path
+    windows = torch.randint(0, BPE_VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    assert llamacpp.perplexity(path, windows) == pytest.approx(perplexity(loaded.model, windows), rel=1e-3)

@@ -55,8 +55,26 @@ def _open(path: str | Path, context: int, threads: int | None, all_logits: bool 
 def logits(path: str | Path, ids: list[int]) -> np.ndarray:
     """llama.cpp's logits for every position of ``ids`` (one sequence), shape ``(len(ids), vocab)``."""
     llama = _open(path, len(ids), None, all_logits=True)
-    llama.eval(list(ids))
+    return _logits(llama, list(ids))
+
+
+def _logits(llama, ids: list[int]) -> np.ndarray:
+    llama.reset()
+    llama.eval(ids)
     return np.array(llama.scores[: len(ids)], dtype=np.float32)
+
+
+def perplexity(path: str | Path, windows) -> float:
+    """Perplexity in llama.cpp over token windows (rows of a tensor or lists), each scored on its own."""
+    rows = [list(map(int, w)) for w in windows]
+    llama = _open(path, max(len(r) for r in rows), None, all_logits=True)
+    total, count = 0.0, 0
+    for ids in rows:
+        scores = _logits(llama, ids)[:-1].astype(np.float64)
+        log_z = np.log(np.exp(scores - scores.max(-1, keepdims=True)).sum(-1)) + scores.max(-1)
+        total += float((log_z - scores[np.arange(len(ids) - 1), ids[1:]]).sum())
+        count += len(ids) - 1
+    return float(np.exp(total / count))
 
 
 @dataclass(frozen=True)
