@@ -1,0 +1,112 @@
+"""Pruned and quantized in llama.cpp: slimlm's models at several kept fractions, each in several GGUF types.
+
+For each kept fraction, slimlm's default compress job runs once (its model is kept under
+``--runs``, so a second run of this script reuses it); the dense model and every compressed one
+are exported in each type. Per file: size on disk, perplexity computed in llama.cpp, and prompt
+and generation tokens/s timed in llama.cpp side by side with the dense file of the same type (one
+interleaved loop per type). The ideal generation speed-up is the dense file's size over the
+file's (decoding reads every weight once per token); the goal is at least 0.9 of it, and q8_0 on
+top of pruning losing under 2% perplexity against f16. Needs the ``llamacpp`` extra. Writes
+``gguf.md`` and ``gguf.json`` to benchmarks/results/.
+
+    python benchmarks/gguf.py --model smollm2-135m
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from slimlm import llamacpp
+from slimlm.data import DEFAULT_EVALUATION, model_windows
+from slimlm.export import export_gguf
+from slimlm.models import load_model
+from slimlm.report import write_report
+from slimlm.search import SearchJob, search
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def compressed(model: str, fraction: float, runs: Path) -> Path:
+    """slimlm's best model at ``fraction`` (the default compress search), reused when already there."""
+    folder = runs / f"slimlm-{fraction}"
+    if not (folder / "best" / "config.json").is_file():
+        searcher, study = search(SearchJob(model=model, out=str(folder), params_fraction=fraction))
+        write_report(searcher, study)
+    return folder / "best"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--fractions", default="0.9,0.8,0.7,0.5")
+    parser.add_argument("--quants", default="f16,q8_0,q4_k")
+    parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--runs", type=Path, default=Path("runs/gguf-bench"), help="compressed models and GGUF files")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    llamacpp.require()
+    command = "python benchmarks/gguf.py " + " ".join(sys.argv[1:])
+    start = time.perf_counter()
+    dense = load_model(args.model)
+    windows = model_windows(dense, DEFAULT_EVALUATION, 256, args.eval_windows)
+    models = {1.0: dense}
+    for fraction in map(float, args.fractions.split(",")):
+        models[fraction] = load_model(compressed(args.model, fraction, args.runs))
+    rows = []
+    for quant in args.quants.split(","):
+        files = {}
+        for fraction, loaded in models.items():
+            files[fraction] = export_gguf(loaded, args.runs / f"{fraction}.{quant}.gguf", quant).path
+        speeds = llamacpp.compare_speed(list(files.values()), args.prompt_tokens, args.new_tokens, args.repeats)
+        for (fraction, path), speed in zip(files.items(), speeds, strict=True):
+            rows.append(
+                {
+                    "fraction": fraction,
+                    "quant": quant,
+                    "file_bytes": path.stat().st_size,
+                    "perplexity": llamacpp.perplexity(path, windows),
+                    "prompt_tokens_per_s": speed.prompt_tokens_per_s,
+                    "generation_tokens_per_s": speed.generation_tokens_per_s,
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    write(args, rows, command, (time.perf_counter() - start) / 60)
+
+
+def write(args, rows: list[dict], command: str, minutes: float) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gguf.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+    dense = {r["quant"]: r for r in rows if r["fraction"] == 1.0}
+    f16 = {r["fraction"]: r for r in rows if r["quant"] == "f16"}
+    lines = [
+        f"`{command}` ({minutes:.0f} min): perplexity in llama.cpp on `{DEFAULT_EVALUATION}` "
+        f"({args.eval_windows} windows of 256 tokens); speed in llama.cpp, {args.prompt_tokens}-token prompt and "
+        f"{args.new_tokens} generated tokens, medians of {args.repeats} interleaved rounds per type.",
+        "",
+        "| kept | type | MB | ppl | ppl vs f16 | prompt tok/s | gen tok/s | gen speed-up | ideal | of ideal |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        base = dense[r["quant"]]
+        speedup = r["generation_tokens_per_s"] / base["generation_tokens_per_s"]
+        ideal = base["file_bytes"] / r["file_bytes"]
+        versus = f"{r['perplexity'] / f16[r['fraction']]['perplexity'] - 1:+.1%}" if r["fraction"] in f16 else "-"
+        lines.append(
+            f"| {r['fraction']} | {r['quant']} | {r['file_bytes'] / 1e6:.1f} | {r['perplexity']:.2f} | {versus} "
+            f"| {r['prompt_tokens_per_s']:.0f} | {r['generation_tokens_per_s']:.1f} | {speedup:.2f}x | {ideal:.2f}x "
+            f"| {speedup / ideal:.2f} |"
+        )
+    text = "\n".join(lines) + "\n"
+    (args.out / "gguf.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
