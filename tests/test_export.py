@@ -93,11 +93,12 @@ def test_layers_that_differ_are_written_as_per_layer_arrays(tmp_path):
     loaded = bpe_model(tmp_path, subnet=ragged)
     reader = gguf.GGUFReader(export_gguf(loaded, tmp_path / "m.gguf", "f16", tokenizer_pre="default").path)
     field = lambda key: reader.fields[key].contents()  # noqa: E731
-    assert field("llama.block_count") == 3
-    assert field("llama.attention.head_count") == [6, 3, 3]
-    assert field("llama.attention.head_count_kv") == [2, 1, 1]
-    assert field("llama.feed_forward_length") == [40, 32, 8]
-    assert field("llama.attention.key_length") == 8  # not hidden / first layer's heads
+    assert field("general.architecture") == "deci"  # llama.cpp's llama graph sizes layers from the first
+    assert field("deci.block_count") == 3
+    assert field("deci.attention.head_count") == [6, 3, 3]
+    assert field("deci.attention.head_count_kv") == [2, 1, 1]
+    assert field("deci.feed_forward_length") == [40, 32, 8]
+    assert field("deci.attention.key_length") == 8  # not hidden / first layer's heads
     shapes = {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors}
     assert shapes["blk.2.attn_q.weight"] == (48, 24)  # GGUF lists the inner dimension first
     assert shapes["blk.2.attn_k.weight"] == (48, 8)
@@ -114,6 +115,12 @@ def test_tokenizer_keys_of_a_gguf_source_travel_with_the_model(tmp_path):
     assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm"
     assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
     assert len(reader.fields["tokenizer.ggml.tokens"].contents()) == BPE_VOCAB
+
+
+def test_layers_that_differ_in_an_architecture_llama_cpp_sizes_uniformly_are_refused(tmp_path):
+    with pytest.raises(SlimlmError, match="--uniform"):
+        export_gguf(bpe_model(tmp_path, "qwen2", subnet=ragged), tmp_path / "m.gguf", "f16", tokenizer_pre="default")
+    assert not list(tmp_path.glob("m.*"))
 
 
 def test_unknown_pre_tokenizer_and_bad_names_are_clear_errors(tmp_path):
@@ -152,7 +159,7 @@ needs_llama_cpp = pytest.mark.skipif(
 
 
 @needs_llama_cpp
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "mistral"])
 def test_llama_cpp_computes_the_logits_of_the_extracted_model(tmp_path, family):
     loaded = bpe_model(tmp_path, family, subnet=ragged)
     path = export_gguf(loaded, tmp_path / "m.gguf", "f32", tokenizer_pre="default").path

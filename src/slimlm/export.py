@@ -1,8 +1,9 @@
 """Write a model folder slimlm made as one self-contained GGUF file for llama.cpp.
 
 Layers whose shapes differ are written as llama.cpp's per-layer arrays (``head_count``,
-``head_count_kv``, ``feed_forward_length``), and the key/value head size is written explicitly,
-because llama.cpp would otherwise derive it from the first layer's head count. Query and key
+``head_count_kv``, ``feed_forward_length``) of its ``deci`` architecture (the one llama.cpp graph
+that sizes every layer on its own), and the key/value head size is written explicitly, because
+llama.cpp would otherwise derive it from the first layer's head count. Query and key
 rows of Llama-layout models are reordered to llama.cpp's rotary layout (interleaved halves), as
 its own converter does. The tokenizer travels in the file: copied from the GGUF the model came
 from when there is one (``TOKENIZER_GGUF``, kept by loading and extraction), else built from the
@@ -48,6 +49,9 @@ ARCHITECTURES = {
     "mistral": (gguf.MODEL_ARCH.LLAMA, True),
     "qwen2": (gguf.MODEL_ARCH.QWEN2, False),
 }
+# llama.cpp's llama graph sizes every layer from the first one; its ``deci`` graph (Llama with
+# per-layer head, key/value head and MLP counts, made for Nemotron-51B) reads each layer's own
+PER_LAYER_ARCHITECTURES = {gguf.MODEL_ARCH.LLAMA: gguf.MODEL_ARCH.DECI}
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,13 @@ def export_gguf(loaded: LoadedModel, out: str | Path, quant: str = "f16", tokeni
     if out.suffix != ".gguf":
         raise SlimlmError(f"the GGUF file name must end in .gguf, got {out.name}")
     arch, rotary_order = ARCHITECTURES[family]
+    if len(set(loaded.dims.layers)) > 1:
+        if arch not in PER_LAYER_ARCHITECTURES:
+            raise SlimlmError(
+                f"llama.cpp's {gguf.MODEL_ARCH_NAMES[arch]} architecture needs every layer the same shape, and "
+                "this model's layers differ; the nearest expressible model is a uniform one (search with --uniform)"
+            )
+        arch = PER_LAYER_ARCHITECTURES[arch]
     qtype, file_type = QUANT_TYPES[quant]
     partial = out.with_name(out.name + ".part")  # renamed when complete: a killed export leaves no broken .gguf
     writer = gguf.GGUFWriter(partial, gguf.MODEL_ARCH_NAMES[arch])

@@ -7,9 +7,9 @@ and generation tokens/s timed in llama.cpp side by side with the dense file of t
 interleaved loop per type). The ideal generation speed-up is the dense file's size over the
 file's (decoding reads every weight once per token); the goal is at least 0.9 of it, and q8_0 on
 top of pruning losing under 2% perplexity against f16. Needs the ``llamacpp`` extra. Writes
-``gguf.md`` and ``gguf.json`` to benchmarks/results/.
+``quantized.md`` and ``quantized.json`` to benchmarks/results/.
 
-    python benchmarks/gguf.py --model smollm2-135m
+    python benchmarks/quantized.py --model smollm2-135m
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     llamacpp.require()
-    command = "python benchmarks/gguf.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/quantized.py " + " ".join(sys.argv[1:])
     start = time.perf_counter()
     dense = load_model(args.model)
     windows = model_windows(dense, DEFAULT_EVALUATION, 256, args.eval_windows)
@@ -82,7 +82,7 @@ def main() -> None:
 
 def write(args, rows: list[dict], command: str, minutes: float) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gguf.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+    (args.out / "quantized.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
     dense = {r["quant"]: r for r in rows if r["fraction"] == 1.0}
     f16 = {r["fraction"]: r for r in rows if r["quant"] == "f16"}
     lines = [
@@ -104,7 +104,7 @@ def write(args, rows: list[dict], command: str, minutes: float) -> None:
             f"| {speedup / ideal:.2f} |"
         )
     text = "\n".join(lines) + "\n"
-    (args.out / "gguf.md").write_text(text)
+    (args.out / "quantized.md").write_text(text)
     print(text)
 
 
