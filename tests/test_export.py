@@ -214,3 +214,11 @@ def test_llama_cpp_perplexity_equals_the_hugging_face_one(tmp_path):
     path = export_gguf(loaded, tmp_path / "m.gguf", "f32", tokenizer_pre="default").path
     windows = torch.randint(0, BPE_VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
     assert llamacpp.perplexity(path, windows) == pytest.approx(perplexity(loaded.model, windows), rel=1e-3)
+
+
+@needs_llama_cpp
+def test_a_corrupt_gguf_is_a_clear_error_in_llama_cpp(tmp_path):
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(b"GGUF" + bytes(64))
+    with pytest.raises(SlimlmError, match="cannot load"):
+        llamacpp.logits(path, [1, 2, 3])

@@ -41,15 +41,17 @@ def _open(path: str | Path, context: int, threads: int | None, all_logits: bool 
     path = Path(path)
     if not path.is_file():
         raise SlimlmError(f"no GGUF file at {path}")
-    llama = require().Llama(
-        model_path=str(path),
-        n_ctx=context,
-        n_batch=context,
-        n_threads=threads or os.cpu_count(),
-        logits_all=all_logits,
-        verbose=False,
-    )
-    return llama
+    try:
+        return require().Llama(
+            model_path=str(path),
+            n_ctx=context,
+            n_batch=context,
+            n_threads=threads or os.cpu_count(),
+            logits_all=all_logits,
+            verbose=False,
+        )
+    except ValueError as error:  # llama.cpp says why only on its own log; the file is the usual cause
+        raise SlimlmError(f"llama.cpp cannot load {path} (corrupt, or a shape its graph does not take)") from error
 
 
 def logits(path: str | Path, ids: list[int]) -> np.ndarray:
