@@ -222,3 +222,10 @@ def test_a_corrupt_gguf_is_a_clear_error_in_llama_cpp(tmp_path):
     path.write_bytes(b"GGUF" + bytes(64))
     with pytest.raises(SlimlmError, match="cannot load"):
         llamacpp.logits(path, [1, 2, 3])
+
+
+def test_a_model_loaded_from_a_gguf_exports_with_its_source_tokenizer_keys(tmp_path):
+    source = export_gguf(bpe_model(tmp_path), tmp_path / "source.gguf", "f32", tokenizer_pre="smollm").path
+    loaded = load_model(source)  # dequantized into the cache, which keeps the tokenizer keys
+    reader = gguf.GGUFReader(export_gguf(loaded, tmp_path / "again.gguf", "f16").path)
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm"

@@ -14,6 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from slimlm.cache import cache_root
 from slimlm.costs import static_cost
 from slimlm.errors import SlimlmError
+from slimlm.export import TOKENIZER_GGUF
 from slimlm.models import ADAPTERS, BUILTIN_MODELS, load_model, loading, resolve_model
 from slimlm.models.loading import DONE_MARKER
 
@@ -220,8 +221,10 @@ class FakeGguf:
 
 @pytest.fixture
 def fake_gguf(monkeypatch) -> FakeGguf:
+    """The pretend GGUF files hold no tokenizer keys either: keeping them writes an empty stand-in."""
     fake = FakeGguf()
     monkeypatch.setattr(loading, "_load_gguf", fake)
+    monkeypatch.setattr(loading, "save_tokenizer_gguf", lambda _source, folder: (Path(folder) / TOKENIZER_GGUF).touch())
     return fake
 
 
