@@ -65,9 +65,12 @@ class Exported:
 
 def export_gguf(loaded: LoadedModel, out: str | Path, quant: str = "f16", tokenizer_pre: str | None = None) -> Exported:
     """Write ``loaded`` (any model slimlm loads or extracts) to the GGUF file ``out`` in ``quant``."""
+    out = Path(out)
+    if out.suffix != ".gguf":
+        raise SlimlmError(f"the GGUF file name must end in .gguf, got {out.name}")
     if quant in NATIVE_QUANT_TYPES:  # k-quants: llama.cpp's quantizer, from an f16 file written here
         require()  # before the slow part
-        staged = export_gguf(loaded, Path(out).with_name(Path(out).name + ".f16.gguf"), "f16", tokenizer_pre)
+        staged = export_gguf(loaded, out.with_name(out.name + ".f16.gguf"), "f16", tokenizer_pre)
         try:
             path = quantize(staged.path, out, quant)
         finally:
@@ -79,9 +82,6 @@ def export_gguf(loaded: LoadedModel, out: str | Path, quant: str = "f16", tokeni
     family = loaded.dims.family
     if family not in ARCHITECTURES:
         raise SlimlmError(f"GGUF export does not support the '{family}' family yet ({', '.join(ARCHITECTURES)})")
-    out = Path(out)
-    if out.suffix != ".gguf":
-        raise SlimlmError(f"the GGUF file name must end in .gguf, got {out.name}")
     arch, rotary_order = ARCHITECTURES[family]
     if len(set(loaded.dims.layers)) > 1:
         if arch not in PER_LAYER_ARCHITECTURES:
