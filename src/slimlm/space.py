@@ -7,6 +7,7 @@ so every candidate inherits the most important weights.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,16 +47,18 @@ class SearchSpace:
         if not 0 < self.step <= 1:
             raise SlimlmError(f"ratio step must be in (0, 1], got {self.step}")
 
-    def neuron_choices(self, full: LayerShape) -> list[int]:
+    @functools.cache  # noqa: B019 - the space is frozen and few layer sizes exist; repairs call this in loops
+    def neuron_choices(self, full: LayerShape) -> tuple[int, ...]:
         """Allowed kept-neuron counts of a layer: the ratio grid, rounded to ``NEURON_STEP``."""
         steps = round((self.max_ratio - self.min_ratio) / self.step)
         ratios = [self.min_ratio + i * self.step for i in range(steps + 1)]
         counts = {
             min(full.neurons, max(NEURON_STEP, round(r * full.neurons / NEURON_STEP) * NEURON_STEP)) for r in ratios
         }
-        return sorted(counts)
+        return tuple(sorted(counts))
 
-    def attention_choices(self, full: LayerShape) -> list[LayerShape]:
+    @functools.cache  # noqa: B019 - as above
+    def attention_choices(self, full: LayerShape) -> tuple[LayerShape, ...]:
         """Allowed (query heads, key/value heads) of a layer, smallest first; neurons left 0."""
         shapes = [
             LayerShape(kv * per_group, kv, 0)
@@ -63,7 +66,7 @@ class SearchSpace:
         ]
         allowed = [s for s in shapes if self.min_ratio - 1e-9 <= s.heads / full.heads <= self.max_ratio + 1e-9]
         allowed = allowed or [min(shapes, key=lambda s: abs(s.heads / full.heads - self.min_ratio))]
-        return sorted(allowed, key=lambda s: (s.heads, s.kv_heads))
+        return tuple(sorted(allowed, key=lambda s: (s.heads, s.kv_heads)))
 
     def suggest(self, trial: optuna.Trial, dims: ModelDims) -> dict[int, LayerShape]:
         """Layer shapes chosen by an Optuna trial (define-by-run: the sampler picks every choice)."""
@@ -239,13 +242,15 @@ class SearchSpace:
         Returns the shapes unchanged when they fit, and the smallest reachable ones when nothing does.
         """
         shapes = dict(shapes)
+        # each free layer's next step down, updated only for the layer that moved: repairs run in inner loops
+        smaller = {i: self._step_down(dims.layers[i], s) for i, s in shapes.items() if i not in self.frozen_layers}
         while not within(list(shapes.values())):
-            steps = [(self._fraction(dims.layers[i], s), i) for i, s in shapes.items() if i not in self.frozen_layers]
-            steps = [(f, i) for f, i in steps if self._step_down(dims.layers[i], shapes[i]) != shapes[i]]
+            steps = [(self._fraction(dims.layers[i], shapes[i]), i) for i, s in smaller.items() if s != shapes[i]]
             if not steps:
                 break
             _, i = max(steps)
-            shapes[i] = self._step_down(dims.layers[i], shapes[i])
+            shapes[i] = smaller[i]
+            smaller[i] = self._step_down(dims.layers[i], shapes[i])
         return shapes
 
     @staticmethod
