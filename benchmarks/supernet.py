@@ -4,12 +4,12 @@
 (b) train the model as a super-network for ``--train-steps`` steps, then the same search on it;
 (c) as (b), with the predictor-assisted search (``linas``).
 (b) and (c) run ``--evaluations`` candidates after training; (a) gets as many more candidates as
-the training time buys at (b)'s measured rate, so all three spend the same wall time. Training
+the training time buys at (b)'s measured search rate, so all three spend about the same wall time. Training
 text (``--train-data``) is apart from both the calibration text (fitness) and the evaluation
 text. For every kept fraction: wall time, candidates, the hypervolume of the evaluated front on
 the evaluation text against the original dense model (so a trained model is not its own
 reference), and the evaluation perplexity of the extracted best. Writes ``supernet.md`` and
-``supernet.json`` to benchmarks/results/.
+``supernet.json`` (with every front) and ``supernet.png`` (the fronts) to benchmarks/results/.
 
     python benchmarks/supernet.py --model smollm2-135m --train-steps 60 --evaluations 40
 """
@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import matplotlib
+
 from slimlm.costs import static_cost
 from slimlm.data import DEFAULT_EVALUATION, model_windows
 from slimlm.evaluate import perplexity
@@ -31,12 +33,17 @@ from slimlm.report import hypervolume, write_report
 from slimlm.search import SearchJob, search
 from slimlm.train import TrainJob, train
 
+matplotlib.use("Agg")
+
+from matplotlib import pyplot as plt
+
 RESULTS = Path(__file__).parent / "results"
+COLORS = ("tab:blue", "tab:orange", "tab:green")
 ONE_SHOT = (("(b) super-network, evolution", "evolution"), ("(c) super-network, linas", "linas"))
 
 
 def searched(model: str, out: str, fraction: float, strategy: str, evaluations: int, windows: int, dense) -> dict:
-    """One search and its report: wall time, candidates, hypervolume, best evaluation perplexity."""
+    """One search and its report: wall times, candidates, front, hypervolume, best evaluation perplexity."""
     start = time.perf_counter()
     job = SearchJob(
         model=model,
@@ -47,13 +54,19 @@ def searched(model: str, out: str, fraction: float, strategy: str, evaluations: 
         evaluation_windows=windows,
     )
     searcher, study = search(job)
+    search_seconds = time.perf_counter() - start
     report = write_report(searcher, study)
     front = [(m["params"], m["evaluation_perplexity"]) for m in report["front"]]
+    best = next(m for m in report["front"] if m["trial"] == report["best_trial"])
     return {
         "seconds": time.perf_counter() - start,
+        "search_seconds": search_seconds,
         "evaluations": report["evaluations"],
         "hypervolume": hypervolume(front, *dense),
         "best_perplexity": report["best_evaluation_perplexity"],
+        "best_params": best["params"],
+        "best_reformed": report["best_reformed"],
+        "front": front,
     }
 
 
@@ -89,14 +102,11 @@ def main() -> None:
         train_seconds = time.perf_counter() - start
         for fraction in map(float, args.fractions.split(",")):
             one_shot = {}
-            for name, strategy in (
-                ("(b) super-network, evolution", "evolution"),
-                ("(c) super-network, linas", "linas"),
-            ):
+            for name, strategy in ONE_SHOT:
                 out = f"{scratch}/{strategy}-{fraction}"
                 one_shot[name] = searched(trained, out, fraction, strategy, args.evaluations, args.eval_windows, dense)
                 one_shot[name]["seconds"] += train_seconds
-            rate = args.evaluations / (one_shot[ONE_SHOT[0][0]]["seconds"] - train_seconds)
+            rate = args.evaluations / one_shot[ONE_SHOT[0][0]]["search_seconds"]  # candidates per second searching
             budget = args.evaluations + round(train_seconds * rate)
             out = f"{scratch}/free-{fraction}"
             free = searched(args.model, out, fraction, "evolution", budget, args.eval_windows, dense)
@@ -104,6 +114,7 @@ def main() -> None:
                 rows.append({"fraction": fraction, "method": name, **result})
                 print(json.dumps(rows[-1]), flush=True)
     write(args, rows, command, train_seconds)
+    plot(rows, dense, args.out / "supernet.png")
 
 
 def write(args, rows: list[dict], command: str, train_seconds: float) -> None:
@@ -114,7 +125,7 @@ def write(args, rows: list[dict], command: str, train_seconds: float) -> None:
         f"{args.train_steps} steps on `{args.train_data}`); evaluation perplexity on `{DEFAULT_EVALUATION}` "
         f"({args.eval_windows} windows of 256 tokens), best model reformed where that scored better; hypervolume "
         "of the evaluated front (kept parameters, log evaluation perplexity over the original dense model), "
-        "reference (1, log 10).",
+        "reference (1, log 100).",
         "",
         "| kept | method | candidates | wall min | hypervolume | best perplexity |",
         "|---|---|---|---|---|---|",
@@ -127,6 +138,37 @@ def write(args, rows: list[dict], command: str, train_seconds: float) -> None:
     text = "\n".join(lines) + "\n"
     (args.out / "supernet.md").write_text(text)
     print(text)
+
+
+def plot(rows: list[dict], dense: tuple[int, float], path: Path) -> None:
+    """Per kept fraction: each method's evaluated front and its extracted best, against the dense model."""
+    fractions = sorted({r["fraction"] for r in rows}, reverse=True)
+    fig, axes = plt.subplots(1, len(fractions), figsize=(6 * len(fractions), 4.5), dpi=120, squeeze=False)
+    for ax, fraction in zip(axes[0], fractions, strict=True):
+        for color, row in zip(COLORS, (r for r in rows if r["fraction"] == fraction), strict=False):
+            params, ppl = zip(*sorted(row["front"]), strict=True)
+            ax.plot([p / 1e6 for p in params], ppl, "o-", color=color, label=f"{row['method']} front")
+            best = "reformed best" if row["best_reformed"] else "best"
+            ax.scatter(
+                [row["best_params"] / 1e6],
+                [row["best_perplexity"]],
+                marker="*",
+                s=160,
+                color=color,
+                edgecolors="black",
+                zorder=5,
+                label=best,
+            )
+        ax.scatter([dense[0] / 1e6], [dense[1]], marker="*", s=160, color="black", label="dense")
+        ax.set_yscale("log")
+        ax.set_xlabel("parameters (millions)")
+        ax.set_ylabel("evaluation perplexity (log scale)")
+        ax.set_title(f"kept {fraction}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
