@@ -16,6 +16,8 @@ from slimlm.errors import SlimlmError
 from slimlm.export import TOKENIZER_GGUF, export_gguf, save_tokenizer_gguf
 from slimlm.extract import extract
 from slimlm.models import load_model
+from slimlm.search import SearchJob, search
+from slimlm.strategies import completed
 from slimlm.subnet import SubNetwork
 
 from .conftest import TEXT, invoke, one_error, save_tiny, tiny_loaded
@@ -229,3 +231,36 @@ def test_a_model_loaded_from_a_gguf_exports_with_its_source_tokenizer_keys(tmp_p
     loaded = load_model(source)  # dequantized into the cache, which keeps the tokenizer keys
     reader = gguf.GGUFReader(export_gguf(loaded, tmp_path / "again.gguf", "f16").path)
     assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm"
+
+
+def latency_job(tmp_path, text) -> SearchJob:
+    return SearchJob(
+        model=str(bpe_model(tmp_path, hidden_size=96).folder),
+        out=str(tmp_path / "run"),
+        params_fraction=0.6,
+        objective="latency",
+        latency_runtime="llama.cpp",
+        evaluations=4,
+        calibration=str(text),
+        evaluation=str(text),
+        seq_len=16,
+        calibration_windows=8,
+        fitness_windows=2,
+        evaluation_windows=2,
+    )
+
+
+@needs_llama_cpp
+def test_search_measures_latency_in_llama_cpp(tmp_path, text):
+    _, study = search(latency_job(tmp_path, text))
+    latencies = [t.values[1] for t in completed(study)]
+    assert len(latencies) == 4 and all(0 < ms < 1000 for ms in latencies)
+    assert all(t.user_attrs["latency_ms"] == t.values[1] for t in completed(study))
+    assert not list((tmp_path / "run").glob("latency-*.gguf"))  # scratch files are removed
+
+
+@pytest.mark.skipif(llamacpp.available(), reason="checks the message users see without llama.cpp")
+def test_latency_in_llama_cpp_without_it_is_refused_before_any_store(tmp_path, text):
+    with pytest.raises(SlimlmError, match=r"llama\.cpp is not installed"):
+        search(latency_job(tmp_path, text))
+    assert not (tmp_path / "run").exists()

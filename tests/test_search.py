@@ -385,8 +385,9 @@ def test_an_infeasible_memory_budget_is_refused(make_job, tmp_path):
         ({"evaluations": 0}, "--evaluations and --workers must be at least 1"),
         ({"fitness_windows": 9}, "calib-windows.*fitness|fitness-windows.*calib-windows"),
         ({"params_fraction": 1.5}, r"--params must be a fraction in \(0, 1\]"),
+        ({"latency_runtime": "onnx"}, "unknown latency runtime 'onnx'; choose from transformers, llama.cpp"),
     ],
-    ids=["strategy", "objective", "evaluations", "fitness-windows", "fraction"],
+    ids=["strategy", "objective", "evaluations", "fitness-windows", "fraction", "latency-runtime"],
 )
 def test_bad_settings_are_refused_before_any_store(make_job, tmp_path, overrides, message):
     with pytest.raises(SlimlmError, match=message):

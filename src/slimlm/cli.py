@@ -31,6 +31,7 @@ from slimlm.models import load_model
 from slimlm.pipeline import compress as compress_model
 from slimlm.pipeline import folder_bytes
 from slimlm.prune import METHODS, PruneInput, check_method, params_budget, prune
+from slimlm.quantize import ALL_QUANT_TYPES
 from slimlm.reform import reform as reform_weights
 from slimlm.report import write_report
 from slimlm.search import SearchJob, parse_size
@@ -62,6 +63,9 @@ Calib = Annotated[str, typer.Option("--calib", help=f"calibration text: {describ
 EvalText = Annotated[str, typer.Option("--eval", help="evaluation text (same forms as --calib)")]
 CalibWindows = Annotated[int, typer.Option("--calib-windows", help="calibration windows")]
 EvalWindows = Annotated[int, typer.Option("--eval-windows", help="evaluation windows")]
+TokenizerPre = Annotated[
+    str | None, typer.Option(help="llama.cpp's pre-tokenizer name, for models that did not come from a GGUF")
+]
 
 
 def friendly(command):
@@ -238,9 +242,7 @@ def export_command(
     model: ModelArg,
     gguf_file: Annotated[Path, typer.Option("--gguf", help="GGUF file to write, for llama.cpp")],
     quant: Annotated[str, typer.Option(help=f"tensor type: {', '.join([*QUANT_TYPES, *NATIVE_QUANT_TYPES])}")] = "f16",
-    tokenizer_pre: Annotated[
-        str | None, typer.Option(help="llama.cpp's pre-tokenizer name, for models that did not come from a GGUF")
-    ] = None,
+    tokenizer_pre: TokenizerPre = None,
 ) -> None:
     """Write a model (e.g. one slimlm extracted) as one self-contained GGUF file that llama.cpp runs."""
     exported = export_gguf(load_model(model), gguf_file, quant, tokenizer_pre)
@@ -466,7 +468,14 @@ Strategy = Annotated[str, typer.Option(help=f"search strategy: {', '.join(SEARCH
 Objective = Annotated[str, typer.Option(help="cost objective beside perplexity: params, flops, memory or latency")]
 Evaluations = Annotated[int, typer.Option(help="candidates to evaluate (the store keeps every one)")]
 MaxMemory = Annotated[str | None, typer.Option(help="weights + KV cache budget in bytes, e.g. 300MB")]
-MaxLatency = Annotated[float | None, typer.Option(help="prefill latency budget in ms (measured per candidate)")]
+MaxLatency = Annotated[float | None, typer.Option(help="latency budget in ms per candidate (see --latency-runtime)")]
+LatencyRuntime = Annotated[
+    str,
+    typer.Option(
+        help="where latency is measured: transformers (prefill of --seq-len tokens) or llama.cpp (ms per "
+        "generated token after --seq-len, in an f16 GGUF; needs the llamacpp extra)"
+    ),
+]
 RunOut = Annotated[Path, typer.Option("--out", help="run folder: store, pareto.json, pareto.png, best/")]
 Metric = Annotated[str, typer.Option(help="importance metric: activation, magnitude, fluctuation, second-order")]
 PerLayer = Annotated[bool, typer.Option("--per-layer/--uniform", help="per-layer ratios or one shape for all layers")]
@@ -514,6 +523,7 @@ def _search_options(
     max_latency_ms: MaxLatency = None,
     strategy: Strategy = DEFAULT_STRATEGY,
     objective: Objective = "params",
+    latency_runtime: LatencyRuntime = "transformers",
     evaluations: Evaluations = 60,
     calibration: Calib = DEFAULT_CALIBRATION,
     evaluation: EvalText = DEFAULT_EVALUATION,
@@ -572,7 +582,7 @@ def search_command(model: ModelArg, out_dir: RunOut, options: dict) -> None:
             f"{m['params_fraction']:.3f}",
             f"{m['calibration_perplexity']:.2f}",
             f"{m['evaluation_perplexity']:.2f}",
-            f"{m['latency_ms']:.0f} ms",
+            f"{m['latency_ms']:.1f} ms",
             "yes" if m["trial"] == report["best_trial"] else "",
         ]
         for m in report["front"]
@@ -588,11 +598,12 @@ def search_command(model: ModelArg, out_dir: RunOut, options: dict) -> None:
                 f"{m['params_fraction']:.3f}",
                 f"{m['calibration_perplexity']:.2f}",
                 f"{m['evaluation_perplexity']:.2f}",
-                f"{m['latency_ms']:.0f} ms",
+                f"{m['latency_ms']:.1f} ms",
                 "",
             ]
         )
-    columns = ["", "parameters", "fraction", "calib ppl", "eval ppl", f"prefill {job.seq_len}", "best"]
+    latency = f"prefill {job.seq_len}" if job.latency_runtime == "transformers" else "llama.cpp per token"
+    columns = ["", "parameters", "fraction", "calib ppl", "eval ppl", latency, "best"]
     out.print(_table(f"Pareto front: {job.strategy}, {report['evaluations']} candidates", columns, rows))
     out.print(f"hypervolume {report['hypervolume']:.4f} (kept parameters vs log perplexity over dense)")
     out.print(
@@ -604,9 +615,18 @@ def search_command(model: ModelArg, out_dir: RunOut, options: dict) -> None:
 @app.command()
 @_with_search_options
 @friendly
-def compress(model: ModelArg, out_dir: RunOut, options: dict) -> None:
+def compress(
+    model: ModelArg,
+    out_dir: RunOut,
+    options: dict,
+    quant: Annotated[
+        str | None,
+        typer.Option(help=f"also write RUN/best quantized: {', '.join(ALL_QUANT_TYPES)} (int8: transformers)"),
+    ] = None,
+    tokenizer_pre: TokenizerPre = None,
+) -> None:
     """Search, save the best model within the budget in RUN/best, and compare it with the dense model."""
-    report = compress_model(_job(model, out_dir, **options))
+    report = compress_model(_job(model, out_dir, **options), quant=quant, tokenizer_pre=tokenizer_pre)
     dense, small = report["dense"], report["compressed"]
     rows = _comparison_rows(dense, small, 128, subject=1)
     rows.insert(
@@ -627,3 +647,10 @@ def compress(model: ModelArg, out_dir: RunOut, options: dict) -> None:
         )
     reformed = "reformed" if report["reformed"] else "not reformed (it scored better so on held-out calibration)"
     out.print(f"saved {out_dir / 'best'}, {reformed} (loads with {how}); report in {out_dir / 'slimlm_report.json'}")
+    if quantized := report.get("quantized"):
+        measured = (
+            f"perplexity {quantized['perplexity']:.2f}"
+            if quantized["perplexity"] is not None
+            else f"perplexity not measured: {llamacpp.INSTALL}"
+        )
+        out.print(f"saved {quantized['path']} ({quantized['quant']}): {_mb(quantized['disk_bytes'])}, {measured}")

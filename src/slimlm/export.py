@@ -68,21 +68,15 @@ def export_gguf(loaded: LoadedModel, out: str | Path, quant: str = "f16", tokeni
     out = Path(out)
     if out.suffix != ".gguf":
         raise SlimlmError(f"the GGUF file name must end in .gguf, got {out.name}")
+    check_exportable(loaded, quant, tokenizer_pre)
     if quant in NATIVE_QUANT_TYPES:  # k-quants: llama.cpp's quantizer, from an f16 file written here
-        require()  # before the slow part
         staged = export_gguf(loaded, out.with_name(out.name + ".f16.gguf"), "f16", tokenizer_pre)
         try:
             path = quantize(staged.path, out, quant)
         finally:
             staged.path.unlink(missing_ok=True)
         return Exported(path, path.stat().st_size, staged.kept_f16)
-    if quant not in QUANT_TYPES:
-        choices = ", ".join([*QUANT_TYPES, *NATIVE_QUANT_TYPES])
-        raise SlimlmError(f"unknown GGUF type '{quant}'; choose from {choices} (the k-quants need llama.cpp)")
-    family = loaded.dims.family
-    if family not in ARCHITECTURES:
-        raise SlimlmError(f"GGUF export does not support the '{family}' family yet ({', '.join(ARCHITECTURES)})")
-    arch, rotary_order = ARCHITECTURES[family]
+    arch, rotary_order = ARCHITECTURES[loaded.dims.family]
     if len(set(loaded.dims.layers)) > 1:
         if arch not in PER_LAYER_ARCHITECTURES:
             raise SlimlmError(
@@ -103,6 +97,36 @@ def export_gguf(loaded: LoadedModel, out: str | Path, quant: str = "f16", tokeni
     writer.close()
     partial.replace(out)
     return Exported(out, out.stat().st_size, tuple(kept_f16))
+
+
+def check_exportable(loaded: LoadedModel, quant: str, tokenizer_pre: str | None = None) -> None:
+    """Refuse, before any slow work, what ``export_gguf`` could not write (the layer shapes are checked there)."""
+    if quant not in QUANT_TYPES and quant not in NATIVE_QUANT_TYPES:
+        choices = ", ".join([*QUANT_TYPES, *NATIVE_QUANT_TYPES])
+        raise SlimlmError(f"unknown GGUF type '{quant}'; choose from {choices} (the k-quants need llama.cpp)")
+    if quant in NATIVE_QUANT_TYPES:
+        require()
+    family = loaded.dims.family
+    if family not in ARCHITECTURES:
+        raise SlimlmError(f"GGUF export does not support the '{family}' family yet ({', '.join(ARCHITECTURES)})")
+    if tokenizer_gguf(loaded.folder) is not None:
+        return
+    if tokenizer_pre is None:
+        raise SlimlmError(
+            f"{loaded.folder} did not come from a GGUF file, so llama.cpp's name for its pre-tokenizer is unknown; "
+            "pass --tokenizer-pre NAME (the name llama.cpp's converter gives this tokenizer, e.g. llama-bpe, "
+            "qwen2, smollm)"
+        )
+    kind = _tokenizer_model(loaded.folder)["type"]
+    if kind != "BPE":
+        raise SlimlmError(f"llama.cpp's GGUF tokenizers are BPE (byte-level or with byte fallback); this one is {kind}")
+
+
+def _tokenizer_model(folder: str | Path) -> dict:
+    path = Path(folder) / "tokenizer.json"
+    if not path.is_file():
+        raise SlimlmError(f"{folder} has no tokenizer.json to write into the GGUF file")
+    return json.loads(path.read_text(encoding="utf-8"))["model"]
 
 
 def _write_hyperparameters(writer: gguf.GGUFWriter, loaded: LoadedModel, file_type: int) -> None:
@@ -179,14 +203,9 @@ def _write_tokenizer(writer: gguf.GGUFWriter, loaded: LoadedModel, tokenizer_pre
         copy_tokenizer_keys(gguf.GGUFReader(source), writer)
         return
     folder = Path(loaded.folder)
-    if tokenizer_pre is None:
-        raise SlimlmError(
-            f"{folder} did not come from a GGUF file, so llama.cpp's name for its pre-tokenizer is unknown; "
-            "pass --tokenizer-pre NAME (the name llama.cpp's converter gives this tokenizer, e.g. llama-bpe, "
-            "qwen2, smollm)"
-        )
-    tokenizer = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
-    vocab = gguf.BpeVocab(folder) if tokenizer["model"]["type"] == "BPE" else gguf.LlamaHfVocab(folder)
+    # BPE with byte fallback is SentencePiece's (Llama 2, Mistral): llama.cpp's "llama" tokenizer, else "gpt2"
+    byte_fallback = _tokenizer_model(folder).get("byte_fallback", False)
+    vocab = gguf.LlamaHfVocab(folder) if byte_fallback else gguf.BpeVocab(folder)
     tokens, scores, types = zip(*vocab.all_tokens(), strict=True)
     writer.add_tokenizer_model(vocab.tokenizer_model)
     writer.add_tokenizer_pre(tokenizer_pre)

@@ -11,6 +11,7 @@ from slimlm.data import model_windows
 from slimlm.errors import SlimlmError
 from slimlm.evaluate import perplexity
 from slimlm.models import LoadedModel, load_model
+from slimlm.quantize import check_quant, quantize, quantized_bytes, quantized_perplexity
 from slimlm.report import write_report
 from slimlm.search import SearchJob, search
 
@@ -51,13 +52,18 @@ def describe(loaded: LoadedModel, windows, latency, name: str, context: int, des
     )
 
 
-def compress(job: SearchJob, repeats: int = 3) -> dict:
+def compress(job: SearchJob, repeats: int = 3, quant: str | None = None, tokenizer_pre: str | None = None) -> dict:
     """Search ``job``, write its run folder (store, ``pareto.json``, ``pareto.png``, ``best/``), then
     reload ``best/`` from disk as a user would and measure it against the dense model side by side.
+    With ``quant``, also write ``best/`` in that type (``best.q8_0.gguf``, ``best-int8/``) and measure
+    its size and perplexity.
 
     Returns the comparison, also saved as ``RUN/slimlm_report.json``.
     """
-    searcher, study = search(job)
+    loaded = load_model(job.model)
+    if quant is not None:
+        check_quant(loaded, quant, tokenizer_pre)  # before the search, not after it
+    searcher, study = search(job, loaded)
     pareto = write_report(searcher, study)
     if pareto["best_trial"] is None:
         raise SlimlmError("the search found no candidate within the budget; allow more evaluations or a larger budget")
@@ -84,5 +90,13 @@ def compress(job: SearchJob, repeats: int = 3) -> dict:
         "dense": asdict(reports[0]),
         "compressed": asdict(reports[1]),
     }
+    if quant is not None:
+        path = quantize(small, quant, tokenizer_pre)
+        report["quantized"] = {
+            "quant": quant,
+            "path": str(path),
+            "disk_bytes": quantized_bytes(path),
+            "perplexity": quantized_perplexity(path, evaluation_ids),  # None: llama.cpp is not installed
+        }
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -19,11 +19,13 @@ from pathlib import Path
 import optuna
 import torch
 
+from slimlm import llamacpp
 from slimlm.apply import subnetwork_applied
 from slimlm.costs import LatencyProbe, StaticCost, static_cost
 from slimlm.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, model_windows
 from slimlm.errors import SlimlmError
 from slimlm.evaluate import perplexity
+from slimlm.export import check_exportable, export_gguf, tokenizer_gguf
 from slimlm.importance import DEFAULT_METRIC, IMPORTANCE_FILE, cached_calibration, importance, load_importance
 from slimlm.models import LayerShape, LoadedModel, load_model
 from slimlm.progress import progress_bar
@@ -41,6 +43,7 @@ from slimlm.subnet import SubNetwork
 
 STUDY_NAME = "slimlm"
 OBJECTIVES = ("params", "flops", "memory", "latency")
+LATENCY_RUNTIMES = ("transformers", "llama.cpp")
 MAX_PRUNED_IN_A_ROW = 500  # the space is exhausted or the budget too tight for the strategy
 
 
@@ -86,6 +89,7 @@ class SearchJob:
     max_latency_ms: float | None = None
     strategy: str = DEFAULT_STRATEGY
     objective: str = "params"
+    latency_runtime: str = "transformers"  # latency: prefill in transformers, or ms per generated token in llama.cpp
     evaluations: int = 60
     space: SearchSpace = field(default_factory=SearchSpace)
     metric: str = DEFAULT_METRIC
@@ -115,6 +119,7 @@ class SearchJob:
             "max_latency_ms",
             "strategy",
             "objective",
+            "latency_runtime",
             "metric",
             "calibration",
             "seq_len",
@@ -151,6 +156,9 @@ class Searcher:
         return static_cost(self.context.dims, subnet.shapes(), context=self.job.seq_len)
 
     def latency_ms(self, model) -> float:
+        """Prefill time of ``seq_len`` tokens in transformers, or ms per generated token in llama.cpp."""
+        if self.job.latency_runtime == "llama.cpp":
+            return self._llamacpp_ms_per_token()
         probe = LatencyProbe(model, prompt_tokens=self.job.seq_len, new_tokens=2)
         times = []
         for _ in range(3):
@@ -159,6 +167,16 @@ class Searcher:
                 model(input_ids=probe.prompt, use_cache=False)
             times.append(1000 * (time.perf_counter() - start))
         return sorted(times)[1]
+
+    def _llamacpp_ms_per_token(self) -> float:
+        # the model as applied now, as a scratch f16 GGUF (one per worker process)
+        path = Path(self.job.out) / f"latency-{os.getpid()}.gguf"
+        try:
+            export_gguf(self.loaded, path, "f16", scratch_tokenizer_pre(self.loaded))
+            speed = llamacpp.compare_speed([path], prompt_tokens=self.job.seq_len, new_tokens=16, repeats=3)[0]
+        finally:
+            path.unlink(missing_ok=True)
+        return 1000 / speed.generation_tokens_per_s
 
     def evaluate(self, subnet: SubNetwork) -> dict:
         """Fitness and costs of one candidate, measured in place."""
@@ -184,6 +202,11 @@ def prepare(job: SearchJob, loaded: LoadedModel | None = None) -> Searcher:
     if job.objective not in OBJECTIVES:
         raise SlimlmError(f"unknown objective '{job.objective}'; choose from {', '.join(OBJECTIVES)}")
     make_strategy(job.strategy)  # unknown names fail before any work
+    if job.latency_runtime not in LATENCY_RUNTIMES:
+        raise SlimlmError(f"unknown latency runtime '{job.latency_runtime}'; choose from {', '.join(LATENCY_RUNTIMES)}")
+    if job.latency_runtime == "llama.cpp":
+        check_exportable(loaded, "f16", scratch_tokenizer_pre(loaded))
+        llamacpp.require()
     total = static_cost(dims, context=job.seq_len)
     params = job.max_params
     if job.params_fraction is not None:
@@ -226,6 +249,11 @@ def prepare(job: SearchJob, loaded: LoadedModel | None = None) -> Searcher:
 
     context = SearchContext(dims, scores, job.space, within, starts, job.seed)
     return Searcher(job, loaded, budget, context, calib, reference)
+
+
+def scratch_tokenizer_pre(loaded: LoadedModel) -> str | None:
+    """A pre-tokenizer name for GGUF files only timed, never tokenized with: the source's, or any."""
+    return None if tokenizer_gguf(loaded.folder) else "default"
 
 
 def open_study(job: SearchJob, create: bool) -> optuna.Study:
