@@ -94,8 +94,12 @@ def quantized_perplexity(path: str | Path, windows: torch.Tensor) -> float | Non
     path = Path(path)
     if path.suffix == ".gguf":
         return llamacpp.perplexity(path, windows) if llamacpp.available() else None
+    return perplexity(load_folder(path), windows, description=f"perplexity ({path.name})")
+
+
+def load_folder(folder: str | Path):
+    """A transformers model from a folder (int8 or not), with slimlm's modeling file where it has one."""
     from transformers import AutoModelForCausalLM
 
-    remote = (path / "modeling_slimlm.py").is_file()
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=remote).eval()
-    return perplexity(model, windows, description=f"perplexity ({path.name})")
+    remote = (Path(folder) / "modeling_slimlm.py").is_file()  # layers of differing shapes
+    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote).eval()
