@@ -29,7 +29,7 @@ from slimlm.costs import static_cost
 from slimlm.data import DEFAULT_EVALUATION, model_windows
 from slimlm.evaluate import perplexity
 from slimlm.models import load_model
-from slimlm.report import hypervolume, write_report
+from slimlm.report import hypervolume, perplexity_axes, write_report
 from slimlm.search import SearchJob, search
 from slimlm.train import TrainJob, train
 
@@ -160,12 +160,7 @@ def plot(rows: list[dict], dense: tuple[int, float], path: Path) -> None:
                 label=best,
             )
         ax.scatter([dense[0] / 1e6], [dense[1]], marker="*", s=160, color="black", label="dense")
-        ax.set_yscale("log")
-        ax.set_xlabel("parameters (millions)")
-        ax.set_ylabel("evaluation perplexity (log scale)")
-        ax.set_title(f"kept {fraction}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        perplexity_axes(ax, f"kept {fraction}", "evaluation perplexity (log scale)", legend_size=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -83,6 +83,19 @@ def tiny_loaded(family: str = "llama", seed: int = 0, **overrides) -> LoadedMode
     return LoadedModel(model, tiny_tokenizer(), adapter_for(config), f"tiny-{family}", Path("."), 0.0)
 
 
+def fast_search_settings(text: Path) -> dict:
+    """Search settings that make a tiny model's search take seconds: 16-token windows, 8 for
+    calibration, 2 scored per candidate, 2 for evaluation."""
+    return dict(
+        calibration=str(text),
+        evaluation=str(text),
+        seq_len=16,
+        calibration_windows=8,
+        fitness_windows=2,
+        evaluation_windows=2,
+    )
+
+
 def save_tiny(loaded: LoadedModel, folder: Path) -> Path:
     """Save a tiny model with its tokenizer as a Hugging Face folder."""
     loaded.model.save_pretrained(folder)

@@ -20,7 +20,7 @@ from slimlm.search import SearchJob, search
 from slimlm.strategies import completed
 from slimlm.subnet import SubNetwork
 
-from .conftest import TEXT, invoke, one_error, save_tiny, tiny_loaded
+from .conftest import TEXT, fast_search_settings, invoke, one_error, save_tiny, tiny_loaded
 
 BPE_VOCAB = 300
 
@@ -241,12 +241,7 @@ def latency_job(tmp_path, text) -> SearchJob:
         objective="latency",
         latency_runtime="llama.cpp",
         evaluations=4,
-        calibration=str(text),
-        evaluation=str(text),
-        seq_len=16,
-        calibration_windows=8,
-        fitness_windows=2,
-        evaluation_windows=2,
+        **fast_search_settings(text),
     )
 
 

@@ -35,7 +35,7 @@ from slimlm.space import SearchSpace
 from slimlm.strategies import STRATEGIES, candidate, completed
 from slimlm.subnet import SubNetwork
 
-from .conftest import VOCAB, invoke, one_error, save_tiny, tiny_loaded
+from .conftest import VOCAB, fast_search_settings, invoke, one_error, save_tiny, tiny_loaded
 
 FRACTION = 0.6
 EVALUATIONS = 12
@@ -78,22 +78,11 @@ def folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def make_job(folder, text):
-    """A fast job on the tiny model: 16-token windows, 8 for calibration, 2 scored per candidate."""
+    """A fast job on the tiny model (``fast_search_settings``)."""
 
     def make(out: Path, **overrides) -> SearchJob:
-        values = dict(
-            model=str(folder),
-            out=str(out),
-            params_fraction=FRACTION,
-            evaluations=EVALUATIONS,
-            calibration=str(text),
-            evaluation=str(text),
-            seq_len=16,
-            calibration_windows=8,
-            fitness_windows=2,
-            evaluation_windows=2,
-        )
-        return SearchJob(**(values | overrides))
+        values = dict(model=str(folder), out=str(out), params_fraction=FRACTION, evaluations=EVALUATIONS)
+        return SearchJob(**(values | fast_search_settings(text) | overrides))
 
     return make
 

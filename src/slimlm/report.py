@@ -186,12 +186,17 @@ def plot(report: dict, trials: list[optuna.trial.FrozenTrial], path: Path) -> No
         )
     if report["budget"]["params"]:
         ax.axvline(report["budget"]["params"] / millions, color="tab:green", linestyle=":", label="budget")
-    ax.set_yscale("log")
-    ax.set_xlabel("parameters (millions)")
-    ax.set_ylabel("perplexity (log scale)")
-    ax.set_title(f"{report['model']}: {report['strategy']} search, {report['evaluations']} candidates")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    perplexity_axes(ax, f"{report['model']}: {report['strategy']} search, {report['evaluations']} candidates")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def perplexity_axes(ax, title: str, ylabel: str = "perplexity (log scale)", legend_size: int = 8) -> None:
+    """How slimlm's plots read: log perplexity against millions of parameters, gridded, with a legend."""
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters (millions)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=legend_size)
