@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from slimlm import llamacpp
 from slimlm.errors import SlimlmError
-from slimlm.export import TOKENIZER_GGUF, export_gguf, save_tokenizer_gguf
+from slimlm.export import TOKENIZER_GGUF, _write_gguf, export_gguf, save_tokenizer_gguf
 from slimlm.extract import extract
 from slimlm.models import load_model
 from slimlm.search import SearchJob, search
@@ -87,8 +87,9 @@ def test_uniform_sub_network_round_trips_through_gguf(tmp_path):
         expected = loaded.model(ids).logits
     got = gguf_logits(exported.path, ids)
     assert (got - expected).abs().max() < 0.05 * expected.abs().max()
-    # 3 heads of 8 and 24 neurons: the output projections' rows are not whole blocks
-    assert set(exported.kept_f16) == {f"blk.{i}.{n}.weight" for i in range(3) for n in ("attn_output", "ffn_down")}
+    # 3 heads of 8: the attention output's rows are not whole blocks; the 24 neurons are padded to 32
+    assert set(exported.kept_f16) == {f"blk.{i}.attn_output.weight" for i in range(3)}
+    assert exported.padded_neurons == 3 * 8
 
 
 def test_layers_that_differ_are_written_as_per_layer_arrays(tmp_path):
@@ -106,6 +107,24 @@ def test_layers_that_differ_are_written_as_per_layer_arrays(tmp_path):
     assert shapes["blk.2.attn_k.weight"] == (48, 8)
     assert shapes["blk.2.ffn_down.weight"] == (8, 48)
     assert "output.weight" not in shapes  # tied: llama.cpp reads token_embd
+
+
+def test_quantized_mlps_are_padded_with_zero_neurons_to_whole_blocks(tmp_path):
+    loaded = bpe_model(tmp_path, hidden_size=96)  # 40 neurons per layer: not whole 32-wide blocks
+    exported = export_gguf(loaded, tmp_path / "m.gguf", "q8_0", tokenizer_pre="default")
+    assert exported.padded_neurons == 4 * 24 and not any("ffn" in name for name in exported.kept_f16)
+    reader = gguf.GGUFReader(exported.path)
+    assert reader.fields["llama.feed_forward_length"].contents() == 64
+    down = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight")
+    assert down.tensor_type == gguf.GGMLQuantizationType.Q8_0 and tuple(int(d) for d in down.shape) == (64, 96)
+    # the zero neurons change nothing: padded but unquantized, the logits are the model's own
+    exact = _write_gguf(loaded, tmp_path / "padded.gguf", "f32", "default", block=32)
+    assert exact.padded_neurons == 96
+    ids = torch.randint(0, BPE_VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = loaded.model(ids).logits
+    assert torch.allclose(gguf_logits(exact.path, ids), expected, atol=1e-4)
+    assert (gguf_logits(exported.path, ids) - expected).abs().max() < 0.02 * expected.abs().max()
 
 
 def test_tokenizer_keys_of_a_gguf_source_travel_with_the_model(tmp_path):
@@ -170,6 +189,18 @@ def test_llama_cpp_computes_the_logits_of_the_extracted_model(tmp_path, family):
         expected = loaded.model(ids).logits[0].numpy()
     got = llamacpp.logits(path, ids[0].tolist())
     assert np.abs(got - expected).max() < 1e-3 * max(1.0, np.abs(expected).max())
+
+
+@needs_llama_cpp
+def test_llama_cpp_runs_padded_quantized_layers_that_differ(tmp_path):
+    loaded = bpe_model(tmp_path, subnet=ragged)  # 40, 32 and 8 neurons: two layers padded to 64 and 32
+    exported = export_gguf(loaded, tmp_path / "m.gguf", "q8_0", tokenizer_pre="default")
+    assert exported.padded_neurons == 24 + 24 and "blk.0.ffn_down.weight" not in exported.kept_f16
+    ids = torch.randint(0, BPE_VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = loaded.model(ids).logits[0].numpy()
+    got = llamacpp.logits(exported.path, ids[0].tolist())
+    assert np.abs(got - expected).max() < 0.02 * np.abs(expected).max()
 
 
 @needs_llama_cpp

@@ -247,6 +247,8 @@ def export_command(
     """Write a model (e.g. one slimlm extracted) as one self-contained GGUF file that llama.cpp runs."""
     exported = export_gguf(load_model(model), gguf_file, quant, tokenizer_pre)
     out.print(f"wrote {exported.path}: {quant}, {exported.bytes / 1e6:,.1f} MB")
+    if exported.padded_neurons:
+        out.print(f"MLPs padded with {exported.padded_neurons} zero neurons in all, to whole {quant} blocks")
     if exported.kept_f16:
         out.print(f"kept in f16 (rows not whole {quant} blocks): {', '.join(exported.kept_f16)}")
 

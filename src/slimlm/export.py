@@ -17,6 +17,7 @@ returns those names so the caller can say so.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -52,30 +53,45 @@ ARCHITECTURES = {
 # llama.cpp's llama graph sizes every layer from the first one; its ``deci`` graph (Llama with
 # per-layer head, key/value head and MLP counts, made for Nemotron-51B) reads each layer's own
 PER_LAYER_ARCHITECTURES = {gguf.MODEL_ARCH.LLAMA: gguf.MODEL_ARCH.DECI}
+# llama.cpp quantizes rows that are not whole k-quant blocks (256) with a 32-wide type instead
+KQUANT_FALLBACK_BLOCK = 32
 
 
 @dataclass(frozen=True)
 class Exported:
-    """A written GGUF file, its size, and the matrices kept in f16 because their rows do not fit the blocks."""
+    """A written GGUF file, its size, the matrices kept in f16 because their rows do not fit the blocks,
+    and how many zero MLP neurons were added so that the others do."""
 
     path: Path
     bytes: int
     kept_f16: tuple[str, ...]
+    padded_neurons: int = 0
 
 
 def export_gguf(loaded: LoadedModel, out: str | Path, quant: str = "f16", tokenizer_pre: str | None = None) -> Exported:
-    """Write ``loaded`` (any model slimlm loads or extracts) to the GGUF file ``out`` in ``quant``."""
+    """Write ``loaded`` (any model slimlm loads or extracts) to the GGUF file ``out`` in ``quant``.
+
+    For block-quantized types each layer's MLP is padded with zero neurons to whole blocks (32 wide):
+    a pruned width such as 1384 would otherwise leave the down projection, whose rows are that wide,
+    in f16. Zero neurons add exactly nothing to the output (their down-projection columns are zero).
+    """
     out = Path(out)
     if out.suffix != ".gguf":
         raise SlimlmError(f"the GGUF file name must end in .gguf, got {out.name}")
     check_exportable(loaded, quant, tokenizer_pre)
     if quant in NATIVE_QUANT_TYPES:  # k-quants: llama.cpp's quantizer, from an f16 file written here
-        staged = export_gguf(loaded, out.with_name(out.name + ".f16.gguf"), "f16", tokenizer_pre)
+        staged = out.with_name(out.name + ".f16.gguf")  # padded to 32: where rows are not whole k-quant
+        padded = _write_gguf(loaded, staged, "f16", tokenizer_pre, KQUANT_FALLBACK_BLOCK)  # blocks it falls back
         try:
-            path = quantize(staged.path, out, quant)
+            path = quantize(staged, out, quant)
         finally:
-            staged.path.unlink(missing_ok=True)
-        return Exported(path, path.stat().st_size, staged.kept_f16)
+            staged.unlink(missing_ok=True)
+        return Exported(path, path.stat().st_size, padded.kept_f16, padded.padded_neurons)
+    block = gguf.GGML_QUANT_SIZES[QUANT_TYPES[quant][0]][0]
+    return _write_gguf(loaded, out, quant, tokenizer_pre, block)
+
+
+def _write_gguf(loaded: LoadedModel, out: Path, quant: str, tokenizer_pre: str | None, block: int) -> Exported:
     arch, rotary_order = ARCHITECTURES[loaded.dims.family]
     if len(set(loaded.dims.layers)) > 1:
         if arch not in PER_LAYER_ARCHITECTURES:
@@ -85,18 +101,20 @@ def export_gguf(loaded: LoadedModel, out: str | Path, quant: str = "f16", tokeni
             )
         arch = PER_LAYER_ARCHITECTURES[arch]
     qtype, file_type = QUANT_TYPES[quant]
+    widths = [-(-s.neurons // block) * block for s in loaded.dims.layers]  # MLP widths padded to whole blocks
     partial = out.with_name(out.name + ".part")  # renamed when complete: a killed export leaves no broken .gguf
     writer = gguf.GGUFWriter(partial, gguf.MODEL_ARCH_NAMES[arch])
-    _write_hyperparameters(writer, loaded, file_type)
+    _write_hyperparameters(writer, loaded, file_type, widths)
     _write_tokenizer(writer, loaded, tokenizer_pre)
-    kept_f16 = _write_tensors(writer, loaded, arch, rotary_order, qtype)
+    kept_f16 = _write_tensors(writer, loaded, arch, rotary_order, qtype, widths)
     out.parent.mkdir(parents=True, exist_ok=True)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     partial.replace(out)
-    return Exported(out, out.stat().st_size, tuple(kept_f16))
+    padded = sum(widths) - sum(s.neurons for s in loaded.dims.layers)
+    return Exported(out, out.stat().st_size, tuple(kept_f16), padded)
 
 
 def check_exportable(loaded: LoadedModel, quant: str, tokenizer_pre: str | None = None) -> None:
@@ -129,18 +147,17 @@ def _tokenizer_model(folder: str | Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))["model"]
 
 
-def _write_hyperparameters(writer: gguf.GGUFWriter, loaded: LoadedModel, file_type: int) -> None:
+def _write_hyperparameters(writer: gguf.GGUFWriter, loaded: LoadedModel, file_type: int, widths: list[int]) -> None:
     config, dims = loaded.model.config, loaded.dims
     if getattr(config, "rope_scaling", None) and config.rope_scaling.get("rope_type", "default") != "default":
         raise SlimlmError(f"GGUF export does not write rope scaling '{config.rope_scaling}' yet")
     heads = [s.heads for s in dims.layers]
     kv_heads = [s.kv_heads for s in dims.layers]
-    neurons = [s.neurons for s in dims.layers]
     writer.add_name(Path(loaded.source).name)
     writer.add_block_count(dims.num_layers)
     writer.add_context_length(dims.max_positions)
     writer.add_embedding_length(dims.hidden_size)
-    writer.add_feed_forward_length(_one_or_each(neurons))
+    writer.add_feed_forward_length(_one_or_each(widths))
     writer.add_head_count(_one_or_each(heads))
     writer.add_head_count_kv(_one_or_each(kv_heads))
     writer.add_key_length(dims.head_dim)
@@ -158,7 +175,7 @@ def _one_or_each(values: list[int]) -> int | list[int]:
     return values[0] if len(set(values)) == 1 else values
 
 
-def _write_tensors(writer, loaded: LoadedModel, arch, rotary_order: bool, qtype) -> list[str]:
+def _write_tensors(writer, loaded: LoadedModel, arch, rotary_order: bool, qtype, widths: list[int]) -> list[str]:
     dims = loaded.dims
     names = gguf.get_tensor_name_map(arch, dims.num_layers)
     kept_f16 = []
@@ -168,7 +185,7 @@ def _write_tensors(writer, loaded: LoadedModel, arch, rotary_order: bool, qtype)
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise SlimlmError(f"no GGUF name for the tensor {hf_name}")
-        data = tensor.detach().to(torch.float32).numpy()
+        data = _padded_mlp(hf_name, tensor.detach().to(torch.float32).numpy(), widths)
         if rotary_order and hf_name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
             data = _interleave_rotary_halves(data, dims.head_dim)
         data, written = _encode(data, qtype)
@@ -176,6 +193,20 @@ def _write_tensors(writer, loaded: LoadedModel, arch, rotary_order: bool, qtype)
             kept_f16.append(name)
         writer.add_tensor(name, data, raw_dtype=written)
     return kept_f16
+
+
+def _padded_mlp(hf_name: str, data: np.ndarray, widths: list[int]) -> np.ndarray:
+    """Gate and up projections get zero rows, the down projection zero columns, up to the layer's width."""
+    match = re.search(r"layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.", hf_name)
+    if match is None:
+        return data
+    axis = 1 if match.group(2) == "down_proj" else 0
+    missing = widths[int(match.group(1))] - data.shape[axis]
+    if missing == 0:
+        return data
+    pad = [(0, 0)] * data.ndim
+    pad[axis] = (0, missing)
+    return np.pad(data, pad)
 
 
 def _interleave_rotary_halves(rows: np.ndarray, head_dim: int) -> np.ndarray:
