@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import typer
 
+from slimlm.cli import friendly
 from slimlm.costs import peak_memory, static_cost
+from slimlm.errors import SlimlmError
 from slimlm.models import load_model
 from slimlm.subnet import FORMAT, LayerKeep, SubNetwork
 
@@ -375,3 +378,13 @@ def test_peak_memory_is_the_probe_process_own(dense, monkeypatch):
     beside = peak_memory(str(dense), prompt_tokens=8, new_tokens=4)
     assert ballast.sum() > 0
     assert abs(beside - alone) < 256 * 2**20
+
+
+def test_error_lines_keep_bracketed_words(capsys):
+    @friendly
+    def failing():
+        raise SlimlmError("llama.cpp is not installed; pip install 'slimlm[llamacpp]'")
+
+    with pytest.raises(typer.Exit):
+        failing()
+    assert "pip install 'slimlm[llamacpp]'" in capsys.readouterr().err

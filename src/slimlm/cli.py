@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from slimlm import llamacpp
@@ -76,7 +77,8 @@ def friendly(command):
         try:
             return command(*args, **kwargs)
         except SlimlmError as error:
-            err.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+            # escaped: messages name extras like slimlm[llamacpp], which rich would read as markup
+            err.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return run
@@ -655,4 +657,5 @@ def compress(
             if quantized["perplexity"] is not None
             else f"perplexity not measured: {llamacpp.INSTALL}"
         )
-        out.print(f"saved {quantized['path']} ({quantized['quant']}): {_mb(quantized['disk_bytes'])}, {measured}")
+        line = f"saved {quantized['path']} ({quantized['quant']}): {_mb(quantized['disk_bytes'])}, {measured}"
+        out.print(escape(line))
