@@ -24,13 +24,12 @@ from slimlm.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, describe_specs,
 from slimlm.errors import SlimlmError
 from slimlm.evaluate import perplexity
 from slimlm.export import QUANT_TYPES, export_gguf
-from slimlm.extract import check_output_folder
+from slimlm.extract import check_output_folder, folder_bytes
 from slimlm.extract import extract as extract_subnetwork
 from slimlm.importance import DEFAULT_METRIC, cached_calibration
 from slimlm.llamacpp import NATIVE_QUANT_TYPES
 from slimlm.models import load_model
 from slimlm.pipeline import compress as compress_model
-from slimlm.pipeline import folder_bytes
 from slimlm.prune import METHODS, PruneInput, check_method, params_budget, prune
 from slimlm.quantize import ALL_QUANT_TYPES
 from slimlm.reform import reform as reform_weights

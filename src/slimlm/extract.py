@@ -23,6 +23,7 @@ from slimlm.progress import quiet_transformers
 from slimlm.subnet import SubNetwork
 
 SUBNET_FILE = "slimlm_subnetwork.json"
+REMOTE_CODE_FILE = "modeling_slimlm.py"  # beside the weights of sub-networks whose layers differ
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,16 @@ class Extracted:
     folder: Path
     needs_remote_code: bool
     params: int
+
+
+def needs_remote_code(folder: str | Path) -> bool:
+    """Whether a model folder loads through slimlm's modeling file (``trust_remote_code=True``)."""
+    return (Path(folder) / REMOTE_CODE_FILE).is_file()
+
+
+def folder_bytes(folder: str | Path) -> int:
+    """Bytes of the weight files in a model folder."""
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
 
 
 def check_output_folder(out: str | Path) -> Path:
@@ -64,6 +75,6 @@ def extract(loaded: LoadedModel, subnet: SubNetwork, out: str | Path, reformed: 
     if (tokenizer := tokenizer_gguf(loaded.folder)) is not None:
         shutil.copy(tokenizer, out / TOKENIZER_GGUF)
     if remote:
-        shutil.copy(modeling_slimlm.__file__, out / "modeling_slimlm.py")
+        shutil.copy(modeling_slimlm.__file__, out / REMOTE_CODE_FILE)
     params = sum(p.numel() for p in {id(p): p for p in small.parameters()}.values())
     return Extracted(out, remote, params)

@@ -10,6 +10,7 @@ from slimlm.costs import compare_speed, static_cost
 from slimlm.data import model_windows
 from slimlm.errors import SlimlmError
 from slimlm.evaluate import perplexity
+from slimlm.extract import folder_bytes, needs_remote_code
 from slimlm.models import LoadedModel, load_model
 from slimlm.quantize import check_quant, quantize, quantized_bytes, quantized_perplexity
 from slimlm.report import write_report
@@ -30,11 +31,6 @@ class ModelReport:
     perplexity: float
     prefill_ms: float
     decode_tokens_per_s: float
-
-
-def folder_bytes(folder: Path) -> int:
-    """Bytes of the weight files in a model folder."""
-    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
 
 
 def describe(loaded: LoadedModel, windows, latency, name: str, context: int, description: str) -> ModelReport:
@@ -84,7 +80,7 @@ def compress(job: SearchJob, repeats: int = 3, quant: str | None = None, tokeniz
         "evaluation": job.evaluation,
         "seq_len": job.seq_len,
         "evaluation_tokens": evaluation_ids.numel(),
-        "needs_remote_code": (out / "best" / "modeling_slimlm.py").exists(),
+        "needs_remote_code": needs_remote_code(out / "best"),
         "reformed": pareto["best_reformed"],
         "uniform_importance_perplexity": (pareto["uniform_importance"] or {}).get("evaluation_perplexity"),
         "dense": asdict(reports[0]),

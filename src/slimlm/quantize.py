@@ -19,7 +19,7 @@ from slimlm import llamacpp
 from slimlm.errors import SlimlmError
 from slimlm.evaluate import perplexity
 from slimlm.export import QUANT_TYPES, check_exportable, export_gguf
-from slimlm.extract import check_output_folder
+from slimlm.extract import check_output_folder, folder_bytes, needs_remote_code
 from slimlm.llamacpp import NATIVE_QUANT_TYPES
 from slimlm.models import LoadedModel
 
@@ -63,9 +63,10 @@ def quantize_int8(folder: str | Path, out: str | Path) -> Path:
     from transformers import AutoModelForCausalLM, TorchAoConfig
 
     folder, out = Path(folder), check_output_folder(out)
-    remote = (folder / "modeling_slimlm.py").is_file()  # layers of differing shapes: slimlm's own classes
     model = AutoModelForCausalLM.from_pretrained(
-        folder, quantization_config=TorchAoConfig(quant_type=Int8WeightOnlyConfig()), trust_remote_code=remote
+        folder,
+        quantization_config=TorchAoConfig(quant_type=Int8WeightOnlyConfig()),
+        trust_remote_code=needs_remote_code(folder),
     )
     partial = out.with_name(out.name + ".part")  # renamed when complete: a killed run leaves no half folder
     shutil.rmtree(partial, ignore_errors=True)
@@ -86,7 +87,7 @@ def _require_torchao() -> None:
 def quantized_bytes(path: str | Path) -> int:
     """Bytes on disk of a GGUF file, or of a folder's weight files."""
     path = Path(path)
-    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.glob("*.safetensors"))
+    return path.stat().st_size if path.is_file() else folder_bytes(path)
 
 
 def quantized_perplexity(path: str | Path, windows: torch.Tensor) -> float | None:
@@ -101,5 +102,4 @@ def load_folder(folder: str | Path):
     """A transformers model from a folder (int8 or not), with slimlm's modeling file where it has one."""
     from transformers import AutoModelForCausalLM
 
-    remote = (Path(folder) / "modeling_slimlm.py").is_file()  # layers of differing shapes
-    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote).eval()
+    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=needs_remote_code(folder)).eval()
