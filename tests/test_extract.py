@@ -25,7 +25,17 @@ CASES = {
     "layers_dropped": SubNetwork({i: LayerKeep(range(6), range(2), range(40)) for i in (0, 3)}),
     "gqa_pruned": SubNetwork({i: LayerKeep([3, 4, 5], [1], range(10, 30)) for i in range(4)}),
     "heterogeneous": heterogeneous(),
+    # the first layer without attention (the KV cache must still count tokens), another without MLP
+    "sub_blocks_removed": SubNetwork(
+        {
+            0: LayerKeep([], [], range(0, 40, 3)),
+            1: LayerKeep([0, 1, 3, 4], [0, 1], range(20)),
+            2: LayerKeep([3, 4, 5], [1], []),
+            3: LayerKeep(range(6), range(2), range(40)),
+        }
+    ),
 }
+HETEROGENEOUS = {"heterogeneous", "sub_blocks_removed"}
 
 # Runs in a fresh interpreter that never imports slimlm: what a user of the folder has.
 RELOAD = textwrap.dedent(
@@ -80,7 +90,7 @@ def test_reloaded_model_has_the_in_place_logits_and_generation(extracted, family
 def test_only_heterogeneous_models_need_remote_code(extracted, family, case):
     _, info, _, _ = extracted[family, case]
     config = json.loads((info.folder / "config.json").read_text())
-    assert info.needs_remote_code == (case == "heterogeneous")
+    assert info.needs_remote_code == (case in HETEROGENEOUS)
     assert ("auto_map" in config) == info.needs_remote_code
     assert (info.folder / "modeling_slimlm.py").exists() == info.needs_remote_code
     assert config["num_hidden_layers"] == len(CASES[case].layers)

@@ -19,20 +19,21 @@ from slimlm.apply import subnetwork_applied
 from slimlm.costs import static_cost
 from slimlm.data import model_windows
 from slimlm.errors import SlimlmError
-from slimlm.evaluate import perplexity
+from slimlm.evaluate import fitness, perplexity
 from slimlm.models import load_model
+from slimlm.reform import reform
 from slimlm.report import (
     FINALISTS,
     HYPERVOLUME_CAP,
     hypervolume,
+    last_stage,
     pareto_front,
-    reformed_fitness,
     spread,
     write_report,
 )
 from slimlm.search import STUDY_NAME, Searcher, SearchJob, open_study, parse_size, prepare, run_worker, search
 from slimlm.space import SearchSpace
-from slimlm.strategies import STRATEGIES, candidate, completed
+from slimlm.strategies import STRATEGIES, candidate, completed, stage_of
 from slimlm.subnet import SubNetwork
 
 from .conftest import VOCAB, fast_search_settings, invoke, one_error, save_tiny, tiny_loaded
@@ -116,6 +117,11 @@ def subnets(study: optuna.Study) -> list[str]:
     return [t.user_attrs["subnet"] for t in completed(study)]
 
 
+def first_stage(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Candidates scored at the first fidelity stage: one per requested evaluation."""
+    return [t for t in completed(study) if stage_of(t) == 0]
+
+
 def total_params(loaded) -> int:
     return static_cost(loaded.dims).params
 
@@ -133,7 +139,7 @@ def test_each_strategy_evaluates_distinct_subnetworks_within_the_budget(runs, st
     job, searcher, study = runs(strategy)
     trials = study.get_trials()
     assert {t.state for t in trials} <= {COMPLETE, PRUNED}
-    done = completed(study)
+    done = first_stage(study)
     assert len(done) == EVALUATIONS
     dims = searcher.context.dims
     budget = FRACTION * total_params(searcher.loaded)
@@ -145,9 +151,13 @@ def test_each_strategy_evaluates_distinct_subnetworks_within_the_budget(runs, st
         assert trial.user_attrs["params"] == cost.params
         assert trial.user_attrs["flops"] == cost.flops_per_token
         assert trial.user_attrs["memory"] == cost.memory_bytes
-        assert trial.values == [trial.user_attrs["perplexity"], cost.params]
-        assert 1 < trial.values[0] < 10 * VOCAB  # a perplexity of a (random) model over this vocabulary
-    assert len(set(subnets(study))) == EVALUATIONS
+        assert trial.values == [trial.user_attrs["kl"], cost.params]
+        assert trial.values[0] >= 0  # KL divergence to the dense model
+        assert 1 < trial.user_attrs["perplexity"] < 10 * VOCAB  # of a (random) model over this vocabulary
+    assert len({t.user_attrs["subnet"] for t in done}) == EVALUATIONS
+    later = [t for t in completed(study) if stage_of(t) > 0]  # promotions rescore first-stage candidates
+    assert {t.user_attrs["subnet"] for t in later} <= {t.user_attrs["subnet"] for t in done}
+    assert len({(t.user_attrs["subnet"], stage_of(t)) for t in later}) == len(later)
     for trial in trials:
         if trial.state == PRUNED and "subnet" in trial.user_attrs:  # only the latency budget prunes after pricing
             pytest.fail(f"trial {trial.number} was pruned after evaluation without a latency budget")
@@ -166,8 +176,8 @@ def space_violations(subnet: SubNetwork, dims, space: SearchSpace) -> list[str]:
             if shape != full:
                 problems.append(f"frozen layer {i} shrunk to {shape}")
         else:
-            attention = [(a.heads, a.kv_heads) for a in space.attention_choices(full)]
-            if (shape.heads, shape.kv_heads) not in attention or shape.neurons not in space.neuron_choices(full):
+            attention = [(a.heads, a.kv_heads) for a in space.attention_levels(full)]  # removed too, with depth
+            if (shape.heads, shape.kv_heads) not in attention or shape.neurons not in space.mlp_levels(full):
                 problems.append(f"layer {i} shape {shape} is not a choice of the space")
     free = [s for i, s in shapes.items() if i not in space.frozen_layers]
     if not space.per_layer and len(set(free)) > 1:
@@ -203,13 +213,13 @@ def test_evolution_starts_from_the_uniform_importance_subnetworks(runs):
     _, searcher, study = runs("evolution")
     starts = searcher.context.starts
     assert len(starts) > 1
-    assert [candidate(t) for t in completed(study)[: len(starts)]] == list(starts)
+    assert [candidate(t) for t in first_stage(study)[: len(starts)]] == list(starts)
 
 
 def test_nsga2_first_generation_starts_from_the_uniform_importance_subnetworks(runs):
     _, searcher, study = runs("nsga2")
     starts = searcher.context.starts
-    assert [candidate(t) for t in completed(study)[: len(starts)]] == list(starts)
+    assert [candidate(t) for t in first_stage(study)[: len(starts)]] == list(starts)
 
 
 @pytest.mark.parametrize("strategy", ["random", "nsga2"])
@@ -223,23 +233,34 @@ def test_sampling_strategies_fill_a_tight_budget_without_wasting_trials(make_job
     assert len(study.get_trials()) <= 2 * 6  # only repeats are discarded (without the repair: hundreds)
 
 
-def test_stored_fitness_is_the_perplexity_of_the_subnetwork_in_place(runs):
+def test_stored_fitness_is_the_kl_of_the_library_stitched_subnetwork_in_place(runs):
     job, searcher, study = runs("random")
     loaded = searcher.loaded
-    fitness = model_windows(loaded, job.calibration, job.seq_len, job.calibration_windows)[: job.fitness_windows]
-    assert torch.equal(searcher.fitness_ids, fitness)
+    windows = job.calibration_windows + job.fitness_windows + job.selection_windows
+    ids = model_windows(loaded, job.calibration, job.seq_len, windows)
+    calibration, fitness_ids, selection = ids.split(
+        [job.calibration_windows, job.fitness_windows, job.selection_windows]
+    )
+    assert torch.equal(searcher.calibration_ids, calibration)  # three disjoint sets of windows
+    assert torch.equal(searcher.fitness_ids, fitness_ids)
+    assert torch.equal(searcher.selection_ids, selection)
     trial = completed(study)[-1]
-    with subnetwork_applied(loaded, candidate(trial)) as model:
-        assert perplexity(model, fitness) == pytest.approx(trial.values[0], rel=1e-6)
-    dense = perplexity(loaded.model, fitness)  # the model is whole again after the block
-    assert dense == pytest.approx(perplexity(load_model(job.model).model, fitness), rel=1e-6)
+    subnet = candidate(trial)
+    assert searcher.reformed(subnet)  # scored as shipped: with the library's reformed weights
+    with subnetwork_applied(loaded, subnet, searcher.reformed(subnet)) as model:
+        scores = fitness(model, searcher.dense, job.fitness_windows)
+        assert scores["kl"] == pytest.approx(trial.values[0], rel=1e-6)
+        assert perplexity(model, fitness_ids) == pytest.approx(trial.user_attrs["perplexity"], rel=1e-5)
+    assert fitness(loaded.model, searcher.dense, job.fitness_windows)["kl"] == pytest.approx(0, abs=1e-6)
+    dense = perplexity(loaded.model, fitness_ids)  # the model is whole again after the block
+    assert dense == pytest.approx(perplexity(load_model(job.model).model, fitness_ids), rel=1e-6)
 
 
 def test_other_objectives_are_stored_as_the_second_value(runs):
     _, _, study = runs("evolution", objective="flops", evaluations=4)
-    assert len(completed(study)) == 4
+    assert len(first_stage(study)) == 4
     for trial in completed(study):
-        assert trial.values == [trial.user_attrs["perplexity"], trial.user_attrs["flops"]]
+        assert trial.values == [trial.user_attrs["kl"], trial.user_attrs["flops"]]
 
 
 # --- determinism and resume ---------------------------------------------------------------------
@@ -265,13 +286,12 @@ def test_resume_continues_the_stored_search(make_job, runs, tmp_path):
     job = make_job(tmp_path / "run", evaluations=6)
     _, study = search(job)
     before = [(t.number, t.values, t.user_attrs["subnet"]) for t in completed(study)]
-    assert len(before) == 6
+    assert len(first_stage(study)) == 6
 
     _, study = search(dataclasses.replace(job, evaluations=EVALUATIONS, resume=True))
     after = [(t.number, t.values, t.user_attrs["subnet"]) for t in completed(study)]
-    assert len(after) == EVALUATIONS
-    assert after[:6] == before
-    assert len({s for _, _, s in after}) == EVALUATIONS
+    assert len(first_stage(study)) == EVALUATIONS
+    assert after[: len(before)] == before
     # evolution draws each child from (seed, trial number) and the history: resuming changes nothing
     _, _, uninterrupted = runs("evolution")
     assert [s for _, _, s in after] == subnets(uninterrupted)
@@ -281,7 +301,7 @@ def test_an_existing_store_needs_resume(runs):
     job, _, _ = runs("evolution")
     with pytest.raises(SlimlmError, match="already holds a search; pass --resume"):
         search(dataclasses.replace(job, evaluations=EVALUATIONS + 2))
-    assert len(completed(optuna.load_study(study_name=STUDY_NAME, storage=job.storage_url()))) == EVALUATIONS
+    assert len(first_stage(optuna.load_study(study_name=STUDY_NAME, storage=job.storage_url()))) == EVALUATIONS
 
 
 @pytest.mark.parametrize(
@@ -294,7 +314,7 @@ def test_resume_with_other_settings_is_refused(runs, setting, value):
     with pytest.raises(SlimlmError, match=f"different settings than the stored search: {setting}$"):
         search(changed)
     study = optuna.load_study(study_name=STUDY_NAME, storage=job.storage_url())
-    assert len(completed(study)) == EVALUATIONS  # nothing was added
+    assert len(first_stage(study)) == EVALUATIONS  # nothing was added
 
 
 @pytest.mark.parametrize("strategy", ["evolution", "random"])
@@ -372,11 +392,12 @@ def test_an_infeasible_memory_budget_is_refused(make_job, tmp_path):
         ({"strategy": "annealing"}, "unknown strategy 'annealing'; choose from evolution, nsga2, linas, random"),
         ({"objective": "energy"}, "unknown objective 'energy'; choose from params, flops, memory, latency"),
         ({"evaluations": 0}, "--evaluations and --workers must be at least 1"),
-        ({"fitness_windows": 9}, "calib-windows.*fitness|fitness-windows.*calib-windows"),
+        ({"fitness_windows": 400}, "has 250 windows of 16 tokens; calibration, fitness and selection need 412"),
+        ({"fitness": "loss"}, "unknown fitness 'loss'; choose from kl, perplexity"),
         ({"params_fraction": 1.5}, r"--params must be a fraction in \(0, 1\]"),
         ({"latency_runtime": "onnx"}, "unknown latency runtime 'onnx'; choose from transformers, llama.cpp"),
     ],
-    ids=["strategy", "objective", "evaluations", "fitness-windows", "fraction", "latency-runtime"],
+    ids=["strategy", "objective", "evaluations", "fitness-windows", "fitness", "fraction", "latency-runtime"],
 )
 def test_bad_settings_are_refused_before_any_store(make_job, tmp_path, overrides, message):
     with pytest.raises(SlimlmError, match=message):
@@ -412,21 +433,23 @@ def test_report_front_is_non_dominated_and_fully_measured(reported):
     assert saved == json.loads(json.dumps(report))
     front = report["front"]
     assert front
-    stored = {t.number: t.values for t in completed(study)}
+    stored = {t.number: t.values for t in last_stage(study)}  # fitness compares within the last stage only
     values = [stored[m["trial"]] for m in front]
     for i, a in enumerate(values):
         for j, b in enumerate(values):
             if i != j:
                 assert not (b[0] <= a[0] and b[1] <= a[1]), f"front member {front[i]['trial']} is dominated"
         assert not any(o[0] <= a[0] and o[1] <= a[1] and o != a for o in stored.values())
-    assert {m["trial"] for m in front} <= {t.number for t in study.best_trials}  # Optuna's own Pareto front
     assert [m["params"] for m in front] == sorted(m["params"] for m in front)
     keys = {"subnet", "params", "flops_per_token", "memory_bytes", "latency_ms"}
     keys |= {"calibration_perplexity", "evaluation_perplexity"}
-    for member, (ppl, params) in zip(front, values, strict=True):
+    for member, (kl, params) in zip(front, values, strict=True):
         assert keys <= set(member)
         assert member["params"] == params
-        assert member["calibration_perplexity"] == pytest.approx(ppl, rel=1e-6)
+        assert member["fitness"] == kl
+        trial = study.trials[member["trial"]]
+        assert trial.user_attrs["fitness_windows"] == job.fitness_windows  # the last stage scores them all
+        assert member["calibration_perplexity"] == pytest.approx(trial.user_attrs["perplexity"], rel=1e-5)
         assert member["evaluation_perplexity"] > 1 and member["latency_ms"] > 0
         SubNetwork.from_json(member["subnet"]).validate(searcher.context.dims)
         assert member["within_budget"]
@@ -436,28 +459,43 @@ def test_report_front_is_non_dominated_and_fully_measured(reported):
     assert report["uniform_importance"]["params"] <= FRACTION * report["dense"]["params"]
 
 
-def test_report_best_is_the_feasible_member_with_the_lowest_perplexity(reported):
-    _, _, study, report = reported
-    feasible = [m for m in report["front"] if m["within_budget"]]
-    best = min(feasible, key=lambda m: m["calibration_perplexity"])
+def test_report_best_is_the_finalist_lowest_on_the_selection_windows(reported):
+    _, searcher, study, report = reported
+    finalists = report["finalists"]
+    fittest = sorted(last_stage(study), key=lambda t: t.values[0])[:FINALISTS]
+    starts = {s.to_compact() for s in searcher.context.starts}
+    assert {t.number for t in fittest} <= {f["trial"] for f in finalists}
+    assert any(study.trials[f["trial"]].user_attrs["subnet"] in starts for f in finalists)  # the best start
+    assert report["best_start"]["trial"] in {f["trial"] for f in finalists}
+    best = min(finalists, key=lambda f: min(f["finalist_perplexity"].values()))
     assert report["best_trial"] == best["trial"]
-    assert study.trials[best["trial"]].values[0] == min(t.values[0] for t in completed(study))
+    assert set(best["finalist_perplexity"]) == {"library"}  # reformation off: nothing else to compare
+    assert report["search_gain"] == pytest.approx(
+        1 - report["best_evaluation_perplexity"] / report["best_start"]["evaluation_perplexity"]
+    )
 
 
-def test_with_reformation_the_best_is_the_finalist_lowest_after_reforming(runs, tmp_path):
+def test_with_reformation_the_winner_is_shipped_as_it_scored_lowest_on_selection(runs, tmp_path):
     job, searcher, study = runs("evolution")
     job = dataclasses.replace(job, out=str(tmp_path), reform=True)
-    report = write_report(dataclasses.replace(searcher, job=job), study)
-    finalists = [m for m in report["front"] if "reformed_calibration_perplexity" in m]
-    front = pareto_front(completed(study))
-    lowest = sorted(front, key=lambda t: t.values[0])[:FINALISTS]
-    assert sorted(m["trial"] for m in finalists) == sorted(t.number for t in lowest)
-    best = min(finalists, key=lambda m: min(m["reformed_calibration_perplexity"], m["calibration_perplexity"]))
-    assert report["best_trial"] == best["trial"]
-    assert report["best_reformed"] == (best["reformed_calibration_perplexity"] < best["calibration_perplexity"])
-    again = reformed_fitness(dataclasses.replace(searcher, job=job), SubNetwork.from_json(best["subnet"]))
-    assert again == pytest.approx(best["reformed_calibration_perplexity"], rel=1e-5)
-    assert (tmp_path / "best" / "config.json").is_file()
+    searcher = dataclasses.replace(searcher, job=job)
+    report = write_report(searcher, study)
+    for finalist in report["finalists"]:
+        scores = finalist["finalist_perplexity"]
+        assert set(scores) == {"library", "sequential"}
+        assert finalist["reformation"] == min(scores, key=scores.get)
+    best = next(f for f in report["finalists"] if f["trial"] == report["best_trial"])
+    assert report["best_reformation"] == best["reformation"] and report["best_reformed"]
+    subnet = candidate(study.trials[best["trial"]])
+    weights = reform(searcher.loaded, subnet, searcher.calibration_ids)
+    if best["reformation"] == "library":
+        weights = searcher.reformed(subnet)
+    with subnetwork_applied(searcher.loaded, subnet, weights) as model:
+        assert perplexity(model, searcher.selection_ids) == pytest.approx(min(best["finalist_perplexity"].values()))
+    small = load_model(tmp_path / "best")
+    assert perplexity(small.model, searcher.selection_ids) == pytest.approx(
+        min(best["finalist_perplexity"].values()), rel=1e-4
+    )
 
 
 def test_report_best_folder_computes_the_best_subnetwork(reported):
@@ -470,7 +508,7 @@ def test_report_best_folder_computes_the_best_subnetwork(reported):
             expected = model(input_ids=ids, use_cache=False).logits
         got = small.model(input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
-    best = next(m for m in report["front"] if m["trial"] == report["best_trial"])
+    best = next(m for m in report["finalists"] if m["trial"] == report["best_trial"])
     assert static_cost(small.dims).params == best["params"] == sum(p.numel() for p in small.model.parameters())
 
 
@@ -488,7 +526,7 @@ def test_hypervolume_is_the_area_the_front_dominates_up_to_the_reference():
 
 def test_report_states_the_hypervolume_of_every_candidate(reported):
     _, _, study, report = reported
-    points = [(t.user_attrs["params"], t.values[0]) for t in completed(study)]
+    points = [(t.user_attrs["params"], t.user_attrs["perplexity"]) for t in last_stage(study)]
     expected = hypervolume(points, report["dense"]["params"], report["dense"]["calibration_perplexity"])
     assert report["hypervolume"] == pytest.approx(expected) and report["hypervolume"] > 0
 
@@ -546,9 +584,9 @@ def test_two_worker_processes_share_one_store(make_job, tmp_path):
     evaluations = 8
     _, study = search(make_job(tmp_path / "run", evaluations=evaluations, workers=2))
     # each worker checks the count before evaluating, so both may add the last candidate at once
-    done = completed(optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{tmp_path / 'run' / 'search.db'}"))
+    done = first_stage(optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{tmp_path / 'run' / 'search.db'}"))
     assert evaluations <= len(done) <= evaluations + 1
-    assert len(completed(study)) == len(done)
+    assert len(first_stage(study)) == len(done)
     dims = tiny_loaded().dims
     for trial in done:
         subnet = candidate(trial).validate(dims)
@@ -568,11 +606,11 @@ def test_concurrent_workers_never_evaluate_one_candidate_twice(make_job, tmp_pat
     started = set()
     evaluate = Searcher.evaluate
 
-    def overlapping(self, subnet):
+    def overlapping(self, subnet, stage=0):
         if id(self) not in started:
             started.add(id(self))
             overlap.wait()
-        return evaluate(self, subnet)
+        return evaluate(self, subnet, stage)
 
     monkeypatch.setattr(Searcher, "evaluate", overlapping)
     errors = []
@@ -589,9 +627,10 @@ def test_concurrent_workers_never_evaluate_one_candidate_twice(make_job, tmp_pat
     for thread in threads:
         thread.join(timeout=120)
     assert not errors, errors
-    stored = subnets(optuna.load_study(study_name=STUDY_NAME, storage=job.storage_url()))
-    assert len(stored) >= job.evaluations
-    assert len(set(stored)) == len(stored)
+    stored = completed(optuna.load_study(study_name=STUDY_NAME, storage=job.storage_url()))
+    scored = [(t.user_attrs["subnet"], stage_of(t)) for t in stored]
+    assert sum(stage == 0 for _, stage in scored) >= job.evaluations
+    assert len(set(scored)) == len(scored)  # no candidate scored twice at one stage
 
 
 def test_workers_check(make_job, tmp_path):

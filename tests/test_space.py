@@ -91,7 +91,7 @@ def test_fraction_outside_zero_one_is_refused(fraction):
 def test_search_start_is_as_large_as_the_budget_allows(fraction):
     """The evolution's starting point fills the budget: one more grid step of neurons everywhere would not fit."""
     dims = tiny_loaded().dims
-    space = SearchSpace()
+    space = SearchSpace(depth=False)
     budget = int(fraction * static_cost(dims).params)
     starts = space.starts(dims, fixed_importance(dims), lambda shapes: static_cost(dims, shapes).params <= budget)
     start = starts[0].validate(dims)
@@ -112,7 +112,7 @@ def test_depth_search_also_starts_from_whole_layers_removed_least_influential_fi
     scores = Importance(scores.heads, scores.kv_heads, scores.neurons, torch.tensor([4.0, 1.0, 3.0, 2.0]))
     budget = int(0.8 * static_cost(dims).params)
     fits = lambda shapes: static_cost(dims, shapes).params <= budget  # noqa: E731
-    width = SearchSpace().starts(dims, scores, fits)
+    width = SearchSpace(depth=False).starts(dims, scores, fits)
     starts = SearchSpace(depth=True).starts(dims, scores, fits)
     assert [s.to_compact() for s in starts[:-1]] == [s.to_compact() for s in width]
     depth = starts[-1]
@@ -187,7 +187,7 @@ def test_shrink_to_fit_steps_random_shapes_into_the_budget_along_the_grid(space,
 
 def test_shrink_to_fit_leaves_fitting_shapes_alone_and_stops_at_the_smallest():
     dims = tiny_loaded().dims
-    space = SearchSpace()
+    space = SearchSpace(depth=False)
     full = dict(enumerate(dims.layers))
     assert space.shrink_to_fit(dims, full, lambda shapes: True) == full
     assert space.shrink_to_fit(dims, full, lambda shapes: False) == space.smallest(dims)

@@ -37,9 +37,9 @@ def test_indices_are_sorted_and_unique():
         ({}, "keeps no layers"),
         ({4: keep()}, "layer 4 is out of range"),
         ({-1: keep()}, "layer -1 is out of range"),
-        ({0: keep(heads=[])}, "keeps no heads"),
-        ({0: keep(neurons=[])}, "keeps no neurons"),
-        ({0: keep(kv=[])}, "keeps no kv_heads"),
+        ({0: keep(heads=[], kv=[], neurons=[])}, "keeps neither attention nor MLP; leave the layer out"),
+        ({0: keep(heads=[])}, "heads and kv_heads must be both empty"),
+        ({0: keep(kv=[])}, "heads and kv_heads must be both empty"),
         ({0: keep(heads=[6, 7, 8])}, "heads index 6 out of range"),
         ({0: keep(neurons=[40])}, "neurons index 40 out of range"),
         ({0: keep(heads=[0, 1, 3], kv=[0])}, "query head 3 is kept without its key/value head 1"),
@@ -54,6 +54,13 @@ def test_invalid_subnetworks_are_refused_with_a_clear_message(dims, layers, mess
 
 def test_gqa_pruned_layers_are_valid(dims):
     SubNetwork({0: keep(heads=[0, 2, 4, 5], kv=[0, 1]), 2: keep(heads=[3], kv=[1], neurons=[7])}).validate(dims)
+
+
+def test_a_layer_may_lose_its_attention_or_its_mlp_alone(dims):
+    subnet = SubNetwork({0: keep(heads=[], kv=[]), 1: keep(neurons=[]), 3: keep()}).validate(dims)
+    assert [s.has_attention for s in subnet.shapes()] == [False, True, True]
+    assert [s.has_mlp for s in subnet.shapes()] == [True, False, True]
+    assert SubNetwork.from_compact(subnet.to_compact()) == subnet
 
 
 def test_json_round_trip(tmp_path):

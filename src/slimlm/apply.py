@@ -41,16 +41,24 @@ def subnetwork_applied(
     @torch.no_grad()
     def shrink(layer, index: int, position: int, saved: list) -> None:
         keep = subnet.layers[index]
-        units = (torch.tensor(keep.heads), torch.tensor(keep.kv_heads), torch.tensor(keep.neurons))
+        units = (torch.tensor(u, dtype=torch.long) for u in (keep.heads, keep.kv_heads, keep.neurons))
         for piece in adapter.layer_slices(layer, *units):
+            if any(f is not None and not len(f) for f in (piece.rows, piece.cols)):
+                continue  # a removed sub-block's weights: the whole module is replaced below
             saved += _current([(piece.linear, n) for n in ("weight", "bias", "in_features", "out_features")])
             _slice_linear(piece)
+        kept = {"attention": keep.shape.has_attention, "mlp": keep.shape.has_mlp}
         for name, linear in zip(("attention", "mlp"), adapter.output_projections(layer), strict=True):
+            if not kept[name] or linear is None:
+                continue
             saved += _current([(linear, "weight"), (linear, "bias")])
             if reformed and (index, name) in reformed:
                 linear.weight = nn.Parameter(reformed[index, name], requires_grad=False)
             if reformed and (index, f"{name}_bias") in reformed:
                 linear.bias = nn.Parameter(reformed[index, f"{name}_bias"], requires_grad=False)
+        for name in (n for n, k in kept.items() if not k):
+            saved += _current([(layer, attr) for attr in adapter.sub_block_attributes(name)])
+            adapter.remove_sub_block(layer, name, position)
         adapter.configure_layer(layer, keep.shape, position)
 
     with _kept_layers_only(loaded, subnet, shrink) as model:

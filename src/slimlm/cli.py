@@ -482,7 +482,7 @@ LatencyRuntime = Annotated[
 RunOut = Annotated[Path, typer.Option("--out", help="run folder: store, pareto.json, pareto.png, best/")]
 Metric = Annotated[str, typer.Option(help="importance metric: activation, magnitude, fluctuation, second-order")]
 PerLayer = Annotated[bool, typer.Option("--per-layer/--uniform", help="per-layer ratios or one shape for all layers")]
-Depth = Annotated[bool, typer.Option(help="allow removing whole layers")]
+Depth = Annotated[bool, typer.Option(help="allow removing attention and MLP sub-blocks and whole layers")]
 MinRatio = Annotated[float, typer.Option(help="smallest kept fraction of a layer's heads / neurons")]
 MaxRatio = Annotated[float, typer.Option(help="largest kept fraction of a layer's heads / neurons")]
 Frozen = Annotated[str, typer.Option(help="comma-separated layers kept whole, e.g. 0,29")]
@@ -536,7 +536,7 @@ def _search_options(
     evaluation_windows: EvalWindows = 16,
     metric: Metric = DEFAULT_METRIC,
     per_layer: PerLayer = True,
-    depth: Depth = False,
+    depth: Depth = True,
     min_ratio: MinRatio = 0.2,
     max_ratio: MaxRatio = 1.0,
     frozen: Frozen = "",

@@ -42,13 +42,7 @@ def static_cost(
 ) -> StaticCost:
     """Cost of the model with decoder layers of ``shapes`` (default: the model as it is)."""
     shapes = list(dims.layers) if shapes is None else shapes
-    layer_params = sum(
-        dims.params_per_layer
-        + s.heads * dims.params_per_head
-        + s.kv_heads * dims.params_per_kv_head
-        + s.neurons * dims.params_per_neuron
-        for s in shapes
-    )
+    layer_params = sum(dims.layer_params(s) for s in shapes)
     params = dims.params_outside_layers + layer_params
     matmul_weights = dims.vocab_size * dims.hidden_size + sum(
         s.heads * dims.weights_per_head + s.kv_heads * dims.weights_per_kv_head + s.neurons * dims.weights_per_neuron

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
@@ -32,3 +33,56 @@ def perplexity(
         total_nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
         total_tokens += targets.numel()
     return math.exp(total_nll / total_tokens)
+
+
+TOP_K = 128  # dense next-token probabilities kept per position for the KL fitness (the rest is one tail bin)
+
+
+@dataclass(frozen=True)
+class DenseReference:
+    """The dense model's top-k next-token log-probabilities on the fitness windows, computed once."""
+
+    windows: torch.Tensor  # (n, seq_len) token ids
+    indices: torch.Tensor  # (n, seq_len - 1, k) token ids of the dense model's top-k
+    logprobs: torch.Tensor  # (n, seq_len - 1, k) their log-probabilities
+
+
+@torch.no_grad()
+def dense_reference(
+    model: PreTrainedModel, windows: torch.Tensor, top_k: int = TOP_K, batch_size: int = 4
+) -> DenseReference:
+    """What the KL fitness compares candidates with: the dense model's top ``top_k`` log-probabilities."""
+    indices, logprobs = [], []
+    for batch in track(windows.split(batch_size), "dense reference for the KL fitness"):
+        logits = model(input_ids=batch.to(model.device), use_cache=False).logits[:, :-1].float()
+        top = F.log_softmax(logits, dim=-1).topk(min(top_k, logits.shape[-1]), dim=-1)
+        indices.append(top.indices.cpu())
+        logprobs.append(top.values.cpu())
+    return DenseReference(windows, torch.cat(indices), torch.cat(logprobs))
+
+
+@torch.no_grad()
+def fitness(model: PreTrainedModel, reference: DenseReference, windows: int, batch_size: int = 4) -> dict[str, float]:
+    """KL divergence to the dense model (nats per token) and perplexity, on the first ``windows`` windows.
+
+    KL is taken over the dense model's top-k tokens plus one bin for the rest of the vocabulary: the
+    exact KL of those coarsened distributions, a lower bound of the full KL that ranks candidates alike.
+    """
+    total_kl, total_nll, tokens = 0.0, 0.0, 0
+    for start in range(0, windows, batch_size):
+        stop = min(windows, start + batch_size)
+        batch = reference.windows[start:stop]
+        logits = model(input_ids=batch.to(model.device), use_cache=False).logits[:, :-1].float().cpu()
+        candidate = F.log_softmax(logits, dim=-1)
+        dense_top = reference.logprobs[start:stop]
+        candidate_top = candidate.gather(-1, reference.indices[start:stop])
+        p = dense_top.exp()
+        kl = (p * (dense_top - candidate_top)).sum(-1)
+        p_tail = (1 - p.sum(-1)).clamp_min(1e-12)
+        q_tail = (1 - candidate_top.exp().sum(-1)).clamp_min(1e-12)
+        kl = kl + p_tail * (p_tail.log() - q_tail.log())
+        targets = batch[:, 1:]
+        total_kl += kl.sum().item()
+        total_nll += -candidate.gather(-1, targets[..., None]).sum().item()
+        tokens += targets.numel()
+    return {"kl": total_kl / tokens, "perplexity": math.exp(total_nll / tokens)}

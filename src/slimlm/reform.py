@@ -97,11 +97,14 @@ def reform(loaded: LoadedModel, subnet: SubNetwork, windows: torch.Tensor, batch
             continue  # a removed layer passes hidden states through unchanged
         layer, keep = layers[index], subnet.layers[index]
         attention, mlp = _branches(adapter, layer)
-        heads = torch.tensor(keep.heads)
+        heads = torch.tensor(keep.heads, dtype=torch.long)
         head_cols = (heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
         o_proj, down_proj = adapter.output_projections(layer)
-        branches = (("attention", attention, o_proj, head_cols), ("mlp", mlp, down_proj, torch.tensor(keep.neurons)))
+        neurons = torch.tensor(keep.neurons, dtype=torch.long)
+        branches = (("attention", attention, o_proj, head_cols), ("mlp", mlp, down_proj, neurons))
         for name, branch, projection, kept in branches:
+            if not len(kept):
+                continue  # a removed sub-block adds nothing: the hidden states pass on unchanged
             inputs = _projection_inputs(branch, projection, hidden, layer_kwargs[index])
             reformed[index, name] = w = _reform_projection(projection, inputs, kept)
             hidden = [h + _project(x[..., kept], w, projection.bias) for h, x in zip(hidden, inputs, strict=True)]

@@ -19,14 +19,14 @@ from slimlm.extract import extract
 from slimlm.progress import track
 from slimlm.reform import reform
 from slimlm.search import Searcher
-from slimlm.strategies import candidate, completed
+from slimlm.strategies import SUBNET_ATTR, candidate, completed, ranked, stage_of
 from slimlm.subnet import SubNetwork
 
 matplotlib.use("Agg")  # files only; no display on servers
 
 from matplotlib import pyplot as plt
 
-FINALISTS = 3  # front members reformed before the best is chosen
+FINALISTS = 3  # fittest last-stage candidates (with the best start) among which the winner is chosen
 HYPERVOLUME_CAP = 100.0  # perplexity over dense beyond which a sub-network adds no hypervolume (half-size
 # SmolLM2 models score 6-15x dense: a cap of 10 gave every search at 0.5 kept a hypervolume of 0)
 
@@ -62,12 +62,15 @@ def spread(front: list, size: int) -> list:
     return [front[i] for i in sorted(picks)]
 
 
-def measure(searcher: Searcher, subnet: SubNetwork | None, evaluation_ids) -> dict:
-    """Evaluation perplexity and prefill latency of a sub-network (None: the dense model), in place."""
+def measure(searcher: Searcher, subnet: SubNetwork | None, evaluation_ids, reformed: dict | None = None) -> dict:
+    """A sub-network (None: the dense model) as the search scored it (library weights) or with
+    ``reformed`` weights: perplexity on fitness, selection and evaluation windows, and latency."""
     full = SubNetwork.full(searcher.context.dims)
     subnet = subnet or full
     cost = searcher.cost(subnet)
-    with subnetwork_applied(searcher.loaded, subnet) as model:
+    if reformed is None and subnet != full:
+        reformed = searcher.reformed(subnet)
+    with subnetwork_applied(searcher.loaded, subnet, reformed) as model:
         return {
             "params": cost.params,
             "params_fraction": cost.params / searcher.cost(full).params,
@@ -75,69 +78,103 @@ def measure(searcher: Searcher, subnet: SubNetwork | None, evaluation_ids) -> di
             "memory_bytes": cost.memory_bytes,
             "latency_ms": searcher.latency_ms(model),
             "calibration_perplexity": perplexity(model, searcher.fitness_ids),
+            "selection_perplexity": perplexity(model, searcher.selection_ids),
             "evaluation_perplexity": perplexity(model, evaluation_ids),
         }
 
 
-def reformed_fitness(searcher: Searcher, subnet: SubNetwork) -> float:
-    """Fitness perplexity of ``subnet`` after reformation on the calibration windows fitness does not
-    score (all of them when there are no others), so the comparison stays on held-out windows."""
-    held_out = searcher.calibration_ids[searcher.job.fitness_windows :]
-    reformed = reform(searcher.loaded, subnet, held_out if len(held_out) else searcher.calibration_ids)
-    with subnetwork_applied(searcher.loaded, subnet, reformed) as model:
-        return perplexity(model, searcher.fitness_ids)
+def last_stage(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Completed trials of the highest fidelity stage reached: the only ones whose fitness compares."""
+    trials = completed(study)
+    top = max((stage_of(t) for t in trials), default=0)
+    return [t for t in trials if stage_of(t) == top]
+
+
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    """Rank correlation of two equally long sequences (None for fewer than 3 points)."""
+    if len(xs) < 3:
+        return None
+    rx, ry = (np.argsort(np.argsort(np.asarray(v, dtype=float))) for v in (xs, ys))
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def _finalist(searcher: Searcher, trial: optuna.trial.FrozenTrial, sequential: bool) -> dict:
+    """A finalist scored on the selection windows as the library stitches it and, where reformation is
+    on, after the sequential reformation the shipped model would get; the better of the two is kept."""
+    subnet = candidate(trial)
+    options = {"library": searcher.reformed(subnet)}
+    if sequential:
+        options["sequential"] = reform(searcher.loaded, subnet, searcher.calibration_ids)
+    scores = {}
+    for name, weights in options.items():
+        with subnetwork_applied(searcher.loaded, subnet, weights) as model:
+            scores[name] = perplexity(model, searcher.selection_ids)
+    way = min(scores, key=scores.get)
+    return {"trial": trial.number, "selection_perplexity": scores, "reformation": way, "weights": options[way]}
 
 
 def write_report(searcher: Searcher, study: optuna.Study, front_size: int = 6) -> dict:
-    """Evaluate the front on evaluation text; write ``pareto.json``, ``pareto.png`` and ``best/``.
+    """Evaluate the front on evaluation text; choose the winner; write ``pareto.json``, ``pareto.png``, ``best/``.
 
-    The front shown is ``front_size`` members spread along it. The best is the within-budget member
-    with the lowest calibration perplexity. With reformation on, the ``FINALISTS`` lowest members of
-    the whole front are also scored reformed (and shown), and the lowest of them, as it is or
-    reformed, wins: reformation can reorder candidates, and where little was removed it can fit
-    calibration noise (SmolLM2 at 0.9 kept: 29.6 unreformed, 34.5 reformed).
+    The front is that of the last fidelity stage, ``front_size`` members spread along it. The winner
+    is chosen on selection windows no fitness saw, among the ``FINALISTS`` fittest within-budget
+    members and the best start (the rules a search must beat), each as the library stitches it and
+    after the sequential reformation; the report states the best start against the winner.
     """
     job, out = searcher.job, Path(searcher.job.out)
     evaluation_ids = model_windows(searcher.loaded, job.evaluation, job.seq_len, job.evaluation_windows)
-    trials = completed(study)
+    trials = last_stage(study)
     whole = pareto_front(trials)
-    finalists = sorted(whole, key=lambda t: t.values[0])[:FINALISTS] if job.reform else []
-    front = sorted({t.number: t for t in [*spread(whole, front_size), *finalists]}.values(), key=lambda t: t.values[1])
-    members = []
-    for trial in track(front, "evaluating the Pareto front"):
+    within = [t for t in sorted(trials, key=lambda t: t.values[0]) if searcher.budget.fits(searcher.cost(candidate(t)))]
+    starts = {s.to_compact() for s in searcher.context.starts}
+    best_start = next((t for t in ranked(study) if t.user_attrs[SUBNET_ATTR] in starts), None)
+    finalists = {t.number: t for t in [*within[:FINALISTS], *([best_start] if best_start else [])]}
+    shown = spread(whole, front_size)
+    measured = sorted({t.number: t for t in [*shown, *finalists.values()]}.values(), key=lambda t: t.values[1])
+    members = {}
+    for trial in track(measured, "evaluating the front and the finalists"):
         subnet = candidate(trial)
-        members.append(
-            {
-                "trial": trial.number,
-                **measure(searcher, subnet, evaluation_ids),
-                "within_budget": searcher.budget.fits(searcher.cost(subnet)),
-                "subnet": subnet.to_json(),
-            }
-        )
+        members[trial.number] = {
+            "trial": trial.number,
+            "stage": stage_of(trial),
+            "fitness": trial.values[0],
+            **measure(searcher, subnet, evaluation_ids),
+            "within_budget": searcher.budget.fits(searcher.cost(subnet)),
+            "start": trial.user_attrs[SUBNET_ATTR] in starts,
+            "subnet": subnet.to_json(),
+        }
+    top = [m for m in members.values() if trials and m["stage"] == stage_of(trials[0])]
     dense = measure(searcher, None, evaluation_ids)
     uniform = measure(searcher, searcher.reference, evaluation_ids) if searcher.reference else None
-    feasible = sorted((m for m in members if m["within_budget"]), key=lambda m: m["calibration_perplexity"])
-    best = feasible[0] if feasible else None
-    chosen = [m for m in feasible if m["trial"] in {t.number for t in finalists}]
-    for member in track(chosen, "reforming the finalists"):
-        member["reformed_calibration_perplexity"] = reformed_fitness(searcher, SubNetwork.from_json(member["subnet"]))
-    if chosen:  # each finalist as it is or reformed, whichever is lower on the windows reformation did not see
-        best = min(chosen, key=lambda m: min(m["calibration_perplexity"], m["reformed_calibration_perplexity"]))
-    reform_best = bool(chosen) and best["reformed_calibration_perplexity"] < best["calibration_perplexity"]
+    chosen = [
+        _finalist(searcher, t, job.reform)
+        for t in track(list(finalists.values()), "choosing among the finalists")
+        if searcher.budget.fits(searcher.cost(candidate(t)))
+    ]
+    best = min(chosen, key=lambda c: min(c["selection_perplexity"].values())) if chosen else None
     report = {
         "model": job.model,
         "strategy": job.strategy,
         "objective": job.objective,
+        "fitness": job.fitness,
+        "fitness_stages": list(searcher.context.stages),
         "budget": asdict(searcher.budget),
-        "evaluations": len(trials),
+        "evaluations": sum(stage_of(t) == 0 for t in completed(study)),
+        "trials": len(completed(study)),
         "calibration": job.calibration,
         "evaluation": job.evaluation,
         "seq_len": job.seq_len,
         "dense": dense,
         "uniform_importance": uniform,
-        "front": members,
+        "front": [members[t.number] for t in sorted(shown, key=lambda t: t.values[1])],
+        "finalists": [
+            members[c["trial"]] | {"reformation": c["reformation"], "finalist_perplexity": c["selection_perplexity"]}
+            for c in chosen
+        ],
+        # how well fitness ranks what is measured on the evaluation text (last-stage members only)
+        "fitness_evaluation_spearman": spearman([m["fitness"] for m in top], [m["evaluation_perplexity"] for m in top]),
         "hypervolume": hypervolume(
-            [(t.user_attrs["params"], t.values[0]) for t in trials],
+            [(t.user_attrs["params"], t.user_attrs["perplexity"]) for t in trials],
             dense["params"],
             dense["calibration_perplexity"],
         ),
@@ -146,12 +183,24 @@ def write_report(searcher: Searcher, study: optuna.Study, front_size: int = 6) -
     (out / "pareto.json").write_text(json.dumps(report, indent=1) + "\n")
     plot(report, trials, out / "pareto.png")
     if best:
-        subnet = SubNetwork.from_json(best["subnet"])
-        reformed = reform(searcher.loaded, subnet, searcher.calibration_ids) if reform_best else None
-        extract(searcher.loaded, subnet, out / "best", reformed)
-        with subnetwork_applied(searcher.loaded, subnet, reformed) as model:
+        subnet = candidate(study.trials[best["trial"]])
+        weights = best["weights"] if job.reform else None
+        extract(searcher.loaded, subnet, out / "best", weights)
+        with subnetwork_applied(searcher.loaded, subnet, weights) as model:
             report["best_evaluation_perplexity"] = perplexity(model, evaluation_ids)
-        report["best_reformed"] = reform_best
+        report["best_reformed"] = bool(weights)
+        report["best_reformation"] = best["reformation"] if weights else None
+        if best_start is not None:
+            start = next((c for c in chosen if c["trial"] == best_start.number), None)
+            start_weights = start["weights"] if start and job.reform else None
+            with subnetwork_applied(searcher.loaded, candidate(best_start), start_weights) as model:
+                start_eval = perplexity(model, evaluation_ids)
+            report["best_start"] = {
+                "trial": best_start.number,
+                "evaluation_perplexity": start_eval,
+                "selection_perplexity": min(start["selection_perplexity"].values()) if start else None,
+            }
+            report["search_gain"] = 1 - report["best_evaluation_perplexity"] / start_eval
         (out / "pareto.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
 
@@ -162,7 +211,7 @@ def plot(report: dict, trials: list[optuna.trial.FrozenTrial], path: Path) -> No
     millions = 1e6
     ax.scatter(
         [t.user_attrs["params"] / millions for t in trials],
-        [t.values[0] for t in trials],
+        [t.user_attrs["perplexity"] for t in trials],
         s=12,
         color="0.75",
         label="candidates (calibration)",

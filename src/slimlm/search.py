@@ -1,9 +1,12 @@
 """The search engine: candidates proposed by a strategy, evaluated in place, stored in an Optuna study.
 
-Every evaluated candidate is a COMPLETE trial (objectives: calibration perplexity, and a cost);
-candidates outside the budget or already seen are PRUNED without evaluation. The study lives in
-an SQLite file in the run folder by default, or at any database URL Optuna accepts, so a killed
-search resumes from its store and several worker processes (or machines) can share one study.
+Every evaluated candidate is a COMPLETE trial (objectives: its fitness, KL divergence to the dense
+model by default, and a cost), scored as it will be shipped: stitched from the reformed variant
+library. Multi-fidelity strategies score a candidate again on more windows as a trial of its own
+(user attribute ``stage``). Candidates outside the budget or already seen are PRUNED without
+evaluation. The study lives in an SQLite file in the run folder by default, or at any database
+URL Optuna accepts, so a killed search resumes from its store and several worker processes (or
+machines) can share one study.
 """
 
 from __future__ import annotations
@@ -24,25 +27,30 @@ from slimlm.apply import subnetwork_applied
 from slimlm.costs import LatencyProbe, StaticCost, static_cost
 from slimlm.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, model_windows
 from slimlm.errors import SlimlmError
-from slimlm.evaluate import perplexity
+from slimlm.evaluate import DenseReference, dense_reference, fitness
 from slimlm.export import check_exportable, export_gguf, tokenizer_gguf
 from slimlm.importance import DEFAULT_METRIC, IMPORTANCE_FILE, cached_calibration, importance, load_importance
+from slimlm.library import VariantLibrary, build_library
 from slimlm.models import LayerShape, LoadedModel, load_model
 from slimlm.progress import progress_bar
 from slimlm.reform import reform
 from slimlm.space import SearchSpace, uniform_subnetwork
 from slimlm.strategies import (
     DEFAULT_STRATEGY,
+    STAGE_ATTR,
     SUBNET_ATTR,
     SearchContext,
     completed,
     make_strategy,
     seen_candidates,
+    stage_of,
 )
 from slimlm.subnet import SubNetwork
 
 STUDY_NAME = "slimlm"
 OBJECTIVES = ("params", "flops", "memory", "latency")
+FITNESSES = ("kl", "perplexity")  # what ranks candidates: KL divergence to the dense model, or perplexity
+ETA = 4  # each fidelity stage scores 4x the windows of the one before (and the best quarter goes on)
 LATENCY_RUNTIMES = ("transformers", "llama.cpp")
 MAX_PRUNED_IN_A_ROW = 500  # the space is exhausted or the budget too tight for the strategy
 
@@ -96,15 +104,18 @@ class SearchJob:
     calibration: str = DEFAULT_CALIBRATION
     evaluation: str = DEFAULT_EVALUATION
     seq_len: int = 256
-    calibration_windows: int = 16
-    fitness_windows: int = 4
+    calibration_windows: int = 16  # importance, the variant library and the winner's reformation
+    fitness_windows: int = 4  # scored per candidate (at the last fidelity stage); disjoint from calibration
+    selection_windows: int = 4  # choose among the finalists; disjoint from calibration and fitness
     evaluation_windows: int = 16
+    fitness: str = "kl"
+    stages: int = 3  # fidelity stages of multi-fidelity strategies
     seed: int = 0
     storage: str | None = None
     workers: int = 1
     resume: bool = False
-    reform: bool = True  # reform the kept weights of the extracted best model
-    reform_candidates: bool = False  # score every candidate after reformation (slower, closer to the result)
+    reform: bool = True  # score candidates as stitched from the reformed variant library; ship the winner reformed
+    reform_candidates: bool = False  # instead reform every candidate sequentially before scoring it (slow)
 
     def storage_url(self) -> str:
         return self.storage or f"sqlite:///{Path(self.out).resolve() / 'search.db'}"
@@ -125,7 +136,11 @@ class SearchJob:
             "seq_len",
             "calibration_windows",
             "fitness_windows",
+            "selection_windows",
+            "fitness",
+            "stages",
             "seed",
+            "reform",
             "reform_candidates",
         )
         return {k: getattr(self, k) for k in keys} | {"space": asdict(self.space)}
@@ -139,17 +154,18 @@ class Searcher:
     loaded: LoadedModel
     budget: Budget
     context: SearchContext
-    calibration_ids: torch.Tensor  # importance and reformation of the result
+    calibration_ids: torch.Tensor  # importance, the variant library, reformation of the result
+    fitness_ids: torch.Tensor  # scored per candidate
+    selection_ids: torch.Tensor  # the final choice among finalists
     reference: SubNetwork | None  # uniform importance-ranked sub-network at the budget (None: none fits)
+    dense: DenseReference  # the dense model's next-token distributions on the fitness windows
+    library: VariantLibrary | None  # reformed variants that candidates are stitched from (None: unreformed)
 
-    @property
-    def fitness_ids(self) -> torch.Tensor:
-        return self.calibration_ids[: self.job.fitness_windows]
-
-    @property
-    def candidate_reform_ids(self) -> torch.Tensor:
-        """Windows that reform candidates: calibration windows not scored for fitness, so fitness stays honest."""
-        return self.calibration_ids[self.job.fitness_windows : 2 * self.job.fitness_windows]
+    def reformed(self, subnet: SubNetwork) -> dict | None:
+        """The weights a candidate is scored with: library stitches, sequential reformation, or none."""
+        if self.job.reform_candidates:
+            return reform(self.loaded, subnet, self.calibration_ids)
+        return self.library.reformed(subnet) if self.library else None
 
     def cost(self, subnet: SubNetwork) -> StaticCost:
         # the full model's dims, fixed at preparation (``loaded.dims`` reads modules, which shrink while applied)
@@ -178,13 +194,13 @@ class Searcher:
             path.unlink(missing_ok=True)
         return 1000 / speed.generation_tokens_per_s
 
-    def evaluate(self, subnet: SubNetwork) -> dict:
-        """Fitness and costs of one candidate, measured in place."""
+    def evaluate(self, subnet: SubNetwork, stage: int = 0) -> dict:
+        """Fitness (KL to dense and perplexity on the stage's fitness windows) and costs of one candidate."""
         start = time.perf_counter()
         cost = self.cost(subnet)
-        reformed = reform(self.loaded, subnet, self.candidate_reform_ids) if self.job.reform_candidates else None
-        with subnetwork_applied(self.loaded, subnet, reformed) as model:
-            result = {"perplexity": perplexity(model, self.fitness_ids)}
+        windows = self.context.stages[stage]
+        with subnetwork_applied(self.loaded, subnet, self.reformed(subnet)) as model:
+            result = fitness(model, self.dense, windows) | {"stage": stage, "fitness_windows": windows}
             if self.job.objective == "latency" or self.budget.latency_ms is not None:
                 result["latency_ms"] = self.latency_ms(model)
         return result | {
@@ -201,7 +217,11 @@ def prepare(job: SearchJob, loaded: LoadedModel | None = None) -> Searcher:
     dims = loaded.dims
     if job.objective not in OBJECTIVES:
         raise SlimlmError(f"unknown objective '{job.objective}'; choose from {', '.join(OBJECTIVES)}")
-    make_strategy(job.strategy)  # unknown names fail before any work
+    strategy = make_strategy(job.strategy)  # unknown names fail before any work
+    if job.fitness not in FITNESSES:
+        raise SlimlmError(f"unknown fitness '{job.fitness}'; choose from {', '.join(FITNESSES)}")
+    if job.stages < 1 or min(job.calibration_windows, job.fitness_windows, job.selection_windows) < 1:
+        raise SlimlmError("--stages and the calibration, fitness and selection windows must each be at least 1")
     if job.latency_runtime not in LATENCY_RUNTIMES:
         raise SlimlmError(f"unknown latency runtime '{job.latency_runtime}'; choose from {', '.join(LATENCY_RUNTIMES)}")
     if job.latency_runtime == "llama.cpp":
@@ -225,13 +245,16 @@ def prepare(job: SearchJob, loaded: LoadedModel | None = None) -> Searcher:
             f"memory budget of {job.max_memory_bytes / 1e6:,.1f} MB is below the smallest sub-network this "
             f"search space allows: {smallest.memory_bytes / 1e6:,.1f} MB"
         )
-    needed = job.fitness_windows * (2 if job.reform_candidates else 1)
-    if needed > job.calibration_windows:
+    wanted = job.calibration_windows + job.fitness_windows + job.selection_windows
+    windows = model_windows(loaded, job.calibration, job.seq_len, wanted)
+    if len(windows) < wanted:
         raise SlimlmError(
-            f"--calib-windows must be at least {needed}: fitness uses {job.fitness_windows} calibration windows"
-            + (" and reforming candidates as many more" if job.reform_candidates else "")
+            f"{job.calibration} has {len(windows)} windows of {job.seq_len} tokens; calibration, fitness and "
+            f"selection need {wanted} ({job.calibration_windows} + {job.fitness_windows} + {job.selection_windows})"
         )
-    calib = model_windows(loaded, job.calibration, job.seq_len, job.calibration_windows)
+    calib, fitness_ids, selection_ids = windows.split(
+        [job.calibration_windows, job.fitness_windows, job.selection_windows]
+    )
     trained = Path(loaded.folder) / IMPORTANCE_FILE  # a super-network: keep the units its training kept
     if trained.is_file():
         scores = load_importance(trained)
@@ -247,8 +270,18 @@ def prepare(job: SearchJob, loaded: LoadedModel | None = None) -> Searcher:
     except SlimlmError:  # budgets only depth pruning reaches have no uniform reference
         reference = None
 
-    context = SearchContext(dims, scores, job.space, within, starts, job.seed)
-    return Searcher(job, loaded, budget, context, calib, reference)
+    stages = fidelity_stages(job.fitness_windows, job.stages if strategy.multi_fidelity else 1)
+    context = SearchContext(dims, scores, job.space, within, starts, job.seed, stages)
+    library = None
+    if job.reform and not job.reform_candidates:
+        library = build_library(loaded, scores, job.space, calib)
+    dense = dense_reference(loaded.model, fitness_ids)
+    return Searcher(job, loaded, budget, context, calib, fitness_ids, selection_ids, reference, dense, library)
+
+
+def fidelity_stages(windows: int, stages: int) -> tuple[int, ...]:
+    """Fitness windows per stage, fewest first, each ``ETA`` times the one before, the last all of them."""
+    return tuple(sorted({max(1, windows // ETA**k) for k in range(stages)}))
 
 
 def scratch_tokenizer_pre(loaded: LoadedModel) -> str | None:
@@ -284,15 +317,15 @@ def run_worker(searcher: Searcher, study: optuna.Study, on_result=None) -> None:
     """Ask, propose, price, evaluate, tell, until the study holds ``evaluations`` candidates."""
     job, strategy = searcher.job, make_strategy(searcher.job.strategy)
     pruned_in_a_row = 0
-    while len(completed(study)) < job.evaluations:
+    while not strategy.finished(study, searcher.context, job.evaluations):
         trial = study.ask()
         subnet = strategy.propose(trial, study, searcher.context)
-        compact = subnet.to_compact()
-        claimed = searcher.context.fits(subnet) and compact not in seen_candidates(study, exclude=trial.number)
+        compact, stage = subnet.to_compact(), int(trial.user_attrs.get(STAGE_ATTR, 0))
+        claimed = searcher.context.fits(subnet) and compact not in seen_candidates(study, trial.number, stage=stage)
         if claimed:
             trial.set_user_attr(SUBNET_ATTR, compact)  # claim it before evaluating, so other workers skip it
             # two workers may claim one candidate at once: the lower trial number keeps it
-            claimed = compact not in seen_candidates(study, exclude=trial.number, before=trial.number)
+            claimed = compact not in seen_candidates(study, trial.number, before=trial.number, stage=stage)
         if not claimed:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             pruned_in_a_row += 1
@@ -303,15 +336,15 @@ def run_worker(searcher: Searcher, study: optuna.Study, on_result=None) -> None:
                 )
             continue
         pruned_in_a_row = 0
-        result = searcher.evaluate(subnet)
+        result = searcher.evaluate(subnet, stage)
         for key, value in result.items():
             trial.set_user_attr(key, value)
-        duplicate = compact in seen_candidates(study, exclude=trial.number, before=trial.number)  # a claim raced ours
+        duplicate = compact in seen_candidates(study, trial.number, before=trial.number, stage=stage)  # a raced claim
         over_latency = searcher.budget.latency_ms is not None and result["latency_ms"] > searcher.budget.latency_ms
         if duplicate or over_latency:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             continue
-        study.tell(trial, [result["perplexity"], result[_objective_key(job.objective)]])
+        study.tell(trial, [result[job.fitness], result[_objective_key(job.objective)]])
         if on_result:
             on_result(result)
 
@@ -349,17 +382,19 @@ def search(job: SearchJob, loaded: LoadedModel | None = None) -> tuple[Searcher,
     torch.set_num_threads(threads if helpers else previous_threads)
     try:
         with progress_bar() as bar:
-            task = bar.add_task("searching", total=job.evaluations, completed=len(completed(study)))
+            first = lambda: sum(stage_of(t) == 0 for t in completed(study))  # noqa: E731
+            task = bar.add_task("searching", total=job.evaluations, completed=first())
 
-            def show(_result: dict) -> None:
-                done = completed(study)
-                best = min(t.values[0] for t in done)
-                bar.update(task, completed=len(done), description=f"searching (best perplexity {best:.2f})")
+            def show(result: dict) -> None:
+                top = [t for t in completed(study) if stage_of(t) == result["stage"]]
+                best = min(t.values[0] for t in top)
+                stage = f"stage {result['stage'] + 1}/{len(searcher.context.stages)}, "
+                bar.update(task, completed=first(), description=f"searching ({stage}best {job.fitness} {best:.4g})")
 
             run_worker(searcher, study, show)
             for process in helpers:
                 process.join()
-            bar.update(task, completed=len(completed(study)))
+            bar.update(task, completed=first())
     finally:
         torch.set_num_threads(previous_threads)
         for process in helpers:

@@ -30,12 +30,13 @@ class SearchSpace:
     """What may shrink and how.
 
     ``per_layer``: each layer gets its own ratios (else one shape for all layers).
-    ``depth``: whole layers may be removed. ``min_ratio``/``max_ratio``/``step``: bounds and grid of
+    ``depth``: whole layers may be removed, and (in level-based search) a layer's attention or MLP
+    sub-block alone. ``min_ratio``/``max_ratio``/``step``: bounds and grid of
     the kept fraction of each layer's neurons and heads. ``frozen_layers`` are always kept whole.
     """
 
     per_layer: bool = True
-    depth: bool = False
+    depth: bool = True
     min_ratio: float = 0.2
     max_ratio: float = 1.0
     step: float = 0.025
@@ -67,6 +68,16 @@ class SearchSpace:
         allowed = [s for s in shapes if self.min_ratio - 1e-9 <= s.heads / full.heads <= self.max_ratio + 1e-9]
         allowed = allowed or [min(shapes, key=lambda s: abs(s.heads / full.heads - self.min_ratio))]
         return tuple(sorted(allowed, key=lambda s: (s.heads, s.kv_heads)))
+
+    def attention_levels(self, full: LayerShape) -> tuple[LayerShape, ...]:
+        """A layer's attention levels for level-based search, smallest first: removed (where the space
+        allows depth; sub-block removal as in BlockPruner), then every choice of ``attention_choices``."""
+        return ((LayerShape(0, 0, 0),) if self.depth else ()) + self.attention_choices(full)
+
+    def mlp_levels(self, full: LayerShape) -> tuple[int, ...]:
+        """A layer's MLP widths for level-based search, smallest first: removed (0, where the space
+        allows depth), then ``neuron_choices``."""
+        return ((0,) if self.depth else ()) + self.neuron_choices(full)
 
     def suggest(self, trial: optuna.Trial, dims: ModelDims) -> dict[int, LayerShape]:
         """Layer shapes chosen by an Optuna trial (define-by-run: the sampler picks every choice)."""
@@ -288,6 +299,8 @@ def keep_most_important(dims: ModelDims, importance: Importance, shapes: dict[in
     """
     layers = {}
     for i, shape in shapes.items():
+        if not shape.has_attention and not shape.has_mlp:
+            continue  # neither sub-block kept: the layer is removed
         full = dims.layers[i]
         head_scores = importance.heads[i].view(full.kv_heads, full.group_size)
         best_in_group = head_scores.topk(shape.group_size, dim=1)
@@ -335,7 +348,7 @@ def uniform_shape(dims: ModelDims, params: int) -> LayerShape:
 
 def _most_neurons(dims: ModelDims, params: int, heads: int, kv_heads: int, limit: int) -> int | None:
     per_layer = (params - dims.params_outside_layers) / dims.num_layers
-    spare = per_layer - dims.params_per_layer - heads * dims.params_per_head - kv_heads * dims.params_per_kv_head
+    spare = per_layer - dims.layer_params(LayerShape(heads, kv_heads, 0)) - dims.params_per_mlp
     neurons = min(limit, int(spare // dims.params_per_neuron) // NEURON_STEP * NEURON_STEP)
     return neurons if neurons >= NEURON_STEP else None
 

@@ -7,7 +7,10 @@ It is a plain value, saved as JSON::
                 "2": {...}}}
 
 Keys of ``layers`` are indices into the full model; a layer not listed is removed. Indices refer to
-the full model's units. Query head ``h`` belongs to key/value head ``h // group_size``; a kept query
+the full model's units. A layer may also lose one sub-block only: empty ``heads`` and ``kv_heads``
+remove its attention, empty ``neurons`` its MLP (BlockPruner-style sub-block removal).
+
+Query head ``h`` belongs to key/value head ``h // group_size``; a kept query
 head needs its key/value head, and every kept key/value head keeps the same number of query heads,
 so the result is again a standard grouped-query attention layer.
 """
@@ -131,13 +134,15 @@ def _indices(mask: str) -> list[int]:
 
 def _validate_layer(index: int, keep: LayerKeep, full: LayerShape) -> None:
     where = f"sub-network layer {index}"
+    if not keep.heads and not keep.neurons:
+        raise SlimlmError(f"{where} keeps neither attention nor MLP; leave the layer out to remove it")
+    if bool(keep.heads) != bool(keep.kv_heads):
+        raise SlimlmError(f"{where}: heads and kv_heads must be both empty (attention removed) or both kept")
     for name, kept, total in (
         ("heads", keep.heads, full.heads),
         ("kv_heads", keep.kv_heads, full.kv_heads),
         ("neurons", keep.neurons, full.neurons),
     ):
-        if not kept:
-            raise SlimlmError(f"{where} keeps no {name}; remove the layer instead, or keep at least one")
         bad = [i for i in kept if not 0 <= i < total]
         if bad:
             raise SlimlmError(f"{where}: {name} index {bad[0]} out of range (the layer has {total})")

@@ -26,8 +26,16 @@ class LayerShape:
 
     @property
     def group_size(self) -> int:
-        """Query heads per key/value head (GQA group size)."""
-        return self.heads // self.kv_heads
+        """Query heads per key/value head (GQA group size); 0 when the attention sub-block is removed."""
+        return self.heads // self.kv_heads if self.kv_heads else 0
+
+    @property
+    def has_attention(self) -> bool:
+        return self.heads > 0
+
+    @property
+    def has_mlp(self) -> bool:
+        return self.neurons > 0
 
 
 @dataclass(frozen=True)
@@ -35,7 +43,8 @@ class ModelDims:
     """The structure of a loaded model and the parameter cost of each structural unit.
 
     Costs are linear in the units, so a sub-network's size is computed without touching weights:
-    ``params = outside + sum(per_layer + heads*per_head + kv*per_kv_head + neurons*per_neuron)``.
+    ``params = outside + sum(layer_params(shape))``. A layer's attention or MLP sub-block may be
+    removed (0 heads, or 0 neurons): it then also drops the fixed parameters of that sub-block.
     """
 
     family: str
@@ -48,7 +57,8 @@ class ModelDims:
     params_per_head: int  # query rows, output-projection columns, their biases
     params_per_kv_head: int  # key and value rows and biases
     params_per_neuron: int  # MLP rows and columns and biases
-    params_per_layer: int  # what every layer keeps whatever its units (norms, output biases)
+    params_per_attention: int  # what an attention sub-block keeps whatever its heads (its norm, output bias)
+    params_per_mlp: int  # what an MLP sub-block keeps whatever its neurons (its norm, output bias)
     params_outside_layers: int  # embeddings, final norm, untied LM head
     embedding_params: int  # input embeddings (and an untied LM head)
     weights_per_head: int  # matmul weight elements per unit, for FLOPs
@@ -58,6 +68,14 @@ class ModelDims:
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    def layer_params(self, shape: LayerShape) -> int:
+        """Parameters of one decoder layer of ``shape`` (the one place this formula lives)."""
+        attention = (
+            self.params_per_attention + shape.heads * self.params_per_head + shape.kv_heads * self.params_per_kv_head
+        )
+        mlp = self.params_per_mlp + shape.neurons * self.params_per_neuron
+        return attention * shape.has_attention + mlp * shape.has_mlp
 
 
 @dataclass
@@ -115,8 +133,17 @@ class Adapter:
             slices.append(LinearSlice(c.linear, rows=features) if c.axis == 0 else LinearSlice(c.linear, cols=features))
         return slices
 
-    def output_projections(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear]:
-        """The linears whose input columns are the attention heads' and the MLP neurons' outputs."""
+    def output_projections(self, layer: nn.Module) -> tuple[nn.Linear | None, nn.Linear | None]:
+        """The linears whose input columns are the attention heads' and the MLP neurons' outputs
+        (None for a sub-block the layer no longer has)."""
+        raise NotImplementedError
+
+    def sub_block_attributes(self, name: str) -> tuple[str, ...]:
+        """Attributes of a decoder layer that removing its ``name`` sub-block ("attention" | "mlp") replaces."""
+        raise NotImplementedError
+
+    def remove_sub_block(self, layer: nn.Module, name: str, position: int) -> None:
+        """Replace a layer's ``name`` sub-block by one that adds nothing to the residual stream."""
         raise NotImplementedError
 
     def residual_branches(self, layer: nn.Module) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:

@@ -58,7 +58,9 @@ class LlamaFamilyAdapter(Adapter):
         config = model.config
         head_dim = head_dim_of(config)
         layers = self.decoder_layers(model)
-        attn, mlp = layers[0].self_attn, layers[0].mlp
+        # bias conventions from the first layer that still has each sub-block
+        attn = next(layer.self_attn for layer in layers if hasattr(layer.self_attn, "q_proj"))
+        mlp = next(layer.mlp for layer in layers if hasattr(layer.mlp, "gate_proj"))
         hidden, vocab = config.hidden_size, config.vocab_size
         tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
         embedding = vocab * hidden * (1 if tied else 2)
@@ -73,7 +75,8 @@ class LlamaFamilyAdapter(Adapter):
             params_per_head=2 * hidden * head_dim + head_dim * _has_bias(attn.q_proj),
             params_per_kv_head=2 * hidden * head_dim + 2 * head_dim * _has_bias(attn.k_proj),
             params_per_neuron=3 * hidden + 2 * _has_bias(mlp.gate_proj),
-            params_per_layer=hidden * (2 + _has_bias(attn.o_proj) + _has_bias(mlp.down_proj)),
+            params_per_attention=hidden * (1 + _has_bias(attn.o_proj)),
+            params_per_mlp=hidden * (1 + _has_bias(mlp.down_proj)),
             params_outside_layers=embedding + hidden,
             embedding_params=embedding,
             weights_per_head=2 * hidden * head_dim,
@@ -83,28 +86,41 @@ class LlamaFamilyAdapter(Adapter):
 
     @staticmethod
     def _layer_shape(layer: nn.Module, head_dim: int) -> LayerShape:
-        attn = layer.self_attn
+        attn, mlp = layer.self_attn, layer.mlp
+        attention = hasattr(attn, "q_proj")  # else a removed sub-block (``remote.NoAttention``)
         return LayerShape(
-            heads=attn.q_proj.out_features // head_dim,
-            kv_heads=attn.k_proj.out_features // head_dim,
-            neurons=layer.mlp.gate_proj.out_features,
+            heads=attn.q_proj.out_features // head_dim if attention else 0,
+            kv_heads=attn.k_proj.out_features // head_dim if attention else 0,
+            neurons=mlp.gate_proj.out_features if hasattr(mlp, "gate_proj") else 0,
         )
 
     def coupled_weights(self, layer: nn.Module) -> list[CoupledWeight]:
         attn, mlp = layer.self_attn, layer.mlp
-        head = attn.head_dim
-        return [
-            CoupledWeight(attn.q_proj, 0, "heads", head),
-            CoupledWeight(attn.k_proj, 0, "kv_heads", head),
-            CoupledWeight(attn.v_proj, 0, "kv_heads", head),
-            CoupledWeight(attn.o_proj, 1, "heads", head),
-            CoupledWeight(mlp.gate_proj, 0, "neurons", 1),
-            CoupledWeight(mlp.up_proj, 0, "neurons", 1),
-            CoupledWeight(mlp.down_proj, 1, "neurons", 1),
-        ]
+        weights = []
+        if hasattr(attn, "q_proj"):  # else the sub-block was removed
+            head = attn.head_dim
+            weights += [
+                CoupledWeight(attn.q_proj, 0, "heads", head),
+                CoupledWeight(attn.k_proj, 0, "kv_heads", head),
+                CoupledWeight(attn.v_proj, 0, "kv_heads", head),
+                CoupledWeight(attn.o_proj, 1, "heads", head),
+            ]
+        if hasattr(mlp, "gate_proj"):
+            weights += [
+                CoupledWeight(mlp.gate_proj, 0, "neurons", 1),
+                CoupledWeight(mlp.up_proj, 0, "neurons", 1),
+                CoupledWeight(mlp.down_proj, 1, "neurons", 1),
+            ]
+        return weights
 
-    def output_projections(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear]:
-        return layer.self_attn.o_proj, layer.mlp.down_proj
+    def output_projections(self, layer: nn.Module) -> tuple[nn.Linear | None, nn.Linear | None]:
+        return getattr(layer.self_attn, "o_proj", None), getattr(layer.mlp, "down_proj", None)
+
+    def sub_block_attributes(self, name: str) -> tuple[str, ...]:
+        return remote.SUB_BLOCKS[name]
+
+    def remove_sub_block(self, layer: nn.Module, name: str, position: int) -> None:
+        remote.remove_sub_block(layer, name, position, layer.self_attn.head_dim)
 
     def residual_branches(self, layer: nn.Module):
         def attention(hidden: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -146,7 +162,7 @@ class LlamaFamilyAdapter(Adapter):
             values["layer_types"] = [values["layer_types"][i] for i in kept_layers]
         first = shapes[0]
         # Stock configs require hidden_size % num_attention_heads == 0 even with an explicit head_dim.
-        uniform = all(s == first for s in shapes) and config.hidden_size % first.heads == 0
+        uniform = all(s == first for s in shapes) and first.heads > 0 and config.hidden_size % first.heads == 0
         if uniform and not output_bias:
             values.update(zip(SHAPE_KEYS, (first.heads, first.kv_heads, first.neurons), strict=True))
             values["architectures"] = [self.architectures[0]]

@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 from slimlm.errors import SlimlmError
-from slimlm.strategies.base import SUBNET_ATTR, SearchContext, Strategy, candidate, completed, seen_candidates
+from slimlm.strategies.base import (
+    STAGE_ATTR,
+    SUBNET_ATTR,
+    SearchContext,
+    Strategy,
+    candidate,
+    completed,
+    ranked,
+    seen_candidates,
+    stage_of,
+)
 from slimlm.strategies.evolution import Evolution
 from slimlm.strategies.predicted import PredictedNSGA2
 from slimlm.strategies.sampled import NSGA2, RandomSearch
@@ -26,6 +36,7 @@ def make_strategy(name: str) -> Strategy:
 
 __all__ = [
     "DEFAULT_STRATEGY",
+    "STAGE_ATTR",
     "STRATEGIES",
     "SUBNET_ATTR",
     "SearchContext",
@@ -33,5 +44,7 @@ __all__ = [
     "candidate",
     "completed",
     "make_strategy",
+    "ranked",
     "seen_candidates",
+    "stage_of",
 ]

@@ -14,6 +14,7 @@ from slimlm.space import SearchSpace
 from slimlm.subnet import SubNetwork
 
 SUBNET_ATTR = "subnet"  # trial user attribute holding the candidate (``SubNetwork.to_compact``)
+STAGE_ATTR = "stage"  # trial user attribute: the fidelity stage it was scored at (absent: 0)
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class SearchContext:
     within: Callable[[list[LayerShape]], bool]  # layer shapes within the budget, judged from structure alone
     starts: tuple[SubNetwork, ...]  # importance-ranked uniform sub-networks filling the budget, best guess first
     seed: int
+    stages: tuple[int, ...] = (1,)  # fitness windows scored at each fidelity stage, fewest first
 
     def fits(self, subnet: SubNetwork) -> bool:
         """Whether a candidate is within the budget (from its structure alone)."""
@@ -49,10 +51,35 @@ class Strategy(Protocol):
 
     def propose(self, trial: optuna.Trial, study: optuna.Study, context: SearchContext) -> SubNetwork: ...
 
+    def finished(self, study: optuna.Study, context: SearchContext, evaluations: int) -> bool:
+        """Whether the search is done (``evaluations`` candidates scored, and whatever the strategy adds)."""
+
 
 def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Evaluated candidates, oldest first."""
-    return [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    """Evaluated candidates (at any stage), oldest first."""
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+
+
+def stage_of(trial: optuna.trial.FrozenTrial) -> int:
+    """The fidelity stage a trial was scored at."""
+    return int(trial.user_attrs.get(STAGE_ATTR, 0))
+
+
+def first_stage_done(study: optuna.Study, evaluations: int) -> bool:
+    """Single-stage strategies are done when ``evaluations`` candidates are scored."""
+    return sum(stage_of(t) == 0 for t in completed(study)) >= evaluations
+
+
+def ranked(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """One trial per candidate, best first: its highest stage, then its fitness there (fitness is only
+    comparable within a stage: later stages score more windows)."""
+    best: dict[str, optuna.trial.FrozenTrial] = {}
+    key = lambda t: (-stage_of(t), t.values[0])  # noqa: E731
+    for t in completed(study):
+        compact = t.user_attrs[SUBNET_ATTR]
+        if compact not in best or key(t) < key(best[compact]):
+            best[compact] = t
+    return sorted(best.values(), key=key)
 
 
 def candidate(trial: optuna.trial.FrozenTrial) -> SubNetwork:
@@ -69,8 +96,10 @@ def draw_number(study: optuna.Study, number: int) -> int:
     return number - sum(t.number < number for t in failed)
 
 
-def seen_candidates(study: optuna.Study, exclude: int | None = None, before: int | None = None) -> set[str]:
-    """Candidates evaluated or being evaluated (by any worker), as stored compact strings.
+def seen_candidates(
+    study: optuna.Study, exclude: int | None = None, before: int | None = None, stage: int = 0
+) -> set[str]:
+    """Candidates evaluated or being evaluated (by any worker) at ``stage``, as stored compact strings.
 
     ``exclude`` leaves out one trial (the asking one); ``before`` keeps only lower-numbered trials.
     """
@@ -78,5 +107,8 @@ def seen_candidates(study: optuna.Study, exclude: int | None = None, before: int
     return {
         t.user_attrs[SUBNET_ATTR]
         for t in study.get_trials(deepcopy=False, states=states)
-        if SUBNET_ATTR in t.user_attrs and t.number != exclude and (before is None or t.number < before)
+        if SUBNET_ATTR in t.user_attrs
+        and t.number != exclude
+        and (before is None or t.number < before)
+        and stage_of(t) == stage
     }

@@ -1,20 +1,25 @@
-"""Training-free evolutionary search on kept sets (Shen et al., "Search for Efficient LLMs", NeurIPS 2024).
+"""Multi-fidelity evolution over per-layer levels (EvoPress, ICML 2025; "Search for Efficient LLMs", 2024).
 
-The initial population is the importance-ranked uniform sub-networks that fill the budget, one per
-attention shape (so the search sees early whether heads or neurons are the cheaper to lose).
-A child comes from one parent (mutation) or two (per-layer crossover, then mutation). Mutation
-changes a few layers' widths by one grid step (an attention step moves the neurons the other way
-to keep the layer's size; with depth search it also removes or restores layers),
-then resamples their kept neurons with probability proportional to importance while inheriting at
-least ``overlap`` of the parent's kept set. Parents are the ``parents`` fittest candidates so far;
-children outside the budget are discarded and redrawn. Each child is drawn from a generator seeded
-by (seed, trial number) and the stored history, so a run is reproducible and a killed run resumes
-from its store to the same candidates.
+A candidate gives every layer an attention level (removed, or a grouped-query shape) and an MLP level
+(removed, or a width) from the search space's grid; its kept units are the most important ones, as
+the variant library stores them, so a candidate is a stitch of stored, reformed weights.
+
+The first candidates are the starts (every rule slimlm knows: uniform shapes, FLAP-like adaptive
+widths, ShortGPT-like depth). A child then comes from one parent (mutation) or two (per-layer
+crossover, then mutation). Mutation switches levels in pairs, one sub-block up and another down
+(EvoPress's level switch, which keeps the size near the budget), then repairs: random steps down until
+the child fits, then one pass of steps up while it still fits, so no child wastes budget.
+
+Fidelity rises in stages (successive halving, asynchronous as in ASHA): every child is scored on the
+first stage's few windows; whenever a candidate is in the best ``1/eta`` of its stage it is scored again
+on the next stage's windows, as a trial of its own. Parents are the best candidates by the highest
+stage they reached, and the search's result is chosen from the last stage. Each child is drawn from a
+generator seeded by (seed, trial number) and the stored history, so a killed run resumes to the same
+candidates.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,131 +27,160 @@ import optuna
 
 from slimlm.models.base import LayerShape
 from slimlm.space import keep_most_important
-from slimlm.strategies.base import SearchContext, candidate, completed, draw_number, seen_candidates
-from slimlm.subnet import LayerKeep, SubNetwork
+from slimlm.strategies.base import (
+    STAGE_ATTR,
+    SUBNET_ATTR,
+    SearchContext,
+    candidate,
+    completed,
+    draw_number,
+    ranked,
+    seen_candidates,
+    stage_of,
+)
+from slimlm.subnet import SubNetwork
 
-ATTEMPTS = 100  # redraws of a child outside the budget before handing it back anyway
+ATTEMPTS = 100  # redraws of a child outside the budget or already seen before handing it back anyway
+Genome = dict[int, list[int]]  # layer -> [attention level, MLP level] (indices into the space's levels)
 
 
 @dataclass
 class Evolution:
-    population: int = 8
     parents: int = 4
     crossover: float = 0.5  # probability a child has two parents
-    mutate_layer: float = 0.15  # probability each layer mutates
-    overlap: float = 0.9  # minimum share of a mutated layer's kept neurons inherited from its parent
+    switches: int = 3  # at most this many level switches per mutation
+    eta: int = 4  # the best 1/eta of a stage go on to the next
     name = "evolution"
+    multi_fidelity = True
 
     def sampler(self, seed: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.RandomSampler(seed=seed)  # unused: children come from the history
 
     def begin(self, study: optuna.Study, context: SearchContext) -> None:
-        pass  # the initial population is proposed from ``context.starts``
+        pass  # the first candidates are ``context.starts``
 
     def propose(self, trial: optuna.Trial, study: optuna.Study, context: SearchContext) -> SubNetwork:
-        history = completed(study)
+        promotion = self.promotion(study, context)
+        if promotion is not None:
+            subnet, stage = promotion
+            trial.set_user_attr(STAGE_ATTR, stage)
+            return subnet
         seen = seen_candidates(study, exclude=trial.number)
-        for start in context.starts:  # the initial population: every uniform shape that fills the budget
+        for start in context.starts:
             if start.to_compact() not in seen:
                 return start
         rng = np.random.default_rng([context.seed, draw_number(study, trial.number)])
-        ranked = [candidate(t) for t in sorted(history, key=lambda t: t.values[0])]
-        parents = ranked[: self.parents] or list(context.starts)
+        parents = [_genome(context, s) for s in [candidate(t) for t in ranked(study)[: self.parents]]]
+        parents = parents or [_genome(context, s) for s in context.starts]
         child = parents[0]
         for _ in range(ATTEMPTS):
-            first = parents[rng.integers(len(parents))]
-            child = first
+            child = dict(parents[rng.integers(len(parents))])
             if len(parents) > 1 and rng.random() < self.crossover:
-                child = self._cross(rng, first, parents[rng.integers(len(parents))], context)
+                other = parents[rng.integers(len(parents))]
+                child = {i: list((child if rng.random() < 0.5 else other)[i]) for i in child}
             child = self._mutate(rng, child, context)
-            if context.fits(child) and child.to_compact() not in seen:
-                return child
-        return child
+            subnet = _subnet(context, child)
+            if subnet.layers and context.fits(subnet) and subnet.to_compact() not in seen:
+                return subnet
+        return _subnet(context, child)
 
-    def _cross(self, rng: np.random.Generator, a: SubNetwork, b: SubNetwork, context: SearchContext) -> SubNetwork:
-        if not context.space.per_layer:  # one shape for all layers: mix only kept sets of equally shaped layers
-            b = SubNetwork({i: b.layers[i] if b.layers.get(i, k).shape == k.shape else k for i, k in a.layers.items()})
-        layers = {}
-        for i in range(context.dims.num_layers):
-            source = a if rng.random() < 0.5 else b
-            if i in source.layers:
-                layers[i] = source.layers[i]
-        return SubNetwork(layers or dict(a.layers))
+    def finished(self, study: optuna.Study, context: SearchContext, evaluations: int) -> bool:
+        """Every requested child scored, and every candidate that earned a higher stage scored there."""
+        first = [t for t in completed(study) if stage_of(t) == 0]
+        return len(first) >= evaluations and self.promotion(study, context) is None
 
-    def _mutate(self, rng: np.random.Generator, parent: SubNetwork, context: SearchContext) -> SubNetwork:
-        """Depth, width and mask mutation; with a uniform space one width change applies to every layer."""
-        space, dims = context.space, context.dims
-        layers = dict(parent.layers)
-        free = [i for i in range(dims.num_layers) if i not in space.frozen_layers]
-        if space.depth:
-            for i in free:
-                if rng.random() < self.mutate_layer * 0.2:
-                    if i in layers and len(layers) > 1:
-                        del layers[i]
-                    elif i not in layers:
-                        template = next((layers[j].shape for j in free if j in layers), dims.layers[i])
-                        layers[i] = keep_most_important(dims, context.importance, {i: template}).layers[i]
-        present = [i for i in free if i in layers]
-        if not present:
-            return SubNetwork(layers)
-        if space.per_layer:
-            for i in present:
-                if rng.random() < self.mutate_layer:
-                    shape = self._step(rng, context, dims.layers[i], layers[i].shape)
-                    layers[i] = self._reshape(rng, layers[i], i, shape, context)
-        else:
-            shape = self._step(rng, context, dims.layers[present[0]], layers[present[0]].shape)
-            for i in present:
-                layers[i] = self._reshape(rng, layers[i], i, shape, context)
-        return SubNetwork(layers)
+    def promotion(self, study: optuna.Study, context: SearchContext) -> tuple[SubNetwork, int] | None:
+        """The best not yet promoted candidate among the top ``1/eta`` of a stage (highest stage first)."""
+        done = completed(study)
+        for stage in reversed(range(len(context.stages) - 1)):
+            scored = sorted((t for t in done if stage_of(t) == stage), key=lambda t: t.values[0])
+            taken = seen_candidates(study, stage=stage + 1)
+            for t in scored[: len(scored) // self.eta]:
+                if t.user_attrs[SUBNET_ATTR] not in taken:
+                    return SubNetwork.from_compact(t.user_attrs[SUBNET_ATTR]), stage + 1
+        return None
 
-    @staticmethod
-    def _step(rng: np.random.Generator, context: SearchContext, full: LayerShape, shape: LayerShape) -> LayerShape:
-        """A neighbouring shape on the space's grid: one neuron step (70%), or one attention step (30%)
-        with the neurons moved the other way to keep the layer's size, so heads can be traded for neurons."""
-        space, dims = context.space, context.dims
-        attention, neurons = space.attention_choices(full), space.neuron_choices(full)
-        a = min(
-            range(len(attention)),
-            key=lambda j: (abs(attention[j].heads - shape.heads), abs(attention[j].kv_heads - shape.kv_heads)),
-        )
-        n = min(range(len(neurons)), key=lambda j: abs(neurons[j] - shape.neurons))
-        if rng.random() >= 0.3:
-            n = int(np.clip(n + rng.choice([-1, 1]), 0, len(neurons) - 1))
-            return LayerShape(attention[a].heads, attention[a].kv_heads, neurons[n])
-        a = int(np.clip(a + rng.choice([-1, 1]), 0, len(attention) - 1))
-        new = attention[a]
-        size = _layer_params(dims, shape)
-        fitting = [c for c in neurons if _layer_params(dims, LayerShape(new.heads, new.kv_heads, c)) <= size]
-        return LayerShape(new.heads, new.kv_heads, fitting[-1] if fitting else neurons[0])
+    def _mutate(self, rng: np.random.Generator, genome: Genome, context: SearchContext) -> Genome:
+        """Level switches in pairs (one sub-block up, another down), then repaired to fill the budget."""
+        genome = {i: list(levels) for i, levels in genome.items()}
+        tops = _tops(context)
+        free = [i for i in sorted(genome) if i not in context.space.frozen_layers]
+        if not free:
+            return genome
+        # one shape for all layers: the first free layer's levels are mutated and copied to the others
+        units = [(i, k) for i in (free if context.space.per_layer else free[:1]) for k in (0, 1)]
+        for _ in range(rng.integers(1, self.switches + 1)):
+            up = [u for u in units if genome[u[0]][u[1]] < tops[u]]
+            down = [u for u in units if genome[u[0]][u[1]] > 0]
+            if up:
+                i, k = up[rng.integers(len(up))]
+                genome[i][k] += 1
+            if down:
+                i, k = down[rng.integers(len(down))]
+                genome[i][k] -= 1
 
-    def _reshape(
-        self, rng: np.random.Generator, keep: LayerKeep, i: int, shape: LayerShape, context: SearchContext
-    ) -> LayerKeep:
-        """``keep`` at ``shape``: heads re-ranked if the attention shape changed, neurons resampled (mask mutation)."""
-        if (shape.heads, shape.kv_heads) == (keep.shape.heads, keep.shape.kv_heads):
-            heads, kv_heads = keep.heads, keep.kv_heads
-        else:
-            ranked = keep_most_important(context.dims, context.importance, {i: shape}).layers[i]
-            heads, kv_heads = ranked.heads, ranked.kv_heads
-        kept = self._resample(rng, keep.neurons, shape.neurons, context.importance.neurons[i].numpy())
-        return LayerKeep(heads, kv_heads, kept)
+        def fits(g: Genome) -> bool:
+            if not context.space.per_layer:
+                for i in free[1:]:
+                    g[i] = list(g[free[0]])
+            return context.within(list(_shapes(context, g).values()))
 
-    def _resample(self, rng: np.random.Generator, kept: tuple[int, ...], size: int, scores: np.ndarray) -> list[int]:
-        """``size`` neurons: at least ``overlap`` of them from ``kept``, all drawn in proportion to importance."""
-        weights = np.maximum(scores.astype(np.float64), 0) + 1e-12
-        inherit = min(len(kept), math.ceil(self.overlap * min(len(kept), size)), size)
-        old = np.array(kept)
-        chosen = rng.choice(old, inherit, replace=False, p=weights[old] / weights[old].sum()) if inherit else []
-        rest = np.setdiff1d(np.arange(len(scores)), chosen)
-        extra = rng.choice(rest, size - inherit, replace=False, p=weights[rest] / weights[rest].sum())
-        return [int(j) for j in (*chosen, *extra)]
+        while not fits(genome):
+            down = [u for u in units if genome[u[0]][u[1]] > 0]
+            if not down:
+                break
+            i, k = down[rng.integers(len(down))]
+            genome[i][k] -= 1
+        for j in rng.permutation(len(units)):
+            i, k = units[j]
+            if genome[i][k] < tops[i, k]:
+                genome[i][k] += 1
+                if not fits(genome):
+                    genome[i][k] -= 1
+        fits(genome)
+        return genome
 
 
-def _layer_params(dims, shape: LayerShape) -> int:
-    return (
-        dims.params_per_layer
-        + shape.heads * dims.params_per_head
-        + shape.kv_heads * dims.params_per_kv_head
-        + shape.neurons * dims.params_per_neuron
+def _tops(context: SearchContext) -> dict[tuple[int, int], int]:
+    space = context.space
+    return {
+        (i, k): len(space.attention_levels(full) if k == 0 else space.mlp_levels(full)) - 1
+        for i, full in enumerate(context.dims.layers)
+        for k in (0, 1)
+    }
+
+
+def _genome(context: SearchContext, subnet: SubNetwork) -> Genome:
+    """Level indices of a candidate; a layer it leaves out is at level 0 twice (both sub-blocks removed)."""
+    space, genome = context.space, {}
+    for i, full in enumerate(context.dims.layers):
+        shape = subnet.layers[i].shape if i in subnet.layers else LayerShape(0, 0, 0)
+        attention = [(a.heads, a.kv_heads) for a in space.attention_levels(full)]
+        neurons = list(space.mlp_levels(full))
+        genome[i] = [_nearest(attention, (shape.heads, shape.kv_heads)), _nearest(neurons, shape.neurons)]
+    return genome
+
+
+def _nearest(levels: list, value) -> int:
+    if value in levels:
+        return levels.index(value)
+    key = (
+        (lambda v: abs(v[0] - value[0]) + abs(v[1] - value[1]))
+        if isinstance(value, tuple)
+        else (lambda v: abs(v - value))
     )
+    return min(range(len(levels)), key=lambda j: key(levels[j]))
+
+
+def _shapes(context: SearchContext, genome: Genome) -> dict[int, LayerShape]:
+    space, shapes = context.space, {}
+    for i, (a, n) in genome.items():
+        full = context.dims.layers[i]
+        attention, neurons = space.attention_levels(full)[a], space.mlp_levels(full)[n]
+        if attention.heads or neurons:
+            shapes[i] = LayerShape(attention.heads, attention.kv_heads, neurons)
+    return shapes
+
+
+def _subnet(context: SearchContext, genome: Genome) -> SubNetwork:
+    return keep_most_important(context.dims, context.importance, _shapes(context, genome))

@@ -8,7 +8,7 @@ import numpy as np
 import optuna
 
 from slimlm.space import keep_most_important
-from slimlm.strategies.base import SearchContext, draw_number
+from slimlm.strategies.base import SearchContext, draw_number, first_stage_done
 from slimlm.subnet import SubNetwork
 
 
@@ -19,8 +19,13 @@ class SampledShapes:
     (Baldwinian repair), and the stored candidate is what was evaluated.
     """
 
+    multi_fidelity = False  # every candidate is scored on all fitness windows
+
     def begin(self, study: optuna.Study, context: SearchContext) -> None:
         pass
+
+    def finished(self, study: optuna.Study, context: SearchContext, evaluations: int) -> bool:
+        return first_stage_done(study, evaluations)
 
     def propose(self, trial: optuna.Trial, study: optuna.Study, context: SearchContext) -> SubNetwork:
         shapes = context.space.suggest(trial, context.dims)

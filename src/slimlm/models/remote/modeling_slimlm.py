@@ -7,7 +7,9 @@ nothing but torch and transformers: load such a folder with
 The config keeps the parent model's global sizes (so stock validation holds) and adds
 ``slimlm_layers``: one ``{"num_attention_heads", "num_key_value_heads", "intermediate_size"}``
 per decoder layer, and ``slimlm_output_bias`` (biases on the attention and MLP output projections).
-Each layer is built by the stock layer class from its own config view.
+Each layer is built by the stock layer class from its own config view. A layer with 0 attention
+heads has no attention sub-block, one with intermediate size 0 no MLP: the branch adds nothing
+to the residual stream and has no weights.
 """
 
 import copy
@@ -27,6 +29,43 @@ from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
 
+class NoAttention(nn.Module):
+    """A removed attention sub-block: adds nothing to the residual stream.
+
+    It still records zero-head keys in a KV cache, so the cache's length stays right when the
+    first layer is one of these (transformers reads the sequence length from layer 0's cache).
+    """
+
+    def __init__(self, layer_idx, head_dim):
+        super().__init__()
+        self.layer_idx, self.head_dim = layer_idx, head_dim
+
+    def forward(self, hidden_states, *args, past_key_values=None, **kwargs):
+        if past_key_values is not None:
+            batch, length = hidden_states.shape[:2]
+            empty = hidden_states.new_zeros(batch, 0, length, self.head_dim)
+            past_key_values.update(empty, empty, self.layer_idx)
+        return torch.zeros_like(hidden_states), None
+
+
+class NoMLP(nn.Module):
+    """A removed MLP sub-block: adds nothing to the residual stream."""
+
+    def forward(self, hidden_states):
+        return torch.zeros_like(hidden_states)
+
+
+# sub-block -> (its norm's attribute, its module's attribute) on a Llama-layout decoder layer
+SUB_BLOCKS = {"attention": ("input_layernorm", "self_attn"), "mlp": ("post_attention_layernorm", "mlp")}
+
+
+def remove_sub_block(layer, name, layer_idx, head_dim):
+    """Replace a layer's attention or MLP sub-block (and its norm) by one that adds nothing."""
+    norm, module = SUB_BLOCKS[name]
+    setattr(layer, norm, nn.Identity())
+    setattr(layer, module, NoAttention(layer_idx, head_dim) if name == "attention" else NoMLP())
+
+
 class PerLayerShapes:
     """Config mix-in: a per-layer view of the config with that layer's own sizes."""
 
@@ -37,14 +76,30 @@ class PerLayerShapes:
         return view
 
 
+def build_layer(config, layer_class, index):
+    """Decoder layer ``index`` at its own shape, its removed sub-blocks replaced."""
+    view = config.layer_config(index)
+    attention, mlp = view.num_attention_heads > 0, view.intermediate_size > 0
+    if not attention:  # built at the full shape (stock code divides by the head counts), then replaced
+        view.num_attention_heads, view.num_key_value_heads = config.num_attention_heads, config.num_key_value_heads
+    view.intermediate_size = view.intermediate_size or 1
+    layer = layer_class(view, index)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    for name, kept in (("attention", attention), ("mlp", mlp)):
+        if not kept:
+            remove_sub_block(layer, name, index, head_dim)
+    return layer
+
+
 def rebuild_layers(model, layer_class):
     """Replace the uniformly built decoder layers with layers of their own shapes."""
     config = model.config
-    model.model.layers = nn.ModuleList(layer_class(config.layer_config(i), i) for i in range(config.num_hidden_layers))
+    model.model.layers = nn.ModuleList(build_layer(config, layer_class, i) for i in range(config.num_hidden_layers))
     if getattr(config, "slimlm_output_bias", False):  # pruning methods that compensate removed units with a bias
         for layer in model.model.layers:
-            for linear in (layer.self_attn.o_proj, layer.mlp.down_proj):
-                if linear.bias is None:
+            for branch, name in ((layer.self_attn, "o_proj"), (layer.mlp, "down_proj")):
+                linear = getattr(branch, name, None)
+                if linear is not None and linear.bias is None:
                     linear.bias = nn.Parameter(torch.zeros(linear.out_features))
 
 

@@ -1,0 +1,193 @@
+"""The variant library: every layer's sub-blocks at every level of the search space, reformed once.
+
+EvoPress (ICML 2025), Týr-the-Pruner and DarwinLM search what they ship: they build, once, a
+per-layer database of compressed and weight-corrected variants, then evolve assignments of levels
+to layers by stitching stored weights. slimlm's library holds, for each decoder layer, its attention
+at each grouped-query shape of the space and its MLP at each width of the space: which units are
+kept (the most important, as every candidate keeps them) and the output projection reformed over
+them. A removed sub-block needs no weights.
+
+Reformation here is the closed form from the *dense* model's inputs, one layer at a time:
+Ŵ = W G[:, K] (G[K, K] + λI)⁻¹ with G = X Xᵀ the Gram matrix of the projection's inputs on the
+calibration windows. It does not depend on the other layers' choices, so one solve per (layer, level)
+serves every candidate, every worker and every resumed run. The shipped winner still gets the
+sequential reformation of ``slimlm.reform``.
+
+Stored as one safetensors file per layer under the cache, keyed by the model's weights, the
+calibration tokens, the importance scores, the space's levels and the damping: a killed build
+resumes at the first layer not yet written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from slimlm.cache import cache_root, fingerprint, tensor_digest
+from slimlm.errors import SlimlmError
+from slimlm.importance import Importance
+from slimlm.models import LoadedModel
+from slimlm.models.base import LayerShape
+from slimlm.progress import track
+from slimlm.reform import DAMPING, Reformed, ridge
+from slimlm.space import SearchSpace, keep_most_important
+from slimlm.subnet import SubNetwork
+
+FORMAT = "slimlm.library/1"
+
+
+@dataclass
+class VariantLibrary:
+    """Kept units and reformed output projections of every (layer, level); weights load lazily per layer."""
+
+    folder: Path
+    keeps: list[dict[str, list[int]]]  # per layer: "attention.HxKV" -> kept heads, "kv.HxKV", "mlp.N" -> neurons
+    _weights: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def weights(self, index: int) -> dict[str, torch.Tensor]:
+        if index not in self._weights:
+            path = self.folder / _layer_file(index)
+            with safe_open(str(path), framework="pt") as f:
+                self._weights[index] = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+        return self._weights[index]
+
+    def reformed(self, subnet: SubNetwork) -> Reformed:
+        """The stored output projections of ``subnet``'s levels, as ``subnetwork_applied`` takes them.
+
+        Refuses a candidate whose kept units are not the library's (it would get wrong weights).
+        """
+        reformed: Reformed = {}
+        for index, keep in subnet.layers.items():
+            shape, stored = keep.shape, self.keeps[index]
+            for name, key, kept in (
+                ("attention", f"attention.{shape.heads}x{shape.kv_heads}", keep.heads),
+                ("mlp", f"mlp.{shape.neurons}", keep.neurons),
+            ):
+                if not kept or key not in stored:  # removed, or whole (the dense weight is its own reformation)
+                    if kept and len(kept) < self._full(index, name):
+                        raise SlimlmError(f"layer {index}: {name} at {len(kept)} units is not a level of the library")
+                    continue
+                if list(kept) != stored[key]:
+                    raise SlimlmError(f"layer {index}: the candidate's kept {name} units are not the library's")
+                reformed[index, name] = self.weights(index)[key]
+        return reformed
+
+    def _full(self, index: int, name: str) -> int:
+        return self.keeps[index]["full_heads" if name == "attention" else "full_neurons"][0]
+
+
+def build_library(
+    loaded: LoadedModel,
+    importance: Importance,
+    space: SearchSpace,
+    windows: torch.Tensor,
+    damping: float = DAMPING,
+    batch_size: int = 4,
+) -> VariantLibrary:
+    """The library of ``loaded`` for ``space``, from its cache or built (Gram pass, then one solve per level)."""
+    dims = loaded.dims
+    keeps = [_layer_keeps(loaded, importance, space, i) for i in range(dims.num_layers)]
+    key = {
+        "format": FORMAT,
+        "model": fingerprint(loaded.model),
+        "windows": tensor_digest(windows),
+        "importance": tensor_digest(*importance.heads, *importance.kv_heads, *importance.neurons),
+        "keeps": keeps,
+        "damping": damping,
+    }
+    folder = cache_root() / "library" / hashlib.blake2b(json.dumps(key).encode(), digest_size=16).hexdigest()
+    missing = [i for i in range(dims.num_layers) if not _complete(folder / _layer_file(i))]
+    if missing:
+        folder.mkdir(parents=True, exist_ok=True)
+        grams = _dense_grams(loaded, windows, missing, batch_size)
+        for index in track(missing, "building the variant library"):
+            _write_layer(loaded, index, keeps[index], grams.pop(index), damping, folder / _layer_file(index))
+    return VariantLibrary(folder, keeps)
+
+
+def _layer_keeps(loaded: LoadedModel, importance: Importance, space: SearchSpace, index: int) -> dict:
+    """Kept units of every level of one layer (the most important, as ``keep_most_important`` picks)."""
+    dims, full = loaded.dims, loaded.dims.layers[index]
+    keeps: dict[str, list[int]] = {"full_heads": [full.heads], "full_neurons": [full.neurons]}
+    for a in space.attention_levels(full):
+        if 0 < a.heads < full.heads:
+            kept = keep_most_important(dims, importance, {index: LayerShape(a.heads, a.kv_heads, 1)}).layers[index]
+            keeps[f"attention.{a.heads}x{a.kv_heads}"] = list(kept.heads)
+    for n in space.mlp_levels(full):
+        if 0 < n < full.neurons:
+            kept = keep_most_important(dims, importance, {index: LayerShape(full.heads, full.kv_heads, n)})
+            keeps[f"mlp.{n}"] = list(kept.layers[index].neurons)
+    return keeps
+
+
+def _layer_file(index: int) -> str:
+    return f"layer-{index:04d}.safetensors"
+
+
+def _complete(path: Path) -> bool:
+    """A layer file that was fully written (writes go to a temporary name and are renamed when done)."""
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except Exception:  # a damaged file is rebuilt, never trusted
+        return False
+
+
+@torch.no_grad()
+def _dense_grams(loaded: LoadedModel, windows: torch.Tensor, layers: list[int], batch_size: int) -> dict:
+    """Gram matrices X Xᵀ (float64) of the inputs of each listed layer's output projections, dense model."""
+    adapter, decoder = loaded.adapter, loaded.adapter.decoder_layers(loaded.model)
+    grams: dict[int, dict[str, torch.Tensor]] = {i: {} for i in layers}
+    hooks = []
+
+    def accumulate(index: int, name: str):
+        def hook(_module, args):
+            flat = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            product = (flat.T @ flat).double()  # float32 products (fast), float64 sums
+            grams[index][name] = grams[index][name] + product if name in grams[index] else product
+
+        return hook
+
+    for i in layers:
+        for name, projection in zip(("attention", "mlp"), adapter.output_projections(decoder[i]), strict=True):
+            hooks.append(projection.register_forward_pre_hook(accumulate(i, name)))
+    try:
+        for batch in track(windows.split(batch_size), "variant library: calibration pass"):
+            loaded.model(input_ids=batch.to(loaded.model.device), use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return grams
+
+
+@torch.no_grad()
+def _write_layer(loaded: LoadedModel, index: int, keeps: dict, grams: dict, damping: float, path: Path) -> None:
+    """Solve every level of one layer and write them (atomically) to ``path``."""
+    layer = loaded.adapter.decoder_layers(loaded.model)[index]
+    o_proj, down_proj = loaded.adapter.output_projections(layer)
+    head_dim = loaded.dims.head_dim
+    tensors = {}
+    for name, projection in (("attention", o_proj), ("mlp", down_proj)):
+        weight = projection.weight.detach()
+        gram = grams[name]
+        rhs = weight.double() @ gram  # W G, shared by every level of this projection
+        for key, units in keeps.items():
+            if not key.startswith(f"{name}."):
+                continue
+            units_t = torch.tensor(units, dtype=torch.long)
+            cols = (
+                (units_t[:, None] * head_dim + torch.arange(head_dim)).reshape(-1) if name == "attention" else units_t
+            )
+            solved = ridge(rhs[:, cols], gram[cols][:, cols], damping)
+            tensors[key] = solved.to(weight.dtype).contiguous()
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"format": FORMAT})
+    tmp.replace(path)
