@@ -40,6 +40,7 @@ from slimlm.tasks import LASTWORD, build_task, evaluate_task
 RESULTS = Path(__file__).parent / "results"
 TEXTS = {"austen": "austen:prideprejudice", "pydoc": "pydoc"}
 SLIMLM = "slimlm"
+DEFAULTS = SearchJob(model="", out="")  # slimlm's own defaults, as `slimlm compress` runs
 
 
 def main() -> None:
@@ -47,10 +48,10 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--fractions", default="0.9,0.8,0.7,0.5")
     parser.add_argument("--methods", default=",".join([*METHODS, SLIMLM]))
-    parser.add_argument("--evaluations", type=int, default=60, help="candidates per slimlm search (its default)")
-    parser.add_argument("--depth", action="store_true", help="slimlm may also remove whole layers")
+    parser.add_argument("--evaluations", type=int, default=DEFAULTS.evaluations, help="candidates per slimlm search")
+    parser.add_argument("--no-depth", action="store_true", help="slimlm may not remove sub-blocks or layers")
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--calib-windows", type=int, default=16)
+    parser.add_argument("--calib-windows", type=int, default=DEFAULTS.calibration_windows)
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--cloze-examples", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds per model (median)")
@@ -73,9 +74,9 @@ def main() -> None:
             budget = params_budget(dense.dims, fraction)
             folders = {}
             for method in methods:
-                folder, seconds = run_method(method, fraction, budget, dense, calib, calibration, scratch, args)
+                folder, seconds, extra = run_method(method, fraction, budget, dense, calib, calibration, scratch, args)
                 small = load_model(folder)  # from disk, as a user would
-                row = measure_quality(method, fraction, small, total, texts, cloze, seconds)
+                row = measure_quality(method, fraction, small, total, texts, cloze, seconds) | extra
                 row["peak_memory_bytes"] = peak_memory(str(folder))
                 rows.append(row)
                 folders[method] = small
@@ -92,8 +93,9 @@ def main() -> None:
     write_results(args, rows, command, minutes)
 
 
-def run_method(method, fraction, budget, dense, calib, calibration, scratch, args) -> tuple[Path, float]:
-    """Run one method at one budget; return its extracted model folder and its own wall time."""
+def run_method(method, fraction, budget, dense, calib, calibration, scratch, args) -> tuple[Path, float, dict]:
+    """Run one method at one budget; return its extracted model folder, its own wall time and what its
+    report adds (slimlm: the best start against the winner, and how well fitness ranked)."""
     folder = Path(scratch) / f"{method}-{fraction}"
     start = time.perf_counter()
     if method == SLIMLM:  # the default compress job: evolution search, then reformation of the best
@@ -105,14 +107,22 @@ def run_method(method, fraction, budget, dense, calib, calibration, scratch, arg
             seq_len=args.seq_len,
             calibration_windows=args.calib_windows,
             evaluation_windows=args.eval_windows,
-            space=SearchSpace(depth=args.depth),
+            space=SearchSpace(depth=not args.no_depth),
         )
         searcher, study = search(job, dense)
-        write_report(searcher, study)
-        return folder / "best", time.perf_counter() - start
+        searched = time.perf_counter() - start
+        report = write_report(searcher, study)
+        extra = {
+            "search_seconds": searched,
+            "best_start_ppl_austen": (report.get("best_start") or {}).get("evaluation_perplexity"),
+            "search_gain": report.get("search_gain"),
+            "spearman": report["fitness_evaluation_spearman"],
+            "reformation": report.get("best_reformation"),
+        }
+        return folder / "best", time.perf_counter() - start, extra
     pruned = prune(method, PruneInput(dense, calibration, calib, budget))
     extract(dense, pruned.subnet, folder, pruned.reformed)
-    return folder, time.perf_counter() - start
+    return folder, time.perf_counter() - start, {}
 
 
 def measure_quality(method, fraction, loaded, total, texts, cloze, seconds) -> dict:
@@ -137,7 +147,8 @@ def write_results(args, rows: list[dict], command: str, minutes: float) -> None:
         f"`{TEXTS['pydoc']}`; cloze: slimlm's own offline last-word task ({LASTWORD}, "
         f"{args.cloze_examples} passages of `{TEXTS['austen']}`). Speed-ups against dense measured side by side in "
         f"one run per kept fraction (prefill 128 tokens; greedy decode under transformers `generate`). "
-        f"`{SLIMLM}`: evolution search ({args.evaluations} candidates) plus reformation, as `slimlm compress`. "
+        f"`{SLIMLM}`: `slimlm compress` with its defaults ({args.evaluations} candidates, multi-fidelity "
+        f"evolution on the reformed variant library, KL fitness). "
         f"Time: the method's own wall time, calibration statistics cached.",
         "",
         "| kept | method | params | ppl austen | ppl pydoc | cloze acc | prefill x | decode x | peak MB | time s |",
@@ -154,6 +165,20 @@ def write_results(args, rows: list[dict], command: str, minutes: float) -> None:
             f"| {r['fraction']} | {r['method']} | {r['params'] / 1e6:.1f}M ({r['params_fraction']:.3f}) | "
             f"{ppl[0]} | {ppl[1]} | {r['cloze_accuracy']:.3f} | {r['prefill_speedup']:.2f} | "
             f"{r['decode_speedup']:.2f} | {r['peak_memory_bytes'] / 1e6:.0f} | {r['seconds']:.0f} |"
+        )
+    lines += [
+        "",
+        "slimlm's search against its best start (the rules it starts from, reformed) on `austen`, and the rank",
+        "correlation of its fitness with evaluation perplexity over the measured last-stage candidates:",
+        "",
+        "| kept | best start | winner | search gain | spearman | reformation | search s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in (r for r in rows[1:] if r["method"] == SLIMLM):
+        start, gain, rho = r.get("best_start_ppl_austen"), r.get("search_gain"), r.get("spearman")
+        lines.append(
+            f"| {r['fraction']} | {start:.2f} | {r['ppl_austen']:.2f} | {100 * gain:+.1f}% | "
+            f"{'-' if rho is None else f'{rho:.2f}'} | {r['reformation']} | {r['search_seconds']:.0f} |"
         )
     text = "\n".join(lines) + "\n"
     (args.out / "compare.md").write_text(text)

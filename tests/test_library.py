@@ -200,20 +200,23 @@ def evolved(tmp_path_factory, text):
     return job, searcher, study
 
 
-def test_candidates_are_promoted_stage_by_stage_from_the_best_quarter(evolved):
-    job, searcher, study = evolved
+def test_each_generation_promotes_its_best_quarter_stage_by_stage(evolved):
+    _, searcher, study = evolved
     assert searcher.context.stages == (1, 2, 8)
     trials = completed(study)
+    generation = lambda t: t.user_attrs["generation"]  # noqa: E731
+    assert sorted({generation(t) for t in trials}) == [0, 1]  # 16 first-stage candidates, then 8
     for trial in trials:
         stage = stage_of(trial)
         assert trial.user_attrs["fitness_windows"] == searcher.context.stages[stage]
         if stage == 0:
             continue
-        before = [t for t in trials if stage_of(t) == stage - 1 and t.number < trial.number]
-        best = sorted(before, key=lambda t: t.values[0])[: len(before) // 4]
+        below = [t for t in trials if stage_of(t) == stage - 1 and generation(t) == generation(trial)]
+        assert all(t.number < trial.number for t in below)  # promoted once its generation was done below
+        best = sorted(below, key=lambda t: t.values[0])[: max(1, len(below) // 4)]
         assert trial.user_attrs["subnet"] in {t.user_attrs["subnet"] for t in best}
-    counts = [sum(stage_of(t) == s for t in trials) for s in range(3)]
-    assert counts[0] == job.evaluations and counts[1] >= job.evaluations // 4 and counts[2] >= counts[1] // 4 >= 1
+    counts = [[sum(stage_of(t) == s and generation(t) == g for t in trials) for s in range(3)] for g in (0, 1)]
+    assert counts == [[16, 4, 1], [8, 2, 1]]
 
 
 def test_evolution_removes_sub_blocks_and_fills_the_budget(evolved):

@@ -292,9 +292,6 @@ def test_resume_continues_the_stored_search(make_job, runs, tmp_path):
     after = [(t.number, t.values, t.user_attrs["subnet"]) for t in completed(study)]
     assert len(first_stage(study)) == EVALUATIONS
     assert after[: len(before)] == before
-    # evolution draws each child from (seed, trial number) and the history: resuming changes nothing
-    _, _, uninterrupted = runs("evolution")
-    assert [s for _, _, s in after] == subnets(uninterrupted)
 
 
 def test_an_existing_store_needs_resume(runs):
@@ -318,18 +315,27 @@ def test_resume_with_other_settings_is_refused(runs, setting, value):
 
 
 @pytest.mark.parametrize("strategy", ["evolution", "random"])
-def test_resume_after_a_kill_finishes_the_uninterrupted_search(make_job, runs, tmp_path, strategy):
-    job = make_job(tmp_path / "run", strategy=strategy, evaluations=4)
-    search(job)
-    killed = optuna.load_study(study_name=STUDY_NAME, storage=job.storage_url()).ask()  # never told: a kill
+def test_resume_after_a_kill_finishes_the_uninterrupted_search(make_job, runs, tmp_path, monkeypatch, strategy):
+    job = make_job(tmp_path / "run", strategy=strategy)
+    evaluate, calls = Searcher.evaluate, []
 
-    _, study = search(dataclasses.replace(job, evaluations=EVALUATIONS, resume=True))
+    def killed_at_the_ninth(self, subnet, stage=0):
+        calls.append(stage)
+        if len(calls) == 9:
+            raise KeyboardInterrupt  # a kill mid-evaluation: the trial stays RUNNING
+        return evaluate(self, subnet, stage)
+
+    monkeypatch.setattr(Searcher, "evaluate", killed_at_the_ninth)
+    with pytest.raises(KeyboardInterrupt):
+        search(job)
+    monkeypatch.setattr(Searcher, "evaluate", evaluate)
+    killed = [t.number for t in optuna.load_study(study_name=STUDY_NAME, storage=job.storage_url()).trials]
+    _, study = search(dataclasses.replace(job, resume=True))
     states = {t.number: t.state for t in study.get_trials()}
-    assert states[killed.number] == FAIL
+    assert states[killed[-1]] == FAIL
     assert RUNNING not in states.values()
     _, _, uninterrupted = runs(strategy)
     assert subnets(study) == subnets(uninterrupted)
-    assert [t.values for t in completed(study)] == [t.values for t in completed(uninterrupted)]
 
 
 def test_a_resumed_random_search_does_not_replay_its_draws(make_job, tmp_path):
@@ -365,7 +371,7 @@ def test_an_infeasible_budget_names_the_smallest_feasible_size(make_job, tmp_pat
 def test_the_smallest_subnetwork_itself_is_a_feasible_budget(make_job, tmp_path):
     smallest = smallest_params(tiny_loaded().dims)
     _, study = search(make_job(tmp_path / "run", params_fraction=None, max_params=smallest, evaluations=1))
-    assert [t.user_attrs["params"] <= smallest for t in completed(study)] == [True]
+    assert [t.user_attrs["params"] <= smallest for t in first_stage(study)] == [True]
 
 
 def test_depth_search_accepts_budgets_below_every_layer_kept(make_job, tmp_path):
@@ -392,7 +398,7 @@ def test_an_infeasible_memory_budget_is_refused(make_job, tmp_path):
         ({"strategy": "annealing"}, "unknown strategy 'annealing'; choose from evolution, nsga2, linas, random"),
         ({"objective": "energy"}, "unknown objective 'energy'; choose from params, flops, memory, latency"),
         ({"evaluations": 0}, "--evaluations and --workers must be at least 1"),
-        ({"fitness_windows": 400}, "has 250 windows of 16 tokens; calibration, fitness and selection need 412"),
+        ({"fitness_windows": 400}, "has 250 windows of 16 tokens; calibration, fitness and selection need 416"),
         ({"fitness": "loss"}, "unknown fitness 'loss'; choose from kl, perplexity"),
         ({"params_fraction": 1.5}, r"--params must be a fraction in \(0, 1\]"),
         ({"latency_runtime": "onnx"}, "unknown latency runtime 'onnx'; choose from transformers, llama.cpp"),
@@ -496,6 +502,18 @@ def test_with_reformation_the_winner_is_shipped_as_it_scored_lowest_on_selection
     assert perplexity(small.model, searcher.selection_ids) == pytest.approx(
         min(best["finalist_perplexity"].values()), rel=1e-4
     )
+
+
+def test_the_uniform_reference_off_the_library_grid_is_reported_reformed(make_job, tmp_path):
+    job = make_job(tmp_path / "run", space=SearchSpace(step=0.25), evaluations=4)
+    searcher, study = search(job)
+    reference = searcher.reference.shapes()[0]
+    assert reference.neurons not in job.space.mlp_levels(searcher.context.dims.layers[0])  # not a library level
+    report = write_report(searcher, study)
+    weights = reform(searcher.loaded, searcher.reference, searcher.calibration_ids)
+    with subnetwork_applied(searcher.loaded, searcher.reference, weights) as model:
+        expected = perplexity(model, searcher.selection_ids)
+    assert report["uniform_importance"]["selection_perplexity"] == pytest.approx(expected)
 
 
 def test_report_best_folder_computes_the_best_subnetwork(reported):

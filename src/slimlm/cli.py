@@ -33,7 +33,7 @@ from slimlm.pipeline import compress as compress_model
 from slimlm.prune import METHODS, PruneInput, check_method, params_budget, prune
 from slimlm.quantize import ALL_QUANT_TYPES
 from slimlm.reform import reform as reform_weights
-from slimlm.report import write_report
+from slimlm.report import search_summary, write_report
 from slimlm.search import SearchJob, parse_size
 from slimlm.search import search as run_search
 from slimlm.space import SearchSpace
@@ -486,7 +486,12 @@ Depth = Annotated[bool, typer.Option(help="allow removing attention and MLP sub-
 MinRatio = Annotated[float, typer.Option(help="smallest kept fraction of a layer's heads / neurons")]
 MaxRatio = Annotated[float, typer.Option(help="largest kept fraction of a layer's heads / neurons")]
 Frozen = Annotated[str, typer.Option(help="comma-separated layers kept whole, e.g. 0,29")]
-FitnessWindows = Annotated[int, typer.Option(help="calibration windows scored per candidate")]
+FitnessWindows = Annotated[
+    int, typer.Option(help="calibration-text windows scored per candidate at the last fidelity stage")
+]
+SelectionWindows = Annotated[int, typer.Option(help="calibration-text windows that choose among the finalists")]
+Fitness = Annotated[str, typer.Option(help="what ranks candidates: kl (to the dense model) or perplexity")]
+Stages = Annotated[int, typer.Option(help="fidelity stages of the evolution (each scores 4x the windows)")]
 Seed = Annotated[int, typer.Option(help="random seed")]
 Storage = Annotated[str | None, typer.Option(help="Optuna storage URL (default: SQLite file in the run folder)")]
 Workers = Annotated[int, typer.Option(help="worker processes searching one store")]
@@ -527,13 +532,16 @@ def _search_options(
     strategy: Strategy = DEFAULT_STRATEGY,
     objective: Objective = "params",
     latency_runtime: LatencyRuntime = "transformers",
-    evaluations: Evaluations = 60,
+    evaluations: Evaluations = 200,
     calibration: Calib = DEFAULT_CALIBRATION,
     evaluation: EvalText = DEFAULT_EVALUATION,
     seq_len: SeqLenOpt = 256,
-    calibration_windows: CalibWindows = 16,
-    fitness_windows: FitnessWindows = 4,
+    calibration_windows: CalibWindows = 32,
+    fitness_windows: FitnessWindows = 16,
+    selection_windows: SelectionWindows = 8,
     evaluation_windows: EvalWindows = 16,
+    fitness: Fitness = "kl",
+    stages: Stages = 3,
     metric: Metric = DEFAULT_METRIC,
     per_layer: PerLayer = True,
     depth: Depth = True,
@@ -588,7 +596,7 @@ def search_command(model: ModelArg, out_dir: RunOut, options: dict) -> None:
             f"{m['latency_ms']:.1f} ms",
             "yes" if m["trial"] == report["best_trial"] else "",
         ]
-        for m in report["front"]
+        for m in [*report["front"], *(f for f in report["finalists"] if f not in report["front"])]
     ]
     for name in ("uniform_importance", "dense"):
         m = report[name]
@@ -609,6 +617,7 @@ def search_command(model: ModelArg, out_dir: RunOut, options: dict) -> None:
     columns = ["", "parameters", "fraction", "calib ppl", "eval ppl", latency, "best"]
     out.print(_table(f"Pareto front: {job.strategy}, {report['evaluations']} candidates", columns, rows))
     out.print(f"hypervolume {report['hypervolume']:.4f} (kept parameters vs log perplexity over dense)")
+    out.print(escape(search_summary(report)))
     out.print(
         f"wrote {out_dir}/pareto.json, {out_dir}/pareto.png"
         + (f", {out_dir}/best" if report["best_trial"] is not None else "")
@@ -646,9 +655,10 @@ def compress(
     if report["uniform_importance_perplexity"] is not None:
         out.print(
             f"uniform importance-ranked sub-network at the same budget: perplexity "
-            f"{report['uniform_importance_perplexity']:.2f} (not reformed)"
+            f"{report['uniform_importance_perplexity']:.2f} ({'reformed' if report['reformed'] else 'not reformed'})"
         )
-    reformed = "reformed" if report["reformed"] else "not reformed (it scored better so on held-out calibration)"
+    out.print(escape(report["summary"]))
+    reformed = "reformed" if report["reformed"] else "not reformed"
     out.print(f"saved {out_dir / 'best'}, {reformed} (loads with {how}); report in {out_dir / 'slimlm_report.json'}")
     if quantized := report.get("quantized"):
         measured = (

@@ -73,9 +73,9 @@ def fitness(model: PreTrainedModel, reference: DenseReference, windows: int, bat
         stop = min(windows, start + batch_size)
         batch = reference.windows[start:stop]
         logits = model(input_ids=batch.to(model.device), use_cache=False).logits[:, :-1].float().cpu()
-        candidate = F.log_softmax(logits, dim=-1)
+        norm = logits.logsumexp(dim=-1, keepdim=True)  # log-probabilities only where needed, not the whole vocabulary
         dense_top = reference.logprobs[start:stop]
-        candidate_top = candidate.gather(-1, reference.indices[start:stop])
+        candidate_top = logits.gather(-1, reference.indices[start:stop]) - norm
         p = dense_top.exp()
         kl = (p * (dense_top - candidate_top)).sum(-1)
         p_tail = (1 - p.sum(-1)).clamp_min(1e-12)
@@ -83,6 +83,6 @@ def fitness(model: PreTrainedModel, reference: DenseReference, windows: int, bat
         kl = kl + p_tail * (p_tail.log() - q_tail.log())
         targets = batch[:, 1:]
         total_kl += kl.sum().item()
-        total_nll += -candidate.gather(-1, targets[..., None]).sum().item()
+        total_nll += -(logits.gather(-1, targets[..., None]) - norm).sum().item()
         tokens += targets.numel()
     return {"kl": total_kl / tokens, "perplexity": math.exp(total_nll / tokens)}

@@ -13,7 +13,7 @@ from slimlm.evaluate import perplexity
 from slimlm.extract import folder_bytes, needs_remote_code
 from slimlm.models import LoadedModel, load_model
 from slimlm.quantize import check_quant, quantize, quantized_bytes, quantized_perplexity
-from slimlm.report import write_report
+from slimlm.report import search_summary, write_report
 from slimlm.search import SearchJob, search
 
 REPORT_FILE = "slimlm_report.json"
@@ -82,6 +82,12 @@ def compress(job: SearchJob, repeats: int = 3, quant: str | None = None, tokeniz
         "evaluation_tokens": evaluation_ids.numel(),
         "needs_remote_code": needs_remote_code(out / "best"),
         "reformed": pareto["best_reformed"],
+        "reformation": pareto.get("best_reformation"),
+        "fitness": job.fitness,
+        "best_start": pareto.get("best_start"),  # the best rule-made start, reformed, on the evaluation text
+        "search_gain": pareto.get("search_gain"),
+        "fitness_evaluation_spearman": pareto["fitness_evaluation_spearman"],
+        "summary": search_summary(pareto),
         "uniform_importance_perplexity": (pareto["uniform_importance"] or {}).get("evaluation_perplexity"),
         "dense": asdict(reports[0]),
         "compressed": asdict(reports[1]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
@@ -22,8 +23,58 @@ T = TypeVar("T")
 console = Console(stderr=True)
 
 
-def progress_bar() -> Progress:
-    """A rich progress bar on stderr with a description, count, elapsed time and ETA."""
+class LogProgress:
+    """``Progress``'s interface for logs that are not a terminal (a piped or redirected stderr), where
+    rich draws nothing until the end: one plain line per task at most every ``interval`` seconds,
+    and when it starts and finishes."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval, self.tasks = interval, {}
+
+    def __enter__(self) -> LogProgress:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        for task in self.tasks:
+            self._print(task, force=True)
+
+    def add_task(self, description: str, total: float | None = None, completed: float = 0) -> int:
+        task = len(self.tasks)
+        self.tasks[task] = {"description": description, "total": total, "completed": completed, "start": time.time()}
+        self.tasks[task]["printed"] = 0.0
+        self._print(task, force=True)
+        return task
+
+    def advance(self, task: int, advance: float = 1) -> None:
+        self.update(task, completed=self.tasks[task]["completed"] + advance)
+
+    def update(self, task: int, completed: float | None = None, description: str | None = None, **_kw) -> None:
+        state = self.tasks[task]
+        if completed is not None:
+            state["completed"] = completed
+        if description is not None:
+            state["description"] = description
+        self._print(task, force=state["total"] is not None and state["completed"] >= state["total"])
+
+    def _print(self, task: int, force: bool = False) -> None:
+        state, now = self.tasks[task], time.time()
+        if not force and now - state["printed"] < self.interval:
+            return
+        if force and state.get("done"):
+            return
+        elapsed, done, total = now - state["start"], state["completed"], state["total"]
+        count = f"{done:g}/{total:g}" if total else f"{done:g}"
+        eta = f", eta {(total - done) * elapsed / done:.0f} s" if total and 0 < done < total else ""
+        console.print(f"{state['description']}: {count} ({elapsed:.0f} s{eta})", markup=False, highlight=False)
+        state["printed"] = now
+        state["done"] = bool(total) and done >= total
+
+
+def progress_bar() -> Progress | LogProgress:
+    """A rich progress bar on stderr with a description, count, elapsed time and ETA; plain timed lines
+    when stderr is not a terminal (logs of batch jobs and CI)."""
+    if not console.is_terminal:
+        return LogProgress()
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),

@@ -145,7 +145,10 @@ def write_report(searcher: Searcher, study: optuna.Study, front_size: int = 6) -
         }
     top = [m for m in members.values() if trials and m["stage"] == stage_of(trials[0])]
     dense = measure(searcher, None, evaluation_ids)
-    uniform = measure(searcher, searcher.reference, evaluation_ids) if searcher.reference else None
+    uniform = None
+    if searcher.reference:  # its widths need not be levels of the library: reformed as ``extract`` would
+        weights = reform(searcher.loaded, searcher.reference, searcher.calibration_ids) if job.reform else None
+        uniform = measure(searcher, searcher.reference, evaluation_ids, weights)
     chosen = [
         _finalist(searcher, t, job.reform)
         for t in track(list(finalists.values()), "choosing among the finalists")
@@ -203,6 +206,23 @@ def write_report(searcher: Searcher, study: optuna.Study, front_size: int = 6) -
             report["search_gain"] = 1 - report["best_evaluation_perplexity"] / start_eval
         (out / "pareto.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
+
+
+def search_summary(report: dict) -> str:
+    """One line: the winner against the best start (the rules it must beat), and how well fitness ranked."""
+    if report.get("best_trial") is None:
+        return "no candidate within the budget"
+    line = f"winner trial {report['best_trial']}: evaluation perplexity {report['best_evaluation_perplexity']:.2f}"
+    if report.get("best_reformation"):
+        line += f" ({report['best_reformation']} reformation)"
+    if start := report.get("best_start"):
+        line += (
+            f"; best start trial {start['trial']}: {start['evaluation_perplexity']:.2f}"
+            f" (search gain {100 * report['search_gain']:+.1f}%)"
+        )
+    if report.get("fitness_evaluation_spearman") is not None:
+        line += f"; fitness vs evaluation rank correlation {report['fitness_evaluation_spearman']:.2f}"
+    return line
 
 
 def plot(report: dict, trials: list[optuna.trial.FrozenTrial], path: Path) -> None:

@@ -98,15 +98,15 @@ class SearchJob:
     strategy: str = DEFAULT_STRATEGY
     objective: str = "params"
     latency_runtime: str = "transformers"  # latency: prefill in transformers, or ms per generated token in llama.cpp
-    evaluations: int = 60
+    evaluations: int = 200
     space: SearchSpace = field(default_factory=SearchSpace)
     metric: str = DEFAULT_METRIC
     calibration: str = DEFAULT_CALIBRATION
     evaluation: str = DEFAULT_EVALUATION
     seq_len: int = 256
-    calibration_windows: int = 16  # importance, the variant library and the winner's reformation
-    fitness_windows: int = 4  # scored per candidate (at the last fidelity stage); disjoint from calibration
-    selection_windows: int = 4  # choose among the finalists; disjoint from calibration and fitness
+    calibration_windows: int = 32  # importance, the variant library and the winner's reformation
+    fitness_windows: int = 16  # scored per candidate (at the last fidelity stage); disjoint from calibration
+    selection_windows: int = 8  # choose among the finalists; disjoint from calibration and fitness
     evaluation_windows: int = 16
     fitness: str = "kl"
     stages: int = 3  # fidelity stages of multi-fidelity strategies
@@ -271,7 +271,7 @@ def prepare(job: SearchJob, loaded: LoadedModel | None = None) -> Searcher:
         reference = None
 
     stages = fidelity_stages(job.fitness_windows, job.stages if strategy.multi_fidelity else 1)
-    context = SearchContext(dims, scores, job.space, within, starts, job.seed, stages)
+    context = SearchContext(dims, scores, job.space, within, starts, job.seed, stages, job.evaluations)
     library = None
     if job.reform and not job.reform_candidates:
         library = build_library(loaded, scores, job.space, calib)

@@ -28,6 +28,7 @@ class SearchContext:
     starts: tuple[SubNetwork, ...]  # importance-ranked uniform sub-networks filling the budget, best guess first
     seed: int
     stages: tuple[int, ...] = (1,)  # fitness windows scored at each fidelity stage, fewest first
+    evaluations: int = 0  # first-stage candidates the search is to score (0: not known)
 
     def fits(self, subnet: SubNetwork) -> bool:
         """Whether a candidate is within the budget (from its structure alone)."""

@@ -10,10 +10,13 @@ crossover, then mutation). Mutation switches levels in pairs, one sub-block up a
 (EvoPress's level switch, which keeps the size near the budget), then repairs: random steps down until
 the child fits, then one pass of steps up while it still fits, so no child wastes budget.
 
-Fidelity rises in stages (successive halving, asynchronous as in ASHA): every child is scored on the
-first stage's few windows; whenever a candidate is in the best ``1/eta`` of its stage it is scored again
-on the next stage's windows, as a trial of its own. Parents are the best candidates by the highest
-stage they reached, and the search's result is chosen from the last stage. Each child is drawn from a
+Fidelity rises in stages (successive halving per generation, as EvoPress selects in steps): every
+child is scored on the first stage's few windows; once a generation of ``generation`` children is
+scored at a stage, its best ``1/eta`` are scored again on the next stage's windows, each as a trial of
+its own. (Promoting whenever a candidate enters the best quarter so far, as asynchronous ASHA does,
+promoted most children on SmolLM2: an evolution's children keep improving, so each new one ranks
+high.) Parents are the best candidates by the highest stage they reached, and the search's result
+is chosen from the last stage. Each child is drawn from a
 generator seeded by (seed, trial number) and the stored history, so a killed run resumes to the same
 candidates.
 """
@@ -40,6 +43,7 @@ from slimlm.strategies.base import (
 )
 from slimlm.subnet import SubNetwork
 
+GENERATION_ATTR = "generation"  # trial user attribute: the generation a candidate was born in
 ATTEMPTS = 100  # redraws of a child outside the budget or already seen before handing it back anyway
 Genome = dict[int, list[int]]  # layer -> [attention level, MLP level] (indices into the space's levels)
 
@@ -49,7 +53,8 @@ class Evolution:
     parents: int = 4
     crossover: float = 0.5  # probability a child has two parents
     switches: int = 3  # at most this many level switches per mutation
-    eta: int = 4  # the best 1/eta of a stage go on to the next
+    eta: int = 4  # the best 1/eta of a generation at a stage go on to the next
+    generation: int = 16  # first-stage candidates judged together for promotion
     name = "evolution"
     multi_fidelity = True
 
@@ -62,9 +67,11 @@ class Evolution:
     def propose(self, trial: optuna.Trial, study: optuna.Study, context: SearchContext) -> SubNetwork:
         promotion = self.promotion(study, context)
         if promotion is not None:
-            subnet, stage = promotion
+            subnet, stage, generation = promotion
             trial.set_user_attr(STAGE_ATTR, stage)
+            trial.set_user_attr(GENERATION_ATTR, generation)
             return subnet
+        trial.set_user_attr(GENERATION_ATTR, self._next_generation(study))
         seen = seen_candidates(study, exclude=trial.number)
         for start in context.starts:
             if start.to_compact() not in seen:
@@ -89,16 +96,35 @@ class Evolution:
         first = [t for t in completed(study) if stage_of(t) == 0]
         return len(first) >= evaluations and self.promotion(study, context) is None
 
-    def promotion(self, study: optuna.Study, context: SearchContext) -> tuple[SubNetwork, int] | None:
-        """The best not yet promoted candidate among the top ``1/eta`` of a stage (highest stage first)."""
-        done = completed(study)
+    def promotion(self, study: optuna.Study, context: SearchContext) -> tuple[SubNetwork, int, int] | None:
+        """The next (candidate, stage, generation) to score at a higher stage, highest stage first: once a
+        generation is done at a stage, the best ``1/eta`` of it there (at least one) go on."""
+        trials = completed(study)
         for stage in reversed(range(len(context.stages) - 1)):
-            scored = sorted((t for t in done if stage_of(t) == stage), key=lambda t: t.values[0])
             taken = seen_candidates(study, stage=stage + 1)
-            for t in scored[: len(scored) // self.eta]:
-                if t.user_attrs[SUBNET_ATTR] not in taken:
-                    return SubNetwork.from_compact(t.user_attrs[SUBNET_ATTR]), stage + 1
+            for generation in sorted({_generation(t) for t in trials if stage_of(t) == stage}):
+                members = [t for t in trials if stage_of(t) == stage and _generation(t) == generation]
+                if len(members) < self._expected(trials, generation, stage, context):
+                    continue
+                for t in sorted(members, key=lambda t: t.values[0])[: max(1, len(members) // self.eta)]:
+                    if t.user_attrs[SUBNET_ATTR] not in taken:
+                        return SubNetwork.from_compact(t.user_attrs[SUBNET_ATTR]), stage + 1, generation
         return None
+
+    def _expected(self, trials: list, generation: int, stage: int, context: SearchContext) -> int:
+        """How many of a generation's candidates are scored at ``stage`` once it is done there."""
+        size = min(self.generation, max(0, context.evaluations - generation * self.generation))
+        if context.evaluations == 0:  # no target known: only full generations are judged
+            size = self.generation
+        for _ in range(stage):
+            size = max(1, size // self.eta)
+        return size
+
+    def _next_generation(self, study: optuna.Study) -> int:
+        """First-stage candidates are numbered in the order they are claimed, ``generation`` to a generation."""
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+        claimed = [t for t in study.get_trials(deepcopy=False, states=states) if SUBNET_ATTR in t.user_attrs]
+        return sum(stage_of(t) == 0 for t in claimed) // self.generation
 
     def _mutate(self, rng: np.random.Generator, genome: Genome, context: SearchContext) -> Genome:
         """Level switches in pairs (one sub-block up, another down), then repaired to fill the budget."""
@@ -139,6 +165,10 @@ class Evolution:
                     genome[i][k] -= 1
         fits(genome)
         return genome
+
+
+def _generation(trial: optuna.trial.FrozenTrial) -> int:
+    return int(trial.user_attrs.get(GENERATION_ATTR, 0))
 
 
 def _tops(context: SearchContext) -> dict[tuple[int, int], int]:
