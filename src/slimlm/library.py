@@ -47,7 +47,7 @@ class VariantLibrary:
     """Kept units and reformed output projections of every (layer, level); weights load lazily per layer."""
 
     folder: Path
-    keeps: list[dict[str, list[int]]]  # per layer: "attention.HxKV" -> kept heads, "kv.HxKV", "mlp.N" -> neurons
+    keeps: list[dict[str, list[int]]]  # per layer: "attention.HxKV" -> kept heads, "mlp.N" -> kept neurons
     _weights: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def weights(self, index: int) -> dict[str, torch.Tensor]:
