@@ -149,10 +149,9 @@ def write_report(searcher: Searcher, study: optuna.Study, front_size: int = 6) -
     if searcher.reference:  # its widths need not be levels of the library: reformed as ``extract`` would
         weights = reform(searcher.loaded, searcher.reference, searcher.calibration_ids) if job.reform else None
         uniform = measure(searcher, searcher.reference, evaluation_ids, weights)
+    # every finalist fits: the fittest are taken within the budget, and every start fills it
     chosen = [
-        _finalist(searcher, t, job.reform)
-        for t in track(list(finalists.values()), "choosing among the finalists")
-        if searcher.budget.fits(searcher.cost(candidate(t)))
+        _finalist(searcher, t, job.reform) for t in track(list(finalists.values()), "choosing among the finalists")
     ]
     best = min(chosen, key=lambda c: min(c["selection_perplexity"].values())) if chosen else None
     report = {

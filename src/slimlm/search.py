@@ -37,6 +37,7 @@ from slimlm.reform import reform
 from slimlm.space import SearchSpace, uniform_subnetwork
 from slimlm.strategies import (
     DEFAULT_STRATEGY,
+    ETA,
     STAGE_ATTR,
     SUBNET_ATTR,
     SearchContext,
@@ -50,7 +51,6 @@ from slimlm.subnet import SubNetwork
 STUDY_NAME = "slimlm"
 OBJECTIVES = ("params", "flops", "memory", "latency")
 FITNESSES = ("kl", "perplexity")  # what ranks candidates: KL divergence to the dense model, or perplexity
-ETA = 4  # each fidelity stage scores 4x the windows of the one before (and the best quarter goes on)
 LATENCY_RUNTIMES = ("transformers", "llama.cpp")
 MAX_PRUNED_IN_A_ROW = 500  # the space is exhausted or the budget too tight for the strategy
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from slimlm.errors import SlimlmError
 from slimlm.strategies.base import (
+    ETA,
     STAGE_ATTR,
     SUBNET_ATTR,
     SearchContext,
@@ -36,6 +37,7 @@ def make_strategy(name: str) -> Strategy:
 
 __all__ = [
     "DEFAULT_STRATEGY",
+    "ETA",
     "STAGE_ATTR",
     "STRATEGIES",
     "SUBNET_ATTR",

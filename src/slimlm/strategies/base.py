@@ -14,6 +14,7 @@ from slimlm.space import SearchSpace
 from slimlm.subnet import SubNetwork
 
 SUBNET_ATTR = "subnet"  # trial user attribute holding the candidate (``SubNetwork.to_compact``)
+ETA = 4  # each fidelity stage scores 4x the windows of the one before, and the best quarter goes on to it
 STAGE_ATTR = "stage"  # trial user attribute: the fidelity stage it was scored at (absent: 0)
 
 

@@ -31,6 +31,7 @@ import optuna
 from slimlm.models.base import LayerShape
 from slimlm.space import keep_most_important
 from slimlm.strategies.base import (
+    ETA,
     STAGE_ATTR,
     SUBNET_ATTR,
     SearchContext,
@@ -53,7 +54,7 @@ class Evolution:
     parents: int = 4
     crossover: float = 0.5  # probability a child has two parents
     switches: int = 3  # at most this many level switches per mutation
-    eta: int = 4  # the best 1/eta of a generation at a stage go on to the next
+    eta: int = ETA  # the best 1/eta of a generation at a stage go on to the next
     generation: int = 16  # first-stage candidates judged together for promotion
     name = "evolution"
     multi_fidelity = True
