@@ -128,3 +128,13 @@ def _isolated_cache(tmp_path, monkeypatch, request):
     """Fast tests get an empty cache; real tests keep the default one so reruns are quick."""
     if "real" not in request.keywords:
         monkeypatch.setenv("SLIMLM_CACHE", str(tmp_path / "cache"))
+
+
+def save_subnet(subnet, path: Path, model_folder: Path) -> Path:
+    """Write ``subnet`` as slimlm does: recording the model (at ``model_folder``) it was made for."""
+    from slimlm.models import load_model
+    from slimlm.subnet import model_record
+
+    loaded = load_model(model_folder)
+    subnet.save(path, model_record(loaded.dims, loaded.fingerprint()))
+    return path

@@ -14,10 +14,11 @@ import typer
 from slimlm.cli import friendly
 from slimlm.costs import peak_memory, static_cost
 from slimlm.errors import SlimlmError
+from slimlm.extract import SUBNET_FILE
 from slimlm.models import load_model
 from slimlm.subnet import FORMAT, LayerKeep, SubNetwork
 
-from .conftest import invoke, one_error, save_tiny, tiny_loaded
+from .conftest import invoke, one_error, save_subnet, save_tiny, tiny_loaded
 
 # The tiny model: 4 layers, 6 query heads in 2 groups of 3 (head h uses kv head h // 3), 40 neurons.
 SMALL = SubNetwork(
@@ -36,10 +37,8 @@ def dense(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def small_subnet(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("subnet") / "small.json"
-    SMALL.save(path)
-    return path
+def small_subnet(tmp_path_factory, dense) -> Path:
+    return save_subnet(SMALL, tmp_path_factory.mktemp("subnet") / "small.json", dense)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +112,7 @@ def test_eval_json_and_subnetworks(dense, text, small_subnet, tmp_path):
     assert abs(small["perplexity"] - full["perplexity"]) > 1e-3 * full["perplexity"]
 
     everything = tmp_path / "full.json"
-    SubNetwork.full(tiny_loaded("llama").dims).save(everything)
+    save_subnet(SubNetwork.full(tiny_loaded("llama").dims), everything, dense)
     same = ok_json("eval", dense, "--data", text, *WINDOWS, "--subnet", everything)
     assert same["perplexity"] == pytest.approx(full["perplexity"], rel=1e-5)
 
@@ -287,12 +286,51 @@ def test_malformed_subnet_file(dense, text, tmp_path, content, message):
     ids=["layer", "head", "neuron", "orphan-head"],
 )
 def test_subnet_that_does_not_fit_the_model(dense, text, tmp_path, subnet, message):
-    path = tmp_path / "bad.json"
-    subnet.save(path)
+    path = save_subnet(subnet, tmp_path / "bad.json", dense)
     assert message in one_error(invoke("eval", dense, "--data", text, *WINDOWS, "--subnet", path))
     out = tmp_path / "out"
     assert message in one_error(invoke("extract", dense, "--subnet", path, "--out", out))
     assert not (out / "config.json").exists()
+
+
+def test_a_subnet_made_for_another_model_is_refused_unless_asked(dense, text, tmp_path):
+    """Indices in range are not enough: a file from other weights, or another shape, would silently
+    prune the wrong units (the audit's 4-layer file on SmolLM2: perplexity 1e8, exit 0)."""
+    other = save_tiny(tiny_loaded("llama", seed=7), tmp_path / "other")  # same shape, other weights
+    deeper = save_tiny(tiny_loaded("llama", num_hidden_layers=5), tmp_path / "deeper")
+    same_shape = save_subnet(SMALL, tmp_path / "other.json", other)
+    other_shape = save_subnet(SMALL, tmp_path / "deeper.json", deeper)
+    hand_written = tmp_path / "hand.json"
+    SMALL.save(hand_written)
+    args = ("eval", dense, "--data", text, *WINDOWS, "--subnet")
+    assert "was made for other weights of the same shape" in one_error(invoke(*args, same_shape))
+    assert "made for a model of another shape (5 layers" in one_error(invoke(*args, other_shape))
+    assert "does not say which model it was made for" in one_error(invoke(*args, hand_written))
+    out = tmp_path / "out"
+    assert "--foreign-subnet" in one_error(invoke("extract", dense, "--subnet", hand_written, "--out", out))
+    assert not out.exists()
+    for path in (same_shape, other_shape, hand_written):  # asked for: used, the indices still checked
+        assert ok_json(*args, path, "--foreign-subnet")["perplexity"] > 1
+    far = tmp_path / "far.json"
+    SubNetwork({3: LayerKeep((0,), (0,), (39,))}).save(far)
+    SubNetwork({4: LayerKeep((0,), (0,), (0,))}).save(tmp_path / "beyond.json")
+    assert ok_json(*args, far, "--foreign-subnet")["perplexity"] > 1
+    assert "layer 4 is out of range" in one_error(invoke(*args, tmp_path / "beyond.json", "--foreign-subnet"))
+
+
+def test_a_subnet_extracted_from_this_model_is_accepted(dense, extracted, text):
+    assert ok_json("eval", dense, "--data", text, *WINDOWS, "--subnet", extracted / SUBNET_FILE)["perplexity"] > 1
+
+
+@pytest.mark.parametrize("index", ["1.7", '"5"', "true", "-0.0"])
+def test_subnet_indices_must_be_integers(dense, text, tmp_path, index):
+    path = tmp_path / "bad.json"
+    path.write_text(
+        '{"format": "slimlm.subnetwork/1", "layers": {"0": {"heads": [0, 1, 2], "kv_heads": [0], '
+        f'"neurons": [0, {index}]}}}}}}'
+    )
+    line = one_error(invoke("eval", dense, "--data", text, *WINDOWS, "--subnet", path, "--foreign-subnet"))
+    assert f"index {json.loads(index)!r} is not an integer" in line
 
 
 def test_seq_len_longer_than_context(dense, text):
@@ -321,7 +359,8 @@ def test_extract_refuses_a_folder_that_is_not_a_model(dense, small_subnet, tmp_p
     out = tmp_path / "precious"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    assert "refusing to write into it" in one_error(invoke("extract", dense, "--subnet", small_subnet, "--out", out))
+    line = one_error(invoke("extract", dense, "--subnet", small_subnet, "--out", out))
+    assert "exists and is not empty; pass --overwrite" in line
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 

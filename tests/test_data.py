@@ -210,3 +210,19 @@ def test_real_pydoc_tutorial_loads_and_is_cached(monkeypatch):
     assert data.load_text("pydoc:tutorial") == tutorial
     with pytest.raises(SlimlmError, match="unknown pydoc section `nope`"):
         data.load_text("pydoc:nope")
+
+
+def test_apt_get_update_is_announced_not_silent(monkeypatch, tmp_path, capsys):
+    """A failed download is retried after ``apt-get update``, which changes the system: say so."""
+    commands = []
+
+    def fake_run(command, **kwargs):
+        commands.append(command[:2])
+        return types.SimpleNamespace(returncode=1 if command[:2] == ["apt-get", "download"] else 0)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    with pytest.raises(SlimlmError, match=r"gave no \.deb file"):
+        data._fetch_deb("some-corpus", tmp_path)
+    assert ["apt-get", "update"] in commands
+    said = capsys.readouterr()
+    assert "running apt-get update" in said.out + said.err

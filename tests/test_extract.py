@@ -138,7 +138,49 @@ def test_extracted_slimlm_model_can_be_extracted_again(extracted, tmp_path):
 
 
 def test_refuses_to_write_into_a_folder_that_is_not_a_model(tmp_path):
-    (tmp_path / "notes.txt").write_text("mine")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
     with pytest.raises(SlimlmError, match="not a model folder"):
-        extract(tiny_loaded(), CASES["uniform"], tmp_path)
-    assert (tmp_path / "notes.txt").read_text() == "mine"
+        extract(tiny_loaded(), CASES["uniform"], mine)
+    assert (mine / "notes.txt").read_text() == "mine"
+
+
+def test_a_kill_while_writing_leaves_the_old_folder_or_nothing_never_half_a_model(tmp_path, monkeypatch):
+    loaded, out = tiny_loaded(), tmp_path / "small"
+    extract(loaded, CASES["heterogeneous"], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the kill comes after the weights, before the tokenizer
+
+    monkeypatch.setattr(type(loaded.tokenizer), "save_pretrained", killed)
+    with pytest.raises(KeyboardInterrupt):
+        extract(loaded, CASES["uniform"], out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old model, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["small"]  # no half-written folder beside it
+    with pytest.raises(KeyboardInterrupt):
+        extract(loaded, CASES["uniform"], tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_uniform_extraction_over_a_heterogeneous_one_leaves_no_stale_modeling_file(tmp_path):
+    loaded, out = tiny_loaded(), tmp_path / "small"
+    assert extract(loaded, CASES["heterogeneous"], out).needs_remote_code
+    assert not extract(loaded, CASES["uniform"], out).needs_remote_code
+    assert not (out / "modeling_slimlm.py").exists()
+    assert "auto_map" not in json.loads((out / "config.json").read_text())
+
+
+def test_extract_never_writes_into_the_input_model_or_the_cache(tmp_path):
+    from slimlm.cache import cache_root
+    from slimlm.models import load_model
+
+    from .conftest import save_tiny
+
+    folder = save_tiny(tiny_loaded(), tmp_path / "model")
+    loaded, weights = load_model(folder), (folder / "model.safetensors").read_bytes()
+    for out in (folder, folder / "sub", tmp_path, cache_root() / "models" / "smollm2-135m"):
+        with pytest.raises(SlimlmError, match=r"input model's folder|inside slimlm's cache"):
+            extract(loaded, CASES["uniform"], out)
+    assert (folder / "model.safetensors").read_bytes() == weights

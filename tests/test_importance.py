@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -203,3 +204,51 @@ def test_in_memory_models_are_not_cached(tmp_path, monkeypatch):
     assert len(calls) == 2
     assert_same_calibration(first, second)
     assert not (cache_root() / "calibration").exists()
+
+
+def _counting_calibrate(monkeypatch) -> list:
+    calls, real = [], slimlm.importance.calibrate
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(slimlm.importance, "calibrate", counting)
+    return calls
+
+
+def test_other_weights_with_the_same_size_and_time_are_calibrated_again(tmp_path, monkeypatch):
+    """``cp -p`` / ``rsync -a`` keep size and mtime: the cache key is the weights' content."""
+    folder = save_tiny(tiny_loaded(seed=0), tmp_path / "model")
+    weights = folder / "model.safetensors"
+    stat = weights.stat()
+    calls, ids = _counting_calibrate(monkeypatch), windows(5)
+    first = cached_calibration(load_model(folder), ids, "words.txt")
+    other = save_tiny(tiny_loaded(seed=1), tmp_path / "other") / "model.safetensors"
+    assert other.stat().st_size == stat.st_size
+    weights.write_bytes(other.read_bytes())
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    second = cached_calibration(load_model(folder), ids, "words.txt")
+    assert len(calls) == 2
+    assert not torch.equal(first.mlp[0].sum, second.mlp[0].sum)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "wrong-content"])
+def test_a_damaged_cache_entry_is_a_miss_and_is_rewritten(tmp_path, monkeypatch, damage):
+    loaded = load_model(save_tiny(tiny_loaded(), tmp_path / "model"))
+    ids = windows(5)
+    expected = cached_calibration(loaded, ids, "words.txt")
+    (entry,) = (cache_root() / "calibration").iterdir()
+    data = entry.read_bytes()
+    if damage == "truncate":
+        entry.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        entry.write_bytes(b"\x00" * 64)
+    else:
+        torch.save({"attention": [{"nonsense": 1}]}, entry)
+    calls = _counting_calibrate(monkeypatch)
+    assert_same_calibration(cached_calibration(loaded, ids, "words.txt"), expected)
+    assert len(calls) == 1
+    calls.clear()
+    assert_same_calibration(cached_calibration(loaded, ids, "words.txt"), expected)  # rewritten whole
+    assert calls == []

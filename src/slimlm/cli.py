@@ -24,11 +24,12 @@ from slimlm.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, describe_specs,
 from slimlm.errors import SlimlmError
 from slimlm.evaluate import perplexity
 from slimlm.export import QUANT_TYPES, export_gguf
-from slimlm.extract import check_output_folder, folder_bytes
 from slimlm.extract import extract as extract_subnetwork
+from slimlm.extract import folder_bytes
 from slimlm.importance import DEFAULT_METRIC, cached_calibration
 from slimlm.llamacpp import NATIVE_QUANT_TYPES
 from slimlm.models import load_model
+from slimlm.outputs import check_output_folder
 from slimlm.pipeline import compress as compress_model
 from slimlm.prune import METHODS, PruneInput, check_method, params_budget, prune
 from slimlm.quantize import ALL_QUANT_TYPES
@@ -63,6 +64,11 @@ Calib = Annotated[str, typer.Option("--calib", help=f"calibration text: {describ
 EvalText = Annotated[str, typer.Option("--eval", help="evaluation text (same forms as --calib)")]
 CalibWindows = Annotated[int, typer.Option("--calib-windows", help="calibration windows")]
 EvalWindows = Annotated[int, typer.Option("--eval-windows", help="evaluation windows")]
+ForeignSubnet = Annotated[
+    bool,
+    typer.Option(help="use a sub-network file made for another model, or hand-written (its indices are still checked)"),
+]
+Overwrite = Annotated[bool, typer.Option(help="replace a non-empty --out folder")]
 TokenizerPre = Annotated[
     str | None, typer.Option(help="llama.cpp's pre-tokenizer name, for models that did not come from a GGUF")
 ]
@@ -120,6 +126,11 @@ def _comparison_rows(left: dict, right: dict, prompt_tokens: int, subject: int) 
             f"{x['decode_tokens_per_s'] / ref['decode_tokens_per_s']:.2f}x faster",
         ],
     ]
+
+
+def _subnet_for(loaded, path: Path, foreign: bool) -> SubNetwork:
+    """The sub-network file ``path``, checked to be made for ``loaded`` (unless ``foreign``)."""
+    return SubNetwork.load(path, loaded.dims, loaded.fingerprint(), foreign=foreign)
 
 
 @app.command()
@@ -183,16 +194,18 @@ def evaluate(
     windows: Annotated[int, typer.Option(help="number of windows to score")] = 16,
     batch_size: Annotated[int, typer.Option(help="windows per forward pass")] = 4,
     subnet: Annotated[Path | None, typer.Option(help="evaluate this sub-network (JSON) in place")] = None,
+    foreign_subnet: ForeignSubnet = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Perplexity of a model (or of a sub-network of it) on a text."""
     loaded = load_model(model)
+    chosen = _subnet_for(loaded, subnet, foreign_subnet) if subnet else None
     ids = model_windows(loaded, data, seq_len, windows)
     start = time.perf_counter()
-    if subnet is None:
+    if chosen is None:
         ppl = perplexity(loaded.model, ids, batch_size, description=f"perplexity on {data}")
     else:
-        with subnetwork_applied(loaded, SubNetwork.load(subnet)) as applied:
+        with subnetwork_applied(loaded, chosen) as applied:
             ppl = perplexity(applied, ids, batch_size, description=f"perplexity on {data}")
     seconds = time.perf_counter() - start
     result = {
@@ -220,11 +233,13 @@ def extract(
     calibration: Calib = DEFAULT_CALIBRATION,
     calibration_windows: CalibWindows = 16,
     seq_len: SeqLenOpt = 256,
+    foreign_subnet: ForeignSubnet = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Write a sub-network as a standalone smaller Hugging Face model folder (reformed by default)."""
-    check_output_folder(out_dir)
+    check_output_folder(out_dir, overwrite, model)
     loaded = load_model(model)
-    chosen = SubNetwork.load(subnet).validate(loaded.dims)
+    chosen = _subnet_for(loaded, subnet, foreign_subnet)
     reformed = None
     if reform:
         reformed = reform_weights(loaded, chosen, model_windows(loaded, calibration, seq_len, calibration_windows))
@@ -265,11 +280,13 @@ def reform_command(
     calibration_windows: CalibWindows = 16,
     evaluation_windows: EvalWindows = 16,
     seq_len: SeqLenOpt = 256,
+    foreign_subnet: ForeignSubnet = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Reform a sub-network's kept weights, report perplexity before and after, and write the model."""
-    check_output_folder(out_dir)
+    check_output_folder(out_dir, overwrite, model)
     loaded = load_model(model)
-    chosen = SubNetwork.load(subnet).validate(loaded.dims)
+    chosen = _subnet_for(loaded, subnet, foreign_subnet)
     calib = model_windows(loaded, calibration, seq_len, calibration_windows)
     ids = model_windows(loaded, evaluation, seq_len, evaluation_windows)
     start = time.perf_counter()
@@ -299,11 +316,12 @@ def prune_command(
     calibration_windows: CalibWindows = 16,
     evaluation_windows: EvalWindows = 16,
     seq_len: SeqLenOpt = 256,
+    overwrite: Overwrite = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Prune with a one-shot method from the literature (a baseline for search); write the smaller model."""
     check_method(method)
-    check_output_folder(out_dir)
+    check_output_folder(out_dir, overwrite, model)
     loaded = load_model(model)
     budget = params_budget(loaded.dims, params_fraction, int(parse_size(max_params)) if max_params else None)
     calib = model_windows(loaded, calibration, seq_len, calibration_windows)
@@ -502,8 +520,7 @@ ReformCandidates = Annotated[bool, typer.Option(help="score every candidate afte
 
 def _job(model: str, out_dir: Path, **options) -> SearchJob:
     """A search job from CLI options (sizes parsed, the space assembled)."""
-    frozen = tuple(int(i) for i in options.pop("frozen").split(",") if i.strip()) if options["frozen"] else ()
-    options.pop("frozen", None)
+    frozen = _layer_list(options.pop("frozen"), "--frozen")
     space = SearchSpace(
         per_layer=options.pop("per_layer"),
         depth=options.pop("depth"),
@@ -522,6 +539,15 @@ def _job(model: str, out_dir: Path, **options) -> SearchJob:
         max_memory_bytes=int(parse_size(max_memory)) if max_memory else None,
         **options,
     )
+
+
+def _layer_list(text: str, option: str) -> tuple[int, ...]:
+    """``"0,29"`` -> (0, 29); anything else is a clear error."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    bad = next((p for p in parts if not p.isdecimal()), None)
+    if bad is not None:
+        raise SlimlmError(f"{option} takes comma-separated layer numbers such as 0,29; got '{bad}'")
+    return tuple(int(p) for p in parts)
 
 
 def _search_options(
@@ -554,6 +580,9 @@ def _search_options(
     resume: Resume = False,
     reform: Reform = True,
     reform_candidates: ReformCandidates = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="use a non-empty --out that holds no search (or replace its search)")
+    ] = False,
 ) -> dict:
     return locals()
 

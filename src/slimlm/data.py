@@ -19,7 +19,7 @@ import torch
 
 from slimlm.cache import cache_root
 from slimlm.errors import SlimlmError
-from slimlm.progress import track
+from slimlm.progress import console, track
 
 # Calibration mixes prose and technical text, so what a search keeps serves both; evaluation
 # texts are other books and sections than the calibration ones.
@@ -118,8 +118,12 @@ def _fetch_deb(package: str, dest: Path) -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             download = ["apt-get", "download", package]
+            console.print(f"fetching the text corpus {package} with apt-get download (once; cached in {cache_root()})")
             if subprocess.run(download, cwd=tmp, capture_output=True).returncode != 0:
-                # A fresh machine has no package lists yet: update once, then retry.
+                # A fresh machine has no package lists yet: update once (said, not silent), then retry.
+                console.print(
+                    "apt-get download failed: running apt-get update (refreshing package lists), then retrying"
+                )
                 subprocess.run(["apt-get", "update"], capture_output=True)
                 subprocess.run(download, cwd=tmp, capture_output=True, check=True)
             debs = list(Path(tmp).glob("*.deb"))

@@ -15,12 +15,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from slimlm.apply import subnetwork_applied
-from slimlm.errors import SlimlmError
 from slimlm.export import TOKENIZER_GGUF, tokenizer_gguf
 from slimlm.models import LoadedModel
 from slimlm.models.remote import modeling_slimlm
+from slimlm.outputs import refuse_foreign_folder, refuse_protected, written_whole
 from slimlm.progress import quiet_transformers
-from slimlm.subnet import SubNetwork
+from slimlm.subnet import SubNetwork, model_record
 
 SUBNET_FILE = "slimlm_subnetwork.json"
 REMOTE_CODE_FILE = "modeling_slimlm.py"  # beside the weights of sub-networks whose layers differ
@@ -45,17 +45,13 @@ def folder_bytes(folder: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
 
 
-def check_output_folder(out: str | Path) -> Path:
-    """``out`` as a Path, if it is new, empty or a model folder (which is overwritten); else a clear error."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
-        raise SlimlmError(f"{out} exists and is not a model folder; refusing to write into it")
-    return out
-
-
 def extract(loaded: LoadedModel, subnet: SubNetwork, out: str | Path, reformed: dict | None = None) -> Extracted:
-    """Save ``subnet`` of ``loaded`` (with ``reformed`` weights, if given) to ``out`` with its tokenizer."""
-    out = check_output_folder(out)
+    """Save ``subnet`` of ``loaded`` (with ``reformed`` weights, if given) to ``out`` with its tokenizer.
+
+    ``out`` is replaced whole (see ``outputs.written_whole``); it may not be the input model's folder or
+    lie in slimlm's cache. Commands check ``--out`` with ``outputs.check_output_folder`` before any work.
+    """
+    out = refuse_foreign_folder(refuse_protected(out, loaded.folder))
     subnet.validate(loaded.dims)
     output_bias = any(str(key[1]).endswith("_bias") for key in reformed or {})
     config = loaded.adapter.extracted_config(loaded.model.config, subnet.kept_layers, subnet.shapes(), output_bias)
@@ -67,14 +63,15 @@ def extract(loaded: LoadedModel, subnet: SubNetwork, out: str | Path, reformed: 
     small.load_state_dict(state, strict=True, assign=True)
     small.tie_weights()
     small.generation_config = loaded.model.generation_config
-    out.mkdir(parents=True, exist_ok=True)
-    with quiet_transformers():
-        small.save_pretrained(out)
-        loaded.tokenizer.save_pretrained(out)
-    subnet.save(out / SUBNET_FILE)
-    if (tokenizer := tokenizer_gguf(loaded.folder)) is not None:
-        shutil.copy(tokenizer, out / TOKENIZER_GGUF)
-    if remote:
-        shutil.copy(modeling_slimlm.__file__, out / REMOTE_CODE_FILE)
+    record = model_record(loaded.dims, loaded.fingerprint())
+    with written_whole(out) as folder:
+        with quiet_transformers():
+            small.save_pretrained(folder)
+            loaded.tokenizer.save_pretrained(folder)
+        subnet.save(folder / SUBNET_FILE, record)
+        if (tokenizer := tokenizer_gguf(loaded.folder)) is not None:
+            shutil.copy(tokenizer, folder / TOKENIZER_GGUF)
+        if remote:
+            shutil.copy(modeling_slimlm.__file__, folder / REMOTE_CODE_FILE)
     params = sum(p.numel() for p in {id(p): p for p in small.parameters()}.values())
     return Extracted(out, remote, params)

@@ -34,6 +34,7 @@ from slimlm.errors import SlimlmError
 from slimlm.models import LoadedModel
 from slimlm.progress import track
 
+CALIBRATION_FORMAT = "slimlm.calibration/2"  # in the cache key: a new layout never reads an old entry
 IMPORTANCE_FILE = "slimlm_importance.safetensors"  # a trained super-network's unit ranking, in its folder
 DAMPING = 0.01  # λ as a fraction of the mean Gram diagonal: keeps the inverse finite on dead channels
 
@@ -178,13 +179,16 @@ def cached_calibration(loaded: LoadedModel, windows: torch.Tensor, source: str) 
     if path is None:
         return calibrate(loaded, windows)
     if path.is_file():
-        data = torch.load(path, weights_only=True)
-        return Calibration(
-            [ChannelStats(**s) for s in data["attention"]],
-            [ChannelStats(**s) for s in data["mlp"]],
-            data["block_influence"],
-            data["tokens"],
-        )
+        try:
+            data = torch.load(path, weights_only=True)
+            return Calibration(
+                [ChannelStats(**s) for s in data["attention"]],
+                [ChannelStats(**s) for s in data["mlp"]],
+                data["block_influence"],
+                data["tokens"],
+            )
+        except Exception:  # truncated or tampered: a cache miss, rewritten below
+            path.unlink(missing_ok=True)
     calibration = calibrate(loaded, windows)
     path.parent.mkdir(parents=True, exist_ok=True)
     as_dicts = [
@@ -206,11 +210,10 @@ def cached_calibration(loaded: LoadedModel, windows: torch.Tensor, source: str) 
 
 
 def _cache_path(loaded: LoadedModel, windows: torch.Tensor, source: str) -> Path | None:
-    weights = sorted(Path(loaded.folder).glob("*.safetensors"))
-    if not weights:
+    """Keyed on the weights' content and the exact tokens (never on file paths or times)."""
+    if not any(Path(loaded.folder).glob("*.safetensors")):
         return None
-    stamp = [f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in weights]
-    digest = hashlib.sha1("|".join([*stamp, source]).encode())
+    digest = hashlib.sha256(f"{CALIBRATION_FORMAT}|{loaded.fingerprint()}|{source}".encode())
     digest.update(windows.numpy().tobytes())
     return cache_root() / "calibration" / f"{digest.hexdigest()[:16]}.pt"
 

@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from slimlm.cache import cache_root, fingerprint, tensor_digest
+from slimlm.cache import cache_root, tensor_digest
 from slimlm.errors import SlimlmError
 from slimlm.importance import Importance
 from slimlm.models import LoadedModel
@@ -95,7 +95,7 @@ def build_library(
     keeps = [_layer_keeps(loaded, importance, space, i) for i in range(dims.num_layers)]
     key = {
         "format": FORMAT,
-        "model": fingerprint(loaded.model),
+        "model": loaded.fingerprint(),
         "windows": tensor_digest(windows),
         "importance": tensor_digest(*importance.heads, *importance.kv_heads, *importance.neurons),
         "keeps": keeps,

@@ -19,9 +19,10 @@ from slimlm import llamacpp
 from slimlm.errors import SlimlmError
 from slimlm.evaluate import perplexity
 from slimlm.export import QUANT_TYPES, check_exportable, export_gguf
-from slimlm.extract import check_output_folder, folder_bytes, needs_remote_code
+from slimlm.extract import folder_bytes
 from slimlm.llamacpp import NATIVE_QUANT_TYPES
 from slimlm.models import LoadedModel
+from slimlm.outputs import refuse_foreign_folder, refuse_protected, written_whole
 
 TORCH_QUANT_TYPES = ("int8",)
 ALL_QUANT_TYPES = (*TORCH_QUANT_TYPES, *QUANT_TYPES, *NATIVE_QUANT_TYPES)
@@ -62,20 +63,17 @@ def quantize_int8(folder: str | Path, out: str | Path) -> Path:
     from torchao.quantization import Int8WeightOnlyConfig
     from transformers import AutoModelForCausalLM, TorchAoConfig
 
-    folder, out = Path(folder), check_output_folder(out)
+    folder, out = Path(folder), refuse_foreign_folder(refuse_protected(out, folder))
     model = AutoModelForCausalLM.from_pretrained(
         folder,
         quantization_config=TorchAoConfig(quant_type=Int8WeightOnlyConfig()),
-        trust_remote_code=needs_remote_code(folder),
+        trust_remote_code=False,  # slimlm's own classes are registered in process
     )
-    partial = out.with_name(out.name + ".part")  # renamed when complete: a killed run leaves no half folder
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    for path in folder.iterdir():  # tokenizer, sub-network, slimlm's modeling file: all but the weights
-        if path.is_file() and not (partial / path.name).exists() and not path.name.endswith(WEIGHT_FILES):
-            shutil.copy(path, partial / path.name)
-    shutil.rmtree(out, ignore_errors=True)
-    partial.rename(out)
+    with written_whole(out) as partial:  # a killed run leaves no half folder
+        model.save_pretrained(partial)
+        for path in folder.iterdir():  # tokenizer, sub-network, slimlm's modeling file: all but the weights
+            if path.is_file() and not (partial / path.name).exists() and not path.name.endswith(WEIGHT_FILES):
+                shutil.copy(path, partial / path.name)
     return out
 
 
@@ -102,4 +100,4 @@ def load_folder(folder: str | Path):
     """A transformers model from a folder (int8 or not), with slimlm's modeling file where it has one."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=needs_remote_code(folder)).eval()
+    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False).eval()

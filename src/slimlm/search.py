@@ -12,10 +12,13 @@ machines) can share one study.
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import re
+import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,14 +27,23 @@ import torch
 
 from slimlm import llamacpp
 from slimlm.apply import subnetwork_applied
+from slimlm.cache import lock_file
 from slimlm.costs import LatencyProbe, StaticCost, static_cost
 from slimlm.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, model_windows
 from slimlm.errors import SlimlmError
 from slimlm.evaluate import DenseReference, dense_reference, fitness
 from slimlm.export import check_exportable, export_gguf, tokenizer_gguf
-from slimlm.importance import DEFAULT_METRIC, IMPORTANCE_FILE, cached_calibration, importance, load_importance
+from slimlm.importance import (
+    DEFAULT_METRIC,
+    IMPORTANCE_FILE,
+    METRICS,
+    cached_calibration,
+    importance,
+    load_importance,
+)
 from slimlm.library import VariantLibrary, build_library
 from slimlm.models import LayerShape, LoadedModel, load_model
+from slimlm.outputs import check_run_folder
 from slimlm.progress import progress_bar
 from slimlm.reform import reform
 from slimlm.space import SearchSpace, uniform_subnetwork
@@ -53,6 +65,11 @@ OBJECTIVES = ("params", "flops", "memory", "latency")
 FITNESSES = ("kl", "perplexity")  # what ranks candidates: KL divergence to the dense model, or perplexity
 LATENCY_RUNTIMES = ("transformers", "llama.cpp")
 MAX_PRUNED_IN_A_ROW = 500  # the space is exhausted or the budget too tight for the strategy
+MAX_FAILED_IN_A_ROW = 20  # candidates scoring NaN or inf one after another: the model, not the candidates
+HEARTBEAT_SECONDS = 10  # an evaluating trial's heartbeat in the store
+GRACE_SECONDS = 60  # a RUNNING trial silent this long belongs to a killed process: failed, its candidate free again
+STORE_FILE = "search.db"
+LOCK_FILE = ".slimlm.lock"
 
 
 def parse_size(text: str) -> float:
@@ -116,9 +133,14 @@ class SearchJob:
     resume: bool = False
     reform: bool = True  # score candidates as stitched from the reformed variant library; ship the winner reformed
     reform_candidates: bool = False  # instead reform every candidate sequentially before scoring it (slow)
+    overwrite: bool = False  # write into a non-empty --out that holds no search of this job (replacing its store)
 
     def storage_url(self) -> str:
-        return self.storage or f"sqlite:///{Path(self.out).resolve() / 'search.db'}"
+        return self.storage or f"sqlite:///{self.private_store().resolve()}"
+
+    def private_store(self) -> Path:
+        """The SQLite file in the run folder that holds the study when no ``storage`` URL is given."""
+        return Path(self.out) / STORE_FILE
 
     def identity(self) -> dict:
         """What must match for ``--resume`` to continue a study rather than mix two searches."""
@@ -224,6 +246,11 @@ def prepare(job: SearchJob, loaded: LoadedModel | None = None) -> Searcher:
         raise SlimlmError("--stages and the calibration, fitness and selection windows must each be at least 1")
     if job.latency_runtime not in LATENCY_RUNTIMES:
         raise SlimlmError(f"unknown latency runtime '{job.latency_runtime}'; choose from {', '.join(LATENCY_RUNTIMES)}")
+    if job.metric not in METRICS and not (Path(loaded.folder) / IMPORTANCE_FILE).is_file():
+        raise SlimlmError(f"unknown importance metric '{job.metric}'; choose from {', '.join(METRICS)}")
+    bad = [i for i in job.space.frozen_layers if not 0 <= i < dims.num_layers]
+    if bad:
+        raise SlimlmError(f"--frozen layer {bad[0]} is out of range: the model has {dims.num_layers} layers (0-based)")
     if job.latency_runtime == "llama.cpp":
         check_exportable(loaded, "f16", scratch_tokenizer_pre(loaded))
         llamacpp.require()
@@ -255,6 +282,12 @@ def prepare(job: SearchJob, loaded: LoadedModel | None = None) -> Searcher:
     calib, fitness_ids, selection_ids = windows.split(
         [job.calibration_windows, job.fitness_windows, job.selection_windows]
     )
+    evaluation = model_windows(loaded, job.evaluation, job.seq_len, job.evaluation_windows)
+    if len(evaluation) < job.evaluation_windows:  # found now, not after the search
+        raise SlimlmError(
+            f"{job.evaluation} has {len(evaluation)} windows of {job.seq_len} tokens; the report needs "
+            f"{job.evaluation_windows} (--eval-windows)"
+        )
     trained = Path(loaded.folder) / IMPORTANCE_FILE  # a super-network: keep the units its training kept
     if trained.is_file():
         scores = load_importance(trained)
@@ -292,7 +325,10 @@ def scratch_tokenizer_pre(loaded: LoadedModel) -> str | None:
 def open_study(job: SearchJob, create: bool) -> optuna.Study:
     """The job's study; ``create`` makes it (refusing to mix with an existing one unless resuming)."""
     url = job.storage_url()
-    storage = optuna.storages.RDBStorage(url)
+    # heartbeats: a trial whose process was killed is failed by the next worker, and its candidate freed
+    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.9
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS)
     exists = STUDY_NAME in {s.study_name for s in optuna.study.get_all_study_summaries(storage)}
     sampler = make_strategy(job.strategy).sampler(job.seed)
     if create and exists and not job.resume:
@@ -313,32 +349,53 @@ def open_study(job: SearchJob, create: bool) -> optuna.Study:
     return study
 
 
+def _study_exists(job: SearchJob) -> bool:
+    if job.storage is None and not job.private_store().is_file():
+        return False  # not even an empty SQLite file made by asking
+    storage = optuna.storages.RDBStorage(job.storage_url())
+    return STUDY_NAME in {s.study_name for s in optuna.study.get_all_study_summaries(storage)}
+
+
 def run_worker(searcher: Searcher, study: optuna.Study, on_result=None) -> None:
     """Ask, propose, price, evaluate, tell, until the study holds ``evaluations`` candidates."""
     job, strategy = searcher.job, make_strategy(searcher.job.strategy)
-    pruned_in_a_row = 0
+    pruned = _Streak(
+        MAX_PRUNED_IN_A_ROW,
+        "candidates in a row were outside the budget or already seen; widen the search space or the budget",
+    )
+    failed = _Streak(
+        MAX_FAILED_IN_A_ROW,
+        f"candidates in a row scored {job.fitness} NaN or inf; the model or the calibration "
+        "text gives no finite scores",
+    )
     while not strategy.finished(study, searcher.context, job.evaluations):
-        trial = study.ask()
-        subnet = strategy.propose(trial, study, searcher.context)
-        compact, stage = subnet.to_compact(), int(trial.user_attrs.get(STAGE_ATTR, 0))
-        claimed = searcher.context.fits(subnet) and compact not in seen_candidates(study, trial.number, stage=stage)
-        if claimed:
-            trial.set_user_attr(SUBNET_ATTR, compact)  # claim it before evaluating, so other workers skip it
-            # two workers may claim one candidate at once: the lower trial number keeps it
-            claimed = compact not in seen_candidates(study, trial.number, before=trial.number, stage=stage)
-        if not claimed:
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            pruned_in_a_row += 1
-            if pruned_in_a_row >= MAX_PRUNED_IN_A_ROW:
-                raise SlimlmError(
-                    f"{MAX_PRUNED_IN_A_ROW} candidates in a row were outside the budget or already seen; "
-                    "widen the search space or the budget"
-                )
-            continue
-        pruned_in_a_row = 0
-        result = searcher.evaluate(subnet, stage)
+        _fail_stale_trials(study)
+        trial = _ask(study)
+        with _heartbeat(study, trial):
+            subnet = strategy.propose(trial, study, searcher.context)
+            compact, stage = subnet.to_compact(), int(trial.user_attrs.get(STAGE_ATTR, 0))
+            claimed = searcher.context.fits(subnet) and compact not in seen_candidates(study, trial.number, stage=stage)
+            if claimed:
+                trial.set_user_attr(SUBNET_ATTR, compact)  # claim it before evaluating, so other workers skip it
+                # two workers may claim one candidate at once: the lower trial number keeps it
+                claimed = compact not in seen_candidates(study, trial.number, before=trial.number, stage=stage)
+            if not claimed:
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                pruned.hit()
+                continue
+            pruned.reset()
+            try:
+                result = searcher.evaluate(subnet, stage)
+            except BaseException:  # interrupted or broken: the trial must not stay RUNNING
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                raise
         for key, value in result.items():
             trial.set_user_attr(key, value)
+        if not math.isfinite(result[job.fitness]):  # failed, not best: NaN would win every comparison
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            failed.hit()
+            continue
+        failed.reset()
         duplicate = compact in seen_candidates(study, trial.number, before=trial.number, stage=stage)  # a raced claim
         over_latency = searcher.budget.latency_ms is not None and result["latency_ms"] > searcher.budget.latency_ms
         if duplicate or over_latency:
@@ -349,28 +406,114 @@ def run_worker(searcher: Searcher, study: optuna.Study, on_result=None) -> None:
             on_result(result)
 
 
+class _Streak:
+    """Outcomes of one kind in a row: ``limit`` of them is an error, not an endless loop."""
+
+    def __init__(self, limit: int, message: str) -> None:
+        self.limit, self.message, self.count = limit, message, 0
+
+    def hit(self) -> None:
+        self.count += 1
+        if self.count >= self.limit:
+            raise SlimlmError(f"{self.limit} {self.message}")
+
+    def reset(self) -> None:
+        self.count = 0
+
+
+def _ask(study: optuna.Study) -> optuna.Trial:
+    with warnings.catch_warnings():  # Optuna suggests optimize() with heartbeats; ask/tell records them itself
+        warnings.filterwarnings("ignore", message="Heartbeat of storage")
+        return study.ask()
+
+
+def _fail_stale_trials(study: optuna.Study) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+class _heartbeat:
+    """Record ``trial``'s heartbeat in the store every ``HEARTBEAT_SECONDS`` while the block runs."""
+
+    def __init__(self, study: optuna.Study, trial: optuna.Trial) -> None:
+        # Optuna's ask/tell API gives no public handle on the trial's id; its optimize() loop uses the same one
+        self._beat = lambda: study._storage.record_heartbeat(trial._trial_id)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            self._beat()
+
+    def __enter__(self) -> None:
+        self._beat()
+        self._thread.start()
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def _objective_key(objective: str) -> str:
     return "latency_ms" if objective == "latency" else objective
 
 
 def _worker_process(job: SearchJob, threads: int) -> None:
+    _exit_with_parent()
     torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     searcher = prepare(job)
     run_worker(searcher, open_study(job, create=False))
 
 
+def _exit_with_parent() -> None:
+    """A helper process ends when the search process that started it ends, even by kill -9."""
+    parent = multiprocessing.parent_process()
+
+    def watch() -> None:
+        parent.join()
+        os._exit(1)
+
+    if parent is not None:
+        threading.Thread(target=watch, daemon=True).start()
+
+
+_HELD: dict[Path, object] = {}  # run folders this process holds, with their open lock files
+
+
+def hold_run_folder(out: str | Path) -> None:
+    """Lock the run folder for this process (until it ends), or refuse: another process searching or
+    reporting in the same folder would fail this one's trials and overwrite its results."""
+    folder = Path(out).resolve()
+    if folder in _HELD:
+        return
+    handle = lock_file(folder / LOCK_FILE, wait=False)
+    if handle is None:
+        raise SlimlmError(f"another slimlm process is using {out}; wait for it to finish, or choose another --out")
+    _HELD[folder] = handle
+
+
 def search(job: SearchJob, loaded: LoadedModel | None = None) -> tuple[Searcher, optuna.Study]:
     """Run (or resume) a search to ``job.evaluations`` evaluated candidates; show progress."""
     if job.evaluations < 1 or job.workers < 1:
         raise SlimlmError("--evaluations and --workers must be at least 1")
+    store = None if job.storage else job.private_store()
+    check_run_folder(job.out, store, job.resume, job.overwrite, loaded.folder if loaded else job.model)
+    if store is not None and store.is_file():
+        hold_run_folder(job.out)  # before reading the store: another process may be writing it
+        if job.overwrite and not job.resume:
+            store.unlink()
+    if _study_exists(job):  # without --resume, or with other settings: refused now, not after calibration
+        open_study(job, create=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     searcher = prepare(job, loaded)
     Path(job.out).mkdir(parents=True, exist_ok=True)  # only now: bad input leaves no empty run folder
+    hold_run_folder(job.out)
     study = open_study(job, create=True)
     if not study.get_trials(deepcopy=False):
         make_strategy(job.strategy).begin(study, searcher.context)
-    if not job.storage:  # a private SQLite store: whatever was running when killed is stale
+    if not job.storage:  # a private store, and this process holds its folder: whatever was running is stale
         for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
             study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
     threads = max(1, (os.cpu_count() or 1) // job.workers)
@@ -386,10 +529,10 @@ def search(job: SearchJob, loaded: LoadedModel | None = None) -> tuple[Searcher,
             task = bar.add_task("searching", total=job.evaluations, completed=first())
 
             def show(result: dict) -> None:
-                top = [t for t in completed(study) if stage_of(t) == result["stage"]]
-                best = min(t.values[0] for t in top)
-                stage = f"stage {result['stage'] + 1}/{len(searcher.context.stages)}, "
-                bar.update(task, completed=first(), description=f"searching ({stage}best {job.fitness} {best:.4g})")
+                top = [t.values[0] for t in completed(study) if stage_of(t) == result["stage"]]
+                stage = f"stage {result['stage'] + 1}/{len(searcher.context.stages)}"
+                best = f", best {job.fitness} {min(top):.4g}" if top else ""
+                bar.update(task, completed=first(), description=f"searching ({stage}{best})")
 
             run_worker(searcher, study, show)
             for process in helpers:

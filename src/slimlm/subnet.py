@@ -6,6 +6,9 @@ It is a plain value, saved as JSON::
      "layers": {"0": {"heads": [0, 1, 3, 4], "kv_heads": [0, 1], "neurons": [0, 5, 17, ...]},
                 "2": {...}}}
 
+Files slimlm writes also say which model they were made for (``"model"``: the weights' fingerprint
+and the full model's layer shapes), and loading one for another model is refused unless asked for.
+
 Keys of ``layers`` are indices into the full model; a layer not listed is removed. Indices refer to
 the full model's units. A layer may also lose one sub-block only: empty ``heads`` and ``kv_heads``
 remove its attention, empty ``neurons`` its MLP (BlockPruner-style sub-block removal).
@@ -79,9 +82,11 @@ class SubNetwork:
             _validate_layer(index, keep, dims.layers[index])
         return self
 
-    def to_json(self) -> dict:
+    def to_json(self, made_for: dict | None = None) -> dict:
+        """The JSON form; ``made_for`` (see ``model_record``) says which model the indices refer to."""
         return {
             "format": FORMAT,
+            **({"model": made_for} if made_for else {}),
             "layers": {
                 str(i): {"heads": list(k.heads), "kv_heads": list(k.kv_heads), "neurons": list(k.neurons)}
                 for i, k in sorted(self.layers.items())
@@ -93,8 +98,14 @@ class SubNetwork:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise SlimlmError(f'not a slimlm sub-network: expected "format": "{FORMAT}"')
         try:
-            return cls({int(i): LayerKeep(k["heads"], k["kv_heads"], k["neurons"]) for i, k in data["layers"].items()})
-        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            layers = {_index(i, "layer"): k for i, k in data["layers"].items()}
+            return cls(
+                {
+                    i: LayerKeep(*([_index(u, name) for u in k[name]] for name in ("heads", "kv_heads", "neurons")))
+                    for i, k in layers.items()
+                }
+            )
+        except (KeyError, TypeError, AttributeError) as error:
             raise SlimlmError(f"malformed sub-network: {type(error).__name__}: {error}") from error
 
     def to_compact(self) -> str:
@@ -108,11 +119,16 @@ class SubNetwork:
     def from_compact(cls, text: str) -> SubNetwork:
         return cls({int(i): LayerKeep(*(_indices(m) for m in masks)) for i, masks in json.loads(text).items()})
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), separators=(",", ":")) + "\n")
+    def save(self, path: str | Path, made_for: dict | None = None) -> None:
+        Path(path).write_text(json.dumps(self.to_json(made_for), separators=(",", ":")) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> SubNetwork:
+    def load(
+        cls, path: str | Path, dims: ModelDims | None = None, fingerprint: str = "", foreign: bool = False
+    ) -> SubNetwork:
+        """Read a sub-network file. Given the model it is for (``dims`` and weights ``fingerprint``),
+        refuse a file made for another model, or one that does not say, unless ``foreign``; the
+        indices are checked against ``dims`` either way."""
         path = Path(path)
         if not path.is_file():
             raise SlimlmError(f"sub-network file not found: {path}")
@@ -120,7 +136,49 @@ class SubNetwork:
             data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise SlimlmError(f"{path} is not valid JSON: {error}") from error
-        return cls.from_json(data)
+        subnet = cls.from_json(data)
+        if dims is not None:
+            if not foreign:
+                _check_made_for(path, data.get("model"), model_record(dims, fingerprint))
+            subnet.validate(dims)
+        return subnet
+
+
+def model_record(dims: ModelDims, fingerprint: str) -> dict:
+    """What a sub-network file records of the model its indices refer to."""
+    return {
+        "fingerprint": fingerprint,
+        "family": dims.family,
+        "hidden_size": dims.hidden_size,
+        "layers": [[s.heads, s.kv_heads, s.neurons] for s in dims.layers],
+    }
+
+
+def _check_made_for(path: Path, stored, model: dict) -> None:
+    override = "pass --foreign-subnet to use it anyway"
+    if not isinstance(stored, dict):
+        raise SlimlmError(f"{path} does not say which model it was made for (hand-written?); {override}")
+    if stored.get("layers") != model["layers"] or stored.get("hidden_size") != model["hidden_size"]:
+        theirs = len(stored.get("layers") or [])
+        raise SlimlmError(
+            f"{path} was made for a model of another shape ({theirs} layers, hidden size "
+            f"{stored.get('hidden_size')}), not this one ({len(model['layers'])} layers, hidden size "
+            f"{model['hidden_size']}); {override}"
+        )
+    if stored.get("fingerprint") != model["fingerprint"]:
+        raise SlimlmError(
+            f"{path} was made for other weights of the same shape (fingerprint {str(stored.get('fingerprint'))[:12]}, "
+            f"this model {model['fingerprint'][:12]}); {override}"
+        )
+
+
+def _index(value, what: str) -> int:
+    """A unit or layer index: a JSON integer (a layer key: its decimal string), nothing else."""
+    if what == "layer" and isinstance(value, str) and value.isdecimal():
+        return int(value)
+    if type(value) is not int:  # not bool, not 1.7, not "5"
+        raise SlimlmError(f"malformed sub-network: {what} index {value!r} is not an integer")
+    return value
 
 
 def _bits(indices: tuple[int, ...]) -> str:

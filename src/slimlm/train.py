@@ -46,6 +46,7 @@ from slimlm.importance import (
     save_importance,
 )
 from slimlm.models import LoadedModel, load_model
+from slimlm.outputs import check_writable, refuse_protected
 from slimlm.progress import progress_bar, quiet_transformers
 from slimlm.space import SearchSpace, keep_most_important
 from slimlm.subnet import SubNetwork
@@ -138,8 +139,12 @@ def sub_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor |
 def train(job: TrainJob, loaded: LoadedModel | None = None) -> Path:
     """Train ``job.model`` as a super-network; write the trained model (and its unit ranking) to ``job.out``."""
     check(job)
-    out = Path(job.out)
+    out = refuse_protected(job.out, job.model)
+    if out.exists() and not out.is_dir():
+        raise SlimlmError(f"{out} exists and is not a folder; choose another --out")
+    check_writable(out)
     checkpoint = out / CHECKPOINT
+    _recover_checkpoint(checkpoint)
     if not job.resume and checkpoint.exists():
         raise SlimlmError(f"{out} already holds a training run; pass --resume to continue it, or choose another --out")
     if job.resume and checkpoint.exists():
@@ -216,6 +221,16 @@ def _add_lora(loaded: LoadedModel, rank: int):
     return get_peft_model(loaded.model, config)  # the wrapped model keeps its modules: masks still apply
 
 
+def _recover_checkpoint(checkpoint: Path) -> None:
+    """Finish a checkpoint swap a kill interrupted: the new checkpoint if it was complete (its
+    ``progress.json`` is written last), else the old one; never a silent restart from step 0."""
+    fresh, old = checkpoint.with_name(f".{CHECKPOINT}.tmp"), checkpoint.with_name(f".{CHECKPOINT}.old")
+    for candidate in (fresh, old):
+        if not checkpoint.exists() and (candidate / "progress.json").is_file() and (candidate / "job.json").is_file():
+            os.replace(candidate, checkpoint)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _save_checkpoint(accelerator: Accelerator, job: TrainJob, checkpoint: Path, step: int) -> None:
     """Write the checkpoint beside the old one, then swap, so a kill never leaves a half-written one."""
     fresh = checkpoint.with_name(f".{CHECKPOINT}.tmp")
@@ -228,6 +243,7 @@ def _save_checkpoint(accelerator: Accelerator, job: TrainJob, checkpoint: Path, 
         (fresh / "job.json").write_text(json.dumps(job.identity(), indent=1) + "\n")
         (fresh / "progress.json").write_text(json.dumps({"step": step}) + "\n")
         old = checkpoint.with_name(f".{CHECKPOINT}.old")
+        shutil.rmtree(old, ignore_errors=True)
         if checkpoint.exists():
             os.replace(checkpoint, old)
         os.replace(fresh, checkpoint)

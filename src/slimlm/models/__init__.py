@@ -25,11 +25,16 @@ for _config, _model in (
 
 def adapter_for(config: PretrainedConfig) -> Adapter:
     """The adapter for a model config, or a clear error naming what is supported."""
-    adapter = ADAPTERS.get(config.model_type)
+    return adapter_named(config.model_type, config.architectures)
+
+
+def adapter_named(model_type: str | None, architectures: list[str] | None = None) -> Adapter:
+    """The adapter for a ``model_type`` (as ``config.json`` names it), or a clear error naming what is supported."""
+    adapter = ADAPTERS.get(model_type or "")
     if adapter is None:
-        names = ", ".join(config.architectures or []) or "no architectures listed"
+        names = ", ".join(architectures or []) or "no architectures listed"
         supported = ", ".join(sorted(k for k in ADAPTERS if not k.startswith("slimlm_")))
-        raise SlimlmError(f"unsupported architecture '{config.model_type}' ({names}); slimlm supports: {supported}")
+        raise SlimlmError(f"unsupported architecture '{model_type}' ({names}); slimlm supports: {supported}")
     return adapter
 
 
@@ -45,6 +50,7 @@ __all__ = [
     "LoadedModel",
     "ModelDims",
     "adapter_for",
+    "adapter_named",
     "load_model",
     "resolve_model",
 ]

@@ -6,13 +6,13 @@ dequantizing takes seconds to minutes while loading the cached folder takes well
 
 from __future__ import annotations
 
-import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,10 +25,10 @@ from transformers import (
 )
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from slimlm.cache import cache_root
+from slimlm.cache import cache_root, exclusive, file_digest, fingerprint
 from slimlm.errors import SlimlmError
-from slimlm.export import save_tokenizer_gguf, tokenizer_gguf
-from slimlm.models import adapter_for
+from slimlm.export import save_tokenizer_gguf
+from slimlm.models import adapter_for, adapter_named
 from slimlm.models.base import Adapter, ModelDims
 from slimlm.progress import console, quiet_transformers
 
@@ -62,22 +62,77 @@ class LoadedModel:
     source: str
     folder: Path
     load_seconds: float
+    _fingerprint: str | None = field(default=None, repr=False)
 
     @property
     def dims(self) -> ModelDims:
         return self.adapter.dims(self.model)
 
+    def fingerprint(self) -> str:
+        """The hash of the weights as loaded (computed once, on first use, before any sub-network is
+        applied): what caches, search stores and sub-network files are keyed on."""
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.model)
+        return self._fingerprint
+
 
 def load_model(spec: str | Path) -> LoadedModel:
-    """Load ``spec``: a built-in name (``smollm2-135m``), a Hugging Face folder, or a ``.gguf`` file."""
+    """Load ``spec``: a built-in name (``smollm2-135m``), a Hugging Face folder, or a ``.gguf`` file.
+
+    Refused with a clear error: a family slimlm does not know (read from ``config.json`` before
+    transformers sees the folder, so no code in it ever runs), tensors missing, unexpected or of the
+    wrong shape, and weights that are not finite.
+    """
     start = time.perf_counter()
     folder = resolve_model(spec)
-    config = _guarded(folder, lambda: AutoConfig.from_pretrained(folder))
+    _check_family(folder)
+    config = _guarded(folder, lambda: AutoConfig.from_pretrained(folder, trust_remote_code=False))
     adapter = adapter_for(config)
-    model = _guarded(folder, lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32))
+    model, info = _guarded(
+        folder,
+        lambda: AutoModelForCausalLM.from_pretrained(
+            # mismatched sizes reported, not raised: transformers' own message points at a log slimlm silences
+            folder,
+            dtype=torch.float32,
+            trust_remote_code=False,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+        ),
+    )
+    _check_loading_info(folder, info)
+    _check_finite(folder, model)
     tokenizer = _guarded(folder, lambda: _load_tokenizer(folder))
     model.eval()
     return LoadedModel(model, tokenizer, adapter, str(spec), folder, time.perf_counter() - start)
+
+
+def _check_family(folder: Path) -> None:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SlimlmError(f"cannot load {folder}: config.json: {type(error).__name__}: {error}") from error
+    if not isinstance(config, dict):
+        raise SlimlmError(f"cannot load {folder}: config.json is not a JSON object")
+    if "model_type" not in config:
+        raise SlimlmError(f"cannot load {folder}: config.json names no model_type")
+    adapter_named(config.get("model_type"), config.get("architectures"))
+
+
+def _check_loading_info(folder: Path, info: dict) -> None:
+    """transformers fills missing tensors with random values and only logs it: refuse instead."""
+    for kind in ("missing", "unexpected", "mismatched"):
+        names = [n if isinstance(n, str) else n[0] for n in info.get(f"{kind}_keys") or []]
+        if names:
+            shown = ", ".join(sorted(names)[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            what = {"missing": "is missing", "unexpected": "has unexpected", "mismatched": "has wrongly shaped"}[kind]
+            raise SlimlmError(f"{folder} {what} tensors: {shown}")
+
+
+def _check_finite(folder: Path, model: PreTrainedModel) -> None:
+    for name, tensor in model.state_dict().items():
+        plain = type(tensor) is torch.Tensor  # quantized tensor subclasses (torchao) hold integers and scales
+        if plain and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise SlimlmError(f"{folder}: tensor {name} holds NaN or infinite values")
 
 
 def _load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
@@ -91,21 +146,22 @@ def _load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     declared = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
     if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
         return PreTrainedTokenizerFast.from_pretrained(folder)
-    return AutoTokenizer.from_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
 
 
 def resolve_model(spec: str | Path) -> Path:
     """The Hugging Face folder that ``spec`` names, dequantizing and caching GGUF files first."""
     name = str(spec)
     if name in BUILTIN_MODELS:
-        return _cached_from_gguf(_builtin_gguf(name), cache_name=name)
+        gguf = _builtin_gguf(name)
+        version = importlib.metadata.version(BUILTIN_MODELS[name].module.replace("_", "-"))
+        return _cached_from_gguf(gguf, cache_name=f"{name}-{version}-{file_digest(gguf)[:12]}")
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise SlimlmError(f"GGUF file not found: {path}")
-        stat = path.stat()
-        key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-        return _cached_from_gguf(path, cache_name=f"{path.stem}-{key}")
+        # by content: a copy with another file's size and time (cp -p, rsync -a) is another model
+        return _cached_from_gguf(path, cache_name=f"{path.stem}-{file_digest(path)[:12]}")
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise SlimlmError(f"{path} is not a Hugging Face model folder (no config.json)")
@@ -133,23 +189,26 @@ def _builtin_gguf(name: str) -> Path:
 def _cached_from_gguf(gguf: Path, cache_name: str) -> Path:
     target = cache_root() / "models" / cache_name
     if (target / DONE_MARKER).is_file():
-        if tokenizer_gguf(target) is None:  # a cache written before GGUF export existed
-            save_tokenizer_gguf(gguf, target)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    console.print(f"dequantizing {gguf.name} to float32 (once; cached in {target})")
-    model, tokenizer = _guarded(gguf, lambda: _load_gguf(gguf))
-    # Write next to the target and rename, so a killed run never leaves a half-written cache.
-    try:
-        with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{cache_name}-") as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            save_tokenizer_gguf(gguf, tmp)  # llama.cpp's own tokenizer keys, for GGUF export
-            (Path(tmp) / DONE_MARKER).write_text(str(gguf.resolve()))
-            shutil.rmtree(target, ignore_errors=True)
-            Path(tmp).rename(target)
-    except OSError as error:
-        raise SlimlmError(f"cannot write the model cache {target}: {error}") from error
+    with exclusive(cache_root() / "locks" / f"{cache_name}.lock"):  # one process dequantizes; others wait
+        if (target / DONE_MARKER).is_file():
+            return target
+        for leftover in target.parent.glob(f".{cache_name}-*"):  # from a killed run: the lock says none is live
+            shutil.rmtree(leftover, ignore_errors=True)
+        console.print(f"dequantizing {gguf.name} to float32 (once; cached in {target})")
+        model, tokenizer = _guarded(gguf, lambda: _load_gguf(gguf))
+        # Write next to the target and rename, so a killed run never leaves a half-written cache.
+        try:
+            with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{cache_name}-") as tmp:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                save_tokenizer_gguf(gguf, tmp)  # llama.cpp's own tokenizer keys, for GGUF export
+                (Path(tmp) / DONE_MARKER).write_text(str(gguf.resolve()))
+                shutil.rmtree(target, ignore_errors=True)
+                Path(tmp).rename(target)
+        except OSError as error:
+            raise SlimlmError(f"cannot write the model cache {target}: {error}") from error
     return target
 
 
