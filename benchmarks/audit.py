@@ -292,7 +292,7 @@ def cases() -> list[Case]:
             lambda s: ["eval", model(s), "--data", text(s), "--seq-len", "4096"],
             "longer than",
         ),
-        Case("missing data file", lambda s: ["eval", model(s), "--data", s / "none.txt"], "unknown data spec"),
+        Case("missing data file", lambda s: ["eval", model(s), "--data", s / "none.txt", *TINY], "unknown data spec"),
         Case(
             "train --out a file",
             lambda s: ["train", model(s), "--out", text(s), "--data", text(s), *TINY],
