@@ -12,7 +12,7 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -62,18 +62,16 @@ class LoadedModel:
     source: str
     folder: Path
     load_seconds: float
-    _fingerprint: str | None = field(default=None, repr=False)
 
     @property
     def dims(self) -> ModelDims:
         return self.adapter.dims(self.model)
 
     def fingerprint(self) -> str:
-        """The hash of the weights as loaded (computed once, on first use, before any sub-network is
-        applied): what caches, search stores and sub-network files are keyed on."""
-        if self._fingerprint is None:
-            self._fingerprint = fingerprint(self.model)
-        return self._fingerprint
+        """The hash of the weights as they are now (not remembered: weights changed in place are
+        other weights): what caches and sub-network files are keyed on. Call it on the full model,
+        not while a sub-network is applied."""
+        return fingerprint(self.model)
 
 
 def load_model(spec: str | Path) -> LoadedModel:
