@@ -7,7 +7,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from slimlm.costs import compare_speed, static_cost
-from slimlm.data import model_windows
 from slimlm.errors import SlimlmError
 from slimlm.evaluate import perplexity
 from slimlm.extract import folder_bytes, needs_remote_code
@@ -65,7 +64,7 @@ def compress(job: SearchJob, repeats: int = 3, quant: str | None = None, tokeniz
         raise SlimlmError("the search found no candidate within the budget; allow more evaluations or a larger budget")
     out = Path(job.out)
     dense, small = searcher.loaded, load_model(out / "best")
-    evaluation_ids = model_windows(dense, job.evaluation, job.seq_len, job.evaluation_windows)
+    evaluation_ids = searcher.evaluation_ids
     latency = compare_speed([dense.model, small.model], repeats=repeats)
     reports = [
         describe(dense, evaluation_ids, latency[0], f"dense {job.model}", job.seq_len, "perplexity (dense)"),

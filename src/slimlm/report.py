@@ -13,7 +13,6 @@ import optuna
 from optuna._hypervolume import compute_hypervolume  # Optuna's own (pinned <6; a test checks it)
 
 from slimlm.apply import subnetwork_applied
-from slimlm.data import model_windows
 from slimlm.evaluate import perplexity
 from slimlm.extract import extract
 from slimlm.progress import track
@@ -122,7 +121,7 @@ def write_report(searcher: Searcher, study: optuna.Study, front_size: int = 6) -
     after the sequential reformation; the report states the best start against the winner.
     """
     job, out = searcher.job, Path(searcher.job.out)
-    evaluation_ids = model_windows(searcher.loaded, job.evaluation, job.seq_len, job.evaluation_windows)
+    evaluation_ids = searcher.evaluation_ids
     trials = last_stage(study)
     whole = pareto_front(trials)
     within = [t for t in sorted(trials, key=lambda t: t.values[0]) if searcher.budget.fits(searcher.cost(candidate(t)))]

@@ -179,6 +179,7 @@ class Searcher:
     calibration_ids: torch.Tensor  # importance, the variant library, reformation of the result
     fitness_ids: torch.Tensor  # scored per candidate
     selection_ids: torch.Tensor  # the final choice among finalists
+    evaluation_ids: torch.Tensor  # the report's evaluation text (checked before the search, used after it)
     reference: SubNetwork | None  # uniform importance-ranked sub-network at the budget (None: none fits)
     dense: DenseReference  # the dense model's next-token distributions on the fitness windows
     library: VariantLibrary | None  # reformed variants that candidates are stitched from (None: unreformed)
@@ -282,10 +283,10 @@ def prepare(job: SearchJob, loaded: LoadedModel | None = None) -> Searcher:
     calib, fitness_ids, selection_ids = windows.split(
         [job.calibration_windows, job.fitness_windows, job.selection_windows]
     )
-    evaluation = model_windows(loaded, job.evaluation, job.seq_len, job.evaluation_windows)
-    if len(evaluation) < job.evaluation_windows:  # found now, not after the search
+    evaluation_ids = model_windows(loaded, job.evaluation, job.seq_len, job.evaluation_windows)
+    if len(evaluation_ids) < job.evaluation_windows:  # found now, not after the search
         raise SlimlmError(
-            f"{job.evaluation} has {len(evaluation)} windows of {job.seq_len} tokens; the report needs "
+            f"{job.evaluation} has {len(evaluation_ids)} windows of {job.seq_len} tokens; the report needs "
             f"{job.evaluation_windows} (--eval-windows)"
         )
     trained = Path(loaded.folder) / IMPORTANCE_FILE  # a super-network: keep the units its training kept
@@ -309,7 +310,9 @@ def prepare(job: SearchJob, loaded: LoadedModel | None = None) -> Searcher:
     if job.reform and not job.reform_candidates:
         library = build_library(loaded, scores, job.space, calib)
     dense = dense_reference(loaded.model, fitness_ids)
-    return Searcher(job, loaded, budget, context, calib, fitness_ids, selection_ids, reference, dense, library)
+    return Searcher(
+        job, loaded, budget, context, calib, fitness_ids, selection_ids, evaluation_ids, reference, dense, library
+    )
 
 
 def fidelity_stages(windows: int, stages: int) -> tuple[int, ...]:
@@ -325,11 +328,8 @@ def scratch_tokenizer_pre(loaded: LoadedModel) -> str | None:
 def open_study(job: SearchJob, create: bool) -> optuna.Study:
     """The job's study; ``create`` makes it (refusing to mix with an existing one unless resuming)."""
     url = job.storage_url()
-    # heartbeats: a trial whose process was killed is failed by the next worker, and its candidate freed
-    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.9
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS)
-    exists = STUDY_NAME in {s.study_name for s in optuna.study.get_all_study_summaries(storage)}
+    storage = _storage(url)
+    exists = _holds_study(storage)
     sampler = make_strategy(job.strategy).sampler(job.seed)
     if create and exists and not job.resume:
         raise SlimlmError(f"{url} already holds a search; pass --resume to continue it, or choose another --out")
@@ -349,11 +349,21 @@ def open_study(job: SearchJob, create: bool) -> optuna.Study:
     return study
 
 
+def _storage(url: str) -> optuna.storages.RDBStorage:
+    # heartbeats: a trial whose process was killed is failed by the next worker, and its candidate freed
+    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.9
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS)
+
+
+def _holds_study(storage: optuna.storages.RDBStorage) -> bool:
+    return STUDY_NAME in {s.study_name for s in optuna.study.get_all_study_summaries(storage)}
+
+
 def _study_exists(job: SearchJob) -> bool:
     if job.storage is None and not job.private_store().is_file():
         return False  # not even an empty SQLite file made by asking
-    storage = optuna.storages.RDBStorage(job.storage_url())
-    return STUDY_NAME in {s.study_name for s in optuna.study.get_all_study_summaries(storage)}
+    return _holds_study(_storage(job.storage_url()))
 
 
 def run_worker(searcher: Searcher, study: optuna.Study, on_result=None) -> None:
