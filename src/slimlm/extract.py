@@ -18,7 +18,7 @@ from slimlm.apply import subnetwork_applied
 from slimlm.export import TOKENIZER_GGUF, tokenizer_gguf
 from slimlm.models import LoadedModel
 from slimlm.models.remote import modeling_slimlm
-from slimlm.outputs import refuse_foreign_folder, refuse_protected, written_whole
+from slimlm.outputs import refuse_foreign_folder, written_whole
 from slimlm.progress import quiet_transformers
 from slimlm.subnet import SubNetwork, model_record
 
@@ -51,7 +51,7 @@ def extract(loaded: LoadedModel, subnet: SubNetwork, out: str | Path, reformed: 
     ``out`` is replaced whole (see ``outputs.written_whole``); it may not be the input model's folder or
     lie in slimlm's cache. Commands check ``--out`` with ``outputs.check_output_folder`` before any work.
     """
-    out = refuse_foreign_folder(refuse_protected(out, loaded.folder))
+    out = refuse_foreign_folder(out, loaded.folder)
     subnet.validate(loaded.dims)
     output_bias = any(str(key[1]).endswith("_bias") for key in reformed or {})
     config = loaded.adapter.extracted_config(loaded.model.config, subnet.kept_layers, subnet.shapes(), output_bias)

@@ -37,9 +37,10 @@ def refuse_protected(out: str | Path, model: str | Path | None = None) -> Path:
     return out
 
 
-def refuse_foreign_folder(out: Path) -> Path:
-    """``out`` unless it exists and is not a model folder: a folder replaced whole must be one slimlm
-    could have written (``config.json``), never a user's folder that happens to be named."""
+def refuse_foreign_folder(out: str | Path, model: str | Path | None = None) -> Path:
+    """``out`` (checked by ``refuse_protected``) unless it exists and is not a model folder: a folder
+    replaced whole must be one slimlm could have written (``config.json``), never a user's folder."""
+    out = refuse_protected(out, model)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
         raise SlimlmError(f"{out} exists and is not a model folder; refusing to replace it")
     return out
@@ -58,14 +59,21 @@ def check_writable(out: Path) -> None:
         raise SlimlmError(f"cannot write {out}: {ancestor} is not writable")
 
 
-def check_output_folder(out: str | Path, overwrite: bool = False, model: str | Path | None = None) -> Path:
-    """``out`` as a Path if a model folder may be written there: new, empty, or ``overwrite``."""
+def writable_folder(out: str | Path, model: str | Path | None = None) -> Path:
+    """``out`` as a Path if slimlm may make it or write into it: not protected (``refuse_protected``),
+    not a file, and writable."""
     out = refuse_protected(out, model)
     if out.exists() and not out.is_dir():
         raise SlimlmError(f"{out} exists and is not a folder; choose another --out")
+    check_writable(out)
+    return out
+
+
+def check_output_folder(out: str | Path, overwrite: bool = False, model: str | Path | None = None) -> Path:
+    """``out`` as a Path if a model folder may be written there: new, empty, or ``overwrite``."""
+    out = writable_folder(out, model)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise SlimlmError(f"{out} exists and is not empty; pass --overwrite to replace it, or choose another --out")
-    check_writable(out)
     return out
 
 
@@ -78,10 +86,7 @@ def check_run_folder(
     folder holding a store is this kind of run: continued with ``resume``, replaced with
     ``overwrite``, else refused. Any other non-empty folder is refused unless ``overwrite``.
     """
-    out = refuse_protected(out, model)
-    if out.exists() and not out.is_dir():
-        raise SlimlmError(f"{out} exists and is not a folder; choose another --out")
-    check_writable(out)
+    out = writable_folder(out, model)
     if not out.is_dir() or not any(out.iterdir()):
         return out
     holds_run = store is not None and store.is_file()

@@ -22,7 +22,7 @@ from slimlm.export import QUANT_TYPES, check_exportable, export_gguf
 from slimlm.extract import folder_bytes
 from slimlm.llamacpp import NATIVE_QUANT_TYPES
 from slimlm.models import LoadedModel
-from slimlm.outputs import refuse_foreign_folder, refuse_protected, written_whole
+from slimlm.outputs import refuse_foreign_folder, written_whole
 
 TORCH_QUANT_TYPES = ("int8",)
 ALL_QUANT_TYPES = (*TORCH_QUANT_TYPES, *QUANT_TYPES, *NATIVE_QUANT_TYPES)
@@ -63,7 +63,7 @@ def quantize_int8(folder: str | Path, out: str | Path) -> Path:
     from torchao.quantization import Int8WeightOnlyConfig
     from transformers import AutoModelForCausalLM, TorchAoConfig
 
-    folder, out = Path(folder), refuse_foreign_folder(refuse_protected(out, folder))
+    folder, out = Path(folder), refuse_foreign_folder(out, folder)
     model = AutoModelForCausalLM.from_pretrained(
         folder,
         quantization_config=TorchAoConfig(quant_type=Int8WeightOnlyConfig()),

@@ -46,7 +46,7 @@ from slimlm.importance import (
     save_importance,
 )
 from slimlm.models import LoadedModel, load_model
-from slimlm.outputs import check_writable, refuse_protected
+from slimlm.outputs import writable_folder
 from slimlm.progress import progress_bar, quiet_transformers
 from slimlm.space import SearchSpace, keep_most_important
 from slimlm.subnet import SubNetwork
@@ -139,10 +139,7 @@ def sub_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor |
 def train(job: TrainJob, loaded: LoadedModel | None = None) -> Path:
     """Train ``job.model`` as a super-network; write the trained model (and its unit ranking) to ``job.out``."""
     check(job)
-    out = refuse_protected(job.out, job.model)
-    if out.exists() and not out.is_dir():
-        raise SlimlmError(f"{out} exists and is not a folder; choose another --out")
-    check_writable(out)
+    out = writable_folder(job.out, job.model)
     checkpoint = out / CHECKPOINT
     _recover_checkpoint(checkpoint)
     if not job.resume and checkpoint.exists():
