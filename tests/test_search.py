@@ -20,7 +20,9 @@ from slimlm.costs import static_cost
 from slimlm.data import model_windows
 from slimlm.errors import SlimlmError
 from slimlm.evaluate import fitness, perplexity
+from slimlm.importance import cached_calibration
 from slimlm.models import load_model
+from slimlm.prune import flap_shapes
 from slimlm.reform import reform
 from slimlm.report import (
     FINALISTS,
@@ -32,7 +34,7 @@ from slimlm.report import (
     write_report,
 )
 from slimlm.search import STUDY_NAME, Searcher, SearchJob, open_study, parse_size, prepare, run_worker, search
-from slimlm.space import SearchSpace
+from slimlm.space import NEURON_STEP, SearchSpace
 from slimlm.strategies import STRATEGIES, candidate, completed, stage_of
 from slimlm.subnet import SubNetwork
 
@@ -949,3 +951,24 @@ def test_frozen_that_is_not_layer_numbers_is_one_clear_error(folder, text, tmp_p
     assert "--frozen takes comma-separated layer numbers" in one_error(
         invoke("search", folder, *args, "--frozen", "a,b")
     )
+
+
+def test_the_search_starts_from_flaps_allocation_snapped_into_its_space(make_job, tmp_path):
+    """FLAP's per-layer shapes at the budget are the first start (a search must contain the rules it
+    must beat), on the grid of the space and within the budget."""
+    job = make_job(tmp_path / "run")
+    searcher = prepare(job)
+    dims, space = searcher.context.dims, job.space
+    flap = flap_shapes(
+        searcher.loaded,
+        cached_calibration(searcher.loaded, searcher.calibration_ids, job.calibration),
+        searcher.budget.params,
+    )
+    start = searcher.context.starts[0]
+    assert searcher.context.fits(start)
+    assert len(start.layers) == dims.num_layers
+    for i, keep in start.layers.items():
+        assert keep.shape.heads <= flap[i].heads and keep.shape.kv_heads <= flap[i].kv_heads
+        assert keep.shape.neurons in space.neuron_choices(dims.layers[i]) and keep.shape.neurons <= flap[i].neurons
+    smaller = static_cost(dims, [s.__class__(s.heads, s.kv_heads, s.neurons - NEURON_STEP) for s in flap]).params
+    assert static_cost(dims, start.shapes()).params >= smaller  # snapped, not shrunk further than a grid step

@@ -143,6 +143,26 @@ def test_adaptive_start_gives_layers_with_differently_spread_scores_different_wi
     )
 
 
+def test_allocated_shapes_are_snapped_into_the_grid_shrunk_to_fit_and_go_first():
+    """Another rule's per-layer shapes (FLAP's allocation) start the search: each layer keeps the
+    rule's group count and the most grid neurons at or below the rule's, frozen layers stay whole."""
+    dims = tiny_loaded().dims
+    full = dims.layers[0]
+    space = SearchSpace(frozen_layers=(3,))
+    allocated = [LayerShape(full.heads, full.kv_heads, full.neurons - 3), LayerShape(full.group_size, 1, 37)] * 2
+    budget = static_cost(dims).params
+    fits = lambda shapes: static_cost(dims, shapes).params <= budget  # noqa: E731
+    start = space.starts(dims, fixed_importance(dims), fits, allocated)[0].validate(dims)
+    grid = space.neuron_choices(full)
+    assert start.layers[0].shape == LayerShape(full.heads, full.kv_heads, max(n for n in grid if n <= full.neurons - 3))
+    assert start.layers[1].shape == LayerShape(full.group_size, 1, max(n for n in grid if n <= 37))
+    assert start.layers[3].shape == full
+    tight = int(0.6 * static_cost(dims).params)
+    fits = lambda shapes: static_cost(dims, shapes).params <= tight  # noqa: E731
+    shrunk = space.starts(dims, fixed_importance(dims), fits, [full] * dims.num_layers)[0]
+    assert fits(shrunk.shapes()) and shrunk.layers[3].shape == full
+
+
 def test_search_start_keeps_frozen_layers_whole_and_uses_the_space_grid():
     dims = tiny_loaded().dims
     space = SearchSpace(frozen_layers=(0,), max_ratio=0.5)

@@ -97,7 +97,19 @@ def flap(given: PruneInput) -> tuple[SubNetwork, Reformed | None]:
     its parameters, while they fit. GQA keeps whole key/value groups; every layer keeps at least one
     group and one neuron (FLAP may drop a whole module; slimlm's layers always keep both).
     """
-    loaded, calib, dims = given.loaded, given.calibration, given.loaded.dims
+    subnet = _flap_subnet(given.loaded, given.calibration, given.budget)
+    return subnet, _bias_compensation(given.loaded, given.calibration, subnet)
+
+
+def flap_shapes(loaded: LoadedModel, calibration: Calibration, budget: int) -> list[LayerShape]:
+    """FLAP's per-layer shapes within ``budget`` parameters (its allocation rule, without its weights):
+    the search's adaptive start."""
+    return _flap_subnet(loaded, calibration, budget).shapes()
+
+
+@torch.no_grad()
+def _flap_subnet(loaded: LoadedModel, calib: Calibration, budget: int) -> SubNetwork:
+    dims = loaded.dims
     layers = loaded.adapter.decoder_layers(loaded.model)
     units: list[tuple[float, int, int, str, int]] = []  # (score, cost, layer, kind, index)
     kept_groups: dict[int, list[int]] = {}  # every layer starts with its best group and neuron
@@ -113,11 +125,11 @@ def flap(given: PruneInput) -> tuple[SubNetwork, Reformed | None]:
         units += [(float(v), dims.params_per_neuron, i, "neuron", k) for k, v in enumerate(neurons)]
         kept_groups[i], kept_neurons[i] = [int(groups.argmax())], [int(neurons.argmax())]
     spent = static_cost(dims, [LayerShape(dims.layers[i].group_size, 1, 1) for i in range(dims.num_layers)]).params
-    if spent > given.budget:
-        raise SlimlmError(f"flap: the smallest model it makes exceeds the budget of {given.budget:,} parameters")
+    if spent > budget:
+        raise SlimlmError(f"flap: the smallest model it makes exceeds the budget of {budget:,} parameters")
     for _, cost, i, kind, k in sorted(units, key=lambda u: -u[0]):
         chosen = kept_groups[i] if kind == "group" else kept_neurons[i]
-        if k in chosen or spent + cost > given.budget:
+        if k in chosen or spent + cost > budget:
             continue
         chosen.append(k)
         spent += cost
@@ -131,7 +143,7 @@ def flap(given: PruneInput) -> tuple[SubNetwork, Reformed | None]:
             for i, s in enumerate(dims.layers)
         }
     )
-    return subnet, _bias_compensation(loaded, calib, subnet)
+    return subnet
 
 
 def _standardised(scores: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,7 @@ from slimlm.library import VariantLibrary, build_library
 from slimlm.models import LayerShape, LoadedModel, load_model
 from slimlm.outputs import check_run_folder
 from slimlm.progress import progress_bar
+from slimlm.prune import flap_shapes
 from slimlm.reform import reform
 from slimlm.space import SearchSpace, uniform_subnetwork
 from slimlm.strategies import (
@@ -290,15 +291,13 @@ def prepare(job: SearchJob, loaded: LoadedModel | None = None) -> Searcher:
             f"{job.evaluation_windows} (--eval-windows)"
         )
     trained = Path(loaded.folder) / IMPORTANCE_FILE  # a super-network: keep the units its training kept
-    if trained.is_file():
-        scores = load_importance(trained)
-    else:
-        scores = importance(loaded, cached_calibration(loaded, calib, job.calibration), job.metric)
+    calibration = cached_calibration(loaded, calib, job.calibration)
+    scores = load_importance(trained) if trained.is_file() else importance(loaded, calibration, job.metric)
 
     def within(shapes: list[LayerShape]) -> bool:
         return budget.fits(static_cost(dims, shapes, context=job.seq_len))
 
-    starts = tuple(job.space.starts(dims, scores, within))
+    starts = tuple(job.space.starts(dims, scores, within, _flap_allocation(loaded, calibration, params)))
     try:
         reference = uniform_subnetwork(dims, scores, (params or total.params) / total.params)
     except SlimlmError:  # budgets only depth pruning reaches have no uniform reference
@@ -313,6 +312,17 @@ def prepare(job: SearchJob, loaded: LoadedModel | None = None) -> Searcher:
     return Searcher(
         job, loaded, budget, context, calib, fitness_ids, selection_ids, evaluation_ids, reference, dense, library
     )
+
+
+def _flap_allocation(loaded: LoadedModel, calibration, params: int | None) -> list[LayerShape] | None:
+    """FLAP's per-layer shapes at the parameter budget, for the search to start from (None: no such
+    budget, or FLAP's smallest model does not fit it)."""
+    if params is None:
+        return None
+    try:
+        return flap_shapes(loaded, calibration, params)
+    except SlimlmError:
+        return None  # the budget is below FLAP's smallest model: the other starts (depth) still apply
 
 
 def fidelity_stages(windows: int, stages: int) -> tuple[int, ...]:
