@@ -22,6 +22,7 @@ from slimlm.errors import SlimlmError
 from slimlm.evaluate import fitness, perplexity
 from slimlm.importance import cached_calibration
 from slimlm.models import load_model
+from slimlm.models.base import LayerShape
 from slimlm.prune import flap_shapes
 from slimlm.reform import reform
 from slimlm.report import (
@@ -970,5 +971,5 @@ def test_the_search_starts_from_flaps_allocation_snapped_into_its_space(make_job
     for i, keep in start.layers.items():
         assert keep.shape.heads <= flap[i].heads and keep.shape.kv_heads <= flap[i].kv_heads
         assert keep.shape.neurons in space.neuron_choices(dims.layers[i]) and keep.shape.neurons <= flap[i].neurons
-    smaller = static_cost(dims, [s.__class__(s.heads, s.kv_heads, s.neurons - NEURON_STEP) for s in flap]).params
+    smaller = static_cost(dims, [LayerShape(s.heads, s.kv_heads, s.neurons - NEURON_STEP) for s in flap]).params
     assert static_cost(dims, start.shapes()).params >= smaller  # snapped, not shrunk further than a grid step

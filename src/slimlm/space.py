@@ -173,7 +173,7 @@ class SearchSpace:
         own choices, so a search started here stays inside the space.
 
         ``allocated``: per-layer shapes made by another rule (FLAP's allocation, see
-        ``prune.flap_shapes``), snapped to the grid and shrunk to fit; it goes first. FLAP's shapes
+        ``prune.flap_shapes``), snapped to the grid and shrunk to fit; it goes first. FLAP's exact shapes
         keep attention almost whole on SmolLM2 at 0.9 and reformed reach 26.1 held-out perplexity,
         where the threshold rule of ``_adaptive_start`` (group scores standardised over only three
         groups per layer, so one group always looks weak) cut a third of the groups: 35.7.

@@ -5,8 +5,8 @@ A candidate gives every layer an attention level (removed, or a grouped-query sh
 the variant library stores them, so a candidate is a stitch of stored, reformed weights.
 
 The first candidates are the starts (every rule slimlm knows: uniform shapes, FLAP's own per-layer
-allocation snapped to the grid, ShortGPT-like depth). A child then comes from one parent (mutation) or two (per-layer
-crossover, then mutation). Mutation switches levels in pairs, one sub-block up and another down
+allocation snapped to the grid, ShortGPT-like depth). A child then comes from one parent (mutation)
+or two (per-layer crossover, then mutation). Mutation switches levels in pairs, one sub-block up and another down
 (EvoPress's level switch, which keeps the size near the budget), then repairs: random steps down until
 the child fits, then one pass of steps up while it still fits, so no child wastes budget.
 
