@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import math
 import re
+import subprocess
+import sys
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -427,3 +430,17 @@ def test_error_lines_keep_bracketed_words(capsys):
     with pytest.raises(typer.Exit):
         failing()
     assert "pip install 'slimlm[llamacpp]'" in capsys.readouterr().err
+
+
+# --- basics ---------------------------------------------------------------------------------------
+
+
+def test_version_is_the_installed_package_version():
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.stdout.strip() == f"slimlm {metadata.version('slimlm')}"
+
+
+def test_python_dash_m_slimlm_is_the_same_command_line():
+    done = subprocess.run([sys.executable, "-m", "slimlm", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == invoke("--version").stdout.strip()

@@ -20,6 +20,7 @@ from slimlm.costs import static_cost
 from slimlm.data import model_windows
 from slimlm.errors import SlimlmError
 from slimlm.evaluate import fitness, perplexity
+from slimlm.extract import needs_remote_code
 from slimlm.importance import cached_calibration
 from slimlm.models import load_model
 from slimlm.models.base import LayerShape
@@ -28,6 +29,7 @@ from slimlm.reform import reform
 from slimlm.report import (
     FINALISTS,
     HYPERVOLUME_CAP,
+    base_model_name,
     hypervolume,
     last_stage,
     pareto_front,
@@ -36,7 +38,7 @@ from slimlm.report import (
 )
 from slimlm.search import STUDY_NAME, Searcher, SearchJob, open_study, parse_size, prepare, run_worker, search
 from slimlm.space import NEURON_STEP, SearchSpace
-from slimlm.strategies import STRATEGIES, candidate, completed, stage_of
+from slimlm.strategies import STRATEGIES, SUBNET_ATTR, candidate, completed, stage_of
 from slimlm.subnet import SubNetwork
 
 from .conftest import VOCAB, fast_search_settings, invoke, one_error, save_tiny, tiny_loaded
@@ -973,3 +975,47 @@ def test_the_search_starts_from_flaps_allocation_snapped_into_its_space(make_job
         assert keep.shape.neurons in space.neuron_choices(dims.layers[i]) and keep.shape.neurons <= flap[i].neurons
     smaller = static_cost(dims, [LayerShape(s.heads, s.kv_heads, s.neurons - NEURON_STEP) for s in flap]).params
     assert static_cost(dims, start.shapes()).params >= smaller  # snapped, not shrunk further than a grid step
+
+
+# --- what optuna-dashboard shows ------------------------------------------------------------------
+
+
+def test_the_store_names_its_objectives_and_shows_each_candidates_structure(runs):
+    job, searcher, _ = runs("evolution")
+    stored = optuna.load_study(study_name=STUDY_NAME, storage=job.storage_url())
+    assert stored.metric_names == [job.fitness, job.objective]
+    for trial in completed(stored):
+        subnet = SubNetwork.from_compact(trial.user_attrs[SUBNET_ATTR])
+        layers = trial.user_attrs["structure"].split(" ")
+        assert len(layers) == searcher.context.dims.num_layers
+        for i, part in enumerate(layers):
+            kept = subnet.layers.get(i)
+            assert part == (f"{i}:{kept.shape.heads}/{kept.shape.kv_heads}/{kept.shape.neurons}" if kept else f"{i}:-")
+        assert trial.user_attrs["kept_neurons"] == sum(s.neurons for s in subnet.shapes())
+
+
+def test_two_searches_share_one_database_under_their_study_names(make_job, tmp_path):
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    for name, seed in (("first", 0), ("second", 1)):
+        search(make_job(tmp_path / name, storage=url, study_name=name, seed=seed, evaluations=3))
+    names = {s.study_name for s in optuna.study.get_all_study_summaries(url)}
+    assert names == {"first", "second"}
+    assert all(len(first_stage(optuna.load_study(study_name=n, storage=url))) == 3 for n in names)
+
+
+def test_the_saved_model_has_a_card_naming_its_base_model_and_what_was_removed(reported, folder):
+    job, _, study, report = reported
+    card = (Path(job.out) / "best" / "README.md").read_text()
+    subnet = candidate(study.trials[report["best_trial"]])
+    assert f"base_model: {folder}" in card
+    kept = subnet.shapes()
+    assert f"| MLP neurons | {4 * 40} | {sum(s.neurons for s in kept)} |" in card
+    assert f"| decoder layers | 4 | {len(kept)} |" in card
+    assert f"{report['best_evaluation_perplexity']:.2f} |" in card
+    assert subnet.describe(4) in card
+    assert ("trust_remote_code=True" in card) == needs_remote_code(Path(job.out) / "best")
+
+
+def test_a_built_in_model_is_named_by_its_hugging_face_id():
+    assert base_model_name("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert base_model_name("/models/mine") == "/models/mine"

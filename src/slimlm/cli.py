@@ -8,7 +8,8 @@ import json
 import time
 import typing
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, replace
+from importlib import metadata
 from pathlib import Path
 from typing import Annotated
 
@@ -27,6 +28,7 @@ from slimlm.export import QUANT_TYPES, export_gguf
 from slimlm.extract import extract as extract_subnetwork
 from slimlm.extract import folder_bytes
 from slimlm.importance import DEFAULT_METRIC, cached_calibration
+from slimlm.jobfile import read_job_file
 from slimlm.llamacpp import NATIVE_QUANT_TYPES
 from slimlm.models import load_model
 from slimlm.outputs import check_output_folder
@@ -35,7 +37,7 @@ from slimlm.prune import METHODS, PruneInput, check_method, params_budget, prune
 from slimlm.quantize import ALL_QUANT_TYPES
 from slimlm.reform import reform as reform_weights
 from slimlm.report import search_summary, write_report
-from slimlm.search import SearchJob, parse_size
+from slimlm.search import STUDY_NAME, SearchJob, parse_size
 from slimlm.search import search as run_search
 from slimlm.space import SearchSpace
 from slimlm.strategies import DEFAULT_STRATEGY
@@ -51,6 +53,23 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"slimlm {metadata.version('slimlm')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print slimlm's version and exit")
+    ] = False,
+) -> None:
+    """Make pretrained LLMs smaller and faster by structural sub-network search."""
+
+
 out = Console(soft_wrap=True)  # messages stay on one line (scripts grep them)
 err = Console(stderr=True, soft_wrap=True)
 
@@ -497,7 +516,14 @@ LatencyRuntime = Annotated[
         "generated token after --seq-len, in an f16 GGUF; needs the llamacpp extra)"
     ),
 ]
-RunOut = Annotated[Path, typer.Option("--out", help="run folder: store, pareto.json, pareto.png, best/")]
+RunOut = Annotated[Path | None, typer.Option("--out", help="run folder: store, job.toml, pareto.json, best/")]
+JobModel = Annotated[
+    str | None, typer.Argument(help="as for every command, or taken from --config", show_default=False)
+]
+Config = Annotated[
+    Path | None,
+    typer.Option("--config", help="run the job in this file (RUN/job.toml); typed options override it"),
+]
 Metric = Annotated[str, typer.Option(help="importance metric: activation, magnitude, fluctuation, second-order")]
 PerLayer = Annotated[bool, typer.Option("--per-layer/--uniform", help="per-layer ratios or one shape for all layers")]
 Depth = Annotated[bool, typer.Option(help="allow removing attention and MLP sub-blocks and whole layers")]
@@ -512,28 +538,51 @@ Fitness = Annotated[str, typer.Option(help="what ranks candidates: kl (to the de
 Stages = Annotated[int, typer.Option(help="fidelity stages of the evolution (each scores 4x the windows)")]
 Seed = Annotated[int, typer.Option(help="random seed")]
 Storage = Annotated[str | None, typer.Option(help="Optuna storage URL (default: SQLite file in the run folder)")]
+StudyName = Annotated[str, typer.Option("--study", help="study name in the store (one database, many searches)")]
 Workers = Annotated[int, typer.Option(help="worker processes searching one store")]
 Resume = Annotated[bool, typer.Option(help="continue the search stored in the run folder")]
 Reform = Annotated[bool, typer.Option(help="reform the kept weights of the saved best model")]
 ReformCandidates = Annotated[bool, typer.Option(help="score every candidate after reformation (slower)")]
 
 
-def _job(model: str, out_dir: Path, **options) -> SearchJob:
-    """A search job from CLI options (sizes parsed, the space assembled)."""
-    frozen = _layer_list(options.pop("frozen"), "--frozen")
+def _job(model: str | None, out_dir: Path | None, options: dict, typed: set | None, config: Path | None) -> SearchJob:
+    """The search job of the CLI: the options, over the job file ``config`` when one is given (where
+    only the ``typed`` options count); sizes parsed, the space assembled."""
+    given = set(options) if typed is None else typed
+    job = SearchJob.from_dict(read_job_file(config), f"job file {config}") if config else SearchJob(model="", out="")
+    parsed = _options_job(options)
+    space = {SPACE_OPTIONS[n]: getattr(parsed.space, SPACE_OPTIONS[n]) for n in given & set(SPACE_OPTIONS)}
+    fields = {JOB_FIELDS.get(n, n) for n in given - set(SPACE_OPTIONS)}
+    job = replace(job, space=replace(job.space, **space), **{f: getattr(parsed, f) for f in fields})
+    job = replace(job, model=model or job.model, out=str(out_dir) if out_dir else job.out)
+    if not job.model or not job.out:
+        raise SlimlmError("give a MODEL and --out RUN, or a job file with --config RUN/job.toml")
+    if job.params_fraction is None and job.max_params is None and job.max_memory_bytes is None:
+        raise SlimlmError("give a budget: --params FRACTION, --max-params N or --max-memory BYTES")
+    return job
+
+
+SPACE_OPTIONS = {
+    "per_layer": "per_layer",
+    "depth": "depth",
+    "min_ratio": "min_ratio",
+    "max_ratio": "max_ratio",
+    "frozen": "frozen_layers",
+}
+JOB_FIELDS = {"max_memory": "max_memory_bytes"}  # options named otherwise than the job's field
+
+
+def _options_job(options: dict) -> SearchJob:
+    """The job the options alone describe (no budget check: a job file may hold the budget)."""
+    options = dict(options)
     space = SearchSpace(
-        per_layer=options.pop("per_layer"),
-        depth=options.pop("depth"),
-        min_ratio=options.pop("min_ratio"),
-        max_ratio=options.pop("max_ratio"),
-        frozen_layers=frozen,
+        **{field: options.pop(name) for name, field in SPACE_OPTIONS.items() if name != "frozen"},
+        frozen_layers=_layer_list(options.pop("frozen"), "--frozen"),
     )
     max_params, max_memory = options.pop("max_params"), options.pop("max_memory")
-    if options["params_fraction"] is None and max_params is None and max_memory is None:
-        raise SlimlmError("give a budget: --params FRACTION, --max-params N or --max-memory BYTES")
     return SearchJob(
-        model=model,
-        out=str(out_dir),
+        model="",
+        out="",
         space=space,
         max_params=int(parse_size(max_params)) if max_params else None,
         max_memory_bytes=int(parse_size(max_memory)) if max_memory else None,
@@ -576,6 +625,7 @@ def _search_options(
     frozen: Frozen = "",
     seed: Seed = 0,
     storage: Storage = None,
+    study_name: StudyName = STUDY_NAME,
     workers: Workers = 1,
     resume: Resume = False,
     reform: Reform = True,
@@ -594,25 +644,35 @@ def _resolved(fn) -> list[inspect.Parameter]:
 
 
 def _with_search_options(command):
-    """Give ``command`` every search option (one definition for ``search`` and ``compress``)."""
-    own = [p for p in _resolved(command) if p.name != "options"]
+    """Give ``command`` the MODEL argument, ``--out``, ``--config`` and every search option (one
+    definition for ``search`` and ``compress``); it receives the assembled ``job``."""
+    own = [p for p in _resolved(command) if p.name != "job"]
     shared = _resolved(_search_options)
 
     @functools.wraps(command)
-    def run(**kwargs):
+    def run(context: typer.Context, model: str | None, out_dir: Path | None, config: Path | None, **kwargs):
         options = {name: kwargs.pop(name) for name in [p.name for p in shared]}
-        return command(**kwargs, options=options)
+        # typer bundles its own click, so the source is compared by name, not with click's enum
+        typed = {name for name in options if context.get_parameter_source(name).name != "DEFAULT"}
+        return command(**kwargs, job=_job(model, out_dir, options, typed if config else None, config))
 
-    run.__signature__ = inspect.Signature([*own, *shared])
+    job_parameters = [p for p in _resolved(_job_arguments)]
+    run.__signature__ = inspect.Signature([*job_parameters, *own, *shared])
     return run
 
 
+def _job_arguments(
+    context: typer.Context, model: JobModel = None, out_dir: RunOut = None, config: Config = None
+) -> None:
+    """The arguments that say which job runs (their annotations are typer's)."""
+
+
 @app.command("search")
-@_with_search_options
 @friendly
-def search_command(model: ModelArg, out_dir: RunOut, options: dict) -> None:
+@_with_search_options
+def search_command(job: SearchJob) -> None:
     """Search for Pareto-optimal sub-networks within a budget; write the run folder."""
-    job = _job(model, out_dir, **options)
+    out_dir = Path(job.out)
     searcher, study = run_search(job)
     report = write_report(searcher, study)
     rows = [
@@ -654,12 +714,10 @@ def search_command(model: ModelArg, out_dir: RunOut, options: dict) -> None:
 
 
 @app.command()
-@_with_search_options
 @friendly
+@_with_search_options
 def compress(
-    model: ModelArg,
-    out_dir: RunOut,
-    options: dict,
+    job: SearchJob,
     quant: Annotated[
         str | None,
         typer.Option(help=f"also write RUN/best quantized: {', '.join(ALL_QUANT_TYPES)} (int8: transformers)"),
@@ -667,7 +725,8 @@ def compress(
     tokenizer_pre: TokenizerPre = None,
 ) -> None:
     """Search, save the best model within the budget in RUN/best, and compare it with the dense model."""
-    report = compress_model(_job(model, out_dir, **options), quant=quant, tokenizer_pre=tokenizer_pre)
+    report = compress_model(job, quant=quant, tokenizer_pre=tokenizer_pre)
+    model, out_dir = job.model, Path(job.out)
     dense, small = report["dense"], report["compressed"]
     rows = _comparison_rows(dense, small, 128, subject=1)
     rows.insert(

@@ -15,6 +15,7 @@ from optuna._hypervolume import compute_hypervolume  # Optuna's own (pinned <6; 
 from slimlm.apply import subnetwork_applied
 from slimlm.evaluate import perplexity
 from slimlm.extract import extract
+from slimlm.models import BUILTIN_MODELS
 from slimlm.progress import track
 from slimlm.reform import reform
 from slimlm.search import Searcher
@@ -186,11 +187,13 @@ def write_report(searcher: Searcher, study: optuna.Study, front_size: int = 6) -
     if best:
         subnet = candidate(study.trials[best["trial"]])
         weights = best["weights"] if job.reform else None
-        extract(searcher.loaded, subnet, out / "best", weights)
+        extracted = extract(searcher.loaded, subnet, out / "best", weights)
         with subnetwork_applied(searcher.loaded, subnet, weights) as model:
             report["best_evaluation_perplexity"] = perplexity(model, evaluation_ids)
         report["best_reformed"] = bool(weights)
         report["best_reformation"] = best["reformation"] if weights else None
+        card = model_card(report, job, subnet, searcher.context.dims, extracted.needs_remote_code)
+        (out / "best" / "README.md").write_text(card, encoding="utf-8")
         if best_start is not None:
             start = next((c for c in chosen if c["trial"] == best_start.number), None)
             start_weights = start["weights"] if start and job.reform else None
@@ -267,3 +270,74 @@ def perplexity_axes(ax, title: str, ylabel: str = "perplexity (log scale)", lege
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=legend_size)
+
+
+def model_card(report: dict, job, subnet: SubNetwork, dims, remote_code: bool) -> str:
+    """The ``README.md`` of a saved model: its base model, what was removed, the measured figures
+    (on text the search never used), and how to load it."""
+    dense, kept = dims.layers, subnet.shapes()
+    best = next(m for m in [*report["finalists"], *report["front"]] if m["trial"] == report["best_trial"])
+    base = base_model_name(job.model)
+    removed = [str(i) for i in range(dims.num_layers) if i not in subnet.layers]
+    rows = [
+        ("parameters", f"{report['dense']['params']:,}", f"{best['params']:,} ({best['params_fraction']:.3f})"),
+        (
+            f"perplexity, {job.evaluation}",
+            f"{report['dense']['evaluation_perplexity']:.2f}",
+            f"{report['best_evaluation_perplexity']:.2f}",
+        ),
+        ("decoder layers", str(dims.num_layers), str(len(kept))),
+        ("attention heads", str(sum(s.heads for s in dense)), str(sum(s.heads for s in kept))),
+        ("key/value heads", str(sum(s.kv_heads for s in dense)), str(sum(s.kv_heads for s in kept))),
+        ("MLP neurons", f"{sum(s.neurons for s in dense):,}", f"{sum(s.neurons for s in kept):,}"),
+    ]
+    load = ", trust_remote_code=True" if remote_code else ""
+    reformed = f"reformed from calibration ({report['best_reformation']})" if report["best_reformed"] else "as pruned"
+    lines = [
+        "---",
+        f"base_model: {base}",
+        "library_name: transformers",
+        "tags: [slimlm, pruned, structured-pruning]",
+        "---",
+        "",
+        f"# {base}, structurally pruned by slimlm",
+        "",
+        f"Sub-network of `{base}` found by slimlm's `{job.strategy}` search ({report['evaluations']} candidates, "
+        f"fitness {job.fitness}, budget {_budget_text(report['budget'])}); kept weights {reformed}. "
+        f"Calibrated on `{job.calibration}`; perplexity measured on `{job.evaluation}` "
+        f"({job.evaluation_windows} windows of {job.seq_len} tokens that no calibration, fitness or selection used).",
+        "",
+        "| | base model | this model |",
+        "|---|---:|---:|",
+        *(f"| {name} | {a} | {b} |" for name, a, b in rows),
+        "",
+        f"Removed layers: {', '.join(removed) or 'none'}. Per layer (`layer:heads/kv_heads/neurons`, `-` removed):",
+        "",
+        f"    {subnet.describe(dims.num_layers)}",
+        "",
+        "## Load",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder"{load})',
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
+        "```",
+        "",
+        "Its layers differ in shape, so it ships its modeling code (`trust_remote_code=True`)."
+        if remote_code
+        else "Every layer has one shape: stock transformers loads it.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _budget_text(budget: dict) -> str:
+    parts = [f"{k.replace('_', ' ')} <= {v:,}" for k, v in budget.items() if v is not None]
+    return ", ".join(parts) or "none"
+
+
+def base_model_name(model: str) -> str:
+    """The name a model card gives the base model: the Hugging Face id of a built-in model, else as given."""
+    builtin = BUILTIN_MODELS.get(model)
+    return builtin.hub_id if builtin else model

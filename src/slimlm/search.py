@@ -19,7 +19,7 @@ import re
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import optuna
@@ -41,6 +41,7 @@ from slimlm.importance import (
     importance,
     load_importance,
 )
+from slimlm.jobfile import write_job_file
 from slimlm.library import VariantLibrary, build_library
 from slimlm.models import LayerShape, LoadedModel, load_model
 from slimlm.outputs import check_run_folder
@@ -130,6 +131,7 @@ class SearchJob:
     stages: int = 3  # fidelity stages of multi-fidelity strategies
     seed: int = 0
     storage: str | None = None
+    study_name: str = STUDY_NAME  # the study in the store: one database may hold many searches
     workers: int = 1
     resume: bool = False
     reform: bool = True  # score candidates as stitched from the reformed variant library; ship the winner reformed
@@ -167,6 +169,43 @@ class SearchJob:
             "reform_candidates",
         )
         return {k: getattr(self, k) for k in keys} | {"space": asdict(self.space)}
+
+    def to_dict(self) -> dict:
+        """The job as plain values (JSON and TOML alike): unset options (None) left out, tuples as
+        lists, and the invocation flags (``resume``, ``overwrite``) dropped: they are not the job."""
+        values = {k: v for k, v in asdict(self).items() if v is not None and k not in INVOCATION_FLAGS}
+        values["space"] = {k: list(v) if isinstance(v, tuple) else v for k, v in values["space"].items()}
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "the job") -> SearchJob:
+        """The job ``values`` describe (as ``to_dict`` writes them); an unknown key or a value of the
+        wrong type is one clear error naming ``source``, never silently dropped."""
+        values, space = dict(values), dict(values.get("space", {}))
+        values.pop("space", None)
+        defaults = cls(model="", out="")
+        _check_values(values, asdict(defaults), set(INVOCATION_FLAGS) | {"space"}, source)
+        _check_values(space, asdict(defaults.space), set(), f"{source} (space)")
+        if "frozen_layers" in space:
+            space["frozen_layers"] = tuple(space["frozen_layers"])
+        return replace(defaults, **values, space=SearchSpace(**space))
+
+
+INVOCATION_FLAGS = ("resume", "overwrite")
+NUMBER_FIELDS = {"params_fraction": float, "max_params": int, "max_memory_bytes": int, "max_latency_ms": float}
+
+
+def _check_values(values: dict, defaults: dict, excluded: set[str], source: str) -> None:
+    """Every key known, every value of its default's type (a float may be written as an integer)."""
+    unknown = sorted(set(values) - (set(defaults) - excluded))
+    if unknown:
+        raise SlimlmError(f"{source} has unknown settings: {', '.join(unknown)}")
+    for key, value in values.items():
+        default = defaults[key]
+        kind = NUMBER_FIELDS.get(key) or type(default)
+        kinds = {tuple: (list, tuple), float: (float, int)}.get(kind, kind)
+        if not isinstance(value, kinds) or (kind is not bool and isinstance(value, bool)):
+            raise SlimlmError(f"{source}: {key} must be a {kind.__name__}, got {value!r}")
 
 
 @dataclass
@@ -227,11 +266,18 @@ class Searcher:
             result = fitness(model, self.dense, windows) | {"stage": stage, "fitness_windows": windows}
             if self.job.objective == "latency" or self.budget.latency_ms is not None:
                 result["latency_ms"] = self.latency_ms(model)
+        shapes = subnet.shapes()
         return result | {
             "params": cost.params,
             "flops": cost.flops_per_token,
             "memory": cost.memory_bytes,
             "seconds": time.perf_counter() - start,
+            # readable in optuna-dashboard, where the compact sub-network is an opaque string
+            "structure": subnet.describe(self.context.dims.num_layers),
+            "kept_layers": len(shapes),
+            "kept_heads": sum(s.heads for s in shapes),
+            "kept_kv_heads": sum(s.kv_heads for s in shapes),
+            "kept_neurons": sum(s.neurons for s in shapes),
         }
 
 
@@ -339,17 +385,20 @@ def open_study(job: SearchJob, create: bool) -> optuna.Study:
     """The job's study; ``create`` makes it (refusing to mix with an existing one unless resuming)."""
     url = job.storage_url()
     storage = _storage(url)
-    exists = _holds_study(storage)
+    exists = _holds_study(storage, job.study_name)
     sampler = make_strategy(job.strategy).sampler(job.seed)
     if create and exists and not job.resume:
         raise SlimlmError(f"{url} already holds a search; pass --resume to continue it, or choose another --out")
     if create and not exists:
         study = optuna.create_study(
-            storage=storage, study_name=STUDY_NAME, sampler=sampler, directions=["minimize", "minimize"]
+            storage=storage, study_name=job.study_name, sampler=sampler, directions=["minimize", "minimize"]
         )
+        with warnings.catch_warnings():  # "experimental" in Optuna since 3.2, and what the dashboard reads
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([job.fitness, job.objective])
         study.set_user_attr("job", job.identity())
         return study
-    study = optuna.load_study(study_name=STUDY_NAME, storage=storage, sampler=sampler)
+    study = optuna.load_study(study_name=job.study_name, storage=storage, sampler=sampler)
     stored = study.user_attrs.get("job")
     if stored != json.loads(json.dumps(job.identity())):
         changed = sorted(
@@ -366,14 +415,14 @@ def _storage(url: str) -> optuna.storages.RDBStorage:
         return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS)
 
 
-def _holds_study(storage: optuna.storages.RDBStorage) -> bool:
-    return STUDY_NAME in {s.study_name for s in optuna.study.get_all_study_summaries(storage)}
+def _holds_study(storage: optuna.storages.RDBStorage, name: str) -> bool:
+    return name in {s.study_name for s in optuna.study.get_all_study_summaries(storage)}
 
 
 def _study_exists(job: SearchJob) -> bool:
     if job.storage is None and not job.private_store().is_file():
         return False  # not even an empty SQLite file made by asking
-    return _holds_study(_storage(job.storage_url()))
+    return _holds_study(_storage(job.storage_url()), job.study_name)
 
 
 def run_worker(searcher: Searcher, study: optuna.Study, on_result=None) -> None:
@@ -531,6 +580,7 @@ def search(job: SearchJob, loaded: LoadedModel | None = None) -> tuple[Searcher,
     Path(job.out).mkdir(parents=True, exist_ok=True)  # only now: bad input leaves no empty run folder
     hold_run_folder(job.out)
     study = open_study(job, create=True)
+    write_job_file(job.to_dict(), job.out, searcher.loaded.fingerprint())  # what ran, to rerun it (--config)
     if not study.get_trials(deepcopy=False):
         make_strategy(job.strategy).begin(study, searcher.context)
     if not job.storage:  # a private store, and this process holds its folder: whatever was running is stale

