@@ -680,7 +680,7 @@ def test_cli_search_prints_the_front_and_writes_the_run(folder, text, tmp_path):
     assert "Pareto front: evolution, 10 candidates" in result.stdout
     assert f"hypervolume {report['hypervolume']:.4f}" in result.stdout
     rows = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.startswith("│ ")}
-    assert {"uniform", "dense"} <= set(rows)  # "uniform importance" wraps in an 80-column terminal
+    assert {"uniform importance", "dense"} <= set(rows)  # piped: not cut at rich's 80 columns
     assert f"{report['dense']['params']:,}" in rows["dense"]
     for member in report["front"]:
         row = rows[f"trial {member['trial']}"]
@@ -1019,3 +1019,10 @@ def test_the_saved_model_has_a_card_naming_its_base_model_and_what_was_removed(r
 def test_a_built_in_model_is_named_by_its_hugging_face_id():
     assert base_model_name("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert base_model_name("/models/mine") == "/models/mine"
+
+
+def test_cli_search_json_is_the_written_report(folder, text, tmp_path):
+    run = tmp_path / "run"
+    result = invoke("search", folder, "--params", FRACTION, *search_options(text, run), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == json.loads((run / "pareto.json").read_text())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import os
 import time
 import typing
 from collections import Counter
@@ -70,8 +71,17 @@ def main(
     """Make pretrained LLMs smaller and faster by structural sub-network search."""
 
 
-out = Console(soft_wrap=True)  # messages stay on one line (scripts grep them)
-err = Console(stderr=True, soft_wrap=True)
+def _console(stderr: bool = False) -> Console:
+    """Messages stay on one line (scripts grep them); piped to a log, tables are not cut at rich's
+    default 80 columns (a log has no width; COLUMNS still sets one)."""
+    console = Console(stderr=stderr, soft_wrap=True)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = LOG_WIDTH
+    return console
+
+
+LOG_WIDTH = 200
+out, err = _console(), _console(stderr=True)
 
 ModelArg = Annotated[str, typer.Argument(help="built-in name (smollm2-135m), Hugging Face folder, or .gguf file")]
 DataOpt = Annotated[str, typer.Option(help=f"text: {describe_specs()}")]
@@ -670,11 +680,14 @@ def _job_arguments(
 @app.command("search")
 @friendly
 @_with_search_options
-def search_command(job: SearchJob) -> None:
+def search_command(job: SearchJob, as_json: JsonOpt = False) -> None:
     """Search for Pareto-optimal sub-networks within a budget; write the run folder."""
     out_dir = Path(job.out)
     searcher, study = run_search(job)
     report = write_report(searcher, study)
+    if as_json:
+        out.print_json(json.dumps(report))
+        return
     rows = [
         [
             f"trial {m['trial']}",
@@ -723,9 +736,13 @@ def compress(
         typer.Option(help=f"also write RUN/best quantized: {', '.join(ALL_QUANT_TYPES)} (int8: transformers)"),
     ] = None,
     tokenizer_pre: TokenizerPre = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Search, save the best model within the budget in RUN/best, and compare it with the dense model."""
     report = compress_model(job, quant=quant, tokenizer_pre=tokenizer_pre)
+    if as_json:
+        out.print_json(json.dumps(report))
+        return
     model, out_dir = job.model, Path(job.out)
     dense, small = report["dense"], report["compressed"]
     rows = _comparison_rows(dense, small, 128, subject=1)
