@@ -78,7 +78,9 @@ def _capture_input(linear: torch.nn.Module, store: list[torch.Tensor]) -> Iterat
 
 
 @torch.no_grad()
-def reform(loaded: LoadedModel, subnet: SubNetwork, windows: torch.Tensor, batch_size: int = 4) -> Reformed:
+def reform(
+    loaded: LoadedModel, subnet: SubNetwork, windows: torch.Tensor, batch_size: int = 4, damping: float = DAMPING
+) -> Reformed:
     """New output-projection weights for every kept layer of ``subnet``, from calibration ``windows``.
 
     Two variants were measured worse or not worth their cost on SmolLM2 (FLAP's 0.8 sub-network,
@@ -106,7 +108,7 @@ def reform(loaded: LoadedModel, subnet: SubNetwork, windows: torch.Tensor, batch
             if not len(kept):
                 continue  # a removed sub-block adds nothing: the hidden states pass on unchanged
             inputs = _projection_inputs(branch, projection, hidden, layer_kwargs[index])
-            reformed[index, name] = w = _reform_projection(projection, inputs, kept)
+            reformed[index, name] = w = _reform_projection(projection, inputs, kept, damping)
             hidden = [h + _project(x[..., kept], w, projection.bias) for h, x in zip(hidden, inputs, strict=True)]
     return reformed
 
@@ -126,7 +128,9 @@ def _branches(adapter, layer):
     return (lambda h, kw: attention(h, **kw)), (lambda h, _kw: mlp(h))
 
 
-def _reform_projection(linear: torch.nn.Linear, inputs: list[torch.Tensor], kept: torch.Tensor) -> torch.Tensor:
+def _reform_projection(
+    linear: torch.nn.Linear, inputs: list[torch.Tensor], kept: torch.Tensor, damping: float = DAMPING
+) -> torch.Tensor:
     """Ŵ over the ``kept`` input columns with Ŵ X_K ≈ W X in least squares, X the batches of ``inputs``."""
     if len(kept) == linear.in_features:
         return linear.weight.detach().clone()
@@ -134,7 +138,7 @@ def _reform_projection(linear: torch.nn.Linear, inputs: list[torch.Tensor], kept
     for x in inputs:
         flat = x.reshape(-1, x.shape[-1]).float()
         gram += (flat.T @ flat).double()  # float32 products (fast), float64 sums
-    return solve(linear.weight.detach(), gram, kept)
+    return solve(linear.weight.detach(), gram, kept, damping)
 
 
 def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
