@@ -10,6 +10,8 @@ import time
 import types
 from pathlib import Path
 
+import gguf as gguf_package
+import numpy as np
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -458,3 +460,16 @@ def test_remote_code_in_a_users_folder_never_runs(tmp_path, monkeypatch):
     with pytest.raises(SlimlmError, match="unsupported architecture 'evil'"):
         load_model(folder)
     assert not marker.exists()
+
+
+def test_a_gguf_of_another_family_is_refused_from_its_header_before_any_dequantization(tmp_path, fake_gguf):
+    path = tmp_path / "gemma.gguf"
+    writer = gguf_package.GGUFWriter(str(path), "gemma3")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(SlimlmError, match=r"unsupported architecture 'gemma3' .*GGUF architecture gemma3"):
+        load_model(path)
+    assert fake_gguf.calls == [] and not (cache_root() / "models").exists()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from gguf import GGUFReader
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -174,6 +175,20 @@ def resolve_model(spec: str | Path) -> Path:
     )
 
 
+GGUF_FAMILIES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}  # llama.cpp architecture -> model_type
+
+
+def refuse_unsupported_gguf(path: Path) -> None:
+    """Refuse a GGUF of a family slimlm does not support from its header alone, before the slow
+    dequantization (a corrupt file is left to the loader, which says so)."""
+    try:
+        field = GGUFReader(path).fields.get("general.architecture")
+        architecture = field.contents() if field is not None else None
+    except Exception:  # not a readable GGUF: the loader's own error names the problem
+        return
+    adapter_named(GGUF_FAMILIES.get(architecture, architecture), [f"GGUF architecture {architecture}"])
+
+
 def _builtin_gguf(name: str) -> Path:
     builtin = BUILTIN_MODELS[name]
     # find_spec, not import: the package's own __init__ imports dependencies slimlm does not need.
@@ -190,6 +205,7 @@ def _cached_from_gguf(gguf: Path, cache_name: str) -> Path:
     target = cache_root() / "models" / cache_name
     if (target / DONE_MARKER).is_file():
         return target
+    refuse_unsupported_gguf(gguf)  # from the header, before the slow part
     target.parent.mkdir(parents=True, exist_ok=True)
     with exclusive(cache_root() / "locks" / f"{cache_name}.lock"):  # one process dequantizes; others wait
         if (target / DONE_MARKER).is_file():
