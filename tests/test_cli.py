@@ -14,6 +14,7 @@ import pytest
 import torch
 import typer
 
+from slimlm.chat import chat_prompts
 from slimlm.cli import friendly
 from slimlm.costs import peak_memory, static_cost
 from slimlm.errors import SlimlmError
@@ -240,6 +241,10 @@ def test_compress_end_to_end(dense, text, tmp_path):
     assert small_params == static_cost(load_model(out / "best").dims).params
     assert report["evaluation_tokens"] == 32
     assert math.isfinite(report["compressed"]["perplexity"])
+    chat = report["chat"]
+    assert chat["prompts"] == len(chat_prompts()) and not chat["templated"]  # the tiny tokenizer has no template
+    assert chat["kl_per_token"] >= 0 and 0 <= chat["first_tokens_match"] <= 1 and len(chat["samples"]) == 3
+    assert f"chat fidelity on {chat['prompts']} prompts as plain text" in result.stdout
     assert "saved" in result.stdout
     assert str(out / "slimlm_report.json") in result.stdout.replace("\n", "")
 

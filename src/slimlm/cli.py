@@ -763,6 +763,16 @@ def compress(
             f"{report['uniform_importance_perplexity']:.2f} ({'reformed' if report['reformed'] else 'not reformed'})"
         )
     out.print(escape(report["summary"]))
+    chat = report["chat"]
+    how_asked = "through the chat template" if chat["templated"] else "as plain text (no chat template)"
+    out.print(
+        f"chat fidelity on {chat['prompts']} prompts {how_asked}: KL to dense {chat['kl_per_token']:.3f} nats/token, "
+        f"dense token agreement {chat['dense_token_agreement']:.0%}, answers starting as dense's "
+        f"{chat['first_tokens_match']:.0%}"
+    )
+    sample = chat["samples"][0] if chat["samples"] else None
+    if sample:
+        out.print(escape(f"  {sample['prompt']!r}: dense {sample['dense']!r} / compressed {sample['compressed']!r}"))
     reformed = "reformed" if report["reformed"] else "not reformed"
     out.print(f"saved {out_dir / 'best'}, {reformed} (loads with {how}); report in {out_dir / 'slimlm_report.json'}")
     if quantized := report.get("quantized"):

@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from slimlm.chat import chat_fidelity, chat_reference
 from slimlm.costs import compare_speed, static_cost
 from slimlm.errors import SlimlmError
 from slimlm.evaluate import perplexity
@@ -90,6 +91,8 @@ def compress(job: SearchJob, repeats: int = 3, quant: str | None = None, tokeniz
         "uniform_importance_perplexity": (pareto["uniform_importance"] or {}).get("evaluation_perplexity"),
         "dense": asdict(reports[0]),
         "compressed": asdict(reports[1]),
+        # what users deploy Instruct models for: does it still answer as the dense model does
+        "chat": chat_fidelity(small.model, dense.model, small.tokenizer, chat_reference(dense.model, dense.tokenizer)),
     }
     if quant is not None:
         path = quantize(small, quant, tokenizer_pre)

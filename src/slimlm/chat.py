@@ -1,0 +1,137 @@
+"""Chat fidelity: does the compressed model still answer as the dense one does?
+
+Users deploy Instruct models as assistants, and perplexity on prose does not show whether a pruned
+model still answers. slimlm's own prompt set (``prompts/chat.txt``, everyday instructions and
+questions) goes through the model's chat template; the dense model's greedy answers are the
+reference. A compressed model is scored teacher-forced on those answers (mean per-token KL
+divergence from the dense model, and the share of positions where its top token is the dense
+answer's), by whether its own greedy answer starts with the same tokens, and by a few answers
+side by side. Models without a chat template are measured on plain continuations of the prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+
+import torch
+import torch.nn.functional as F
+
+from slimlm.progress import track
+
+ANSWER_TOKENS = 32  # greedy answer length of the reference (a first sentence or two)
+FIRST_TOKENS = 10  # an answer "starts like the dense one" when these many tokens match
+SAMPLES = 3  # answers shown side by side in reports
+BATCH = 16  # prompts generated at once (left-padded)
+
+
+def chat_prompts(limit: int | None = None) -> list[str]:
+    """slimlm's prompt set, in its fixed order (the first ``limit``)."""
+    text = resources.files("slimlm").joinpath("prompts/chat.txt").read_text(encoding="utf-8")
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    return prompts[:limit]
+
+
+@dataclass(frozen=True)
+class ChatReference:
+    """The dense model's greedy answers: token ids of each templated prompt and of its answer."""
+
+    prompts: list[str]
+    prompt_ids: list[list[int]]
+    answer_ids: list[list[int]]
+    templated: bool  # False: the tokenizer has no chat template, plain continuations were used
+
+
+def prompt_ids(tokenizer, prompt: str) -> tuple[list[int], bool]:
+    """``prompt`` as the model sees it in chat (its template, ready for the answer), or as plain text."""
+    if getattr(tokenizer, "chat_template", None):
+        encoded = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        return list(encoded["input_ids"]), True
+    ids = tokenizer(prompt)["input_ids"]
+    if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
+        ids = [tokenizer.bos_token_id, *ids]
+    return list(ids), False
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, prompts: list[list[int]], new_tokens: int, label: str | None) -> list[list[int]]:
+    """Each prompt's greedy continuation (at most ``new_tokens``, ending at the end-of-turn token)."""
+    stop = _stop_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop[0] if stop else 0)
+    answers: list[list[int]] = []
+    batches = [prompts[i : i + BATCH] for i in range(0, len(prompts), BATCH)]
+    for batch in track(batches, label) if label else batches:
+        width = max(len(p) for p in batch)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=stop or None,
+            pad_token_id=pad,
+        )
+        for row in out[:, width:].tolist():
+            end = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
+            answers.append(row[:end])
+    return answers
+
+
+def _stop_ids(model, tokenizer) -> list[int]:
+    """Token ids that end an answer: the generation config's end of turn, else the tokenizer's EOS."""
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids = configured if isinstance(configured, list) else [configured]
+    ids = [i for i in ids if i is not None]
+    return ids or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+
+
+def chat_reference(
+    dense, tokenizer, prompts: list[str] | None = None, new_tokens: int = ANSWER_TOKENS
+) -> ChatReference:
+    """The dense model's greedy answers to ``prompts`` (default: slimlm's prompt set)."""
+    prompts = chat_prompts() if prompts is None else prompts
+    encoded = [prompt_ids(tokenizer, p) for p in prompts]
+    ids = [e[0] for e in encoded]
+    answers = greedy_answers(dense, tokenizer, ids, new_tokens, "chat: dense answers")
+    return ChatReference(prompts, ids, answers, templated=bool(encoded and encoded[0][1]))
+
+
+@torch.no_grad()
+def chat_fidelity(model, dense, tokenizer, reference: ChatReference, description: str = "compressed") -> dict:
+    """How closely ``model`` answers as ``dense`` did on ``reference``: mean per-token KL (nats) from
+    the dense model teacher-forced on its answers, the share of those positions where ``model``'s top
+    token is the dense one, the share of prompts whose greedy answer starts with the dense answer's
+    first ``FIRST_TOKENS`` tokens, and ``SAMPLES`` answers side by side."""
+    kl_sum, agree, positions = 0.0, 0, 0
+    pairs = list(zip(reference.prompt_ids, reference.answer_ids, strict=True))
+    for prompt, answer in track(pairs, f"chat fidelity ({description})"):
+        if not answer:
+            continue
+        ids = torch.tensor([prompt + answer])
+        start = len(prompt) - 1  # the logits at this position predict the answer's first token
+        teacher = F.log_softmax(dense(input_ids=ids).logits[0, start:-1].float(), -1)
+        student = F.log_softmax(model(input_ids=ids).logits[0, start:-1].float(), -1)
+        kl_sum += float((teacher.exp() * (teacher - student)).sum())
+        agree += int((student.argmax(-1) == torch.tensor(answer)).sum())
+        positions += len(answer)
+    starts = greedy_answers(model, tokenizer, reference.prompt_ids, FIRST_TOKENS, None)
+    matched = sum(s[:FIRST_TOKENS] == a[:FIRST_TOKENS] for s, a in zip(starts, reference.answer_ids, strict=True))
+    shown = greedy_answers(model, tokenizer, reference.prompt_ids[:SAMPLES], ANSWER_TOKENS, None)
+    return {
+        "prompts": len(pairs),
+        "templated": reference.templated,
+        "kl_per_token": kl_sum / max(positions, 1),
+        "dense_token_agreement": agree / max(positions, 1),
+        "first_tokens_match": matched / max(len(pairs), 1),
+        "samples": [
+            {
+                "prompt": reference.prompts[i],
+                "dense": tokenizer.decode(reference.answer_ids[i], skip_special_tokens=True).strip(),
+                "compressed": tokenizer.decode(shown[i], skip_special_tokens=True).strip(),
+            }
+            for i in range(len(shown))
+        ],
+    }
