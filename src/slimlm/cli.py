@@ -621,7 +621,7 @@ def _search_options(
     calibration: Calib = DEFAULT_CALIBRATION,
     evaluation: EvalText = DEFAULT_EVALUATION,
     seq_len: SeqLenOpt = 256,
-    calibration_windows: CalibWindows = 32,
+    calibration_windows: CalibWindows = 128,
     fitness_windows: FitnessWindows = 16,
     selection_windows: SelectionWindows = 8,
     evaluation_windows: EvalWindows = 16,

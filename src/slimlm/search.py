@@ -123,7 +123,7 @@ class SearchJob:
     calibration: str = DEFAULT_CALIBRATION
     evaluation: str = DEFAULT_EVALUATION
     seq_len: int = 256
-    calibration_windows: int = 32  # importance, the variant library and the winner's reformation
+    calibration_windows: int = 128  # importance, the library, reformation: 32k tokens (benchmarks/calibration_size.py)
     fitness_windows: int = 16  # scored per candidate (at the last fidelity stage); disjoint from calibration
     selection_windows: int = 8  # choose among the finalists; disjoint from calibration and fitness
     evaluation_windows: int = 16
