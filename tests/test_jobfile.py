@@ -8,12 +8,15 @@ import optuna
 import pytest
 import tomllib
 
+from slimlm.costs import static_cost
 from slimlm.errors import SlimlmError
+from slimlm.extract import SUBNET_FILE
 from slimlm.jobfile import JOB_FILE, read_job_file, write_job_file
 from slimlm.models import load_model
 from slimlm.search import STORE_FILE, STUDY_NAME, SearchJob
 from slimlm.space import SearchSpace
 from slimlm.strategies import SUBNET_ATTR
+from slimlm.subnet import SubNetwork
 
 from .conftest import invoke, one_error, save_tiny, tiny_loaded
 
@@ -102,3 +105,23 @@ def test_a_missing_or_broken_job_file_is_one_clear_error(tmp_path):
     broken.write_text('[job]\nmodel = "m"\nout = "o"\nsed = 1\n')
     assert "unknown settings: sed" in one_error(invoke("compress", "--config", broken))
     assert "give a MODEL and --out" in one_error(invoke("search", "--params", 0.5))
+
+
+def test_extract_takes_any_evaluated_trial_of_a_run(folder, text, tmp_path):
+    run = tmp_path / "run"
+    assert invoke("search", folder, "--out", run, *fast(text)).exit_code == 0
+    study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{run / STORE_FILE}")
+    trial = next(t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
+    result = invoke("extract", run, "--trial", trial.number, "--out", tmp_path / "member")
+    assert result.exit_code == 0, result.output
+    saved = SubNetwork.load(tmp_path / "member" / SUBNET_FILE, foreign=True)
+    assert saved.to_compact() == trial.user_attrs[SUBNET_ATTR]
+    assert static_cost(load_model(tmp_path / "member").dims).params == trial.user_attrs["params"]
+
+    pruned = [t.number for t in study.trials if t.state != optuna.trial.TrialState.COMPLETE]
+    missing = pruned[0] if pruned else len(study.trials) + 5
+    assert "is not an evaluated candidate" in one_error(
+        invoke("extract", run, "--trial", missing, "--out", tmp_path / "x")
+    )
+    assert "not a slimlm run folder" in one_error(invoke("extract", folder, "--trial", 0, "--out", tmp_path / "y"))
+    assert "give --subnet FILE, or --trial N" in one_error(invoke("extract", folder, "--out", tmp_path / "z"))

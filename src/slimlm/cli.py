@@ -38,7 +38,7 @@ from slimlm.prune import METHODS, PruneInput, check_method, params_budget, prune
 from slimlm.quantize import ALL_QUANT_TYPES
 from slimlm.reform import reform as reform_weights
 from slimlm.report import search_summary, write_report
-from slimlm.search import STUDY_NAME, SearchJob, parse_size
+from slimlm.search import STUDY_NAME, SearchJob, parse_size, stored_candidate
 from slimlm.search import search as run_search
 from slimlm.space import SearchSpace
 from slimlm.strategies import DEFAULT_STRATEGY
@@ -255,20 +255,29 @@ def evaluate(
 @app.command()
 @friendly
 def extract(
-    model: ModelArg,
-    subnet: Annotated[Path, typer.Option(help="sub-network JSON file")],
+    model: Annotated[str, typer.Argument(help="as for every command; with --trial, a run folder")],
     out_dir: Annotated[Path, typer.Option("--out", help="folder to write the smaller model to")],
+    subnet: Annotated[Path | None, typer.Option(help="sub-network JSON file")] = None,
+    trial: Annotated[
+        int | None, typer.Option(help="extract this trial of the search in the run folder MODEL (see pareto.json)")
+    ] = None,
     reform: Annotated[bool, typer.Option(help="repair the kept weights with calibration data")] = True,
     calibration: Calib = DEFAULT_CALIBRATION,
-    calibration_windows: CalibWindows = 16,
+    calibration_windows: CalibWindows = SearchJob.calibration_windows,
     seq_len: SeqLenOpt = 256,
     foreign_subnet: ForeignSubnet = False,
     overwrite: Overwrite = False,
 ) -> None:
     """Write a sub-network as a standalone smaller Hugging Face model folder (reformed by default)."""
+    if (subnet is None) == (trial is None):
+        raise SlimlmError("give --subnet FILE, or --trial N with a run folder as MODEL")
+    if trial is not None:  # the run's own model and calibration, as its search reformed them
+        job, chosen = stored_candidate(model, trial)
+        model, calibration, seq_len = job.model, job.calibration, job.seq_len
+        calibration_windows = job.calibration_windows
     check_output_folder(out_dir, overwrite, model)
     loaded = load_model(model)
-    chosen = _subnet_for(loaded, subnet, foreign_subnet)
+    chosen = _subnet_for(loaded, subnet, foreign_subnet) if subnet else chosen.validate(loaded.dims)
     reformed = None
     if reform:
         reformed = reform_weights(loaded, chosen, model_windows(loaded, calibration, seq_len, calibration_windows))
@@ -306,7 +315,7 @@ def reform_command(
     out_dir: Annotated[Path, typer.Option("--out", help="folder to write the reformed smaller model to")],
     calibration: Calib = DEFAULT_CALIBRATION,
     evaluation: EvalText = DEFAULT_EVALUATION,
-    calibration_windows: CalibWindows = 16,
+    calibration_windows: CalibWindows = SearchJob.calibration_windows,
     evaluation_windows: EvalWindows = 16,
     seq_len: SeqLenOpt = 256,
     foreign_subnet: ForeignSubnet = False,
@@ -342,7 +351,7 @@ def prune_command(
     max_params: MaxParams = None,
     calibration: Calib = DEFAULT_CALIBRATION,
     evaluation: EvalText = DEFAULT_EVALUATION,
-    calibration_windows: CalibWindows = 16,
+    calibration_windows: CalibWindows = SearchJob.calibration_windows,
     evaluation_windows: EvalWindows = 16,
     seq_len: SeqLenOpt = 256,
     overwrite: Overwrite = False,

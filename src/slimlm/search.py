@@ -41,7 +41,7 @@ from slimlm.importance import (
     importance,
     load_importance,
 )
-from slimlm.jobfile import write_job_file
+from slimlm.jobfile import JOB_FILE, read_job_file, write_job_file
 from slimlm.library import VariantLibrary, build_library
 from slimlm.models import LayerShape, LoadedModel, load_model
 from slimlm.outputs import check_run_folder
@@ -549,6 +549,28 @@ def _exit_with_parent() -> None:
 
 
 _HELD: dict[Path, object] = {}  # run folders this process holds, with their open lock files
+
+
+def stored_candidate(run: str | Path, trial: int) -> tuple[SearchJob, SubNetwork]:
+    """The job of the run folder ``run`` (its ``job.toml``) and the sub-network its trial ``trial``
+    evaluated, to extract a front member other than the winner."""
+    run = Path(run)
+    if not (run / JOB_FILE).is_file():
+        raise SlimlmError(f"{run} is not a slimlm run folder (no {JOB_FILE}); --trial needs one")
+    job = replace(SearchJob.from_dict(read_job_file(run / JOB_FILE), f"{run / JOB_FILE}"), out=str(run))
+    if not _study_exists(job):
+        raise SlimlmError(f"{run} holds no search store ({job.storage_url()})")
+    study = optuna.load_study(study_name=job.study_name, storage=_storage(job.storage_url()))
+    done = {t.number: t for t in completed(study)}
+    if trial not in done:
+        numbers = sorted(done)
+        raise SlimlmError(
+            f"trial {trial} of {run} is not an evaluated candidate; evaluated: {numbers[0]}-{numbers[-1]} "
+            f"({len(numbers)} of them; pareto.json lists the front)"
+            if numbers
+            else f"{run} has no evaluated candidate"
+        )
+    return job, SubNetwork.from_compact(done[trial].user_attrs[SUBNET_ATTR])
 
 
 def hold_run_folder(out: str | Path) -> None:
