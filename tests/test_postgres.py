@@ -1,0 +1,64 @@
+"""The search on a real PostgreSQL server (a throw-away cluster, see ``conftest.postgres_url``)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+
+from slimlm.search import SearchJob, search
+from slimlm.strategies import SUBNET_ATTR, completed, stage_of
+
+from .conftest import fast_search_settings, save_tiny, tiny_loaded
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return save_tiny(tiny_loaded("llama"), tmp_path_factory.mktemp("model") / "llama")
+
+
+@pytest.fixture
+def make_job(folder, text):
+    def make(out: Path, **overrides) -> SearchJob:
+        values = dict(model=str(folder), out=str(out), params_fraction=0.6, evaluations=10)
+        return SearchJob(**(values | fast_search_settings(text) | overrides))
+
+    return make
+
+
+def stored(job: SearchJob) -> list[optuna.trial.FrozenTrial]:
+    return completed(optuna.load_study(study_name=job.study_name, storage=job.storage_url()))
+
+
+def candidates(job: SearchJob) -> Counter:
+    return Counter((stage_of(t), t.user_attrs[SUBNET_ATTR]) for t in stored(job))
+
+
+def test_a_search_on_postgresql_proposes_what_one_on_sqlite_does(make_job, postgres_url, tmp_path):
+    on_postgres = make_job(tmp_path / "pg", storage=postgres_url, study_name=tmp_path.name)
+    on_sqlite = make_job(tmp_path / "sqlite")
+    search(on_postgres)
+    search(on_sqlite)
+    assert sum(stage_of(t) == 0 for t in stored(on_postgres)) == 10
+    assert [t.user_attrs[SUBNET_ATTR] for t in stored(on_postgres)] == [
+        t.user_attrs[SUBNET_ATTR] for t in stored(on_sqlite)
+    ]
+
+
+def test_two_workers_on_postgresql_evaluate_each_candidate_once(make_job, postgres_url, tmp_path):
+    job = make_job(tmp_path / "run", storage=postgres_url, study_name=tmp_path.name, workers=2, evaluations=12)
+    search(job)
+    seen = candidates(job)
+    assert sum(n for (stage, _), n in seen.items() if stage == 0) >= 12
+    assert max(seen.values()) == 1  # no candidate evaluated twice at one stage
+
+
+def test_a_finished_search_on_postgresql_resumes_without_new_work(make_job, postgres_url, tmp_path):
+    job = make_job(tmp_path / "run", storage=postgres_url, study_name=tmp_path.name, evaluations=6)
+    search(job)
+    before = [t.number for t in stored(job)]
+    resumed = make_job(tmp_path / "again", storage=postgres_url, study_name=tmp_path.name, evaluations=6, resume=True)
+    search(resumed)
+    assert [t.number for t in stored(resumed)] == before
