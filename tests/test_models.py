@@ -473,3 +473,11 @@ def test_a_gguf_of_another_family_is_refused_from_its_header_before_any_dequanti
     with pytest.raises(SlimlmError, match=r"unsupported architecture 'gemma3' .*GGUF architecture gemma3"):
         load_model(path)
     assert fake_gguf.calls == [] and not (cache_root() / "models").exists()
+
+
+def test_the_cache_follows_slimlm_cache_then_xdg_cache_home(monkeypatch, tmp_path):
+    monkeypatch.delenv("SLIMLM_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "slimlm"
+    monkeypatch.setenv("SLIMLM_CACHE", str(tmp_path / "mine"))
+    assert cache_root() == tmp_path / "mine"

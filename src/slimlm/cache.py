@@ -14,15 +14,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+import platformdirs
 import torch
 
 CHUNK = 1 << 24
 
 
 def cache_root() -> Path:
-    """The cache folder: ``$SLIMLM_CACHE`` if set, else ``~/.cache/slimlm``."""
+    """The cache folder: ``$SLIMLM_CACHE`` if set, else the platform's user cache folder
+    (``$XDG_CACHE_HOME/slimlm``, by default ``~/.cache/slimlm`` on Linux)."""
     root = os.environ.get("SLIMLM_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "slimlm"
+    return Path(root) if root else Path(platformdirs.user_cache_dir("slimlm", appauthor=False))
 
 
 def inside_cache(path: str | Path) -> bool:
