@@ -245,6 +245,11 @@ def test_compress_end_to_end(dense, text, tmp_path):
     assert chat["prompts"] == len(chat_prompts()) and not chat["templated"]  # the tiny tokenizer has no template
     assert chat["kl_per_token"] >= 0 and 0 <= chat["first_tokens_match"] <= 1 and len(chat["samples"]) == 3
     assert f"chat fidelity on {chat['prompts']} prompts as plain text" in result.stdout
+    markdown = (out / "report.md").read_text()
+    small = report["compressed"]
+    assert f"| {small['params']:,} (" in markdown and f"{small['perplexity']:.2f}" in markdown
+    assert f"slimlm compress --config {out / 'job.toml'}" in markdown and "![Pareto front](pareto.png)" in markdown
+    assert markdown.count("\n| ") >= 5 + 1 + 3  # the comparison rows, the chat header, three sample answers
     assert "saved" in result.stdout
     assert str(out / "slimlm_report.json") in result.stdout.replace("\n", "")
 

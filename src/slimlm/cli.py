@@ -783,7 +783,8 @@ def compress(
     if sample:
         out.print(escape(f"  {sample['prompt']!r}: dense {sample['dense']!r} / compressed {sample['compressed']!r}"))
     reformed = "reformed" if report["reformed"] else "not reformed"
-    out.print(f"saved {out_dir / 'best'}, {reformed} (loads with {how}); report in {out_dir / 'slimlm_report.json'}")
+    out.print(f"saved {out_dir / 'best'}, {reformed} (loads with {how})")
+    out.print(f"report in {out_dir / 'slimlm_report.json'} and {out_dir / 'report.md'}")
     if quantized := report.get("quantized"):
         measured = (
             f"perplexity {quantized['perplexity']:.2f}"

@@ -17,6 +17,7 @@ from slimlm.report import search_summary, write_report
 from slimlm.search import SearchJob, search
 
 REPORT_FILE = "slimlm_report.json"
+MARKDOWN_FILE = "report.md"
 
 
 @dataclass(frozen=True)
@@ -103,4 +104,65 @@ def compress(job: SearchJob, repeats: int = 3, quant: str | None = None, tokeniz
             "perplexity": quantized_perplexity(path, evaluation_ids),  # None: llama.cpp is not installed
         }
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    (out / MARKDOWN_FILE).write_text(markdown_report(report, out), encoding="utf-8")
     return report
+
+
+def markdown_report(report: dict, out: Path) -> str:
+    """``RUN/report.md``: the comparison, the search, chat answers side by side, and how to rerun and load."""
+    dense, small, chat = report["dense"], report["compressed"], report["chat"]
+    rows = [
+        ("parameters", f"{dense['params']:,}", f"{small['params']:,}", small["params"] / dense["params"]),
+        ("weights on disk (MB)", f"{dense['disk_bytes'] / 1e6:,.1f}", f"{small['disk_bytes'] / 1e6:,.1f}", None),
+        (f"perplexity, {report['evaluation']}", f"{dense['perplexity']:.2f}", f"{small['perplexity']:.2f}", None),
+        ("prefill (ms)", f"{dense['prefill_ms']:.1f}", f"{small['prefill_ms']:.1f}", None),
+        ("decode (tokens/s)", f"{dense['decode_tokens_per_s']:.1f}", f"{small['decode_tokens_per_s']:.1f}", None),
+    ]
+    how = ", trust_remote_code=True" if report["needs_remote_code"] else ""
+    asked = "through its chat template" if chat["templated"] else "as plain text (the model has no chat template)"
+    lines = [
+        f"# slimlm: {report['model']} compressed",
+        "",
+        "| | dense | compressed |",
+        "|---|---:|---:|",
+        *(f"| {name} | {a} | {b}{f' ({ratio:.3f})' if ratio else ''} |" for name, a, b, ratio in rows),
+        "",
+        f"Perplexity on {report['evaluation_tokens']:,} tokens of `{report['evaluation']}`, which no calibration, "
+        f"fitness or selection window came from. Search: `{report['strategy']}`, {report['evaluations']} "
+        f"candidates, fitness {report['fitness']}, calibration `{report['calibration']}`; "
+        f"kept weights {'reformed (' + str(report['reformation']) + ')' if report['reformed'] else 'not reformed'}.",
+        "",
+        report["summary"] + ".",
+        "",
+        "![Pareto front](pareto.png)",
+        "",
+        "## Chat",
+        "",
+        f"{chat['prompts']} prompts of slimlm's set, asked {asked}; the dense model's greedy answers are the "
+        f"reference. KL to dense {chat['kl_per_token']:.3f} nats per token (teacher-forced), the dense token "
+        f"at {chat['dense_token_agreement']:.0%} of positions, answers starting as the dense one's "
+        f"{chat['first_tokens_match']:.0%}.",
+        "",
+        "| prompt | dense | compressed |",
+        "|---|---|---|",
+        *(f"| {_cell(x['prompt'])} | {_cell(x['dense'])} | {_cell(x['compressed'])} |" for x in chat["samples"]),
+        "",
+        "## Reproduce and load",
+        "",
+        "```bash",
+        f"slimlm compress --config {out / 'job.toml'} --out {out}-again",
+        "```",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f'model = AutoModelForCausalLM.from_pretrained("{out / "best"}"{how})',
+        f'tokenizer = AutoTokenizer.from_pretrained("{out / "best"}")',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    """Text in one markdown table cell."""
+    return " ".join(text.split()).replace("|", "\\|") or "(empty)"
