@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import optuna
@@ -13,7 +14,7 @@ from slimlm.errors import SlimlmError
 from slimlm.extract import SUBNET_FILE
 from slimlm.jobfile import JOB_FILE, read_job_file, write_job_file
 from slimlm.models import load_model
-from slimlm.search import STORE_FILE, STUDY_NAME, SearchJob
+from slimlm.search import OPTIONAL_FIELDS, STORE_FILE, STUDY_NAME, SearchJob
 from slimlm.space import SearchSpace
 from slimlm.strategies import SUBNET_ATTR
 from slimlm.subnet import SubNetwork
@@ -25,6 +26,7 @@ JOB = SearchJob(
     out="runs/x",
     max_params=90_000_000,
     strategy="nsga2",
+    storage="postgresql+psycopg2://user@host/db",
     space=SearchSpace(per_layer=False, min_ratio=0.3, frozen_layers=(0, 3)),
     resume=True,
 )
@@ -125,3 +127,8 @@ def test_extract_takes_any_evaluated_trial_of_a_run(folder, text, tmp_path):
     )
     assert "not a slimlm run folder" in one_error(invoke("extract", folder, "--trial", 0, "--out", tmp_path / "y"))
     assert "give --subnet FILE, or --trial N" in one_error(invoke("extract", folder, "--out", tmp_path / "z"))
+
+
+def test_every_unset_setting_has_a_type_to_check_against():
+    unset = {f.name for f in dataclasses.fields(SearchJob) if f.default is None}
+    assert unset == set(OPTIONAL_FIELDS)

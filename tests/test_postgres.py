@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
 import pytest
 
+from slimlm import search as search_module
 from slimlm.search import SearchJob, search
 from slimlm.strategies import SUBNET_ATTR, completed, stage_of
 
@@ -62,3 +68,38 @@ def test_a_finished_search_on_postgresql_resumes_without_new_work(make_job, post
     resumed = make_job(tmp_path / "again", storage=postgres_url, study_name=tmp_path.name, evaluations=6, resume=True)
     search(resumed)
     assert [t.number for t in stored(resumed)] == before
+
+
+KILLED_AT_THE_NINTH = """
+import json, os, signal, sys
+from slimlm.search import Searcher, SearchJob, search
+evaluate, calls = Searcher.evaluate, []
+def killed(self, subnet, stage=0):
+    calls.append(stage)
+    if len(calls) == 9:
+        os.kill(os.getpid(), signal.SIGKILL)  # kill -9 mid-evaluation: no handler runs, the trial stays RUNNING
+    return evaluate(self, subnet, stage)
+Searcher.evaluate = killed
+search(SearchJob.from_dict(json.loads(sys.argv[1])))
+"""
+
+
+def test_a_worker_killed_mid_trial_is_failed_by_heartbeat_and_the_search_finishes_as_uninterrupted(
+    make_job, postgres_url, tmp_path, monkeypatch
+):
+    job = make_job(tmp_path / "run", storage=postgres_url, study_name=tmp_path.name, evaluations=12)
+    done = subprocess.run([sys.executable, "-c", KILLED_AT_THE_NINTH, json.dumps(job.to_dict())], timeout=300)
+    assert done.returncode == -9
+    study = optuna.load_study(study_name=job.study_name, storage=job.storage_url())
+    running = [t.number for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert len(running) == 1  # the killed worker's trial, left behind
+    monkeypatch.setattr(search_module, "GRACE_SECONDS", 1)  # instead of a minute of silence
+    time.sleep(1.5)
+    _, resumed = search(replace(job, resume=True))
+    states = {t.number: t.state for t in resumed.get_trials()}
+    assert states[running[0]] == optuna.trial.TrialState.FAIL
+    assert optuna.trial.TrialState.RUNNING not in states.values()
+    assert max(candidates(job).values()) == 1
+    uninterrupted = make_job(tmp_path / "sqlite", evaluations=12)
+    search(uninterrupted)
+    assert candidates(job) == candidates(uninterrupted)

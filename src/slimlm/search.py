@@ -192,7 +192,13 @@ class SearchJob:
 
 
 INVOCATION_FLAGS = ("resume", "overwrite")
-NUMBER_FIELDS = {"params_fraction": float, "max_params": int, "max_memory_bytes": int, "max_latency_ms": float}
+OPTIONAL_FIELDS = {  # the type of the settings that default to None (unset)
+    "params_fraction": float,
+    "max_params": int,
+    "max_memory_bytes": int,
+    "max_latency_ms": float,
+    "storage": str,
+}
 
 
 def _check_values(values: dict, defaults: dict, excluded: set[str], source: str) -> None:
@@ -202,7 +208,7 @@ def _check_values(values: dict, defaults: dict, excluded: set[str], source: str)
         raise SlimlmError(f"{source} has unknown settings: {', '.join(unknown)}")
     for key, value in values.items():
         default = defaults[key]
-        kind = NUMBER_FIELDS.get(key) or type(default)
+        kind = OPTIONAL_FIELDS.get(key) or type(default)
         kinds = {tuple: (list, tuple), float: (float, int)}.get(kind, kind)
         if not isinstance(value, kinds) or (kind is not bool and isinstance(value, bool)):
             raise SlimlmError(f"{source}: {key} must be a {kind.__name__}, got {value!r}")
