@@ -454,3 +454,10 @@ def test_python_dash_m_slimlm_is_the_same_command_line():
     done = subprocess.run([sys.executable, "-m", "slimlm", "--version"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == invoke("--version").stdout.strip()
+
+
+def test_shell_completion_completes_slimlm():
+    args = [sys.executable, "-m", "slimlm", "--show-completion", "bash"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "complete -o default -F _slimlm_completion slimlm" in done.stdout

@@ -52,7 +52,7 @@ app = typer.Typer(
     help="Make pretrained LLMs smaller and faster by structural sub-network search.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,  # --install-completion for bash, zsh, fish
 )
 
 
