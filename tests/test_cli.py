@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 import typer
+from typer.testing import CliRunner
 
 from slimlm.chat import chat_prompts
-from slimlm.cli import friendly
+from slimlm.cli import app, friendly
 from slimlm.costs import peak_memory, static_cost
 from slimlm.errors import SlimlmError
 from slimlm.extract import SUBNET_FILE
@@ -461,3 +462,13 @@ def test_shell_completion_completes_slimlm():
     done = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "complete -o default -F _slimlm_completion slimlm" in done.stdout
+
+
+def test_search_options_are_grouped_in_help_with_examples():
+    result = CliRunner().invoke(app, ["compress", "--help"], env={"COLUMNS": "160"})
+    assert result.exit_code == 0
+    panels = [line.split("─")[1].strip() for line in result.stdout.splitlines() if line.startswith("╭─")]
+    assert {"Budget", "Search", "Space", "Text", "Store and workers"} <= set(panels)
+    budget = result.stdout.split("╭─ Budget")[1].split("╰")[0]
+    assert "--params" in budget and "--max-params" in budget and "--seed" not in budget
+    assert "slimlm compress smollm2-135m --params 0.7 --out runs/demo" in result.stdout

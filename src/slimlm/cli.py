@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import json
@@ -676,8 +677,37 @@ def _with_search_options(command):
         return command(**kwargs, job=_job(model, out_dir, options, typed if config else None, config))
 
     job_parameters = [p for p in _resolved(_job_arguments)]
-    run.__signature__ = inspect.Signature([*job_parameters, *own, *shared])
+    run.__signature__ = inspect.Signature([*job_parameters, *own, *map(_in_panel, shared)])
     return run
+
+
+PANELS = {  # --help groups the many search options
+    "Budget": ("params_fraction", "max_params", "max_memory", "max_latency_ms"),
+    "Search": ("strategy", "objective", "latency_runtime", "evaluations", "fitness", "stages", "metric", "seed"),
+    "Space": ("per_layer", "depth", "min_ratio", "max_ratio", "frozen"),
+    "Text": (
+        "calibration",
+        "evaluation",
+        "seq_len",
+        "calibration_windows",
+        "fitness_windows",
+        "selection_windows",
+        "evaluation_windows",
+    ),
+    "Weights": ("reform", "reform_candidates"),
+    "Store and workers": ("storage", "study_name", "workers", "resume", "overwrite"),
+}
+
+
+def _in_panel(parameter: inspect.Parameter) -> inspect.Parameter:
+    """``parameter`` shown in its ``PANELS`` group (a copy of its option: the aliases are shared)."""
+    panel = next((name for name, members in PANELS.items() if parameter.name in members), None)
+    kind, *extras = typing.get_args(parameter.annotation)
+    if panel is None or not extras:
+        return parameter
+    option = copy.copy(extras[0])
+    option.rich_help_panel = panel
+    return parameter.replace(annotation=Annotated[kind, option])
 
 
 def _job_arguments(
@@ -686,7 +716,17 @@ def _job_arguments(
     """The arguments that say which job runs (their annotations are typer's)."""
 
 
-@app.command("search")
+EXAMPLES = {
+    "search": "Examples: slimlm search smollm2-135m --params 0.8 --out runs/s80 · "
+    "slimlm search smollm2-135m --max-params 90M --strategy nsga2 --out runs/n90 · "
+    "slimlm search --config runs/s80/job.toml --out runs/again",
+    "compress": "Examples: slimlm compress smollm2-135m --params 0.7 --out runs/demo · "
+    "slimlm compress model.gguf --params 0.8 --quant q8_0 --out runs/q · "
+    "slimlm compress --config runs/demo/job.toml --evaluations 400 --out runs/longer",
+}
+
+
+@app.command("search", epilog=EXAMPLES["search"])
 @friendly
 @_with_search_options
 def search_command(job: SearchJob, as_json: JsonOpt = False) -> None:
@@ -735,7 +775,7 @@ def search_command(job: SearchJob, as_json: JsonOpt = False) -> None:
     )
 
 
-@app.command()
+@app.command(epilog=EXAMPLES["compress"])
 @friendly
 @_with_search_options
 def compress(
