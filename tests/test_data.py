@@ -33,12 +33,12 @@ def test_file_spec(tmp_path):
     assert data.load_text(str(path)) == "hello world\n"
 
 
-def test_folder_spec_is_recursive_sorted_and_txt_only(tmp_path):
+def test_folder_spec_is_recursive_sorted_and_text_files_only(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "b.txt").write_text("B", encoding="utf-8")
     (tmp_path / "a.txt").write_text("A", encoding="utf-8")
     (tmp_path / "sub" / "c.txt").write_text("C", encoding="utf-8")
-    (tmp_path / "notes.md").write_text("ignored", encoding="utf-8")
+    (tmp_path / "notes.rst").write_text("ignored", encoding="utf-8")
     assert data.load_text(str(tmp_path)) == "A\n\nB\n\nC"
 
 
@@ -51,15 +51,15 @@ def test_empty_file_is_an_error(tmp_path, content):
 
 
 def test_folder_without_txt_is_an_error(tmp_path):
-    (tmp_path / "x.md").write_text("text", encoding="utf-8")
-    with pytest.raises(SlimlmError, match=r"no \.txt files"):
+    (tmp_path / "x.rst").write_text("text", encoding="utf-8")
+    with pytest.raises(SlimlmError, match=r"no \.txt or \.md files"):
         data.load_text(str(tmp_path))
 
 
 def test_non_txt_file_is_an_error(tmp_path):
-    path = tmp_path / "x.md"
+    path = tmp_path / "x.rst"
     path.write_text("text", encoding="utf-8")
-    with pytest.raises(SlimlmError, match=r"not a \.txt file"):
+    with pytest.raises(SlimlmError, match=r"not a \.txt, \.md or \.jsonl file"):
         data.load_text(str(path))
 
 
@@ -226,3 +226,25 @@ def test_apt_get_update_is_announced_not_silent(monkeypatch, tmp_path, capsys):
     assert ["apt-get", "update"] in commands
     said = capsys.readouterr()
     assert "running apt-get update" in said.out + said.err
+
+
+def test_markdown_files_and_folders_of_them_are_text(tmp_path):
+    (tmp_path / "a.md").write_text("# Title\n\nSome prose.")
+    (tmp_path / "b.txt").write_text("More prose.")
+    (tmp_path / "c.json").write_text("{}")
+    assert data.load_text(str(tmp_path / "a.md")) == "# Title\n\nSome prose."
+    assert data.load_text(str(tmp_path)) == "# Title\n\nSome prose.\n\nMore prose."
+
+
+def test_json_lines_give_their_text_field_or_the_one_named(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "one", "body": "uno"}\n\n{"text": "two", "body": "dos"}\n')
+    assert data.load_text(str(path)) == "one\n\ntwo"
+    assert data.load_text(f"{path}:body") == "uno\n\ndos"
+    with pytest.raises(SlimlmError, match=r"line 1 has no text field 'title' \(fields: text, body\)"):
+        data.load_text(f"{path}:title")
+    path.write_text('{"text": "one"}\nnot json\n')
+    with pytest.raises(SlimlmError, match="line 2 is not JSON"):
+        data.load_text(str(path))
+    with pytest.raises(SlimlmError, match="does not exist"):
+        data.load_text(str(tmp_path / "none.jsonl"))

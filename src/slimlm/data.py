@@ -6,6 +6,7 @@ Jane Austen's novels from ``r-cran-janeaustenr`` and the Python docs from ``pyth
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import struct
@@ -45,7 +46,8 @@ def describe_specs() -> str:
     """One line listing the accepted data spec forms (for error messages and CLI help)."""
     books = ", ".join(AUSTEN_BOOKS)
     return (
-        f"a .txt file or a folder of .txt files; austen or austen:BOOK (BOOK: {books}); "
+        "a .txt or .md file or a folder of them; a .jsonl file (its text field, or FILE.jsonl:FIELD); "
+        f"austen or austen:BOOK (BOOK: {books}); "
         "pydoc or pydoc:SECTION (e.g. pydoc:library, pydoc:tutorial); hf:NAME[:CONFIG[:SPLIT]] via datasets; "
         f"several joined with {MIX} (e.g. {DEFAULT_CALIBRATION}) to mix them window by window"
     )
@@ -63,6 +65,8 @@ def load_text(spec: str) -> str:
         text = _pydoc_text(arg)
     elif kind == "hf" and arg:
         text = _hf_text(arg)
+    elif (jsonl := _jsonl_spec(spec)) is not None:
+        text = _jsonl_text(*jsonl)
     elif spec and Path(spec).exists():
         text = _local_text(Path(spec))
     else:
@@ -101,15 +105,46 @@ def _read(path: Path) -> str:
         raise SlimlmError(f"{path} is not UTF-8 text: {exc}") from exc
 
 
+TEXT_SUFFIXES = (".txt", ".md")
+
+
 def _local_text(path: Path) -> str:
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
         if not files:
-            raise SlimlmError(f"folder {path} has no .txt files")
+            raise SlimlmError(f"folder {path} has no .txt or .md files")
         return "\n\n".join(_read(p) for p in files)
-    if path.suffix != ".txt":
-        raise SlimlmError(f"{path} is not a .txt file: expected {describe_specs()}")
+    if path.suffix not in TEXT_SUFFIXES:
+        raise SlimlmError(f"{path} is not a .txt, .md or .jsonl file: expected {describe_specs()}")
     return _read(path)
+
+
+def _jsonl_spec(spec: str) -> tuple[Path, str] | None:
+    """``data.jsonl`` (its ``text`` field) or ``data.jsonl:FIELD`` as (path, field); None for other specs."""
+    if spec.endswith(".jsonl"):
+        return Path(spec), "text"
+    path, _, field = spec.rpartition(":")
+    return (Path(path), field) if path.endswith(".jsonl") and field else None
+
+
+def _jsonl_text(path: Path, field: str) -> str:
+    """The ``field`` of every record of a JSON-lines file, one document each."""
+    if not path.is_file():
+        raise SlimlmError(f"JSON-lines file {path} does not exist")
+    documents = []
+    for number, line in enumerate(_read(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise SlimlmError(f"{path} line {number} is not JSON: {error.msg}") from None
+        value = record.get(field) if isinstance(record, dict) else None
+        if not isinstance(value, str):
+            keys = ", ".join(record) if isinstance(record, dict) else "none: not an object"
+            raise SlimlmError(f"{path} line {number} has no text field '{field}' (fields: {keys}); use {path}:FIELD")
+        documents.append(value)
+    return "\n\n".join(documents)
 
 
 def _fetch_deb(package: str, dest: Path) -> None:
