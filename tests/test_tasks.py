@@ -22,6 +22,7 @@ from slimlm import tasks
 from slimlm.apply import subnetwork_applied
 from slimlm.errors import SlimlmError
 from slimlm.extract import extract
+from slimlm.pipeline import accuracy, cloze_tasks
 from slimlm.subnet import LayerKeep, SubNetwork
 from slimlm.tasks import CONTINUATION, LASTWORD, build_task, evaluate_task, lm_eval_tasks
 
@@ -342,3 +343,17 @@ def test_smollm2_predicts_last_words_well_above_a_unigram_guesser():
     loaded = load_model("smollm2-135m")
     result = evaluate_task(loaded.model, build_task(LASTWORD, spec, loaded.tokenizer, examples=n, seed=0))
     assert result.accuracy > unigram + 3 * (unigram * (1 - unigram) / n) ** 0.5
+
+
+def test_compress_measures_both_cloze_tasks_or_says_why_not(prose_file, tmp_path):
+    built = cloze_tasks(TOKENIZER, prose_file)
+    assert set(built) == set(tasks.TASKS) and all(len(examples) == 100 for examples in built.values())
+    model = tiny_loaded("llama").model
+    result = accuracy({"dense": model, "compressed": model}, built)
+    for task in tasks.TASKS:
+        assert result[task]["dense"] == result[task]["compressed"]
+        assert result[task]["dense"]["examples"] == 100 and 0 <= result[task]["dense"]["accuracy"] <= 1
+    short = tmp_path / "short.txt"
+    short.write_text(prose(5))
+    reasons = accuracy({"dense": model}, cloze_tasks(TOKENIZER, str(short)))
+    assert all("too short" in r["not_measured"] for r in reasons.values())

@@ -804,7 +804,15 @@ def compress(
             f"{small['perplexity'] / dense['perplexity']:.2f}x",
         ],
     )
+    for task, result in report["accuracy"].items():
+        if "not_measured" in result:
+            continue  # said below the table
+        dense_acc, small_acc = result["dense"]["accuracy"], result["compressed"]["accuracy"]
+        rows.append([f"{task} accuracy", f"{dense_acc:.3f}", f"{small_acc:.3f}", f"{small_acc - dense_acc:+.3f}"])
     out.print(_table(f"{model} -> {out_dir / 'best'}", ["", "dense", "compressed", "ratio"], rows))
+    for task, result in report["accuracy"].items():
+        if "not_measured" in result:
+            out.print(escape(f"{task} accuracy not measured: {result['not_measured']}"))
     how = "trust_remote_code=True" if report["needs_remote_code"] else "plain from_pretrained"
     if report["uniform_importance_perplexity"] is not None:
         out.print(

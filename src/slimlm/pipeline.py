@@ -15,6 +15,7 @@ from slimlm.models import LoadedModel, load_model
 from slimlm.quantize import check_quant, quantize, quantized_bytes, quantized_perplexity
 from slimlm.report import search_summary, write_report
 from slimlm.search import SearchJob, search
+from slimlm.tasks import TASKS, build_task, evaluate_task
 
 REPORT_FILE = "slimlm_report.json"
 MARKDOWN_FILE = "report.md"
@@ -60,6 +61,7 @@ def compress(job: SearchJob, repeats: int = 3, quant: str | None = None, tokeniz
     loaded = load_model(job.model)
     if quant is not None:
         check_quant(loaded, quant, tokenizer_pre)  # before the search, not after it
+    tasks = cloze_tasks(loaded.tokenizer, job.evaluation)  # from the evaluation text, before the long part
     searcher, study = search(job, loaded)
     pareto = write_report(searcher, study)
     if pareto["best_trial"] is None:
@@ -92,7 +94,8 @@ def compress(job: SearchJob, repeats: int = 3, quant: str | None = None, tokeniz
         "uniform_importance_perplexity": (pareto["uniform_importance"] or {}).get("evaluation_perplexity"),
         "dense": asdict(reports[0]),
         "compressed": asdict(reports[1]),
-        # what users deploy Instruct models for: does it still answer as the dense model does
+        # cloze accuracy on the evaluation text, and chat: what users deploy Instruct models for
+        "accuracy": accuracy({"dense": dense.model, "compressed": small.model}, tasks),
         "chat": chat_fidelity(small.model, dense.model, small.tokenizer, chat_reference(dense.model, dense.tokenizer)),
     }
     if quant is not None:
@@ -108,6 +111,36 @@ def compress(job: SearchJob, repeats: int = 3, quant: str | None = None, tokeniz
     return report
 
 
+ACCURACY_EXAMPLES = 100  # per task: a standard error of about 4-5 points, in well under a minute per model
+
+
+def cloze_tasks(tokenizer, text: str) -> dict:
+    """slimlm's offline cloze tasks built from ``text``: ``{task: examples}``, or ``{task: reason}``
+    where the text cannot give them (too short): said in the report, not skipped silently."""
+    tasks = {}
+    for name in TASKS:
+        try:
+            tasks[name] = build_task(name, text, tokenizer, examples=ACCURACY_EXAMPLES)
+        except SlimlmError as error:
+            tasks[name] = str(error)
+    return tasks
+
+
+def accuracy(models: dict, tasks: dict) -> dict:
+    """Each named model on each of ``tasks`` (see ``cloze_tasks``): ``{task: {name: TaskResult as a
+    dict}}``, or ``{task: {"not_measured": reason}}``."""
+    results = {}
+    for task, examples in tasks.items():
+        if isinstance(examples, str):
+            results[task] = {"not_measured": examples}
+            continue
+        results[task] = {
+            name: asdict(evaluate_task(model, examples, description=f"{task} ({name})"))
+            for name, model in models.items()
+        }
+    return results
+
+
 def markdown_report(report: dict, out: Path) -> str:
     """``RUN/report.md``: the comparison, the search, chat answers side by side, and how to rerun and load."""
     dense, small, chat = report["dense"], report["compressed"], report["chat"]
@@ -117,6 +150,11 @@ def markdown_report(report: dict, out: Path) -> str:
         (f"perplexity, {report['evaluation']}", f"{dense['perplexity']:.2f}", f"{small['perplexity']:.2f}", None),
         ("prefill (ms)", f"{dense['prefill_ms']:.1f}", f"{small['prefill_ms']:.1f}", None),
         ("decode (tokens/s)", f"{dense['decode_tokens_per_s']:.1f}", f"{small['decode_tokens_per_s']:.1f}", None),
+        *(
+            (f"{task} accuracy", f"{r['dense']['accuracy']:.3f}", f"{r['compressed']['accuracy']:.3f}", None)
+            for task, r in report["accuracy"].items()
+            if "not_measured" not in r
+        ),
     ]
     how = ", trust_remote_code=True" if report["needs_remote_code"] else ""
     asked = "through its chat template" if chat["templated"] else "as plain text (the model has no chat template)"
