@@ -6,7 +6,6 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import time
 import types
 from pathlib import Path
 
@@ -388,12 +387,14 @@ def test_dequantize_failure_is_a_clear_error_and_caches_nothing(monkeypatch, tmp
 
 
 @pytest.mark.real
-def test_real_builtin_model_loads_fast_from_cache():
+def test_real_builtin_model_loads_from_cache_without_dequantizing_again(monkeypatch):
     load_model(SMOLLM)  # dequantizes into the user's cache the first time (~30 s), else a cache hit
-    start = time.perf_counter()
+
+    def dequantize(_gguf):
+        raise AssertionError("dequantized again instead of reading the cache")
+
+    monkeypatch.setattr(loading, "_load_gguf", dequantize)  # load time lives in benchmarks, not here
     loaded = load_model(SMOLLM)
-    assert time.perf_counter() - start < 2.0
-    assert loaded.load_seconds < 2.0
     assert (loaded.folder / DONE_MARKER).is_file()
 
     dims = loaded.dims
