@@ -631,7 +631,7 @@ def _search_options(
     calibration: Calib = DEFAULT_CALIBRATION,
     evaluation: EvalText = DEFAULT_EVALUATION,
     seq_len: SeqLenOpt = 256,
-    calibration_windows: CalibWindows = 128,
+    calibration_windows: CalibWindows = SearchJob.calibration_windows,
     fitness_windows: FitnessWindows = 16,
     selection_windows: SelectionWindows = 8,
     evaluation_windows: EvalWindows = 16,
@@ -676,8 +676,7 @@ def _with_search_options(command):
         typed = {name for name in options if context.get_parameter_source(name).name != "DEFAULT"}
         return command(**kwargs, job=_job(model, out_dir, options, typed if config else None, config))
 
-    job_parameters = [p for p in _resolved(_job_arguments)]
-    run.__signature__ = inspect.Signature([*job_parameters, *own, *map(_in_panel, shared)])
+    run.__signature__ = inspect.Signature([*_resolved(_job_arguments), *own, *map(_in_panel, shared)])
     return run
 
 

@@ -566,8 +566,7 @@ def stored_candidate(run: str | Path, trial: int) -> tuple[SearchJob, SubNetwork
     job = replace(SearchJob.from_dict(read_job_file(run / JOB_FILE), f"{run / JOB_FILE}"), out=str(run))
     if not _study_exists(job):
         raise SlimlmError(f"{run} holds no search store ({job.storage_url()})")
-    study = optuna.load_study(study_name=job.study_name, storage=_storage(job.storage_url()))
-    done = {t.number: t for t in completed(study)}
+    done = {t.number: t for t in completed(open_study(job, create=False))}
     if trial not in done:
         numbers = sorted(done)
         raise SlimlmError(
