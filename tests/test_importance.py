@@ -252,3 +252,82 @@ def test_a_damaged_cache_entry_is_a_miss_and_is_rewritten(tmp_path, monkeypatch,
     calls.clear()
     assert_same_calibration(cached_calibration(loaded, ids, "words.txt"), expected)  # rewritten whole
     assert calls == []
+
+
+# --- greedy structured OBS (the ``reconstruction`` metric) --------------------------------------
+
+
+def refit_error(weight: torch.Tensor, x: torch.Tensor, kept: list[int], damping: float) -> float:
+    """Output error ‖W X − Ŵ X_K‖² of the best (ridge) re-fit of W on the columns ``kept``."""
+    gram = x.T @ x
+    damped = gram + damping * torch.eye(gram.shape[0], dtype=torch.float64)
+    fitted = weight @ gram[:, kept] @ torch.linalg.inv(damped[kept][:, kept])
+    return float(((x @ weight.T - x[:, kept] @ fitted.T) ** 2).sum())
+
+
+def inputs(seed: int, rows: int = 200, width: int = 8) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(width, width, generator=g, dtype=torch.float64)
+    return torch.randn(rows, width, generator=g, dtype=torch.float64) @ mixing  # correlated channels
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_removal_rank_first_removes_the_unit_a_refit_misses_least(seed):
+    x = inputs(seed)
+    weight = torch.randn(5, 8, generator=torch.Generator().manual_seed(seed + 10), dtype=torch.float64)
+    damping = 1e-6 * float((x.T @ x).diagonal().mean())
+    inverse = torch.linalg.inv(x.T @ x + damping * torch.eye(8, dtype=torch.float64))
+    rank = slimlm.importance.removal_rank(weight, inverse)
+    errors = [refit_error(weight, x, [k for k in range(8) if k != j], damping) for j in range(8)]
+    assert int(rank.argmin()) == min(range(8), key=errors.__getitem__)
+    assert sorted(rank.floor().tolist()) == list(range(8))  # one unit per step at this width
+
+
+def test_removal_rank_sees_redundancy_a_one_shot_score_cannot():
+    """Two copies of one strong channel: each alone is cheap to drop (its twin takes over), both are not.
+
+    The one-shot OBS score (``second-order``) ranks both copies lowest; the greedy pass drops one copy
+    first and then keeps the other longest, since without it the output is lost.
+    """
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(400, 6, generator=g, dtype=torch.float64)
+    x[:, 1] = x[:, 0]  # channel 1 duplicates channel 0
+    weight = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    weight[:, :2] *= 5  # the duplicated channel carries most of the output
+    inverse = slimlm.importance._damped_inverse(x.T @ x)
+    rank = slimlm.importance.removal_rank(weight, inverse)
+    one_shot = weight.norm(dim=0) ** 2 / inverse.diagonal()
+    assert set(one_shot.argsort()[:2].tolist()) == {0, 1}
+    assert int(rank.argmin()) in (0, 1) and int(rank.argmax()) in (0, 1)
+
+
+def test_removal_rank_groups_columns_and_chunks_steps():
+    x = inputs(3, width=12)
+    weight = torch.randn(5, 12, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    inverse = slimlm.importance._damped_inverse(x.T @ x)
+    heads = slimlm.importance.removal_rank(weight, inverse, group=3)
+    assert heads.shape == (4,) and sorted(heads.floor().tolist()) == [0, 1, 2, 3]
+    errors = [refit_error(weight, x, [c for c in range(12) if c // 3 != h], 0.0) for h in range(4)]
+    assert int(heads.argmin()) == min(range(4), key=errors.__getitem__)
+    chunked = slimlm.importance.removal_rank(weight, inverse, steps=4)  # 12 units, 3 per step
+    assert sorted(chunked.floor().tolist()) == [s for s in range(4) for _ in range(3)]
+
+
+def test_calibration_ranks_removal_on_the_captured_inputs_and_dead_neurons_go_first():
+    loaded = tiny_loaded()
+    mlp = loaded.adapter.decoder_layers(loaded.model)[1].mlp
+    with torch.no_grad():
+        mlp.gate_proj.weight[[2, 9]] = 0  # neurons 2 and 9 never fire
+    captured = []
+    hook = mlp.down_proj.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().clone()))
+    try:
+        calibration = calibrate(loaded, windows(8))
+    finally:
+        hook.remove()
+    x = torch.cat([c.reshape(-1, c.shape[-1]) for c in captured]).double()
+    expected = slimlm.importance.removal_rank(mlp.down_proj.weight, slimlm.importance._damped_inverse(x.T @ x))
+    torch.testing.assert_close(calibration.mlp[1].removal_rank, expected)
+    scores = importance(loaded, calibration, "reconstruction")
+    assert set(scores.neurons[1].argsort()[:2].tolist()) == {2, 9}
+    head_dim = loaded.dims.head_dim
+    assert (calibration.attention[0].removal_rank.view(-1, head_dim).diff(dim=1) == 0).all()  # one rank per head

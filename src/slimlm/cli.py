@@ -544,7 +544,9 @@ Config = Annotated[
     Path | None,
     typer.Option("--config", help="run the job in this file (RUN/job.toml); typed options override it"),
 ]
-Metric = Annotated[str, typer.Option(help="importance metric: activation, magnitude, fluctuation, second-order")]
+Metric = Annotated[
+    str, typer.Option(help="importance metric: reconstruction, activation, magnitude, fluctuation, second-order")
+]
 PerLayer = Annotated[bool, typer.Option("--per-layer/--uniform", help="per-layer ratios or one shape for all layers")]
 Depth = Annotated[bool, typer.Option(help="allow removing attention and MLP sub-blocks and whole layers")]
 MinRatio = Annotated[float, typer.Option(help="smallest kept fraction of a layer's heads / neurons")]

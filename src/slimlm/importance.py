@@ -7,12 +7,19 @@ influence. Metrics turn those statistics and the projection's weights into chann
 scores the sum of its channels, a key/value head the sum of its query heads.
 
 Metrics (``METRICS``; a new one is one function and one registry line):
-- ``activation`` (default; structured Wanda): ‖X_j‖ · ‖W_:,j‖.
+- ``activation`` (structured Wanda): ‖X_j‖ · ‖W_:,j‖.
 - ``magnitude``: ‖W_:,j‖. Misleading on real models: in SmolLM2 the most active layer-0 MLP neurons
   have the smallest weight norms, so it is not the default.
 - ``fluctuation`` (FLAP): Var(X_j) · ‖W_:,j‖², the output change a bias could not compensate.
 - ``second-order`` (Shen et al., NeurIPS 2024): ‖W_:,j‖² / [(XXᵀ + λI)⁻¹]_jj, the optimal-brain-surgeon
-  error of removing column j.
+  error of removing column j alone.
+- ``reconstruction`` (structured OBS, as ZipLM): the order in which a greedy optimal-brain-surgeon
+  pass removes units (``removal_rank``): each step drops the units whose removal, with the remaining
+  columns re-fitted, least increases the layer's output error, then updates the weights and the
+  inverse Gram matrix as if they were gone. Unlike the one-shot scores it sees that two correlated
+  units are redundant together, and it ranks for the reformation that follows. The default:
+  benchmarks/unit_selection.py, reformed models on held calibration-source text, 52.1 against
+  ``activation``'s 58.0 at 0.7 kept, 33.3 against 34.4 at 0.8, level at 0.9 (26.3 / 26.1).
 Layers are scored by block influence, mean 1 − cos(layer input, layer output) (ShortGPT).
 
 ``taylor_importance`` (LLM-Pruner) needs gradients, so it is its own pass: per weight |w · ∂L/∂w| of
@@ -34,7 +41,7 @@ from slimlm.errors import SlimlmError
 from slimlm.models import LoadedModel
 from slimlm.progress import track
 
-CALIBRATION_FORMAT = "slimlm.calibration/2"  # in the cache key: a new layout never reads an old entry
+CALIBRATION_FORMAT = "slimlm.calibration/3"  # in the cache key: a new layout never reads an old entry
 IMPORTANCE_FILE = "slimlm_importance.safetensors"  # a trained super-network's unit ranking, in its folder
 DAMPING = 0.01  # λ as a fraction of the mean Gram diagonal: keeps the inverse finite on dead channels
 
@@ -47,6 +54,7 @@ class ChannelStats:
     sum: torch.Tensor
     sumsq: torch.Tensor
     inverse_gram_diagonal: torch.Tensor
+    removal_rank: torch.Tensor  # per channel: the greedy OBS step its unit is removed at (higher: kept longer)
 
     @property
     def norm(self) -> torch.Tensor:
@@ -85,8 +93,9 @@ METRICS: dict[str, Metric] = {
     "magnitude": lambda stats, w: w,
     "fluctuation": lambda stats, w: stats.variance * w**2,
     "second-order": lambda stats, w: w**2 / stats.inverse_gram_diagonal,
+    "reconstruction": lambda stats, w: stats.removal_rank,
 }
-DEFAULT_METRIC = "activation"
+DEFAULT_METRIC = "reconstruction"
 
 
 class _Accumulator:
@@ -105,11 +114,55 @@ class _Accumulator:
         self.sumsq += x.pow(2).sum(0, dtype=torch.float64)
         self.gram += (x.T @ x).double()  # float32 matmul per batch (fast); float64 running sum (exact enough)
 
-    def stats(self) -> ChannelStats:
-        damping = DAMPING * self.gram.diagonal().mean().clamp_min(1e-12)
-        eye = torch.eye(self.gram.shape[0], dtype=torch.float64)
-        inverse = torch.linalg.inv(self.gram + damping * eye)
-        return ChannelStats(self.count, self.sum, self.sumsq, inverse.diagonal().clone())
+    def stats(self, weight: torch.Tensor, group: int) -> ChannelStats:
+        """The statistics, with the removal order of ``weight``'s input units of ``group`` channels each."""
+        inverse = _damped_inverse(self.gram)
+        rank = removal_rank(weight, inverse, group).repeat_interleave(group)
+        return ChannelStats(self.count, self.sum, self.sumsq, inverse.diagonal().clone(), rank)
+
+
+def _damped_inverse(gram: torch.Tensor) -> torch.Tensor:
+    damping = DAMPING * gram.diagonal().mean().clamp_min(1e-12)
+    return torch.linalg.inv(gram + damping * torch.eye(gram.shape[0], dtype=torch.float64))
+
+
+STEPS = 128  # greedy removal steps per projection at most: units leave in chunks beyond that (1536 neurons: 12)
+
+
+@torch.no_grad()
+def removal_rank(weight: torch.Tensor, inverse_gram: torch.Tensor, group: int = 1, steps: int = STEPS) -> torch.Tensor:
+    """Greedy structured optimal-brain-surgeon order of ``weight``'s input units (``group`` columns each).
+
+    ``inverse_gram`` is (X Xᵀ + λI)⁻¹ of the projection's inputs X. Removing the columns S of W with
+    the rest re-fitted costs tr(W_S (H⁻¹_SS)⁻¹ W_Sᵀ) in output error; the cheapest units go, W and
+    H⁻¹ are updated to the re-fitted weights and the inverse over the remaining columns, and so on.
+    Returns per unit the step it left at (0 first; the last unit standing scores highest), ties within
+    a step broken by error.
+    """
+    w, hinv = weight.detach().double(), inverse_gram.double()
+    units = w.shape[1] // group
+    chunk = max(1, -(-units // steps))
+    ids = torch.arange(units)  # the units still standing, in the order of w's and hinv's column groups
+    rank = torch.zeros(units, dtype=torch.float64)
+    for step in range(-(-units // chunk)):
+        n = len(ids)
+        if group == 1:  # single columns (neurons): the blocks are the diagonal
+            errors = w.pow(2).sum(dim=0) / hinv.diagonal()
+        else:
+            blocks = hinv.view(n, group, n, group).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (n, group, group)
+            per_unit = w.view(-1, n, group).permute(1, 0, 2)  # (n, out, group)
+            errors = (per_unit @ torch.linalg.inv(blocks) * per_unit).sum(dim=(1, 2))
+        order = errors.argsort()[:chunk]
+        leaving = torch.zeros(n, dtype=torch.bool)
+        leaving[order] = True
+        gone, kept = (torch.arange(n * group).view(n, group)[mask].reshape(-1) for mask in (leaving, ~leaving))
+        rank[ids[order]] = step + torch.arange(len(order), dtype=torch.float64) / chunk  # within a step: by error
+        # the remaining columns re-fitted, and the inverse Gram of the remaining columns (Schur complement)
+        solve = torch.linalg.inv(hinv[gone][:, gone]) @ hinv[gone][:, kept]
+        w = w[:, kept] - w[:, gone] @ solve
+        hinv = hinv[kept][:, kept] - hinv[kept][:, gone] @ solve
+        ids = ids[~leaving]
+    return rank
 
 
 @torch.no_grad()
@@ -141,9 +194,11 @@ def calibrate(loaded: LoadedModel, windows: torch.Tensor, batch_size: int = 4) -
     finally:
         for hook in hooks:
             hook.remove()
-    return Calibration(
-        [a.stats() for a in attention], [m.stats() for m in mlp], influence / windows.numel(), windows.numel()
-    )
+    head_dim, attention_stats, mlp_stats = loaded.dims.head_dim, [], []
+    for i in track(range(len(layers)), "ranking units"):
+        attention_stats.append(attention[i].stats(projections[i][0].weight, head_dim))
+        mlp_stats.append(mlp[i].stats(projections[i][1].weight, 1))
+    return Calibration(attention_stats, mlp_stats, influence / windows.numel(), windows.numel())
 
 
 @torch.no_grad()
@@ -166,8 +221,8 @@ def importance(loaded: LoadedModel, calibration: Calibration, metric: str = DEFA
 
 
 def activation_importance(loaded: LoadedModel, windows: torch.Tensor, batch_size: int = 4) -> Importance:
-    """Calibrate on ``windows`` and score with the default, activation-aware metric."""
-    return importance(loaded, calibrate(loaded, windows, batch_size))
+    """Calibrate on ``windows`` and score with the activation-aware metric (structured Wanda)."""
+    return importance(loaded, calibrate(loaded, windows, batch_size), "activation")
 
 
 def cached_calibration(loaded: LoadedModel, windows: torch.Tensor, source: str) -> Calibration:
