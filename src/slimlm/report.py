@@ -10,7 +10,6 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import optuna
-from optuna._hypervolume import compute_hypervolume  # Optuna's own (pinned <6; a test checks it)
 
 from slimlm.apply import subnetwork_applied
 from slimlm.evaluate import perplexity
@@ -46,10 +45,16 @@ def hypervolume(points: list[tuple[float, float]], dense_params: int, dense_perp
     """Area of the (kept parameter fraction, log perplexity over dense) plane the points dominate, up to
     the fixed reference (1, log ``HYPERVOLUME_CAP``): one number, larger is better, comparable across
     searches, strategies and trainings of one model. Points worse than the cap count nothing."""
-    reference = np.array([1.0, math.log(HYPERVOLUME_CAP)])
-    losses = np.array([(params / dense_params, math.log(ppl / dense_perplexity)) for params, ppl in points])
-    losses = losses[(losses < reference).all(axis=1)] if len(losses) else losses
-    return float(compute_hypervolume(losses, reference)) if len(losses) else 0.0
+    # two objectives: a sweep in order of cost, each point adding the strip below the best loss so far
+    # (Optuna's hypervolume is private API; the 2-D case needs none)
+    cap = math.log(HYPERVOLUME_CAP)
+    losses = sorted((params / dense_params, math.log(ppl / dense_perplexity)) for params, ppl in points)
+    area, best = 0.0, cap
+    for cost, loss in losses:
+        if cost < 1.0 and loss < best:
+            area += (1.0 - cost) * (best - loss)
+            best = loss
+    return area
 
 
 def spread(front: list, size: int) -> list:
