@@ -13,6 +13,7 @@ from transformers import (
     MistralConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
 from typer.testing import CliRunner
 
@@ -20,6 +21,7 @@ from slimlm.cli import app
 from slimlm.models import LoadedModel, adapter_for
 
 VOCAB = 96
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]  # every supported family; each test runs on all
 WORDS = [f"w{i}" for i in range(VOCAB - 1)]
 TEXT = " ".join(WORDS[(i * 7) % len(WORDS)] for i in range(4000))
 
@@ -65,7 +67,7 @@ def tiny_config(family: str = "llama", **overrides):
         bos_token_id=None,
     )
     values.update(overrides)
-    config_class = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family]
+    config_class = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
     if family == "qwen2":
         values.pop("head_dim")  # Qwen2 derives it: 48 / 6 = 8
     return config_class(**values)

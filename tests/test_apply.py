@@ -9,9 +9,8 @@ from slimlm.apply import subnetwork_applied, subnetwork_masked
 from slimlm.errors import SlimlmError
 from slimlm.subnet import LayerKeep, SubNetwork
 
-from .conftest import tiny_loaded
+from .conftest import FAMILIES, tiny_loaded
 
-FAMILIES = ["llama", "mistral", "qwen2"]
 INPUT = torch.arange(2 * 12).view(2, 12) % 90 + 3
 
 

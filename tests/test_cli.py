@@ -23,7 +23,7 @@ from slimlm.extract import SUBNET_FILE
 from slimlm.models import load_model
 from slimlm.subnet import FORMAT, LayerKeep, SubNetwork
 
-from .conftest import invoke, one_error, save_subnet, save_tiny, tiny_loaded
+from .conftest import FAMILIES, invoke, one_error, save_subnet, save_tiny, tiny_loaded
 
 # The tiny model: 4 layers, 6 query heads in 2 groups of 3 (head h uses kv head h // 3), 40 neurons.
 SMALL = SubNetwork(
@@ -64,7 +64,7 @@ def ok_json(*args) -> dict:
 # --- info ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_info_json_without_latency(tmp_path, family):
     tiny = tiny_loaded(family)
     folder = save_tiny(tiny, tmp_path / family)

@@ -7,14 +7,14 @@ import pytest
 from slimlm.costs import measure_latency, static_cost
 from slimlm.models.base import LayerShape
 
-from .conftest import tiny_loaded
+from .conftest import FAMILIES, tiny_loaded
 
 
 def unique_params(model) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("tied", [True, False])
 def test_params_equal_the_model_parameter_count(family, tied):
     loaded = tiny_loaded(family, tie_word_embeddings=tied)

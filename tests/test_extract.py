@@ -16,10 +16,9 @@ from slimlm.errors import SlimlmError
 from slimlm.extract import SUBNET_FILE, extract
 from slimlm.subnet import LayerKeep, SubNetwork
 
-from .conftest import tiny_loaded
+from .conftest import FAMILIES, tiny_loaded
 from .test_apply import INPUT, heterogeneous
 
-FAMILIES = ["llama", "mistral", "qwen2"]
 CASES = {
     "uniform": SubNetwork({i: LayerKeep([0, 1, 3, 4], [0, 1], range(0, 40, 2)) for i in range(4)}),
     "layers_dropped": SubNetwork({i: LayerKeep(range(6), range(2), range(40)) for i in (0, 3)}),

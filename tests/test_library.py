@@ -20,7 +20,7 @@ from slimlm.space import SearchSpace, keep_most_important
 from slimlm.strategies import completed, stage_of
 from slimlm.subnet import LayerKeep, SubNetwork
 
-from .conftest import VOCAB, fast_search_settings, save_tiny, tiny_loaded
+from .conftest import FAMILIES, VOCAB, fast_search_settings, save_tiny, tiny_loaded
 from .test_apply import INPUT
 
 WINDOWS = torch.randint(1, VOCAB, (6, 16), generator=torch.Generator().manual_seed(1))
@@ -72,7 +72,7 @@ def direct_reformation(loaded, subnet: SubNetwork, windows) -> dict:
     return reformed
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_a_stitched_candidate_equals_it_applied_with_the_same_reformation(family):
     loaded = tiny_loaded(family)
     scores, library = built(loaded)

@@ -22,9 +22,8 @@ from slimlm.export import TOKENIZER_GGUF
 from slimlm.models import ADAPTERS, BUILTIN_MODELS, load_model, loading, resolve_model
 from slimlm.models.loading import DONE_MARKER
 
-from .conftest import TEXT, save_tiny, tiny_loaded, tiny_tokenizer
+from .conftest import FAMILIES, TEXT, save_tiny, tiny_loaded, tiny_tokenizer
 
-FAMILIES = ["llama", "mistral", "qwen2"]
 SMOLLM = "smollm2-135m"
 
 
@@ -62,7 +61,7 @@ def test_saved_folder_loads_with_its_family_in_float32(tmp_path, family):
 @pytest.mark.parametrize(
     "family",
     # qwen2: AutoTokenizer in transformers 5.23 swaps in Qwen2Tokenizer, which encodes a generic vocabulary wrongly
-    ["llama", "mistral", "qwen2"],
+    FAMILIES,
 )
 def test_saved_tokenizer_encodes_as_before(tmp_path, family):
     original = tiny_loaded(family)

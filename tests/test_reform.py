@@ -12,7 +12,7 @@ from slimlm.models import load_model
 from slimlm.reform import admm, reform, solve
 from slimlm.subnet import LayerKeep, SubNetwork
 
-from .conftest import tiny_loaded
+from .conftest import FAMILIES, tiny_loaded
 from .test_apply import heterogeneous
 
 IDS = torch.randint(3, 96, (8, 24), generator=torch.Generator().manual_seed(0))
@@ -59,7 +59,7 @@ def test_hopeless_gram_is_a_clear_error():
         solve(weight, torch.full((24, 24), float("nan"), dtype=torch.float64), kept)
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_reformation_brings_the_subnetwork_closer_to_the_full_model(family):
     loaded = tiny_loaded(family)
     subnet = heterogeneous()

@@ -49,6 +49,7 @@ ARCHITECTURES = {
     "llama": (gguf.MODEL_ARCH.LLAMA, True),
     "mistral": (gguf.MODEL_ARCH.LLAMA, True),
     "qwen2": (gguf.MODEL_ARCH.QWEN2, False),
+    "qwen3": (gguf.MODEL_ARCH.QWEN3, False),
 }
 # llama.cpp's llama graph sizes every layer from the first one; its ``deci`` graph (Llama with
 # per-layer head, key/value head and MLP counts, made for Nemotron-51B) reads each layer's own

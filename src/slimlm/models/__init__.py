@@ -6,17 +6,18 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from slimlm.errors import SlimlmError
 from slimlm.models.base import Adapter, CoupledWeight, LayerShape, LinearSlice, ModelDims
-from slimlm.models.llama import LlamaFamilyAdapter
+from slimlm.models.llama import FAMILIES, LlamaFamilyAdapter
 from slimlm.models.remote import modeling_slimlm as remote
 
 # model_type -> adapter. A new family is one adapter module and one line here.
-ADAPTERS: dict[str, Adapter] = {family: LlamaFamilyAdapter(family) for family in ("llama", "mistral", "qwen2")}
+ADAPTERS: dict[str, Adapter] = {family: LlamaFamilyAdapter(family) for family in FAMILIES}
 
 # slimlm's own heterogeneous models load in slimlm without trust_remote_code.
 for _config, _model in (
     (remote.SlimLlamaConfig, remote.SlimLlamaForCausalLM),
     (remote.SlimMistralConfig, remote.SlimMistralForCausalLM),
     (remote.SlimQwen2Config, remote.SlimQwen2ForCausalLM),
+    (remote.SlimQwen3Config, remote.SlimQwen3ForCausalLM),
 ):
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
     AutoModelForCausalLM.register(_config, _model, exist_ok=True)

@@ -1,9 +1,11 @@
-"""The Llama family as transformers implements it: Llama, Mistral, Qwen2 (and SmolLM, which is Llama).
+"""The Llama family as transformers implements it: Llama, Mistral, Qwen2, Qwen3 (and SmolLM, which is Llama).
 
 A decoder layer is ``self_attn.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj``. Query head ``h``
 is rows ``h*d:(h+1)*d`` of ``q_proj`` and the same columns of ``o_proj``; key/value head ``g`` is
 those rows of ``k_proj`` and ``v_proj``; MLP neuron ``j`` is row ``j`` of ``gate_proj`` and
 ``up_proj`` and column ``j`` of ``down_proj``. Pruning always removes these coupled slices together.
+Qwen3's per-head query and key norms (``q_norm``, ``k_norm``) act on each head's ``head_dim``
+features with one weight shared by all heads, so they stay whole whichever heads are kept.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
     Qwen2Config,
+    Qwen3Config,
 )
 
 from slimlm.models.base import Adapter, CoupledWeight, LayerShape, ModelDims
@@ -26,6 +29,7 @@ FAMILIES: dict[str, tuple[type[PretrainedConfig], type[PretrainedConfig], str]] 
     "llama": (LlamaConfig, remote.SlimLlamaConfig, "SlimLlamaForCausalLM"),
     "mistral": (MistralConfig, remote.SlimMistralConfig, "SlimMistralForCausalLM"),
     "qwen2": (Qwen2Config, remote.SlimQwen2Config, "SlimQwen2ForCausalLM"),
+    "qwen3": (Qwen3Config, remote.SlimQwen3Config, "SlimQwen3ForCausalLM"),
 }
 SHAPE_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
 
@@ -39,8 +43,13 @@ def _has_bias(linear: nn.Linear) -> int:
     return int(linear.bias is not None)
 
 
+def _head_norm_params(attention: nn.Module) -> int:
+    """Qwen3's query and key norms: one ``head_dim`` weight each, shared by every head."""
+    return sum(getattr(attention, name).weight.numel() for name in ("q_norm", "k_norm") if hasattr(attention, name))
+
+
 class LlamaFamilyAdapter(Adapter):
-    """Adapter for one Llama-layout family (``llama``, ``mistral`` or ``qwen2``)."""
+    """Adapter for one Llama-layout family (one of ``FAMILIES``)."""
 
     def __init__(self, family: str) -> None:
         self.family = family
@@ -75,7 +84,7 @@ class LlamaFamilyAdapter(Adapter):
             params_per_head=2 * hidden * head_dim + head_dim * _has_bias(attn.q_proj),
             params_per_kv_head=2 * hidden * head_dim + 2 * head_dim * _has_bias(attn.k_proj),
             params_per_neuron=3 * hidden + 2 * _has_bias(mlp.gate_proj),
-            params_per_attention=hidden * (1 + _has_bias(attn.o_proj)),
+            params_per_attention=hidden * (1 + _has_bias(attn.o_proj)) + _head_norm_params(attn),
             params_per_mlp=hidden * (1 + _has_bias(mlp.down_proj)),
             params_outside_layers=embedding + hidden,
             embedding_params=embedding,

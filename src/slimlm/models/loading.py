@@ -175,7 +175,12 @@ def resolve_model(spec: str | Path) -> Path:
     )
 
 
-GGUF_FAMILIES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}  # llama.cpp architecture -> model_type
+GGUF_FAMILIES = {
+    "llama": "llama",
+    "mistral": "mistral",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+}  # llama.cpp architecture -> model_type
 
 
 def refuse_unsupported_gguf(path: Path) -> None:

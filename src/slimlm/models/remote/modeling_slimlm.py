@@ -23,10 +23,13 @@ from transformers import (
     MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
 
 
 class NoAttention(nn.Module):
@@ -139,4 +142,17 @@ class SlimQwen2ForCausalLM(Qwen2ForCausalLM):
     def __init__(self, config):
         super().__init__(config)
         rebuild_layers(self, Qwen2DecoderLayer)
+        self.post_init()
+
+
+class SlimQwen3Config(PerLayerShapes, Qwen3Config):
+    model_type = "slimlm_qwen3"
+
+
+class SlimQwen3ForCausalLM(Qwen3ForCausalLM):
+    config_class = SlimQwen3Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        rebuild_layers(self, Qwen3DecoderLayer)
         self.post_init()
