@@ -29,6 +29,7 @@ from slimlm.evaluate import perplexity
 from slimlm.export import QUANT_TYPES, export_gguf
 from slimlm.extract import extract as extract_subnetwork
 from slimlm.extract import folder_bytes
+from slimlm.heal import HealJob, heal
 from slimlm.importance import DEFAULT_METRIC, cached_calibration
 from slimlm.jobfile import read_job_file
 from slimlm.llamacpp import NATIVE_QUANT_TYPES
@@ -437,6 +438,64 @@ def train_command(
     out.print(f"wrote the trained super-network to {folder} (search it with: slimlm search {folder} ...)")
 
 
+@app.command("heal")
+@friendly
+def heal_command(
+    model: Annotated[Path, typer.Argument(help="the pruned model folder (from compress, extract or prune)")],
+    teacher: Annotated[str, typer.Option(help="the dense model it was pruned from (same forms as MODEL elsewhere)")],
+    out_dir: Annotated[Path, typer.Option("--out", help="folder for the healed model and its checkpoint")],
+    data: DataOpt = HealJob.data,
+    steps: Annotated[int, typer.Option(help="optimizer steps")] = HealJob.steps,
+    batch_size: Annotated[int, typer.Option(help="windows per step")] = HealJob.batch_size,
+    seq_len: SeqLenOpt = HealJob.seq_len,
+    learning_rate: Annotated[float, typer.Option(help="AdamW learning rate")] = HealJob.learning_rate,
+    distillation: Annotated[float, typer.Option(help="weight of the KL to the teacher, 0-1")] = HealJob.distillation,
+    temperature: Annotated[float, typer.Option(help="distillation temperature")] = HealJob.temperature,
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank, merged when done (0: full fine-tuning)")] = 0,
+    checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints")] = HealJob.checkpoint_every,
+    mixed_precision: Annotated[str, typer.Option(help="accelerate's: no, fp16, bf16")] = HealJob.mixed_precision,
+    seed: Annotated[int, typer.Option(help="seed of the batch order")] = HealJob.seed,
+    resume: Annotated[bool, typer.Option(help="continue the run stored in --out")] = False,
+    evaluation: EvalText = DEFAULT_EVALUATION,
+    evaluation_windows: EvalWindows = 16,
+    as_json: JsonOpt = False,
+) -> None:
+    """Recover a pruned model's quality by distillation from its dense teacher; perplexity before and after."""
+    job = HealJob(
+        model=str(model),
+        teacher=teacher,
+        out=str(out_dir),
+        data=data,
+        steps=steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        learning_rate=learning_rate,
+        distillation=distillation,
+        temperature=temperature,
+        lora_rank=lora_rank,
+        checkpoint_every=checkpoint_every,
+        mixed_precision=mixed_precision,
+        seed=seed,
+        resume=resume,
+    )
+    student = load_model(job.model)
+    ids = model_windows(student, evaluation, seq_len, evaluation_windows)
+    before = perplexity(student.model, ids, description="perplexity (before)")
+    began = time.perf_counter()
+    folder = heal(job, student)
+    seconds = time.perf_counter() - began
+    after = perplexity(load_model(folder).model, ids, description="perplexity (healed)")
+    summary = {"folder": str(folder), "evaluation": evaluation, "perplexity_before": before}
+    summary |= {"perplexity_after": after, "steps": steps, "seconds": seconds}
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    out.print(
+        f"healed {steps} steps in {seconds:.0f} s: perplexity on {evaluation} {before:.2f} -> {after:.2f}; "
+        f"wrote {folder}"
+    )
+
+
 @app.command()
 @friendly
 def bench(
@@ -786,10 +845,13 @@ def compress(
         typer.Option(help=f"also write RUN/best quantized: {', '.join(ALL_QUANT_TYPES)} (int8: transformers)"),
     ] = None,
     tokenizer_pre: TokenizerPre = None,
+    heal_steps: Annotated[
+        int, typer.Option(help="then distil RUN/best from the dense model for N steps into RUN/healed (0: no)")
+    ] = 0,
     as_json: JsonOpt = False,
 ) -> None:
     """Search, save the best model within the budget in RUN/best, and compare it with the dense model."""
-    report = compress_model(job, quant=quant, tokenizer_pre=tokenizer_pre)
+    report = compress_model(job, quant=quant, tokenizer_pre=tokenizer_pre, heal_steps=heal_steps)
     if as_json:
         out.print_json(json.dumps(report))
         return
@@ -833,6 +895,13 @@ def compress(
         out.print(escape(f"  {sample['prompt']!r}: dense {sample['dense']!r} / compressed {sample['compressed']!r}"))
     reformed = "reformed" if report["reformed"] else "not reformed"
     out.print(f"saved {out_dir / 'best'}, {reformed} (loads with {how})")
+    if healed := report.get("healed"):
+        out.print(
+            f"healed {healed['steps']} steps ({healed['seconds']:.0f} s) into {healed['folder']}: perplexity "
+            f"{small['perplexity']:.2f} -> {healed['perplexity']:.2f}, chat KL to dense {chat['kl_per_token']:.3f} -> "
+            f"{healed['chat']['kl_per_token']:.3f}, answers starting as dense's {chat['first_tokens_match']:.0%} -> "
+            f"{healed['chat']['first_tokens_match']:.0%}"
+        )
     out.print(f"report in {out_dir / 'slimlm_report.json'} and {out_dir / 'report.md'}")
     if quantized := report.get("quantized"):
         measured = (

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from slimlm.chat import chat_fidelity, chat_reference
@@ -11,6 +12,8 @@ from slimlm.costs import compare_speed, static_cost
 from slimlm.errors import SlimlmError
 from slimlm.evaluate import perplexity
 from slimlm.extract import folder_bytes, needs_remote_code
+from slimlm.heal import HealJob, heal
+from slimlm.heal import check as check_heal
 from slimlm.models import LoadedModel, load_model
 from slimlm.quantize import check_quant, quantize, quantized_bytes, quantized_perplexity
 from slimlm.report import search_summary, write_report
@@ -18,6 +21,7 @@ from slimlm.search import SearchJob, search
 from slimlm.tasks import TASKS, build_task, evaluate_task
 
 REPORT_FILE = "slimlm_report.json"
+HEALED = "healed"  # RUN/healed: best/ after recovery distillation
 MARKDOWN_FILE = "report.md"
 
 
@@ -50,17 +54,26 @@ def describe(loaded: LoadedModel, windows, latency, name: str, context: int, des
     )
 
 
-def compress(job: SearchJob, repeats: int = 3, quant: str | None = None, tokenizer_pre: str | None = None) -> dict:
+def compress(
+    job: SearchJob, repeats: int = 3, quant: str | None = None, tokenizer_pre: str | None = None, heal_steps: int = 0
+) -> dict:
     """Search ``job``, write its run folder (store, ``pareto.json``, ``pareto.png``, ``best/``), then
     reload ``best/`` from disk as a user would and measure it against the dense model side by side.
     With ``quant``, also write ``best/`` in that type (``best.q8_0.gguf``, ``best-int8/``) and measure
-    its size and perplexity.
+    its size and perplexity. With ``heal_steps``, also distil ``best/`` from the dense model for that
+    many steps on the calibration text into ``healed/`` (``slimlm.heal``) and measure it the same way.
 
     Returns the comparison, also saved as ``RUN/slimlm_report.json``.
     """
     loaded = load_model(job.model)
     if quant is not None:
         check_quant(loaded, quant, tokenizer_pre)  # before the search, not after it
+    heal_job = HealJob(model=str(Path(job.out) / "best"), teacher=job.model, out=str(Path(job.out) / HEALED))
+    heal_job = replace(heal_job, data=job.calibration, seq_len=job.seq_len, steps=heal_steps, seed=job.seed)
+    if heal_steps < 0:
+        raise SlimlmError("--heal-steps must be 0 (no recovery) or more")
+    if heal_steps:
+        check_heal(heal_job)
     tasks = cloze_tasks(loaded.tokenizer, job.evaluation)  # from the evaluation text, before the long part
     searcher, study = search(job, loaded)
     pareto = write_report(searcher, study)
@@ -70,6 +83,7 @@ def compress(job: SearchJob, repeats: int = 3, quant: str | None = None, tokeniz
     dense, small = searcher.loaded, load_model(out / "best")
     evaluation_ids = searcher.evaluation_ids
     latency = compare_speed([dense.model, small.model], repeats=repeats)
+    reference = chat_reference(dense.model, dense.tokenizer)  # the dense model's answers, once
     reports = [
         describe(dense, evaluation_ids, latency[0], f"dense {job.model}", job.seq_len, "perplexity (dense)"),
         describe(small, evaluation_ids, latency[1], str(out / "best"), job.seq_len, "perplexity (compressed)"),
@@ -96,8 +110,10 @@ def compress(job: SearchJob, repeats: int = 3, quant: str | None = None, tokeniz
         "compressed": asdict(reports[1]),
         # cloze accuracy on the evaluation text, and chat: what users deploy Instruct models for
         "accuracy": accuracy({"dense": dense.model, "compressed": small.model}, tasks),
-        "chat": chat_fidelity(small.model, dense.model, small.tokenizer, chat_reference(dense.model, dense.tokenizer)),
+        "chat": chat_fidelity(small.model, dense.model, small.tokenizer, reference),
     }
+    if heal_steps:
+        report["healed"] = _healed(heal_job, dense, tasks, evaluation_ids, reference)
     if quant is not None:
         path = quantize(small, quant, tokenizer_pre)
         report["quantized"] = {
@@ -109,6 +125,22 @@ def compress(job: SearchJob, repeats: int = 3, quant: str | None = None, tokeniz
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     (out / MARKDOWN_FILE).write_text(markdown_report(report, out), encoding="utf-8")
     return report
+
+
+def _healed(job: HealJob, dense: LoadedModel, tasks: dict, evaluation_ids, reference) -> dict:
+    """Heal ``best/`` into ``healed/`` and measure it as the compressed model is measured."""
+    began = time.perf_counter()
+    folder = heal(job, teacher=dense)
+    seconds = time.perf_counter() - began
+    healed = load_model(folder)
+    return {
+        "folder": str(folder),
+        "steps": job.steps,
+        "seconds": seconds,
+        "perplexity": perplexity(healed.model, evaluation_ids, description="perplexity (healed)"),
+        "accuracy": accuracy({"healed": healed.model}, tasks),
+        "chat": chat_fidelity(healed.model, dense.model, healed.tokenizer, reference, "healed"),
+    }
 
 
 ACCURACY_EXAMPLES = 100  # per task: a standard error of about 4-5 points, in well under a minute per model
@@ -185,6 +217,7 @@ def markdown_report(report: dict, out: Path) -> str:
         "|---|---|---|",
         *(f"| {_cell(x['prompt'])} | {_cell(x['dense'])} | {_cell(x['compressed'])} |" for x in chat["samples"]),
         "",
+        *_healed_lines(report),
         "## Reproduce and load",
         "",
         "```bash",
@@ -199,6 +232,29 @@ def markdown_report(report: dict, out: Path) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _healed_lines(report: dict) -> list[str]:
+    """The report's recovery section: the healed model against the compressed one (none without healing)."""
+    healed = report.get("healed")
+    if healed is None:
+        return []
+    small, chat = report["compressed"], healed["chat"]
+    accuracies = [
+        f"{task} {r['compressed']['accuracy']:.3f} -> {healed['accuracy'][task]['healed']['accuracy']:.3f}"
+        for task, r in report["accuracy"].items()
+        if "not_measured" not in r
+    ]
+    return [
+        "## Recovery",
+        "",
+        f"`{healed['folder']}`: `best/` distilled from the dense model for {healed['steps']} steps on the calibration "
+        f"text ({healed['seconds']:.0f} s). Perplexity {small['perplexity']:.2f} -> {healed['perplexity']:.2f}; "
+        f"chat KL to dense {report['chat']['kl_per_token']:.3f} -> {chat['kl_per_token']:.3f} nats per token, "
+        f"answers starting as the dense one's {report['chat']['first_tokens_match']:.0%} -> "
+        f"{chat['first_tokens_match']:.0%}" + (f"; accuracy {', '.join(accuracies)}." if accuracies else "."),
+        "",
+    ]
 
 
 def _cell(text: str) -> str:

@@ -139,6 +139,27 @@ def sub_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor |
 def train(job: TrainJob, loaded: LoadedModel | None = None) -> Path:
     """Train ``job.model`` as a super-network; write the trained model (and its unit ranking) to ``job.out``."""
     check(job)
+    out, checkpoint = open_run(job)
+    loaded = loaded or load_model(job.model)
+    windows = model_windows(loaded, job.data, job.seq_len)
+    if len(windows) < job.batch_size:
+        needed = f"a batch needs {job.batch_size}"
+        raise SlimlmError(f"`{job.data}` gives {len(windows)} windows of {job.seq_len} tokens; {needed}")
+    calib = windows[:IMPORTANCE_WINDOWS]
+    scores = importance(loaded, cached_calibration(loaded, calib, job.data), job.metric)
+    peft_model = _add_lora(loaded, job.lora_rank) if job.lora_rank else None
+
+    def step_loss(model, accelerator, ids, step) -> float:
+        return _train_step(job, loaded, model, accelerator, ids, step_subnets(job, loaded, scores, step))
+
+    if run_steps(job, loaded, windows, checkpoint, step_loss, "training the super-network").is_main_process:
+        _save_model(loaded, peft_model, scores, out)
+    return out
+
+
+def open_run(job) -> tuple[Path, Path]:
+    """The run's output folder and checkpoint, checked: a stored run continues only with ``resume``
+    and the same settings (``job.identity()``)."""
     out = writable_folder(job.out, job.model)
     checkpoint = out / CHECKPOINT
     _recover_checkpoint(checkpoint)
@@ -149,14 +170,17 @@ def train(job: TrainJob, loaded: LoadedModel | None = None) -> Path:
         if stored != job.identity():
             changed = sorted(k for k in job.identity() if stored.get(k) != job.identity()[k])
             raise SlimlmError(f"--resume with different settings than the stored run: {', '.join(changed)}")
-    loaded = loaded or load_model(job.model)
-    windows = model_windows(loaded, job.data, job.seq_len)
-    if len(windows) < job.batch_size:
-        needed = f"a batch needs {job.batch_size}"
-        raise SlimlmError(f"`{job.data}` gives {len(windows)} windows of {job.seq_len} tokens; {needed}")
-    calib = windows[:IMPORTANCE_WINDOWS]
-    scores = importance(loaded, cached_calibration(loaded, calib, job.data), job.metric)
-    peft_model = _add_lora(loaded, job.lora_rank) if job.lora_rank else None
+    return out, checkpoint
+
+
+def run_steps(
+    job, loaded: LoadedModel, windows: torch.Tensor, checkpoint: Path, step_loss, description: str
+) -> Accelerator:
+    """The optimisation loop of training and healing: AdamW on the trainable parameters through
+    accelerate, batches from ``batch_of``, a checkpoint every ``job.checkpoint_every`` steps and
+    resumption from it, progress with the loss and tokens per second. ``step_loss(model,
+    accelerator, ids, step)`` runs the step's backward passes and returns its loss. Returns the
+    accelerator (its ``is_main_process`` writes the result)."""
     torch.manual_seed(job.seed)
     accelerator = Accelerator(mixed_precision=job.mixed_precision)
     if job.batch_size < accelerator.num_processes:
@@ -169,25 +193,23 @@ def train(job: TrainJob, loaded: LoadedModel | None = None) -> Path:
     if job.resume and checkpoint.exists():
         accelerator.load_state(str(checkpoint / "state"))
         start = json.loads((checkpoint / "progress.json").read_text())["step"]
-    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
     with progress_bar() as bar:
-        task = bar.add_task("training the super-network", total=job.steps, completed=start)
+        task = bar.add_task(description, total=job.steps, completed=start)
         tokens, began = 0, time.perf_counter()
         for step in range(start, job.steps):
             ids = batch_of(job, windows, step)[accelerator.process_index :: accelerator.num_processes]  # data parallel
             ids = ids.to(accelerator.device)
-            loss = _train_step(job, loaded, model, accelerator, ids, step_subnets(job, loaded, scores, step))
+            loss = step_loss(model, accelerator, ids, step)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             tokens += ids.numel()
             rate = tokens / (time.perf_counter() - began)
-            bar.update(task, advance=1, description=f"training (loss {loss:.3f}, {rate:.0f} tokens/s)")
+            bar.update(task, advance=1, description=f"{description} (loss {loss:.3f}, {rate:.0f} tokens/s)")
             if (step + 1) % job.checkpoint_every == 0 or step + 1 == job.steps:
                 _save_checkpoint(accelerator, job, checkpoint, step + 1)
     loaded.model.eval()
-    if accelerator.is_main_process:
-        _save_model(loaded, peft_model, scores, out)
-    return out
+    return accelerator
 
 
 def _train_step(job, loaded, model, accelerator, ids, subnets: list[SubNetwork | None]) -> float:

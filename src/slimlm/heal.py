@@ -1,0 +1,118 @@
+"""Recovery distillation: a pruned model learns again from the dense model it came from.
+
+Structure removal costs quality that a short distillation from the original model wins back, as in
+Minitron, DarwinLM, Sheared-LLaMA and LLM-Pruner's recovery: the student (an extracted model folder)
+is trained on calibration text to match the teacher's next-token distribution (KL divergence at
+``temperature``, mixed with the labels' cross-entropy by ``1 - distillation``). Full fine-tuning or
+LoRA through ``peft``, merged when done. The loop, its checkpoints every ``checkpoint_every`` steps,
+``resume`` and the devices of ``accelerate`` are the super-network trainer's (``train.run_steps``).
+
+The result is a model folder like the one healed: plain ``from_pretrained``, or the same remote-code
+folder (its modeling file, sub-network record and llama.cpp tokenizer keys are carried over), so it
+extracts to GGUF as before.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from slimlm.data import DEFAULT_CALIBRATION, model_windows
+from slimlm.errors import SlimlmError
+from slimlm.export import TOKENIZER_GGUF
+from slimlm.extract import REMOTE_CODE_FILE, SUBNET_FILE
+from slimlm.models import LoadedModel, load_model
+from slimlm.progress import quiet_transformers
+from slimlm.train import _add_lora, open_run, run_steps, sub_loss
+
+HEAL_FILE = "slimlm_heal.json"  # what healed the model: teacher, data, steps, settings
+CARRIED = (REMOTE_CODE_FILE, SUBNET_FILE, TOKENIZER_GGUF)  # the student folder's files the healed one keeps
+
+
+@dataclass
+class HealJob:
+    """A recovery distillation run; plain values, saved with its checkpoints."""
+
+    model: str  # the pruned model folder (the student)
+    teacher: str  # the dense model it came from
+    out: str
+    data: str = DEFAULT_CALIBRATION
+    steps: int = 100
+    batch_size: int = 4
+    seq_len: int = 256
+    learning_rate: float = 5e-5
+    distillation: float = 1.0  # weight of the KL to the teacher; the rest goes to the labels' cross-entropy
+    temperature: float = 1.0
+    lora_rank: int = 0  # 0: full fine-tuning
+    checkpoint_every: int = 25
+    seed: int = 0
+    mixed_precision: str = "no"  # accelerate's: no, fp16, bf16
+    resume: bool = False
+
+    def identity(self) -> dict:
+        """What must match for ``resume`` to continue a run (``steps`` may grow)."""
+        values = asdict(self)
+        for key in ("steps", "resume", "checkpoint_every"):
+            values.pop(key)
+        return values
+
+
+def check(job: HealJob) -> None:
+    """Refuse bad settings before any work."""
+    if min(job.steps, job.batch_size, job.checkpoint_every, job.seq_len) < 1 or job.lora_rank < 0:
+        raise SlimlmError("--steps, --batch-size, --seq-len and --checkpoint-every must be at least 1; --lora-rank 0+")
+    if not 0 <= job.distillation <= 1 or job.temperature <= 0 or job.learning_rate <= 0:
+        raise SlimlmError("--distillation must be in [0, 1]; --temperature and --learning-rate positive")
+
+
+def heal(job: HealJob, student: LoadedModel | None = None, teacher: LoadedModel | None = None) -> Path:
+    """Distil ``job.model`` from ``job.teacher`` on ``job.data``; write the healed model to ``job.out``."""
+    check(job)
+    out, checkpoint = open_run(job)
+    student = student or load_model(job.model)
+    teacher = teacher or load_model(job.teacher)
+    _check_same_vocabulary(student, teacher)
+    windows = model_windows(student, job.data, job.seq_len)
+    if len(windows) < job.batch_size:
+        raise SlimlmError(
+            f"`{job.data}` gives {len(windows)} windows of {job.seq_len} tokens; a batch needs {job.batch_size}"
+        )
+    peft_model = _add_lora(student, job.lora_rank) if job.lora_rank else None
+    teacher.model.eval().requires_grad_(False)
+
+    def step_loss(model, accelerator, ids, _step) -> float:
+        teacher.model.to(accelerator.device)
+        with torch.no_grad():
+            target = teacher.model(input_ids=ids, use_cache=False).logits
+        loss = sub_loss(model(input_ids=ids, use_cache=False).logits, ids, target, job)
+        accelerator.backward(loss)
+        return loss.item()
+
+    if run_steps(job, student, windows, checkpoint, step_loss, "healing").is_main_process:
+        _save(student, peft_model, job, out)
+    return out
+
+
+def _check_same_vocabulary(student: LoadedModel, teacher: LoadedModel) -> None:
+    """Distillation compares distributions token by token: both models must read the same tokens."""
+    same = student.dims.vocab_size == teacher.dims.vocab_size
+    if not same or student.tokenizer.get_vocab() != teacher.tokenizer.get_vocab():
+        raise SlimlmError(
+            f"the teacher {teacher.source} does not share the vocabulary of {student.source}; "
+            "heal a pruned model with the dense model it was pruned from"
+        )
+
+
+def _save(student: LoadedModel, peft_model, job: HealJob, out: Path) -> None:
+    model = peft_model.merge_and_unload() if peft_model is not None else student.model
+    with quiet_transformers():
+        model.save_pretrained(out)
+        student.tokenizer.save_pretrained(out)
+    for name in CARRIED:
+        if (Path(student.folder) / name).is_file():
+            shutil.copy(Path(student.folder) / name, out / name)
+    (out / HEAL_FILE).write_text(json.dumps(asdict(job) | {"resume": False}, indent=1) + "\n")
