@@ -129,7 +129,7 @@ def test_train_out_that_is_a_file_is_refused_before_any_work(text, tmp_path):
 
 def test_lora_training_merges_into_weights_that_compute_the_trained_adapters(text, tmp_path):
     loaded = tiny_loaded()
-    peft_model = training._add_lora(loaded, 4)
+    peft_model = training.add_lora(loaded, 4)
     torch.manual_seed(1)
     with torch.no_grad():
         for name, param in loaded.model.named_parameters():

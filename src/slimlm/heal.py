@@ -27,7 +27,7 @@ from slimlm.export import TOKENIZER_GGUF
 from slimlm.extract import REMOTE_CODE_FILE, SUBNET_FILE
 from slimlm.models import LoadedModel, load_model
 from slimlm.progress import quiet_transformers
-from slimlm.train import _add_lora, open_run, run_steps, sub_loss
+from slimlm.train import add_lora, open_run, run_identity, run_steps, sub_loss
 
 HEAL_FILE = "slimlm_heal.json"  # what healed the model: teacher, data, steps, settings
 CARRIED = (REMOTE_CODE_FILE, SUBNET_FILE, TOKENIZER_GGUF)  # the student folder's files the healed one keeps
@@ -54,11 +54,7 @@ class HealJob:
     resume: bool = False
 
     def identity(self) -> dict:
-        """What must match for ``resume`` to continue a run (``steps`` may grow)."""
-        values = asdict(self)
-        for key in ("steps", "resume", "checkpoint_every"):
-            values.pop(key)
-        return values
+        return run_identity(self)
 
 
 def check(job: HealJob) -> None:
@@ -81,7 +77,7 @@ def heal(job: HealJob, student: LoadedModel | None = None, teacher: LoadedModel 
         raise SlimlmError(
             f"`{job.data}` gives {len(windows)} windows of {job.seq_len} tokens; a batch needs {job.batch_size}"
         )
-    peft_model = _add_lora(student, job.lora_rank) if job.lora_rank else None
+    peft_model = add_lora(student, job.lora_rank) if job.lora_rank else None
     teacher.model.eval().requires_grad_(False)
 
     def step_loss(model, accelerator, ids, _step) -> float:

@@ -80,11 +80,16 @@ class TrainJob:
     resume: bool = False
 
     def identity(self) -> dict:
-        """What must match for ``resume`` to continue a run (``steps`` may grow)."""
-        values = asdict(self)
-        for key in ("steps", "resume", "checkpoint_every"):
-            values.pop(key)
-        return json.loads(json.dumps(values))
+        return run_identity(self)
+
+
+def run_identity(job) -> dict:
+    """What must match for ``resume`` to continue a training or healing run: every setting but
+    ``steps`` (which may grow), ``resume`` and ``checkpoint_every``, as plain JSON values."""
+    values = asdict(job)
+    for key in ("steps", "resume", "checkpoint_every"):
+        values.pop(key)
+    return json.loads(json.dumps(values))
 
 
 def check(job: TrainJob) -> None:
@@ -147,7 +152,7 @@ def train(job: TrainJob, loaded: LoadedModel | None = None) -> Path:
         raise SlimlmError(f"`{job.data}` gives {len(windows)} windows of {job.seq_len} tokens; {needed}")
     calib = windows[:IMPORTANCE_WINDOWS]
     scores = importance(loaded, cached_calibration(loaded, calib, job.data), job.metric)
-    peft_model = _add_lora(loaded, job.lora_rank) if job.lora_rank else None
+    peft_model = add_lora(loaded, job.lora_rank) if job.lora_rank else None
 
     def step_loss(model, accelerator, ids, step) -> float:
         return _train_step(job, loaded, model, accelerator, ids, step_subnets(job, loaded, scores, step))
@@ -232,7 +237,7 @@ def _train_step(job, loaded, model, accelerator, ids, subnets: list[SubNetwork |
     return total
 
 
-def _add_lora(loaded: LoadedModel, rank: int):
+def add_lora(loaded: LoadedModel, rank: int):
     """Inject LoRA adapters into every linear of the decoder layers, in place; the rest is frozen."""
     from peft import LoraConfig, get_peft_model
 
