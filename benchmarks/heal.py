@@ -6,7 +6,7 @@ default calibration windows) is extracted, then healed from the dense model with
 defaults on the calibration text, measured after each number of steps (a run resumed to the next
 count, as `--resume` does). Measured each time: perplexity on the evaluation texts (never trained
 on), slimlm's last-word cloze accuracy and chat fidelity against the dense model's answers.
-Writes ``results/heal.{md,json}``.
+Writes ``results/NAME.{md,json}``.
 
     python benchmarks/heal.py --model smollm2-135m --fractions 0.7 --steps 100,300
 """
@@ -45,23 +45,27 @@ def main() -> None:
     parser.add_argument("--fractions", default="0.7")
     parser.add_argument("--steps", default="100,300", help="step counts measured (one run, resumed)")
     parser.add_argument("--lora-rank", type=int, default=0)
+    parser.add_argument("--calib", default=DEFAULT_CALIBRATION, help="calibration of the start (importance, reform)")
+    parser.add_argument("--data", default=HealJob.data, help="what the student heals on (e.g. chat+austen:emma)")
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--cloze-examples", type=int, default=100)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", default="heal", help="results file stem (OUT/NAME.md, OUT/NAME.json)")
     args = parser.parse_args()
     command = "python benchmarks/heal.py " + " ".join(sys.argv[1:])
     seq_len, calib_windows = SearchJob.seq_len, SearchJob.calibration_windows
 
     dense = load_model(args.model)
-    calib = model_windows(dense, DEFAULT_CALIBRATION, seq_len, calib_windows)
+    calib = model_windows(dense, args.calib, seq_len, calib_windows)
     texts = {n: model_windows(dense, s, seq_len, args.eval_windows) for n, s in TEXTS.items()}
     cloze = build_task(LASTWORD, TEXTS["austen"], dense.tokenizer, examples=args.cloze_examples)
     reference = chat_reference(dense.model, dense.tokenizer)
-    calibration = cached_calibration(dense, calib, DEFAULT_CALIBRATION)
+    calibration = cached_calibration(dense, calib, args.calib)
     scores = importance(dense, calibration)
     dims, space = dense.dims, SearchSpace()
+    defaults = asdict(HealJob(model="", teacher="", out="", data=args.data)) | {"calibration": args.calib}
     rows = [{"fraction": 1.0, "steps": None} | measure(dense.model, dense, texts, cloze, reference)]
-    print(json.dumps(rows[-1]), flush=True)
+    write(args, rows, command, defaults)
     with tempfile.TemporaryDirectory(prefix="slimlm-heal-") as tmp:
         for fraction in map(float, args.fractions.split(",")):
             budget = params_budget(dims, fraction)
@@ -73,19 +77,18 @@ def main() -> None:
             pruned = extract(dense, start, Path(tmp) / f"pruned-{fraction}", reform(dense, start, calib)).folder
             student = load_model(pruned)
             rows.append({"fraction": fraction, "steps": 0} | measure(student.model, dense, texts, cloze, reference))
-            print(json.dumps(rows[-1]), flush=True)
+            write(args, rows, command, defaults)
             done = 0
             for steps in map(int, args.steps.split(",")):
                 job = HealJob(model=str(pruned), teacher=args.model, out=str(Path(tmp) / f"healed-{fraction}"))
-                job = replace(job, steps=steps, lora_rank=args.lora_rank, resume=done > 0)
+                job = replace(job, data=args.data, steps=steps, lora_rank=args.lora_rank, resume=done > 0)
                 began = time.perf_counter()
                 healed = load_model(heal(job, teacher=dense))
                 seconds = time.perf_counter() - began
                 row = {"fraction": fraction, "steps": steps, "seconds_per_step": seconds / (steps - done)}
                 rows.append(row | measure(healed.model, dense, texts, cloze, reference))
-                print(json.dumps(rows[-1]), flush=True)
+                write(args, rows, command, defaults)
                 done = steps
-    write(args, rows, command, asdict(HealJob(model="", teacher="", out="")))
 
 
 def measure(model, dense, texts: dict, cloze, reference) -> dict:
@@ -100,14 +103,18 @@ def measure(model, dense, texts: dict, cloze, reference) -> dict:
 
 
 def write(args, rows: list[dict], command: str, defaults: dict) -> None:
+    """Rewrite the tables after every row, so a stopped run keeps what it measured."""
+    print(json.dumps(rows[-1]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "heal.json").write_text(json.dumps({"command": command, "heal": defaults, "rows": rows}, indent=1))
+    record = {"command": command, "heal": defaults, "rows": rows}
+    (args.out / f"{args.name}.json").write_text(json.dumps(record, indent=1))
     lines = [
         "# Recovery distillation (`slimlm heal`)",
         "",
         f"`{command}`",
         "",
-        "Per fraction: `compress`'s start sub-network (FLAP allocation, default importance, reformed), extracted, "
+        "Per fraction: `compress`'s start sub-network (FLAP allocation, default importance, reformed), calibrated "
+        f"on `{defaults['calibration']}`, extracted, "
         f"then healed from the dense model with `slimlm heal`'s defaults (learning rate {defaults['learning_rate']}, "
         f"batch {defaults['batch_size']} x {defaults['seq_len']} tokens, pure KL at temperature "
         f"{defaults['temperature']}, LoRA rank {args.lora_rank or 'none: full fine-tuning'}) on `{defaults['data']}`. "
@@ -125,8 +132,7 @@ def write(args, rows: list[dict], command: str, defaults: dict) -> None:
             f"| {r['fraction']:g} | {steps} | {per_step} | {r['ppl_austen']:.2f} | {r['ppl_pydoc']:.2f} "
             f"| {r['cloze']:.3f} | {r['chat_kl']:.3f} | {r['chat_first_tokens']:.0%} |"
         )
-    (args.out / "heal.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,22 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from slimlm.chat import FIRST_TOKENS, SAMPLES, chat_fidelity, chat_prompts, chat_reference, prompt_ids
+from slimlm.cache import cache_root
+from slimlm.chat import (
+    FIRST_TOKENS,
+    SAMPLES,
+    calibration_prompts,
+    chat_fidelity,
+    chat_prompts,
+    chat_reference,
+    conversations,
+    greedy_answers,
+    prompt_ids,
+)
+from slimlm.data import load_text, model_windows, text_windows
+from slimlm.errors import SlimlmError
 
 from .conftest import tiny_loaded
 
@@ -66,3 +80,66 @@ def test_plain_prompts_start_with_bos_where_the_tokenizer_has_one(dense):
     finally:
         tokenizer.bos_token = None
     assert ids[0] == tokenizer.convert_tokens_to_ids("w3") and ids[1:] == tokenizer("w1 w2")["input_ids"]
+
+
+# --- the `chat` calibration source: the dense model's own answers to a disjoint prompt set ---
+
+
+def _few_prompts(monkeypatch, n: int = 20) -> list[str]:
+    """Keep the generation short: the first ``n`` calibration prompts (all [UNK] to the tiny tokenizer
+    but the second word, so prompts differ)."""
+    prompts = [f"w{i % 90 + 1} {p}" for i, p in enumerate(calibration_prompts()[:n])]
+    monkeypatch.setattr("slimlm.chat.calibration_prompts", lambda: prompts)
+    return prompts
+
+
+def test_calibration_prompts_are_many_and_never_judge_fidelity():
+    calibration = calibration_prompts()
+    assert len(calibration) >= 200 and len(set(calibration)) == len(calibration)
+    assert not {p.lower() for p in calibration} & {p.lower() for p in chat_prompts()}
+
+
+def test_conversations_are_each_prompt_then_the_models_greedy_answer(dense, monkeypatch):
+    prompts = _few_prompts(monkeypatch)
+    ids = conversations(dense.model, dense.tokenizer, new_tokens=6)
+    asked = [prompt_ids(dense.tokenizer, p)[0] for p in prompts]
+    answers = greedy_answers(dense.model, dense.tokenizer, asked, 6, None)
+    assert ids == [t for q, a in zip(asked, answers, strict=True) for t in q + a]
+    assert sum(map(len, answers)) > 0
+
+
+def test_conversations_are_cached_per_weights(dense, monkeypatch):
+    _few_prompts(monkeypatch)
+    first = conversations(dense.model, dense.tokenizer, new_tokens=6)
+    monkeypatch.setattr("slimlm.chat.greedy_answers", lambda *a, **k: pytest.fail("answered again"))
+    assert conversations(dense.model, dense.tokenizer, new_tokens=6) == first
+    with pytest.raises(pytest.fail.Exception, match="answered again"):  # other weights: another entry
+        conversations(tiny_loaded("llama", seed=1).model, dense.tokenizer, new_tokens=6)
+
+
+def test_a_truncated_cache_entry_is_a_miss(dense, monkeypatch, tmp_path):
+    _few_prompts(monkeypatch)
+    first = conversations(dense.model, dense.tokenizer, new_tokens=6)
+    for entry in (cache_root() / "conversations").glob("*.json"):
+        entry.write_text(entry.read_text()[:20])
+    assert conversations(dense.model, dense.tokenizer, new_tokens=6) == first
+
+
+def test_chat_windows_cut_the_answerers_conversations(dense, monkeypatch, tmp_path):
+    _few_prompts(monkeypatch)
+    windows = model_windows(dense, "chat", 16)
+    stream = conversations(dense.model, dense.tokenizer)
+    assert windows.shape[1] == 16 and windows.flatten().tolist() == stream[: windows.numel()]
+    other = tiny_loaded("llama", seed=1)  # a pruned student heals on its teacher's answers
+    assert torch.equal(model_windows(other, "chat", 16, answerer=dense), windows)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{i % 90 + 1}" for i in range(400)))
+    mixed = model_windows(dense, f"chat+{text}", 16, 6)
+    assert torch.equal(mixed[0::2], windows[:3]) and torch.equal(mixed[1::2], model_windows(dense, str(text), 16, 3))
+
+
+def test_chat_is_refused_where_no_model_speaks(dense):
+    with pytest.raises(SlimlmError, match="own answers"):
+        load_text("chat")
+    with pytest.raises(SlimlmError, match="needs a loaded model"):
+        text_windows(dense.tokenizer, "chat+austen", 16)

@@ -171,3 +171,16 @@ def test_compress_with_heal_steps_measures_the_healed_model_beside_the_compresse
     assert "healed 4 steps" in result.stdout
     bad = invoke(*[a if a != out else tmp_path / "other" for a in args], "--heal-steps", -1)
     assert "--heal-steps" in one_error(bad) and not (tmp_path / "other").exists()
+
+
+def test_healing_on_chat_uses_the_teachers_answers(models, tmp_path, monkeypatch):
+    speakers = []
+
+    def answers(model, tokenizer):  # the `chat` source's token stream, recording who answered
+        speakers.append(model)
+        return list(range(1, 60)) * 8
+
+    monkeypatch.setattr("slimlm.data.conversations", answers)
+    teacher = load_model(models[0])
+    heal(job_for(models, "chat", tmp_path / "healed", steps=2), teacher=teacher)
+    assert speakers == [teacher.model]

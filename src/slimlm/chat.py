@@ -7,29 +7,47 @@ reference. A compressed model is scored teacher-forced on those answers (mean pe
 divergence from the dense model, and the share of positions where its top token is the dense
 answer's), by whether its own greedy answer starts with the same tokens, and by a few answers
 side by side. Models without a chat template are measured on plain continuations of the prompts.
+
+The same template also makes calibration text that matches use (the ``chat`` data spec): the dense
+model's own answers to a second, disjoint prompt set (``prompts/calibration.txt``), so no corpus is
+needed and the fidelity prompts are never calibrated or healed on.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from slimlm.cache import cache_root, fingerprint
 from slimlm.progress import track
 
 ANSWER_TOKENS = 32  # greedy answer length of the reference (a first sentence or two)
 FIRST_TOKENS = 10  # an answer "starts like the dense one" when these many tokens match
 SAMPLES = 3  # answers shown side by side in reports
 BATCH = 16  # prompts generated at once (left-padded)
+CONVERSATION_TOKENS = 128  # answer length of the chat calibration text: whole answers, mostly
+CONVERSATIONS_FORMAT = "slimlm.conversations/1"
+
+
+def _prompt_file(name: str) -> list[str]:
+    text = resources.files("slimlm").joinpath(f"prompts/{name}").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
 def chat_prompts(limit: int | None = None) -> list[str]:
-    """slimlm's prompt set, in its fixed order (the first ``limit``)."""
-    text = resources.files("slimlm").joinpath("prompts/chat.txt").read_text(encoding="utf-8")
-    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
-    return prompts[:limit]
+    """slimlm's chat-fidelity prompt set, in its fixed order (the first ``limit``)."""
+    return _prompt_file("chat.txt")[:limit]
+
+
+def calibration_prompts() -> list[str]:
+    """slimlm's chat calibration prompts: none of them is a chat-fidelity prompt."""
+    return _prompt_file("calibration.txt")
 
 
 @dataclass(frozen=True)
@@ -135,3 +153,31 @@ def chat_fidelity(model, dense, tokenizer, reference: ChatReference, description
             for i in range(len(shown))
         ],
     }
+
+
+def conversations(model, tokenizer, new_tokens: int = CONVERSATION_TOKENS) -> list[int]:
+    """``model``'s own chat as one token stream: each calibration prompt through the chat template,
+    then the model's greedy answer. Cached on disk per weights, template and prompts, since a few
+    hundred answers take minutes on a CPU."""
+    prompts = calibration_prompts()
+    path = _conversations_path(model, tokenizer, prompts, new_tokens)
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())["ids"]
+        except (ValueError, KeyError):  # truncated or tampered: a cache miss, rewritten below
+            path.unlink(missing_ok=True)
+    asked = [prompt_ids(tokenizer, p)[0] for p in prompts]
+    answers = greedy_answers(model, tokenizer, asked, new_tokens, "chat calibration: dense answers")
+    ids = [t for prompt, answer in zip(asked, answers, strict=True) for t in prompt + answer]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"format": CONVERSATIONS_FORMAT, "ids": ids}))
+    tmp.rename(path)  # atomic: a killed run leaves no half-written entry
+    return ids
+
+
+def _conversations_path(model, tokenizer, prompts: list[str], new_tokens: int) -> Path:
+    template = getattr(tokenizer, "chat_template", None) or ""
+    settings = [CONVERSATIONS_FORMAT, fingerprint(model), str(len(tokenizer)), str(new_tokens), str(template)]
+    key = "|".join([*settings, *prompts])
+    return cache_root() / "conversations" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"

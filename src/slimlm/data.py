@@ -2,6 +2,8 @@
 
 Built-in corpora come from Debian packages (the only source reachable without a model hub):
 Jane Austen's novels from ``r-cran-janeaustenr`` and the Python docs from ``python3.11-doc``.
+The ``chat`` source is made by the model itself (its answers to slimlm's calibration prompts, see
+:mod:`slimlm.chat`), so it needs a loaded model: :func:`model_windows`.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import subprocess
 import tempfile
 import warnings
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from slimlm.cache import cache_root
+from slimlm.chat import conversations
 from slimlm.errors import SlimlmError
 from slimlm.progress import console, track
 
@@ -27,6 +31,7 @@ from slimlm.progress import console, track
 DEFAULT_CALIBRATION = "austen:emma+pydoc:library"
 DEFAULT_EVALUATION = "austen:prideprejudice"
 MIX = "+"  # joins specs: ``austen:emma+pydoc:library``
+CHAT = "chat"  # the dense model's own answers through its chat template
 AUSTEN_BOOKS = (
     "emma",
     "mansfieldpark",
@@ -46,6 +51,7 @@ def describe_specs() -> str:
     """One line listing the accepted data spec forms (for error messages and CLI help)."""
     books = ", ".join(AUSTEN_BOOKS)
     return (
+        f"{CHAT} (the model's own answers to slimlm's calibration prompts, through its chat template); "
         "a .txt or .md file or a folder of them; a .jsonl file (its text field, or FILE.jsonl:FIELD); "
         f"austen or austen:BOOK (BOOK: {books}); "
         "pydoc or pydoc:SECTION (e.g. pydoc:library, pydoc:tutorial); hf:NAME[:CONFIG[:SPLIT]] via datasets; "
@@ -58,6 +64,8 @@ def load_text(spec: str) -> str:
     if MIX in spec:
         return "\n\n".join(load_text(part) for part in mixed_parts(spec))
     kind, _, arg = spec.partition(":")
+    if spec == CHAT:
+        raise SlimlmError(f"`{CHAT}` is made by the model from its own answers: use it as calibration data")
     if kind == "austen":
         books = [arg] if arg else list(AUSTEN_BOOKS)
         text = "\n\n".join(_austen_book(book) for book in books)
@@ -83,12 +91,19 @@ def token_windows(
 
     No special tokens are added and the incomplete tail is dropped; ``max_windows`` keeps the first ones.
     """
+    return _cut(_token_ids(tokenizer, text), seq_len, max_windows, source)
+
+
+def _token_ids(tokenizer, text: str) -> list[int]:
+    # verbose=False: the "longer than the maximum sequence length" warning is moot, we cut windows ourselves.
+    return tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+
+
+def _cut(ids: list[int], seq_len: int, max_windows: int | None, source: str) -> torch.Tensor:
     if seq_len < 2:
         raise SlimlmError(f"seq_len must be at least 2, got {seq_len}")
     if max_windows is not None and max_windows < 1:
         raise SlimlmError(f"max_windows must be at least 1, got {max_windows}")
-    # verbose=False: the "longer than the maximum sequence length" warning is moot, we cut windows ourselves.
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
     n = len(ids) // seq_len
     if n == 0:
         hint = "use a longer text or a smaller --seq-len"
@@ -270,22 +285,39 @@ def mixed_parts(spec: str) -> list[str]:
     return parts
 
 
-def text_windows(tokenizer, spec: str, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+def text_windows(
+    tokenizer, spec: str, seq_len: int, max_windows: int | None = None, chat: Callable[[], list[int]] | None = None
+) -> torch.Tensor:
     """Token windows of ``spec``; a mixed spec takes windows from its parts in turn (A1, B1, A2, B2, ...),
-    so any prefix of them (a search's fitness windows) covers every part alike."""
+    so any prefix of them (a search's fitness windows) covers every part alike. ``chat`` gives the
+    token stream of the ``chat`` source (without it, that source is refused)."""
     parts = mixed_parts(spec)
+    each = max_windows if len(parts) == 1 or max_windows is None else -(-max_windows // len(parts))
+    windows = [_cut(_part_ids(tokenizer, p, chat), seq_len, each, p) for p in parts]
     if len(parts) == 1:
-        return token_windows(tokenizer, load_text(spec), seq_len, max_windows, source=spec)
-    each = None if max_windows is None else -(-max_windows // len(parts))
-    windows = [token_windows(tokenizer, load_text(p), seq_len, each, source=p) for p in parts]
+        return windows[0]
     rounds = min(len(w) for w in windows)  # equal shares, so no part dominates
     mixed = torch.stack([w[:rounds] for w in windows], dim=1).reshape(-1, seq_len)
     return mixed[:max_windows]
 
 
-def model_windows(loaded, spec: str, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
-    """Token windows of ``spec`` for a loaded model, refusing windows longer than its context."""
+def _part_ids(tokenizer, part: str, chat: Callable[[], list[int]] | None) -> list[int]:
+    if part != CHAT:
+        return _token_ids(tokenizer, load_text(part))
+    if chat is None:
+        raise SlimlmError(f"`{CHAT}` is made by the model from its own answers: it needs a loaded model")
+    return chat()
+
+
+def model_windows(loaded, spec: str, seq_len: int, max_windows: int | None = None, answerer=None) -> torch.Tensor:
+    """Token windows of ``spec`` for a loaded model, refusing windows longer than its context.
+
+    The ``chat`` source is the answers of ``answerer`` (a loaded model; default ``loaded``): a pruned
+    model heals on its dense teacher's answers, not on its own."""
     limit = loaded.dims.max_positions
     if seq_len > limit:
         raise SlimlmError(f"--seq-len {seq_len} is longer than the model's context of {limit} tokens")
-    return text_windows(loaded.tokenizer, spec, seq_len, max_windows)
+    speaker = answerer or loaded
+    return text_windows(
+        loaded.tokenizer, spec, seq_len, max_windows, lambda: conversations(speaker.model, speaker.tokenizer)
+    )

@@ -72,7 +72,7 @@ def heal(job: HealJob, student: LoadedModel | None = None, teacher: LoadedModel 
     student = student or load_model(job.model)
     teacher = teacher or load_model(job.teacher)
     _check_same_vocabulary(student, teacher)
-    windows = model_windows(student, job.data, job.seq_len)
+    windows = model_windows(student, job.data, job.seq_len, answerer=teacher)  # chat: the teacher speaks
     if len(windows) < job.batch_size:
         raise SlimlmError(
             f"`{job.data}` gives {len(windows)} windows of {job.seq_len} tokens; a batch needs {job.batch_size}"
