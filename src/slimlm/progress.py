@@ -48,10 +48,19 @@ class LogProgress:
     def advance(self, task: int, advance: float = 1) -> None:
         self.update(task, completed=self.tasks[task]["completed"] + advance)
 
-    def update(self, task: int, completed: float | None = None, description: str | None = None, **_kw) -> None:
+    def update(
+        self,
+        task: int,
+        completed: float | None = None,
+        description: str | None = None,
+        advance: float | None = None,
+        **_kw,
+    ) -> None:
         state = self.tasks[task]
         if completed is not None:
             state["completed"] = completed
+        if advance is not None:  # rich's update takes both, as run_steps uses it
+            state["completed"] += advance
         if description is not None:
             state["description"] = description
         self._print(task, force=state["total"] is not None and state["completed"] >= state["total"])
