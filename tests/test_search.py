@@ -33,6 +33,7 @@ from slimlm.report import (
     hypervolume,
     last_stage,
     pareto_front,
+    search_summary,
     spread,
     write_report,
 )
@@ -1026,3 +1027,11 @@ def test_cli_search_json_is_the_written_report(folder, text, tmp_path):
     result = invoke("search", folder, "--params", FRACTION, *search_options(text, run), "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout) == json.loads((run / "pareto.json").read_text())
+
+
+def test_the_summary_says_plainly_when_the_search_adds_little_over_its_start():
+    report = {"best_trial": 7, "best_evaluation_perplexity": 33.5, "best_start": {"trial": 0}}
+    little = search_summary(report | {"best_start": {"trial": 0, "evaluation_perplexity": 34.4}, "search_gain": 0.026})
+    assert "search gain +2.6%" in little and "adds little over its best start" in little
+    much = search_summary(report | {"best_start": {"trial": 0, "evaluation_perplexity": 51.5}, "search_gain": 0.13})
+    assert "search gain +13.0%" in much and "adds little" not in much

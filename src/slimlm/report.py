@@ -214,8 +214,12 @@ def write_report(searcher: Searcher, study: optuna.Study, front_size: int = 6) -
     return report
 
 
+SEARCH_ADDS_VALUE = 0.10  # a winner less than 10% below the best start: the rules nearly do as well (issue 15)
+
+
 def search_summary(report: dict) -> str:
-    """One line: the winner against the best start (the rules it must beat), and how well fitness ranked."""
+    """One line: the winner against the best start (the rules it must beat), said plainly when the
+    search adds little over them, and how well fitness ranked."""
     if report.get("best_trial") is None:
         return "no candidate within the budget"
     line = f"winner trial {report['best_trial']}: evaluation perplexity {report['best_evaluation_perplexity']:.2f}"
@@ -226,6 +230,8 @@ def search_summary(report: dict) -> str:
             f"; best start trial {start['trial']}: {start['evaluation_perplexity']:.2f}"
             f" (search gain {100 * report['search_gain']:+.1f}%)"
         )
+        if report["search_gain"] < SEARCH_ADDS_VALUE:
+            line += f"; the search adds little over its best start (less than {SEARCH_ADDS_VALUE:.0%})"
     if report.get("fitness_evaluation_spearman") is not None:
         line += f"; fitness vs evaluation rank correlation {report['fitness_evaluation_spearman']:.2f}"
     return line
