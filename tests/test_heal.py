@@ -118,6 +118,21 @@ def test_a_teacher_with_another_vocabulary_is_refused_before_training(models, te
     assert not (tmp_path / "out" / "checkpoint").exists()
 
 
+def test_a_folder_of_the_users_files_is_never_healed_into(models, text, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(SlimlmError, match="holds no slimlm training run"):
+        heal(job_for(models, text, out))
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
+
+
+def test_a_heal_killed_before_its_first_checkpoint_runs_again_in_its_folder(models, text, tmp_path):
+    out = tmp_path / "out"
+    (out / ".checkpoint.tmp").mkdir(parents=True)  # what a kill during the first checkpoint leaves
+    assert (heal(job_for(models, text, out, steps=2)) / HEAL_FILE).is_file()
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [({"steps": 0}, "--steps"), ({"distillation": 1.5}, "--distillation"), ({"lora_rank": -1}, "--lora-rank")],

@@ -168,6 +168,9 @@ def open_run(job) -> tuple[Path, Path]:
     out = writable_folder(job.out, job.model)
     checkpoint = out / CHECKPOINT
     _recover_checkpoint(checkpoint)
+    theirs = [p for p in out.iterdir() if not p.name.startswith(f".{CHECKPOINT}.")] if out.is_dir() else []
+    if theirs and not checkpoint.exists():  # the user's files: never written over (our own scratch aside)
+        raise SlimlmError(f"{out} exists, is not empty and holds no slimlm training run; choose another --out")
     if not job.resume and checkpoint.exists():
         raise SlimlmError(f"{out} already holds a training run; pass --resume to continue it, or choose another --out")
     if job.resume and checkpoint.exists():
