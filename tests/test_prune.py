@@ -181,6 +181,19 @@ def test_unknown_method_and_bad_budgets_are_refused():
         params_budget(loaded.dims)
     with pytest.raises(SlimlmError, match="fraction in"):
         params_budget(loaded.dims, 1.5)
+    with pytest.raises(SlimlmError, match="exactly one budget"):
+        params_budget(loaded.dims, 0.5, non_embedding=0.5)
+    with pytest.raises(SlimlmError, match="--non-embedding must be a fraction"):
+        params_budget(loaded.dims, non_embedding=0)
+
+
+def test_a_non_embedding_budget_keeps_the_embeddings_whole_and_a_share_of_the_rest():
+    dims = tiny_loaded().dims
+    total, embedding = static_cost(dims).params, dims.embedding_params
+    assert 0 < embedding < total
+    assert params_budget(dims, non_embedding=1.0) == total
+    assert params_budget(dims, non_embedding=0.5) == embedding + int(0.5 * (total - embedding))
+    assert params_budget(dims, non_embedding=0.5) > params_budget(dims, 0.5)
 
 
 def test_cli_prune_writes_a_model_that_loads_and_reports_its_perplexity(tmp_path, text):

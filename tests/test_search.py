@@ -24,7 +24,7 @@ from slimlm.extract import needs_remote_code
 from slimlm.importance import cached_calibration
 from slimlm.models import load_model
 from slimlm.models.base import LayerShape
-from slimlm.prune import flap_shapes
+from slimlm.prune import flap_shapes, params_budget
 from slimlm.reform import reform
 from slimlm.report import (
     FINALISTS,
@@ -355,6 +355,15 @@ def test_a_resumed_random_search_does_not_replay_its_draws(make_job, tmp_path):
 
 
 # --- budgets and bad settings -------------------------------------------------------------------
+
+
+def test_a_non_embedding_budget_keeps_that_share_of_the_layers_parameters(make_job, tmp_path):
+    job = make_job(tmp_path / "run", params_fraction=None, non_embedding_fraction=0.6)
+    searcher = prepare(job)
+    dims = searcher.context.dims
+    assert searcher.budget.params == params_budget(dims, non_embedding=0.6)
+    assert searcher.budget.params > params_budget(dims, 0.6)  # the embeddings are kept whole, not shrunk
+    assert SearchJob.from_dict(job.to_dict()) == job
 
 
 @pytest.mark.parametrize(
@@ -710,10 +719,11 @@ def test_cli_compress_writes_a_smaller_model_and_its_report(folder, text, tmp_pa
     ("budget", "message"),
     [
         (["--params", "0.01"], "below the smallest sub-network this search space allows"),
-        ([], "give a budget: --params FRACTION, --max-params N or --max-memory BYTES"),
+        ([], "give a budget: --params FRACTION, --non-embedding FRACTION, --max-params N or --max-memory BYTES"),
+        (["--params", "0.5", "--non-embedding", "0.5"], "give exactly one budget"),
         (["--max-params", "abc"], "cannot read size 'abc'"),
     ],
-    ids=["too-small", "none", "not-a-size"],
+    ids=["too-small", "none", "two", "not-a-size"],
 )
 def test_cli_bad_budgets_are_one_clear_error(folder, text, tmp_path, command, budget, message):
     run = tmp_path / "run"

@@ -91,6 +91,14 @@ SeqLenOpt = Annotated[int, typer.Option(help="tokens per window")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
 ParamsFraction = Annotated[float | None, typer.Option("--params", help="keep at most this fraction of the parameters")]
 MaxParams = Annotated[str | None, typer.Option(help="absolute parameter budget, e.g. 90M")]
+NonEmbedding = Annotated[
+    float | None,
+    typer.Option(
+        "--non-embedding",
+        help="keep at most this fraction of the parameters outside the embeddings (kept whole): for models "
+        "whose embedding is most of their size",
+    ),
+]
 Calib = Annotated[str, typer.Option("--calib", help=f"calibration text: {describe_specs()}")]
 EvalText = Annotated[str, typer.Option("--eval", help="evaluation text (same forms as --calib)")]
 CalibWindows = Annotated[int, typer.Option("--calib-windows", help="calibration windows")]
@@ -350,6 +358,7 @@ def prune_command(
     method: Annotated[str, typer.Option(help=f"pruning method: {', '.join(METHODS)}")],
     out_dir: Annotated[Path, typer.Option("--out", help="folder to write the pruned model to")],
     params_fraction: ParamsFraction = None,
+    non_embedding_fraction: NonEmbedding = None,
     max_params: MaxParams = None,
     calibration: Calib = DEFAULT_CALIBRATION,
     evaluation: EvalText = DEFAULT_EVALUATION,
@@ -363,7 +372,8 @@ def prune_command(
     check_method(method)
     check_output_folder(out_dir, overwrite, model)
     loaded = load_model(model)
-    budget = params_budget(loaded.dims, params_fraction, int(parse_size(max_params)) if max_params else None)
+    absolute = int(parse_size(max_params)) if max_params else None
+    budget = params_budget(loaded.dims, params_fraction, absolute, non_embedding_fraction)
     calib = model_windows(loaded, calibration, seq_len, calibration_windows)
     ids = model_windows(loaded, evaluation, seq_len, evaluation_windows)
     given = PruneInput(loaded, cached_calibration(loaded, calib, calibration), calib, budget)
@@ -638,8 +648,11 @@ def _job(model: str | None, out_dir: Path | None, options: dict, typed: set | No
     job = replace(job, model=model or job.model, out=str(out_dir) if out_dir else job.out)
     if not job.model or not job.out:
         raise SlimlmError("give a MODEL and --out RUN, or a job file with --config RUN/job.toml")
-    if job.params_fraction is None and job.max_params is None and job.max_memory_bytes is None:
-        raise SlimlmError("give a budget: --params FRACTION, --max-params N or --max-memory BYTES")
+    budgets = (job.params_fraction, job.non_embedding_fraction, job.max_params, job.max_memory_bytes)
+    if budgets == (None, None, None, None):
+        raise SlimlmError(
+            "give a budget: --params FRACTION, --non-embedding FRACTION, --max-params N or --max-memory BYTES"
+        )
     return job
 
 
@@ -682,6 +695,7 @@ def _layer_list(text: str, option: str) -> tuple[int, ...]:
 
 def _search_options(
     params_fraction: ParamsFraction = None,
+    non_embedding_fraction: NonEmbedding = None,
     max_params: MaxParams = None,
     max_memory: MaxMemory = None,
     max_latency_ms: MaxLatency = None,
@@ -742,7 +756,7 @@ def _with_search_options(command):
 
 
 PANELS = {  # --help groups the many search options
-    "Budget": ("params_fraction", "max_params", "max_memory", "max_latency_ms"),
+    "Budget": ("params_fraction", "non_embedding_fraction", "max_params", "max_memory", "max_latency_ms"),
     "Search": ("strategy", "objective", "latency_runtime", "evaluations", "fitness", "stages", "metric", "seed"),
     "Space": ("per_layer", "depth", "min_ratio", "max_ratio", "frozen"),
     "Text": (

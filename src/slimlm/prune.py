@@ -196,13 +196,23 @@ METHODS: dict[str, Callable[[PruneInput], tuple[SubNetwork, Reformed | None]]] =
 }
 
 
-def params_budget(dims: ModelDims, fraction: float | None = None, max_params: int | None = None) -> int:
-    """The parameter budget from a kept fraction of the model or an absolute count (exactly one)."""
-    if (fraction is None) == (max_params is None):
-        raise SlimlmError("give exactly one budget: --params FRACTION or --max-params N")
-    if fraction is not None and not 0 < fraction <= 1:
-        raise SlimlmError(f"--params must be a fraction in (0, 1], got {fraction}")
-    return int(fraction * static_cost(dims).params) if fraction is not None else int(max_params)
+def params_budget(
+    dims: ModelDims, fraction: float | None = None, max_params: int | None = None, non_embedding: float | None = None
+) -> int:
+    """The parameter budget (exactly one given): a kept fraction of the model, an absolute count, or a
+    kept fraction of the parameters outside the embeddings, which are never pruned (the knob for
+    models whose embedding is most of their size: 168M of Gemma-3-270m's 268M)."""
+    if sum(b is not None for b in (fraction, max_params, non_embedding)) != 1:
+        raise SlimlmError("give exactly one budget: --params FRACTION, --non-embedding FRACTION or --max-params N")
+    for option, value in (("--params", fraction), ("--non-embedding", non_embedding)):
+        if value is not None and not 0 < value <= 1:
+            raise SlimlmError(f"{option} must be a fraction in (0, 1], got {value}")
+    if max_params is not None:
+        return int(max_params)
+    total = static_cost(dims).params
+    if fraction is not None:
+        return int(fraction * total)
+    return dims.embedding_params + int(non_embedding * (total - dims.embedding_params))
 
 
 def check_method(method: str) -> None:

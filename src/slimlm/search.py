@@ -46,7 +46,7 @@ from slimlm.library import VariantLibrary, build_library
 from slimlm.models import LayerShape, LoadedModel, load_model
 from slimlm.outputs import check_run_folder
 from slimlm.progress import progress_bar
-from slimlm.prune import flap_shapes
+from slimlm.prune import flap_shapes, params_budget
 from slimlm.reform import reform
 from slimlm.space import SearchSpace, uniform_subnetwork
 from slimlm.strategies import (
@@ -111,6 +111,7 @@ class SearchJob:
     model: str
     out: str
     params_fraction: float | None = None
+    non_embedding_fraction: float | None = None  # a kept fraction of the parameters outside the embeddings
     max_params: int | None = None
     max_memory_bytes: int | None = None
     max_latency_ms: float | None = None
@@ -150,6 +151,7 @@ class SearchJob:
         keys = (
             "model",
             "params_fraction",
+            "non_embedding_fraction",
             "max_params",
             "max_memory_bytes",
             "max_latency_ms",
@@ -194,6 +196,7 @@ class SearchJob:
 INVOCATION_FLAGS = ("resume", "overwrite")
 OPTIONAL_FIELDS = {  # the type of the settings that default to None (unset)
     "params_fraction": float,
+    "non_embedding_fraction": float,
     "max_params": int,
     "max_memory_bytes": int,
     "max_latency_ms": float,
@@ -309,11 +312,8 @@ def prepare(job: SearchJob, loaded: LoadedModel | None = None) -> Searcher:
         check_exportable(loaded, "f16", scratch_tokenizer_pre(loaded))
         llamacpp.require()
     total = static_cost(dims, context=job.seq_len)
-    params = job.max_params
-    if job.params_fraction is not None:
-        if not 0 < job.params_fraction <= 1:
-            raise SlimlmError(f"--params must be a fraction in (0, 1], got {job.params_fraction}")
-        params = int(job.params_fraction * total.params)
+    given = (job.params_fraction, job.max_params, job.non_embedding_fraction)
+    params = None if given == (None, None, None) else params_budget(dims, *given)  # None: a memory budget only
     budget = Budget(params, job.max_memory_bytes, job.max_latency_ms)
     smallest = static_cost(dims, list(job.space.smallest(dims).values()), context=job.seq_len)
     if params is not None and smallest.params > params:
