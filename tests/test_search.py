@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import sqlite3
 import threading
 from pathlib import Path
@@ -305,6 +306,20 @@ def test_an_existing_store_needs_resume(runs):
     with pytest.raises(SlimlmError, match="already holds a search; pass --resume"):
         search(dataclasses.replace(job, evaluations=EVALUATIONS + 2))
     assert len(first_stage(optuna.load_study(study_name=STUDY_NAME, storage=job.storage_url()))) == EVALUATIONS
+
+
+def test_the_study_is_the_models_weights_not_its_path(make_job, folder, tmp_path):
+    """A worker's copy of the model at another path joins the study; other weights at the same path do not."""
+    job = make_job(tmp_path / "run", evaluations=2)
+    search(job)
+    copy = shutil.copytree(folder, tmp_path / "elsewhere")
+    search(dataclasses.replace(job, model=str(copy), resume=True, evaluations=3))
+    study = optuna.load_study(study_name=STUDY_NAME, storage=job.storage_url())
+    assert len(first_stage(study)) == 3 and study.user_attrs["job"]["model"] == load_model(folder).fingerprint()
+    other = save_tiny(tiny_loaded(seed=5), tmp_path / "other")
+    with pytest.raises(SlimlmError, match=r"different settings than the stored search: the model.s weights$"):
+        search(dataclasses.replace(job, model=str(other), resume=True, evaluations=4))
+    assert len(first_stage(optuna.load_study(study_name=STUDY_NAME, storage=job.storage_url()))) == 3
 
 
 @pytest.mark.parametrize(
@@ -634,7 +649,8 @@ def test_concurrent_workers_never_evaluate_one_candidate_twice(make_job, tmp_pat
     job = make_job(tmp_path / "run", strategy=strategy, evaluations=4, workers=2)
     Path(job.out).mkdir()
     searchers = [prepare(job), prepare(job)]
-    studies = [open_study(job, create=True), open_study(job, create=False)]
+    fingerprint = searchers[0].fingerprint
+    studies = [open_study(job, create=True, fingerprint=fingerprint), open_study(job, False, fingerprint)]
     overlap = threading.Barrier(2, timeout=60)
     started = set()
     evaluate = Searcher.evaluate

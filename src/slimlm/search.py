@@ -232,6 +232,7 @@ class Searcher:
     reference: SubNetwork | None  # uniform importance-ranked sub-network at the budget (None: none fits)
     dense: DenseReference  # the dense model's next-token distributions on the fitness windows
     library: VariantLibrary | None  # reformed variants that candidates are stitched from (None: unreformed)
+    fingerprint: str  # the model's weights: the study's identity, wherever the model lives on each machine
 
     def reformed(self, subnet: SubNetwork) -> dict | None:
         """The weights a candidate is scored with: library stitches, sequential reformation, or none."""
@@ -361,8 +362,20 @@ def prepare(job: SearchJob, loaded: LoadedModel | None = None) -> Searcher:
     if job.reform and not job.reform_candidates:
         library = build_library(loaded, scores, job.space, calib)
     dense = dense_reference(loaded.model, fitness_ids)
+    identity = loaded.fingerprint()
     return Searcher(
-        job, loaded, budget, context, calib, fitness_ids, selection_ids, evaluation_ids, reference, dense, library
+        job,
+        loaded,
+        budget,
+        context,
+        calib,
+        fitness_ids,
+        selection_ids,
+        evaluation_ids,
+        reference,
+        dense,
+        library,
+        identity,
     )
 
 
@@ -387,8 +400,12 @@ def scratch_tokenizer_pre(loaded: LoadedModel) -> str | None:
     return None if tokenizer_gguf(loaded.folder) else "default"
 
 
-def open_study(job: SearchJob, create: bool) -> optuna.Study:
-    """The job's study; ``create`` makes it (refusing to mix with an existing one unless resuming)."""
+def open_study(job: SearchJob, create: bool, fingerprint: str | None = None) -> optuna.Study:
+    """The job's study; ``create`` makes it (refusing to mix with an existing one unless resuming).
+
+    Its identity is the job's settings with the model's weights ``fingerprint`` for the model, so a
+    worker whose copy of the model lies at another path joins it; without a fingerprint (checks made
+    before the model is loaded) the model is left out of the comparison."""
     url = job.storage_url()
     storage = _storage(url)
     exists = _holds_study(storage, job.study_name)
@@ -396,22 +413,38 @@ def open_study(job: SearchJob, create: bool) -> optuna.Study:
     if create and exists and not job.resume:
         raise SlimlmError(f"{url} already holds a search; pass --resume to continue it, or choose another --out")
     if create and not exists:
+        if fingerprint is None:
+            raise ValueError("a study is created with the model's fingerprint")
+        # load_if_exists: machines starting together race to create it; the loser joins the winner's
         study = optuna.create_study(
-            storage=storage, study_name=job.study_name, sampler=sampler, directions=["minimize", "minimize"]
+            storage=storage,
+            study_name=job.study_name,
+            sampler=sampler,
+            directions=["minimize", "minimize"],
+            load_if_exists=True,
         )
-        with warnings.catch_warnings():  # "experimental" in Optuna since 3.2, and what the dashboard reads
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names([job.fitness, job.objective])
-        study.set_user_attr("job", job.identity())
-        return study
-    study = optuna.load_study(study_name=job.study_name, storage=storage, sampler=sampler)
-    stored = study.user_attrs.get("job")
-    if stored != json.loads(json.dumps(job.identity())):
-        changed = sorted(
-            k for k in job.identity() if (stored or {}).get(k) != json.loads(json.dumps(job.identity()))[k]
-        )
-        raise SlimlmError(f"--resume with different settings than the stored search: {', '.join(changed)}")
+        if "job" not in study.user_attrs:
+            with warnings.catch_warnings():  # "experimental" in Optuna since 3.2, and what the dashboard reads
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names([job.fitness, job.objective])
+            study.set_user_attr("job", study_identity(job, fingerprint))
+    else:
+        study = optuna.load_study(study_name=job.study_name, storage=storage, sampler=sampler)
+    _check_identity(study.user_attrs.get("job") or {}, study_identity(job, fingerprint))
     return study
+
+
+def study_identity(job: SearchJob, fingerprint: str | None) -> dict:
+    """What a study is (JSON values): the job's identity, the model named by its weights' fingerprint."""
+    return json.loads(json.dumps(job.identity() | {"model": fingerprint}))
+
+
+def _check_identity(stored: dict, wanted: dict) -> None:
+    compared = [k for k in wanted if not (k == "model" and wanted[k] is None)]
+    changed = sorted(k for k in compared if stored.get(k) != wanted[k])
+    if changed:
+        what = ", ".join("the model's weights" if k == "model" else k for k in changed)
+        raise SlimlmError(f"--resume with different settings than the stored search: {what}")
 
 
 def _storage(url: str) -> optuna.storages.RDBStorage:
@@ -539,7 +572,7 @@ def _worker_process(job: SearchJob, threads: int) -> None:
     torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     searcher = prepare(job)
-    run_worker(searcher, open_study(job, create=False))
+    run_worker(searcher, open_study(job, create=False, fingerprint=searcher.fingerprint))
 
 
 def _exit_with_parent() -> None:
@@ -606,8 +639,8 @@ def search(job: SearchJob, loaded: LoadedModel | None = None) -> tuple[Searcher,
     searcher = prepare(job, loaded)
     Path(job.out).mkdir(parents=True, exist_ok=True)  # only now: bad input leaves no empty run folder
     hold_run_folder(job.out)
-    study = open_study(job, create=True)
-    write_job_file(job.to_dict(), job.out, searcher.loaded.fingerprint())  # what ran, to rerun it (--config)
+    study = open_study(job, create=True, fingerprint=searcher.fingerprint)
+    write_job_file(job.to_dict(), job.out, searcher.fingerprint)  # what ran, to rerun it (--config)
     if not study.get_trials(deepcopy=False):
         make_strategy(job.strategy).begin(study, searcher.context)
     if not job.storage:  # a private store, and this process holds its folder: whatever was running is stale
