@@ -79,7 +79,7 @@ def main() -> None:
             rows.append({"fraction": fraction, "steps": 0} | measure(student.model, dense, texts, cloze, reference))
             write(args, rows, command, defaults)
             done = 0
-            for steps in map(int, args.steps.split(",")):
+            for steps in [int(s) for s in args.steps.split(",") if s]:  # "" measures the start only
                 job = HealJob(model=str(pruned), teacher=args.model, out=str(Path(tmp) / f"healed-{fraction}"))
                 job = replace(job, data=args.data, steps=steps, lora_rank=args.lora_rank, resume=done > 0)
                 began = time.perf_counter()
