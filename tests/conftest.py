@@ -9,6 +9,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
     PreTrainedTokenizerFast,
@@ -21,7 +22,7 @@ from slimlm.cli import app
 from slimlm.models import LoadedModel, adapter_for
 
 VOCAB = 96
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]  # every supported family; each test runs on all
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]  # every supported family; each test runs on all
 WORDS = [f"w{i}" for i in range(VOCAB - 1)]
 TEXT = " ".join(WORDS[(i * 7) % len(WORDS)] for i in range(4000))
 
@@ -50,6 +51,12 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[UNK]")
 
 
+# Gemma-3: sliding and full attention alternate (layer_types), and the window is shorter than the test
+# inputs so that it matters; the attention scale is the head size's, as llama.cpp's gemma3 graph takes it
+GEMMA3_LAYER_TYPES = ("sliding_attention", "full_attention")
+GEMMA3_TINY = dict(sliding_window=4, query_pre_attn_scalar=8)
+
+
 def tiny_config(family: str = "llama", **overrides):
     """A 4-layer model: 6 query heads in 2 GQA groups of 3, head dim 8, 40 MLP neurons."""
     values = dict(
@@ -66,8 +73,18 @@ def tiny_config(family: str = "llama", **overrides):
         pad_token_id=0,
         bos_token_id=None,
     )
+    if family == "gemma3_text":
+        values.update(GEMMA3_TINY)
     values.update(overrides)
-    config_class = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
+    if family == "gemma3_text" and "layer_types" not in overrides:
+        values["layer_types"] = [GEMMA3_LAYER_TYPES[i % 2] for i in range(values["num_hidden_layers"])]
+    config_class = {
+        "llama": LlamaConfig,
+        "mistral": MistralConfig,
+        "qwen2": Qwen2Config,
+        "qwen3": Qwen3Config,
+        "gemma3_text": Gemma3TextConfig,
+    }[family]
     if family == "qwen2":
         values.pop("head_dim")  # Qwen2 derives it: 48 / 6 = 8
     return config_class(**values)

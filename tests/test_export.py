@@ -65,16 +65,35 @@ def gguf_logits(path, ids: torch.Tensor) -> torch.Tensor:
         return model(ids).logits
 
 
+# What transformers' GGUF reader takes from defaults, not from the file, per family: a model reads back
+# only where those defaults are its own. qwen3 ignores qwen3.attention.key_length (which slimlm writes, as
+# llama.cpp reads it) and takes Qwen3Config's head size, 128; gemma3 takes query_pre_attn_scalar 256 and
+# layer types in llama.cpp's period of six (every sixth layer full attention).
+READS_BACK = {
+    "qwen3": {"head_dim": 128},
+    "gemma3_text": {"head_dim": 256, "query_pre_attn_scalar": 256, "num_hidden_layers": 6, "layer_types": None},
+}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_f32_gguf_computes_the_same_logits(tmp_path, family):
-    # transformers' GGUF reader ignores qwen3.attention.key_length (which slimlm writes, as llama.cpp
-    # reads it) and takes Qwen3Config's default head size, 128: only a model of that size reads back
-    loaded = bpe_model(tmp_path, family, **({"head_dim": 128} if family == "qwen3" else {}))
+    loaded = bpe_model(tmp_path, family, **READS_BACK.get(family, {}))
     exported = export_gguf(loaded, tmp_path / "m.gguf", "f32", tokenizer_pre="default")
     ids = torch.randint(0, BPE_VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = loaded.model(ids).logits
     assert torch.allclose(gguf_logits(exported.path, ids), expected, atol=1e-4)
+
+
+def test_a_gemma3_gguf_loads_back_as_a_gemma3_model(tmp_path):
+    loaded = bpe_model(tmp_path, "gemma3_text", **READS_BACK["gemma3_text"])
+    path = export_gguf(loaded, tmp_path / "m.gguf", "f32", tokenizer_pre="default").path
+    assert gguf.GGUFReader(path).fields["general.architecture"].contents() == "gemma3"
+    again = load_model(path)  # the architecture is accepted from the header, then dequantized into the cache
+    assert again.dims == loaded.dims and again.model.config.layer_types == loaded.model.config.layer_types
+    ids = torch.randint(0, BPE_VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(again.model(ids).logits, loaded.model(ids).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_uniform_sub_network_round_trips_through_gguf(tmp_path):
@@ -146,6 +165,36 @@ def test_layers_that_differ_in_an_architecture_llama_cpp_sizes_uniformly_are_ref
     assert not list(tmp_path.glob("m.*"))
 
 
+def keep_layers(*kept):
+    """A sub-network keeping only the listed layers, whole."""
+    return lambda dims: SubNetwork({i: SubNetwork.full(dims).layers[i] for i in kept})
+
+
+GEMMA3_REFUSED = {  # what llama.cpp's gemma3 graph cannot run -> the nearest model the error names
+    "alternating layer types": ({}, None, "--no-depth"),
+    "a dropped first layer": (READS_BACK["gemma3_text"], keep_layers(1, 2, 3, 4, 5), "--no-depth"),
+    "another attention scale": (READS_BACK["gemma3_text"] | {"query_pre_attn_scalar": 64}, None, "1/sqrt"),
+    "layers that differ": (READS_BACK["gemma3_text"], ragged, "--uniform"),
+}
+
+
+@pytest.mark.parametrize("case", GEMMA3_REFUSED)
+def test_gemma3_models_llama_cpp_would_compute_otherwise_are_refused_in_one_line(tmp_path, case):
+    overrides, subnet, nearest = GEMMA3_REFUSED[case]
+    folder = bpe_model(tmp_path, "gemma3_text", subnet=subnet, **overrides).folder
+    error = one_error(invoke("export", folder, "--gguf", tmp_path / "m.gguf", "--tokenizer-pre", "default"))
+    assert "llama.cpp" in error and nearest in error
+    assert not list(tmp_path.glob("m.*"))
+
+
+def test_gemma3_without_its_trailing_layers_keeps_llama_cpps_layer_types(tmp_path):
+    loaded = bpe_model(tmp_path, "gemma3_text", subnet=keep_layers(0, 1, 2, 3), **READS_BACK["gemma3_text"])
+    path = export_gguf(loaded, tmp_path / "m.gguf", "f32", tokenizer_pre="default").path
+    ids = torch.randint(0, BPE_VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(gguf_logits(path, ids), loaded.model(ids).logits, atol=1e-4)
+
+
 def test_unknown_pre_tokenizer_and_bad_names_are_clear_errors(tmp_path):
     loaded = bpe_model(tmp_path)
     with pytest.raises(SlimlmError, match="--tokenizer-pre"):
@@ -185,6 +234,18 @@ needs_llama_cpp = pytest.mark.skipif(
 @pytest.mark.parametrize("family", ["llama", "mistral"])
 def test_llama_cpp_computes_the_logits_of_the_extracted_model(tmp_path, family):
     loaded = bpe_model(tmp_path, family, subnet=ragged)
+    path = export_gguf(loaded, tmp_path / "m.gguf", "f32", tokenizer_pre="default").path
+    ids = torch.randint(0, BPE_VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = loaded.model(ids).logits[0].numpy()
+    got = llamacpp.logits(path, ids[0].tolist())
+    assert np.abs(got - expected).max() < 1e-3 * max(1.0, np.abs(expected).max())
+
+
+@needs_llama_cpp
+def test_llama_cpp_computes_the_logits_of_a_gemma3_export(tmp_path):
+    """llama.cpp's gemma3 graph: norms of 1 + weight, every sixth layer full attention, sliding window 4."""
+    loaded = bpe_model(tmp_path, "gemma3_text", **READS_BACK["gemma3_text"])
     path = export_gguf(loaded, tmp_path / "m.gguf", "f32", tokenizer_pre="default").path
     ids = torch.randint(0, BPE_VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from slimlm.apply import subnetwork_applied
 from slimlm.costs import static_cost
@@ -105,6 +106,17 @@ def test_only_heterogeneous_models_need_remote_code(extracted, family, case):
 def test_parameter_count_matches_the_static_cost(extracted, family, case):
     loaded, info, _, _ = extracted[family, case]
     assert info.params == static_cost(loaded.dims, CASES[case].shapes()).params
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_removed_sub_block_takes_its_norms_with_it(extracted, family):
+    loaded, info, _, _ = extracted[family, "sub_blocks_removed"]  # layer 0 without attention, layer 2 without MLP
+    names = set(load_file(info.folder / "model.safetensors"))
+    for layer, removed, kept in ((0, "attention", "mlp"), (2, "mlp", "attention")):
+        for name, present in ((removed, False), (kept, True)):
+            for attribute in loaded.adapter.sub_block_attributes(name):  # Gemma-3: two norms per sub-block
+                prefix = f"model.layers.{layer}.{attribute}."
+                assert any(n.startswith(prefix) for n in names) == present, prefix
 
 
 def test_folder_holds_tokenizer_and_subnetwork(extracted):

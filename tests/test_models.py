@@ -58,6 +58,22 @@ def test_saved_folder_loads_with_its_family_in_float32(tmp_path, family):
     assert torch.equal(logits(loaded.model, x), logits(original.model, x))
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_residual_branches_recompose_each_layer(family):
+    """``h + attention(h)``, then ``+ mlp(...)``: the layer itself (Gemma-3's branches end in their output norms)."""
+    loaded = tiny_loaded(family)
+    calls = []
+    for layer in loaded.adapter.decoder_layers(loaded.model):
+        layer.register_forward_hook(lambda _m, args, kwargs, out: calls.append((args, kwargs, out)), with_kwargs=True)
+    logits(loaded.model, ids())
+    for layer, (args, kwargs, out) in zip(loaded.adapter.decoder_layers(loaded.model), calls, strict=True):
+        attention, mlp = loaded.adapter.residual_branches(layer)
+        keys = ("attention_mask", "position_embeddings", "position_ids")
+        with torch.no_grad():
+            middle = args[0] + attention(args[0], **{k: v for k, v in kwargs.items() if k in keys})
+            torch.testing.assert_close(middle + mlp(middle), out[0] if isinstance(out, tuple) else out)
+
+
 @pytest.mark.parametrize(
     "family",
     # qwen2: AutoTokenizer in transformers 5.23 swaps in Qwen2Tokenizer, which encodes a generic vocabulary wrongly
@@ -463,14 +479,14 @@ def test_remote_code_in_a_users_folder_never_runs(tmp_path, monkeypatch):
 
 
 def test_a_gguf_of_another_family_is_refused_from_its_header_before_any_dequantization(tmp_path, fake_gguf):
-    path = tmp_path / "gemma.gguf"
-    writer = gguf_package.GGUFWriter(str(path), "gemma3")
+    path = tmp_path / "phi.gguf"
+    writer = gguf_package.GGUFWriter(str(path), "phi3")
     writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(SlimlmError, match=r"unsupported architecture 'gemma3' .*GGUF architecture gemma3"):
+    with pytest.raises(SlimlmError, match=r"unsupported architecture 'phi3' .*GGUF architecture phi3"):
         load_model(path)
     assert fake_gguf.calls == [] and not (cache_root() / "models").exists()
 

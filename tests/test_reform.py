@@ -72,6 +72,30 @@ def test_reformation_brings_the_subnetwork_closer_to_the_full_model(family):
     assert errors[1] < errors[0]
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_layer_is_reformed_on_what_the_reformed_layers_before_it_give_it(family):
+    """The last MLP's new weights solve the least squares on the inputs the pruned model, with every
+    earlier projection reformed, really gives that MLP (so the hidden states reform carries from layer
+    to layer are the model's own: Gemma-3 normalizes each branch's output before adding it)."""
+    loaded = tiny_loaded(family)
+    subnet = heterogeneous()
+    reformed = reform(loaded, subnet, IDS)
+    last = max(subnet.layers)
+    keep = subnet.layers[last]
+    # the pruned model as reform sees it when it reaches the last MLP: that MLP still whole
+    before = SubNetwork(dict(subnet.layers) | {last: LayerKeep(keep.heads, keep.kv_heads, range(40))})
+    earlier = {key: w for key, w in reformed.items() if key != (last, "mlp")}
+    _, down_proj = loaded.adapter.output_projections(loaded.adapter.decoder_layers(loaded.model)[last])
+    inputs = []
+    hook = down_proj.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].detach()))
+    with subnetwork_applied(loaded, before, earlier) as model, torch.no_grad():
+        model(input_ids=IDS, use_cache=False)
+    hook.remove()
+    x = torch.cat(inputs).reshape(-1, 40).double()
+    expected = solve(down_proj.weight.detach(), x.T @ x, torch.tensor(keep.neurons))
+    torch.testing.assert_close(reformed[last, "mlp"], expected, rtol=1e-4, atol=1e-5)
+
+
 def test_full_subnetwork_is_left_unchanged():
     loaded = tiny_loaded()
     reformed = reform(loaded, SubNetwork.full(loaded.dims), IDS)

@@ -50,6 +50,7 @@ ARCHITECTURES = {
     "mistral": (gguf.MODEL_ARCH.LLAMA, True),
     "qwen2": (gguf.MODEL_ARCH.QWEN2, False),
     "qwen3": (gguf.MODEL_ARCH.QWEN3, False),
+    "gemma3_text": (gguf.MODEL_ARCH.GEMMA3, False),
 }
 # llama.cpp's llama graph sizes every layer from the first one; its ``deci`` graph (Llama with
 # per-layer head, key/value head and MLP counts, made for Nemotron-51B) reads each layer's own
@@ -101,6 +102,9 @@ def _write_gguf(loaded: LoadedModel, out: Path, quant: str, tokenizer_pre: str |
                 "this model's layers differ; the nearest expressible model is a uniform one (search with --uniform)"
             )
         arch = PER_LAYER_ARCHITECTURES[arch]
+    refusal = loaded.adapter.gguf_refusal(loaded.model)
+    if refusal is not None:
+        raise SlimlmError(refusal)
     qtype, file_type = QUANT_TYPES[quant]
     widths = [-(-s.neurons // block) * block for s in loaded.dims.layers]  # MLP widths padded to whole blocks
     partial = out.with_name(out.name + ".part")  # renamed when complete: a killed export leaves no broken .gguf
@@ -150,8 +154,9 @@ def _tokenizer_model(folder: str | Path) -> dict:
 
 def _write_hyperparameters(writer: gguf.GGUFWriter, loaded: LoadedModel, file_type: int, widths: list[int]) -> None:
     config, dims = loaded.model.config, loaded.dims
-    if getattr(config, "rope_scaling", None) and config.rope_scaling.get("rope_type", "default") != "default":
-        raise SlimlmError(f"GGUF export does not write rope scaling '{config.rope_scaling}' yet")
+    rope = _global_rope(config)
+    if rope.get("rope_type", "default") != "default":
+        raise SlimlmError(f"GGUF export does not write rope scaling '{rope}' yet")
     heads = [s.heads for s in dims.layers]
     kv_heads = [s.kv_heads for s in dims.layers]
     writer.add_name(Path(loaded.source).name)
@@ -164,11 +169,18 @@ def _write_hyperparameters(writer: gguf.GGUFWriter, loaded: LoadedModel, file_ty
     writer.add_key_length(dims.head_dim)
     writer.add_value_length(dims.head_dim)
     writer.add_rope_dimension_count(dims.head_dim)
-    writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]))
+    writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or rope["rope_theta"]))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(dims.vocab_size)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    loaded.adapter.gguf_hyperparameters(writer, loaded.model)
+
+
+def _global_rope(config) -> dict:
+    """The rotary parameters of the full-attention layers (Gemma-3 keeps one set per layer type)."""
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    return rope.get("full_attention", rope)
 
 
 def _one_or_each(values: list[int]) -> int | list[int]:
@@ -186,7 +198,8 @@ def _write_tensors(writer, loaded: LoadedModel, arch, rotary_order: bool, qtype,
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise SlimlmError(f"no GGUF name for the tensor {hf_name}")
-        data = _padded_mlp(hf_name, tensor.detach().to(torch.float32).numpy(), widths)
+        data = loaded.adapter.gguf_tensor(hf_name, tensor.detach().to(torch.float32).numpy())
+        data = _padded_mlp(hf_name, data, widths)
         if rotary_order and hf_name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
             data = _interleave_rotary_halves(data, dims.head_dim)
         data, written = _encode(data, qtype)

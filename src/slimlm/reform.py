@@ -109,7 +109,8 @@ def reform(
                 continue  # a removed sub-block adds nothing: the hidden states pass on unchanged
             inputs = _projection_inputs(branch, projection, hidden, layer_kwargs[index])
             reformed[index, name] = w = _reform_projection(projection, inputs, kept, damping)
-            hidden = [h + _project(x[..., kept], w, projection.bias) for h, x in zip(hidden, inputs, strict=True)]
+            out = adapter.branch_output(layer, name)  # e.g. Gemma-3's norm of the branch's output
+            hidden = [h + out(_project(x[..., kept], w, projection.bias)) for h, x in zip(hidden, inputs, strict=True)]
     return reformed
 
 

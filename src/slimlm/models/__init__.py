@@ -6,22 +6,21 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from slimlm.errors import SlimlmError
 from slimlm.models.base import Adapter, CoupledWeight, LayerShape, LinearSlice, ModelDims
+from slimlm.models.gemma3 import Gemma3Adapter
 from slimlm.models.llama import FAMILIES, LlamaFamilyAdapter
 from slimlm.models.remote import modeling_slimlm as remote
 
-# model_type -> adapter. A new family is one adapter module and one line here.
-ADAPTERS: dict[str, Adapter] = {family: LlamaFamilyAdapter(family) for family in FAMILIES}
+# model_type -> adapter. A new family is one adapter module and one entry here.
+ADAPTERS: dict[str, Adapter] = {
+    adapter.family: adapter for adapter in [*(LlamaFamilyAdapter(family) for family in FAMILIES), Gemma3Adapter()]
+}
 
 # slimlm's own heterogeneous models load in slimlm without trust_remote_code.
-for _config, _model in (
-    (remote.SlimLlamaConfig, remote.SlimLlamaForCausalLM),
-    (remote.SlimMistralConfig, remote.SlimMistralForCausalLM),
-    (remote.SlimQwen2Config, remote.SlimQwen2ForCausalLM),
-    (remote.SlimQwen3Config, remote.SlimQwen3ForCausalLM),
-):
+for _adapter in list(ADAPTERS.values()):
+    _config, _model = _adapter.classes.slim_config, getattr(remote, _adapter.classes.slim_model)
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
     AutoModelForCausalLM.register(_config, _model, exist_ok=True)
-    ADAPTERS[_config.model_type] = ADAPTERS[_config.model_type.removeprefix("slimlm_")]
+    ADAPTERS[_config.model_type] = _adapter
 
 
 def adapter_for(config: PretrainedConfig) -> Adapter:

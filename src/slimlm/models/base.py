@@ -10,10 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
+
+if TYPE_CHECKING:
+    import gguf
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,11 @@ class Adapter:
         """The layer as ``h + attention(h, **layer_kwargs)`` then ``h + mlp(h)``: the two branch functions."""
         raise NotImplementedError
 
+    def branch_output(self, layer: nn.Module, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """What the ``name`` branch ("attention" | "mlp") does to its output projection's result before the
+        residual add: nothing in most families (Gemma-3 normalizes it)."""
+        return _unchanged
+
     def layer_attributes(self, layer: nn.Module) -> list[tuple[object, str]]:
         """Plain attributes of a layer that depend on its shape or position (saved and restored)."""
         raise NotImplementedError
@@ -174,3 +184,19 @@ class Adapter:
         ``output_bias``: the attention and MLP output projections carry biases (slimlm's own config).
         """
         raise NotImplementedError
+
+    def gguf_refusal(self, model: PreTrainedModel) -> str | None:
+        """Why llama.cpp's graph for this family would compute something other than ``model`` (one
+        sentence naming the nearest model it can run), or None when it can run it."""
+        return None
+
+    def gguf_hyperparameters(self, writer: gguf.GGUFWriter, model: PreTrainedModel) -> None:
+        """Write the family's own GGUF keys (beyond the sizes every family has)."""
+
+    def gguf_tensor(self, name: str, data: np.ndarray) -> np.ndarray:
+        """The tensor ``name`` (a Hugging Face state-dict name) as llama.cpp stores it."""
+        return data
+
+
+def _unchanged(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor

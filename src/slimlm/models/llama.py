@@ -10,6 +10,8 @@ features with one weight shared by all heads, so they stay whole whichever heads
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from transformers import (
@@ -24,12 +26,29 @@ from transformers import (
 from slimlm.models.base import Adapter, CoupledWeight, LayerShape, ModelDims
 from slimlm.models.remote import modeling_slimlm as remote
 
-# family -> (stock config class, slimlm's heterogeneous config class, its model class name)
-FAMILIES: dict[str, tuple[type[PretrainedConfig], type[PretrainedConfig], str]] = {
-    "llama": (LlamaConfig, remote.SlimLlamaConfig, "SlimLlamaForCausalLM"),
-    "mistral": (MistralConfig, remote.SlimMistralConfig, "SlimMistralForCausalLM"),
-    "qwen2": (Qwen2Config, remote.SlimQwen2Config, "SlimQwen2ForCausalLM"),
-    "qwen3": (Qwen3Config, remote.SlimQwen3Config, "SlimQwen3ForCausalLM"),
+
+@dataclass(frozen=True)
+class Family:
+    """A family's classes: the stock config and causal-LM class, and slimlm's heterogeneous pair."""
+
+    stock_config: type[PretrainedConfig]
+    stock_model: str  # as config.json's ``architectures`` names it
+    slim_config: type[PretrainedConfig]
+    slim_model: str  # a class of ``modeling_slimlm``
+
+
+def _family(stock: type[PretrainedConfig], slim: type[PretrainedConfig]) -> Family:
+    """The Llama-layout families name their classes alike: ``XConfig``, ``XForCausalLM``, ``SlimXForCausalLM``."""
+    name = stock.__name__.removesuffix("Config")
+    return Family(stock, f"{name}ForCausalLM", slim, f"Slim{name}ForCausalLM")
+
+
+# model_type -> its classes
+FAMILIES: dict[str, Family] = {
+    "llama": _family(LlamaConfig, remote.SlimLlamaConfig),
+    "mistral": _family(MistralConfig, remote.SlimMistralConfig),
+    "qwen2": _family(Qwen2Config, remote.SlimQwen2Config),
+    "qwen3": _family(Qwen3Config, remote.SlimQwen3Config),
 }
 SHAPE_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
 
@@ -44,18 +63,20 @@ def _has_bias(linear: nn.Linear) -> int:
 
 
 def _head_norm_params(attention: nn.Module) -> int:
-    """Qwen3's query and key norms: one ``head_dim`` weight each, shared by every head."""
+    """Qwen3's and Gemma-3's query and key norms: one ``head_dim`` weight each, shared by every head."""
     return sum(getattr(attention, name).weight.numel() for name in ("q_norm", "k_norm") if hasattr(attention, name))
 
 
 class LlamaFamilyAdapter(Adapter):
-    """Adapter for one Llama-layout family (one of ``FAMILIES``)."""
+    """Adapter for one Llama-layout family (one of ``FAMILIES``, or ``classes`` for a subclass's own)."""
 
-    def __init__(self, family: str) -> None:
+    #: sub-block -> the decoder-layer attributes it owns (its norms, then its module)
+    sub_blocks = remote.LLAMA_SUB_BLOCKS
+
+    def __init__(self, family: str, classes: Family | None = None) -> None:
         self.family = family
-        stock, _, slim_model = FAMILIES[family]
-        name = stock.__name__.removesuffix("Config")
-        self.architectures = (f"{name}ForCausalLM", slim_model)
+        self.classes = classes or FAMILIES[family]
+        self.architectures = (self.classes.stock_model, self.classes.slim_model)
 
     def decoder_layers(self, model: PreTrainedModel) -> nn.ModuleList:
         return model.model.layers
@@ -67,9 +88,10 @@ class LlamaFamilyAdapter(Adapter):
         config = model.config
         head_dim = head_dim_of(config)
         layers = self.decoder_layers(model)
-        # bias conventions from the first layer that still has each sub-block
-        attn = next(layer.self_attn for layer in layers if hasattr(layer.self_attn, "q_proj"))
-        mlp = next(layer.mlp for layer in layers if hasattr(layer.mlp, "gate_proj"))
+        # bias conventions and norms from the first layer that still has each sub-block
+        attn_layer = next(layer for layer in layers if hasattr(layer.self_attn, "q_proj"))
+        mlp_layer = next(layer for layer in layers if hasattr(layer.mlp, "gate_proj"))
+        attn, mlp = attn_layer.self_attn, mlp_layer.mlp
         hidden, vocab = config.hidden_size, config.vocab_size
         tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
         embedding = vocab * hidden * (1 if tied else 2)
@@ -84,14 +106,21 @@ class LlamaFamilyAdapter(Adapter):
             params_per_head=2 * hidden * head_dim + head_dim * _has_bias(attn.q_proj),
             params_per_kv_head=2 * hidden * head_dim + 2 * head_dim * _has_bias(attn.k_proj),
             params_per_neuron=3 * hidden + 2 * _has_bias(mlp.gate_proj),
-            params_per_attention=hidden * (1 + _has_bias(attn.o_proj)) + _head_norm_params(attn),
-            params_per_mlp=hidden * (1 + _has_bias(mlp.down_proj)),
+            params_per_attention=self._norm_params(attn_layer, "attention")
+            + hidden * _has_bias(attn.o_proj)
+            + _head_norm_params(attn),
+            params_per_mlp=self._norm_params(mlp_layer, "mlp") + hidden * _has_bias(mlp.down_proj),
             params_outside_layers=embedding + hidden,
             embedding_params=embedding,
             weights_per_head=2 * hidden * head_dim,
             weights_per_kv_head=2 * hidden * head_dim,
             weights_per_neuron=3 * hidden,
         )
+
+    def _norm_params(self, layer: nn.Module, name: str) -> int:
+        """Parameters of the norms the ``name`` sub-block owns (removed with it)."""
+        norms = self.sub_blocks[name][:-1]
+        return sum(p.numel() for norm in norms for p in getattr(layer, norm).parameters())
 
     @staticmethod
     def _layer_shape(layer: nn.Module, head_dim: int) -> LayerShape:
@@ -126,10 +155,10 @@ class LlamaFamilyAdapter(Adapter):
         return getattr(layer.self_attn, "o_proj", None), getattr(layer.mlp, "down_proj", None)
 
     def sub_block_attributes(self, name: str) -> tuple[str, ...]:
-        return remote.SUB_BLOCKS[name]
+        return self.sub_blocks[name]
 
     def remove_sub_block(self, layer: nn.Module, name: str, position: int) -> None:
-        remote.remove_sub_block(layer, name, position, layer.self_attn.head_dim)
+        remote.remove_sub_block(layer, name, position, layer.self_attn.head_dim, self.sub_blocks)
 
     def residual_branches(self, layer: nn.Module):
         def attention(hidden: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -161,7 +190,7 @@ class LlamaFamilyAdapter(Adapter):
     def extracted_config(
         self, config: PretrainedConfig, kept_layers: list[int], shapes: list[LayerShape], output_bias: bool = False
     ) -> PretrainedConfig:
-        stock, slim, slim_model = FAMILIES[self.family]
+        stock, slim, slim_model = self.classes.stock_config, self.classes.slim_config, self.classes.slim_model
         values = config.to_dict()
         for key in ("slimlm_layers", "auto_map", "architectures", "model_type", "transformers_version"):
             values.pop(key, None)
@@ -174,7 +203,7 @@ class LlamaFamilyAdapter(Adapter):
         uniform = all(s == first for s in shapes) and first.heads > 0 and config.hidden_size % first.heads == 0
         if uniform and not output_bias:
             values.update(zip(SHAPE_KEYS, (first.heads, first.kv_heads, first.neurons), strict=True))
-            values["architectures"] = [self.architectures[0]]
+            values["architectures"] = [self.classes.stock_model]
             return stock.from_dict(values)
         values["slimlm_output_bias"] = output_bias
         values["slimlm_layers"] = [dict(zip(SHAPE_KEYS, (s.heads, s.kv_heads, s.neurons), strict=True)) for s in shapes]

@@ -180,6 +180,7 @@ GGUF_FAMILIES = {
     "mistral": "mistral",
     "qwen2": "qwen2",
     "qwen3": "qwen3",
+    "gemma3": "gemma3_text",
 }  # llama.cpp architecture -> model_type
 
 

@@ -9,7 +9,8 @@ The config keeps the parent model's global sizes (so stock validation holds) and
 per decoder layer, and ``slimlm_output_bias`` (biases on the attention and MLP output projections).
 Each layer is built by the stock layer class from its own config view. A layer with 0 attention
 heads has no attention sub-block, one with intermediate size 0 no MLP: the branch adds nothing
-to the residual stream and has no weights.
+to the residual stream and has no weights, its norms included (the one before the branch, and in
+Gemma-3 the one after it too).
 """
 
 import copy
@@ -17,6 +18,8 @@ import copy
 import torch
 from torch import nn
 from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -26,6 +29,7 @@ from transformers import (
     Qwen3Config,
     Qwen3ForCausalLM,
 )
+from transformers.models.gemma3.modeling_gemma3 import Gemma3DecoderLayer
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
@@ -58,14 +62,20 @@ class NoMLP(nn.Module):
         return torch.zeros_like(hidden_states)
 
 
-# sub-block -> (its norm's attribute, its module's attribute) on a Llama-layout decoder layer
-SUB_BLOCKS = {"attention": ("input_layernorm", "self_attn"), "mlp": ("post_attention_layernorm", "mlp")}
+# sub-block -> the attributes of a decoder layer it owns: its norms, then its module (last)
+LLAMA_SUB_BLOCKS = {"attention": ("input_layernorm", "self_attn"), "mlp": ("post_attention_layernorm", "mlp")}
+# Gemma-3 also normalizes each branch's output before the residual add
+GEMMA3_SUB_BLOCKS = {
+    "attention": ("input_layernorm", "post_attention_layernorm", "self_attn"),
+    "mlp": ("pre_feedforward_layernorm", "post_feedforward_layernorm", "mlp"),
+}
 
 
-def remove_sub_block(layer, name, layer_idx, head_dim):
-    """Replace a layer's attention or MLP sub-block (and its norm) by one that adds nothing."""
-    norm, module = SUB_BLOCKS[name]
-    setattr(layer, norm, nn.Identity())
+def remove_sub_block(layer, name, layer_idx, head_dim, sub_blocks=LLAMA_SUB_BLOCKS):
+    """Replace a layer's attention or MLP sub-block (and its norms) by one that adds nothing."""
+    *norms, module = sub_blocks[name]
+    for norm in norms:
+        setattr(layer, norm, nn.Identity())
     setattr(layer, module, NoAttention(layer_idx, head_dim) if name == "attention" else NoMLP())
 
 
@@ -79,7 +89,7 @@ class PerLayerShapes:
         return view
 
 
-def build_layer(config, layer_class, index):
+def build_layer(config, layer_class, index, sub_blocks=LLAMA_SUB_BLOCKS):
     """Decoder layer ``index`` at its own shape, its removed sub-blocks replaced."""
     view = config.layer_config(index)
     attention, mlp = view.num_attention_heads > 0, view.intermediate_size > 0
@@ -90,14 +100,15 @@ def build_layer(config, layer_class, index):
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     for name, kept in (("attention", attention), ("mlp", mlp)):
         if not kept:
-            remove_sub_block(layer, name, index, head_dim)
+            remove_sub_block(layer, name, index, head_dim, sub_blocks)
     return layer
 
 
-def rebuild_layers(model, layer_class):
+def rebuild_layers(model, layer_class, sub_blocks=LLAMA_SUB_BLOCKS):
     """Replace the uniformly built decoder layers with layers of their own shapes."""
     config = model.config
-    model.model.layers = nn.ModuleList(build_layer(config, layer_class, i) for i in range(config.num_hidden_layers))
+    layers = (build_layer(config, layer_class, i, sub_blocks) for i in range(config.num_hidden_layers))
+    model.model.layers = nn.ModuleList(layers)
     if getattr(config, "slimlm_output_bias", False):  # pruning methods that compensate removed units with a bias
         for layer in model.model.layers:
             for branch, name in ((layer.self_attn, "o_proj"), (layer.mlp, "down_proj")):
@@ -155,4 +166,17 @@ class SlimQwen3ForCausalLM(Qwen3ForCausalLM):
     def __init__(self, config):
         super().__init__(config)
         rebuild_layers(self, Qwen3DecoderLayer)
+        self.post_init()
+
+
+class SlimGemma3Config(PerLayerShapes, Gemma3TextConfig):
+    model_type = "slimlm_gemma3_text"
+
+
+class SlimGemma3ForCausalLM(Gemma3ForCausalLM):
+    config_class = SlimGemma3Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        rebuild_layers(self, Gemma3DecoderLayer, GEMMA3_SUB_BLOCKS)
         self.post_init()
