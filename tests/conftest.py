@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     AutoModelForCausalLM,
     Gemma3TextConfig,
@@ -44,11 +44,16 @@ def one_error(result) -> str:
     return lines[0]
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per whitespace-separated word ``w0`` … ``w94``; 0 is [UNK]."""
-    tok = Tokenizer(models.WordLevel({"[UNK]": 0} | {w: i + 1 for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+def tiny_tokenizer(bos: bool = False) -> PreTrainedTokenizerFast:
+    """One token per whitespace-separated word ``w0`` … ``w94``; 0 is [UNK]. With ``bos``, it puts [BOS]
+    (id 96, outside the tiny models' vocabulary) before every text, as Gemma's tokenizer does."""
+    vocab = {"[UNK]": 0} | {w: i + 1 for i, w in enumerate(WORDS)} | ({"[BOS]": VOCAB} if bos else {})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[UNK]")
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", VOCAB)])
+    special = {"bos_token": "[BOS]"} if bos else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[UNK]", **special)
 
 
 # Gemma-3: sliding and full attention alternate (layer_types), and the window is shorter than the test

@@ -15,6 +15,9 @@ from slimlm import data
 from slimlm.cache import cache_root
 from slimlm.errors import SlimlmError
 
+from .conftest import VOCAB, tiny_tokenizer
+from .conftest import WORDS as TINY_WORDS
+
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far"]
 
 
@@ -117,6 +120,19 @@ def test_windows_are_consecutive_fixed_and_deterministic(tokenizer):
     assert windows.dtype == torch.long and windows.shape == (6, 8)  # 50 // 8, tail of 2 dropped
     assert windows.flatten().tolist() == [i + 1 for i in ids[:48]]
     assert torch.equal(windows, data.token_windows(tokenizer, text, 8))
+
+
+def test_windows_start_with_bos_where_the_tokenizer_puts_one_before_every_text(tmp_path):
+    bos_tokenizer, plain = tiny_tokenizer(bos=True), tiny_tokenizer()
+    assert data.leading_bos(bos_tokenizer) == VOCAB and data.leading_bos(plain) is None
+    text = " ".join(TINY_WORDS[:20])
+    windows = data.token_windows(bos_tokenizer, text, 8)
+    assert windows.shape == (2, 8)  # 20 words // 7 text tokens a window
+    assert windows[:, 0].tolist() == [VOCAB, VOCAB]
+    assert windows[:, 1:].flatten().tolist() == list(range(1, 15))  # consecutive text, nothing lost between
+    (tmp_path / "a.txt").write_text(text, encoding="utf-8")
+    assert torch.equal(data.text_windows(bos_tokenizer, str(tmp_path / "a.txt"), 8), windows)
+    assert data.text_windows(plain, str(tmp_path / "a.txt"), 8)[:, 0].tolist() == [1, 9]  # no BOS: plain text
 
 
 def test_max_windows_keeps_the_first(tokenizer):

@@ -76,12 +76,6 @@ def gemma():
     return load_model("gemma3-270m")
 
 
-def with_bos(loaded, windows: torch.Tensor) -> torch.Tensor:
-    """Each window after a BOS token, as Gemma was trained (its tokenizer adds one; slimlm's windows do not yet)."""
-    bos = torch.full((len(windows), 1), loaded.tokenizer.bos_token_id, dtype=torch.long)
-    return torch.cat([bos, windows], dim=1)
-
-
 def test_gemma_has_its_published_shape_and_parameter_count(gemma):
     dims = gemma.dims
     assert (dims.family, dims.num_layers, dims.hidden_size, dims.head_dim) == ("gemma3_text", 18, 640, 256)
@@ -92,10 +86,12 @@ def test_gemma_has_its_published_shape_and_parameter_count(gemma):
     assert gemma.model.config.layer_types.count("full_attention") == 3  # layers 5, 11 and 17
 
 
-def test_gemma_perplexity_is_in_a_sane_range_with_a_bos_token(gemma):
-    windows = model_windows(gemma, DEFAULT_EVALUATION, 255, 8)
+def test_gemma_windows_start_with_bos_and_its_perplexity_is_sane(gemma):
+    windows = model_windows(gemma, DEFAULT_EVALUATION, 256, 8)
+    assert windows.shape == (8, 256) and (windows[:, 0] == gemma.tokenizer.bos_token_id).all()
+    assert (windows[:, 1:] != gemma.tokenizer.bos_token_id).all()  # Gemma was trained so: one BOS, first
     with torch.no_grad():
-        assert 15 < perplexity(gemma.model, with_bos(gemma, windows)) < 40  # about 26 (without BOS about 108)
+        assert 15 < perplexity(gemma.model, windows) < 40  # about 26 (without BOS about 108)
 
 
 def test_gemma_sub_networks_reload_in_transformers_with_the_in_place_logits(gemma, tmp_path):
@@ -105,7 +101,7 @@ def test_gemma_sub_networks_reload_in_transformers_with_the_in_place_logits(gemm
         {i: LayerKeep(range(4), [0], full) for i in range(18) if i != 2}  # layer 2 dropped
         | {1: LayerKeep([0, 2], [0], range(1024)), 3: LayerKeep([], [], full), 4: LayerKeep([1, 2, 3], [0], [])}
     )
-    ids = with_bos(gemma, model_windows(gemma, DEFAULT_EVALUATION, 31, 1))
+    ids = model_windows(gemma, DEFAULT_EVALUATION, 32, 1)
     for name, subnet, remote in (("uniform", uniform, False), ("ragged", ragged, True)):
         with subnetwork_applied(gemma, subnet) as model, torch.no_grad():
             expected = model(input_ids=ids).logits

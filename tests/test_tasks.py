@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from slimlm import tasks
@@ -48,13 +48,17 @@ def prose(sentences: int = 400, seed: int = 0) -> str:
 TEXT = prose()
 
 
-def tokenizer() -> PreTrainedTokenizerFast:
-    """One token per word and per full stop; 0 is [UNK]. 96 tokens, the tiny model's vocabulary."""
+def tokenizer(bos: bool = False) -> PreTrainedTokenizerFast:
+    """One token per word and per full stop; 0 is [UNK]. 96 tokens, the tiny model's vocabulary; with
+    ``bos``, [BOS] (id 96) before every text, as Gemma's tokenizer does."""
     vocab = {"[UNK]": 0, ".": 1} | {w: i + 2 for i, w in enumerate(WORDS)}
     assert len(vocab) == VOCAB
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok = Tokenizer(models.WordLevel(vocab | ({"[BOS]": VOCAB} if bos else {}), unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[UNK]")
+    if not bos:
+        return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[UNK]")
+    tok.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", VOCAB)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[UNK]", bos_token="[BOS]")
 
 
 TOKENIZER = tokenizer()
@@ -109,6 +113,15 @@ def prose_file(tmp_path_factory) -> str:
 def build(name: str, spec: str, **kwargs) -> list[tasks.Example]:
     defaults = dict(examples=20, seed=0, context_tokens=24, choices=4, span_words=SPAN)
     return build_task(name, spec, TOKENIZER, **(defaults | kwargs))
+
+
+def test_contexts_start_with_bos_where_the_tokenizer_puts_one_before_every_text(prose_file):
+    defaults = dict(examples=10, seed=0, context_tokens=24, choices=4, span_words=SPAN)
+    for name in (LASTWORD, CONTINUATION):
+        plain, with_bos = (build_task(name, prose_file, tokenizer(bos), **defaults) for bos in (False, True))
+        for a, b in zip(plain, with_bos, strict=True):
+            assert b.context_ids == (VOCAB, *a.context_ids)  # the same text after the BOS
+            assert b.choice_ids == a.choice_ids and b.label == a.label
 
 
 def encode(text: str) -> tuple[int, ...]:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from slimlm.data import load_text
+from slimlm.data import leading_bos, load_text
 from slimlm.errors import SlimlmError
 from slimlm.progress import track
 
@@ -187,6 +187,8 @@ def _distractors(
 def _example(task: str, text: str, tokenizer, max_tokens: int, start: int, choices: list[str], label: int) -> Example:
     context, context_ids = _context(text, start - 1, tokenizer, max_tokens)
     choice_ids = tuple(_continuation_ids(tokenizer, context, context_ids, choice) for choice in choices)
+    bos = leading_bos(tokenizer)  # the model reads the context as it reads every text: after its BOS, if any
+    context_ids = context_ids if bos is None else [bos, *context_ids]
     return Example(task, context, tuple(choices), label, start, tuple(context_ids), choice_ids)
 
 
