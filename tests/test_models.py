@@ -110,6 +110,31 @@ def test_half_precision_checkpoint_is_upcast_to_float32(tmp_path):
         assert torch.equal(mine, theirs.float()), name
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_model_loads_in_the_dtype_asked_for(tmp_path, dtype):
+    original = tiny_loaded("llama")
+    folder = save_tiny(original, tmp_path / "f32")
+    loaded = load_model(folder, dtype=dtype)
+    assert {p.dtype for p in loaded.model.parameters()} == {getattr(torch, dtype)}
+    assert loaded.fingerprint() != load_model(folder).fingerprint()  # other weights: other caches, other studies
+    for (name, mine), (_, theirs) in zip(
+        loaded.model.state_dict().items(), original.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(mine, theirs.to(mine.dtype)), name
+
+
+def test_bad_dtype_and_device_are_refused_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(loading, "resolve_model", lambda spec: pytest.fail("resolved a model"))
+    with pytest.raises(SlimlmError, match="unknown dtype 'float8'; choose from float32, bfloat16, float16"):
+        load_model("smollm2-135m", dtype="float8")
+    with pytest.raises(SlimlmError, match="unknown device 'tpu'; choose from cpu, cuda, auto"):
+        load_model("smollm2-135m", device="tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SlimlmError, match="torch sees no CUDA device"):
+        load_model("smollm2-135m", device="cuda")
+    assert loading.torch_device_of("auto") == torch.device("cpu")  # no GPU: auto is the CPU
+
+
 # --- errors -------------------------------------------------------------------------------------
 
 

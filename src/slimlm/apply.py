@@ -53,9 +53,10 @@ def subnetwork_applied(
                 continue
             saved += _current([(linear, "weight"), (linear, "bias")])
             if reformed and (index, name) in reformed:
-                linear.weight = nn.Parameter(reformed[index, name], requires_grad=False)
+                linear.weight = nn.Parameter(reformed[index, name].to(linear.weight.device), requires_grad=False)
             if reformed and (index, f"{name}_bias") in reformed:
-                linear.bias = nn.Parameter(reformed[index, f"{name}_bias"], requires_grad=False)
+                bias = reformed[index, f"{name}_bias"]
+                linear.bias = nn.Parameter(bias.to(linear.weight.device), requires_grad=False)
         for name in (n for n, k in kept.items() if not k):
             saved += _current([(layer, attr) for attr in adapter.sub_block_attributes(name)])
             adapter.remove_sub_block(layer, name, position)

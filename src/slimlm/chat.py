@@ -85,8 +85,8 @@ def greedy_answers(model, tokenizer, prompts: list[list[int]], new_tokens: int, 
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
         out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
+            input_ids=ids.to(model.device),
+            attention_mask=mask.to(model.device),
             max_new_tokens=new_tokens,
             do_sample=False,
             eos_token_id=stop or None,
@@ -130,8 +130,8 @@ def chat_fidelity(model, dense, tokenizer, reference: ChatReference, description
             continue
         ids = torch.tensor([prompt + answer])
         start = len(prompt) - 1  # the logits at this position predict the answer's first token
-        teacher = F.log_softmax(dense(input_ids=ids).logits[0, start:-1].float(), -1)
-        student = F.log_softmax(model(input_ids=ids).logits[0, start:-1].float(), -1)
+        teacher = F.log_softmax(dense(input_ids=ids.to(dense.device)).logits[0, start:-1].float().cpu(), -1)
+        student = F.log_softmax(model(input_ids=ids.to(model.device)).logits[0, start:-1].float().cpu(), -1)
         kl_sum += float((teacher.exp() * (teacher - student)).sum())
         agree += int((student.argmax(-1) == torch.tensor(answer)).sum())
         positions += len(answer)

@@ -83,7 +83,8 @@ class LatencyProbe:
             )
         self.model = model
         vocab = model.config.vocab_size
-        self.prompt = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(seed))
+        prompt = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(seed))
+        self.prompt = prompt.to(model.device)
         self.new_tokens = new_tokens
         eos = model.generation_config.eos_token_id
         pad = model.generation_config.pad_token_id
@@ -95,6 +96,7 @@ class LatencyProbe:
     def sample(self) -> None:
         t0 = time.perf_counter()
         self.model(input_ids=self.prompt, use_cache=True)
+        _synchronize(self.model)
         t1 = time.perf_counter()
         one = self._generate(1)
         many = self._generate(self.new_tokens)
@@ -112,6 +114,7 @@ class LatencyProbe:
             do_sample=False,
             pad_token_id=self.pad,
         )
+        _synchronize(self.model)
         return time.perf_counter() - start
 
     def result(self) -> Latency:
@@ -188,3 +191,9 @@ def _peak_resident_bytes() -> int:
                 return int(line.split()[1]) * 1024  # kB
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, others KiB
+
+
+def _synchronize(model) -> None:
+    """Wait for the accelerator: its kernels run asynchronously, and a timer must not stop before them."""
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)

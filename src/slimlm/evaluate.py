@@ -28,6 +28,7 @@ def perplexity(
         batches = track(batches, description)
     total_nll, total_tokens = 0.0, 0
     for batch in batches:
+        batch = batch.to(model.device)
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
         targets = batch[:, 1:]
         total_nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()

@@ -198,7 +198,7 @@ def _write_tensors(writer, loaded: LoadedModel, arch, rotary_order: bool, qtype,
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise SlimlmError(f"no GGUF name for the tensor {hf_name}")
-        data = loaded.adapter.gguf_tensor(hf_name, tensor.detach().to(torch.float32).numpy())
+        data = loaded.adapter.gguf_tensor(hf_name, tensor.detach().to("cpu", torch.float32).numpy())
         data = _padded_mlp(hf_name, data, widths)
         if rotary_order and hf_name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
             data = _interleave_rotary_halves(data, dims.head_dim)

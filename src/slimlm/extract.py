@@ -59,7 +59,7 @@ def extract(loaded: LoadedModel, subnet: SubNetwork, out: str | Path, reformed: 
     with subnetwork_applied(loaded, subnet, reformed) as model:
         state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     with torch.device("meta"):  # no random init: every weight comes from ``state``
-        small = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        small = AutoModelForCausalLM.from_config(config, dtype=loaded.model.dtype)  # written as loaded
     small.load_state_dict(state, strict=True, assign=True)
     small.tie_weights()
     small.generation_config = loaded.model.generation_config

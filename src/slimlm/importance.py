@@ -101,11 +101,11 @@ DEFAULT_METRIC = "reconstruction"
 class _Accumulator:
     """Sums of one projection's inputs, fed batch by batch from a forward pre-hook."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, device: torch.device) -> None:  # the activations' device: no copies per batch
         self.count = 0
-        self.sum = torch.zeros(width, dtype=torch.float64)
-        self.sumsq = torch.zeros(width, dtype=torch.float64)
-        self.gram = torch.zeros(width, width, dtype=torch.float64)
+        self.sum = torch.zeros(width, dtype=torch.float64, device=device)
+        self.sumsq = torch.zeros(width, dtype=torch.float64, device=device)
+        self.gram = torch.zeros(width, width, dtype=torch.float64, device=device)
 
     def __call__(self, _module, args) -> None:
         x = args[0].reshape(-1, args[0].shape[-1]).float()
@@ -118,12 +118,13 @@ class _Accumulator:
         """The statistics, with the removal order of ``weight``'s input units of ``group`` channels each."""
         inverse = _damped_inverse(self.gram)
         rank = removal_rank(weight, inverse, group).repeat_interleave(group)
-        return ChannelStats(self.count, self.sum, self.sumsq, inverse.diagonal().clone(), rank)
+        # on the CPU: a calibration is cached on disk and serves any device
+        return ChannelStats(self.count, self.sum.cpu(), self.sumsq.cpu(), inverse.diagonal().cpu(), rank.cpu())
 
 
 def _damped_inverse(gram: torch.Tensor) -> torch.Tensor:
     damping = DAMPING * gram.diagonal().mean().clamp_min(1e-12)
-    return torch.linalg.inv(gram + damping * torch.eye(gram.shape[0], dtype=torch.float64))
+    return torch.linalg.inv(gram + damping * torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device))
 
 
 STEPS = 128  # greedy removal steps per projection at most: units leave in chunks beyond that (1536 neurons: 12)
@@ -142,8 +143,9 @@ def removal_rank(weight: torch.Tensor, inverse_gram: torch.Tensor, group: int = 
     w, hinv = weight.detach().double(), inverse_gram.double()
     units = w.shape[1] // group
     chunk = max(1, -(-units // steps))
-    ids = torch.arange(units)  # the units still standing, in the order of w's and hinv's column groups
-    rank = torch.zeros(units, dtype=torch.float64)
+    device = w.device
+    ids = torch.arange(units, device=device)  # the units still standing, in the order of w's and hinv's column groups
+    rank = torch.zeros(units, dtype=torch.float64, device=device)
     for step in range(-(-units // chunk)):
         n = len(ids)
         if group == 1:  # single columns (neurons): the blocks are the diagonal
@@ -153,10 +155,12 @@ def removal_rank(weight: torch.Tensor, inverse_gram: torch.Tensor, group: int = 
             per_unit = w.view(-1, n, group).permute(1, 0, 2)  # (n, out, group)
             errors = (per_unit @ torch.linalg.inv(blocks) * per_unit).sum(dim=(1, 2))
         order = errors.argsort()[:chunk]
-        leaving = torch.zeros(n, dtype=torch.bool)
+        leaving = torch.zeros(n, dtype=torch.bool, device=device)
         leaving[order] = True
-        gone, kept = (torch.arange(n * group).view(n, group)[mask].reshape(-1) for mask in (leaving, ~leaving))
-        rank[ids[order]] = step + torch.arange(len(order), dtype=torch.float64) / chunk  # within a step: by error
+        columns = torch.arange(n * group, device=device).view(n, group)
+        gone, kept = (columns[mask].reshape(-1) for mask in (leaving, ~leaving))
+        within = torch.arange(len(order), dtype=torch.float64, device=device) / chunk  # within a step: by error
+        rank[ids[order]] = step + within
         # the remaining columns re-fitted, and the inverse Gram of the remaining columns (Schur complement)
         solve = torch.linalg.inv(hinv[gone][:, gone]) @ hinv[gone][:, kept]
         w = w[:, kept] - w[:, gone] @ solve
@@ -170,14 +174,14 @@ def calibrate(loaded: LoadedModel, windows: torch.Tensor, batch_size: int = 4) -
     """One streaming pass over ``windows`` through the full model, collecting ``Calibration``."""
     layers = loaded.adapter.decoder_layers(loaded.model)
     projections = [loaded.adapter.output_projections(layer) for layer in layers]
-    attention = [_Accumulator(o.in_features) for o, _ in projections]
-    mlp = [_Accumulator(d.in_features) for _, d in projections]
+    attention = [_Accumulator(o.in_features, o.weight.device) for o, _ in projections]
+    mlp = [_Accumulator(d.in_features, d.weight.device) for _, d in projections]
     influence = torch.zeros(len(layers), dtype=torch.float64)
 
     def block_influence(i: int):
         def hook(_module, args, output):
             out = output[0] if isinstance(output, tuple) else output
-            influence[i] += (1 - torch.cosine_similarity(args[0].double(), out.double(), dim=-1)).sum()
+            influence[i] += float((1 - torch.cosine_similarity(args[0].double(), out.double(), dim=-1)).sum())
 
         return hook
 
@@ -190,7 +194,7 @@ def calibrate(loaded: LoadedModel, windows: torch.Tensor, batch_size: int = 4) -
         ]
     try:
         for batch in track(windows.split(batch_size), "calibrating"):
-            loaded.model(input_ids=batch, use_cache=False)
+            loaded.model(input_ids=batch.to(loaded.model.device), use_cache=False)
     finally:
         for hook in hooks:
             hook.remove()
@@ -212,11 +216,11 @@ def importance(loaded: LoadedModel, calibration: Calibration, metric: str = DEFA
     for i, layer in enumerate(loaded.adapter.decoder_layers(loaded.model)):
         o_proj, down_proj = loaded.adapter.output_projections(layer)
         shape = dims.layers[i]
-        channel = score(calibration.attention[i], o_proj.weight.double().norm(dim=0))
+        channel = score(calibration.attention[i], o_proj.weight.double().norm(dim=0).cpu())
         head = channel.view(shape.heads, dims.head_dim).sum(dim=1)
         heads.append(head.float())
         kv_heads.append(head.view(shape.kv_heads, shape.group_size).sum(dim=1).float())
-        neurons.append(score(calibration.mlp[i], down_proj.weight.double().norm(dim=0)).float())
+        neurons.append(score(calibration.mlp[i], down_proj.weight.double().norm(dim=0).cpu()).float())
     return Importance(heads, kv_heads, neurons, calibration.block_influence.float())
 
 
@@ -291,6 +295,7 @@ def taylor_importance(loaded: LoadedModel, windows: torch.Tensor, layers: torch.
     try:
         with torch.enable_grad():
             for window in track(windows.split(1), "taylor scores"):
+                window = window.to(model.device)
                 (model(input_ids=window, labels=window, use_cache=False).loss / len(windows)).backward()
         sums: list[dict[str, torch.Tensor]] = []
         for layer in coupled:

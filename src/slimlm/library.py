@@ -187,7 +187,7 @@ def _write_layer(loaded: LoadedModel, index: int, keeps: dict, grams: dict, damp
                 (units_t[:, None] * head_dim + torch.arange(head_dim)).reshape(-1) if name == "attention" else units_t
             )
             solved = ridge(rhs[:, cols], gram[cols][:, cols], damping)
-            tensors[key] = solved.to(weight.dtype).contiguous()
+            tensors[key] = solved.to(weight.dtype).cpu().contiguous()  # stored; moved to the model's device when used
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"format": FORMAT})
     tmp.replace(path)

@@ -164,7 +164,7 @@ def _bias_compensation(loaded: LoadedModel, calib: Calibration, subnet: SubNetwo
             loaded.adapter.output_projections(layer),
             strict=True,
         ):
-            mean = (stats.sum / stats.count).to(linear.weight.dtype)
+            mean = (stats.sum / stats.count).to(linear.weight)  # the weight's device and dtype
             mean[kept_channels[name]] = 0
             bias = linear.weight.detach() @ mean
             reformed[i, f"{name}_bias"] = bias if linear.bias is None else linear.bias.detach() + bias

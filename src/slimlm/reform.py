@@ -40,7 +40,8 @@ def ridge(rhs: torch.Tensor, gram: torch.Tensor, damping: float = DAMPING) -> to
     scale = gram.diagonal().mean().clamp_min(1e-12)
     for attempt in range(6):  # damping x10 each time the system is too ill-conditioned to trust
         lam = damping * 10**attempt * scale
-        factor, info = torch.linalg.cholesky_ex(gram + lam * torch.eye(len(gram), dtype=torch.float64))
+        identity = torch.eye(len(gram), dtype=torch.float64, device=gram.device)
+        factor, info = torch.linalg.cholesky_ex(gram + lam * identity)
         if info == 0:
             solution = torch.cholesky_solve(rhs.T, factor).T
             if torch.isfinite(solution).all():
@@ -56,9 +57,9 @@ def admm(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, rho: floa
     """
     w, g = weight.double(), gram.double()
     d = g.shape[0]
-    mask = torch.zeros(d, dtype=torch.bool)
+    mask = torch.zeros(d, dtype=torch.bool, device=g.device)
     mask[kept] = True
-    inverse = torch.linalg.inv(g + rho * torch.eye(d, dtype=torch.float64))
+    inverse = torch.linalg.inv(g + rho * torch.eye(d, dtype=torch.float64, device=g.device))
     z, u = w.clone(), torch.zeros_like(w)
     target = g @ w.T
     for _ in range(iterations):
@@ -135,7 +136,7 @@ def _reform_projection(
     """Ŵ over the ``kept`` input columns with Ŵ X_K ≈ W X in least squares, X the batches of ``inputs``."""
     if len(kept) == linear.in_features:
         return linear.weight.detach().clone()
-    gram = torch.zeros(linear.in_features, linear.in_features, dtype=torch.float64)
+    gram = torch.zeros(linear.in_features, linear.in_features, dtype=torch.float64, device=linear.weight.device)
     for x in inputs:
         flat = x.reshape(-1, x.shape[-1]).float()
         gram += (flat.T @ flat).double()  # float32 products (fast), float64 sums
@@ -168,7 +169,7 @@ def _layer_inputs(loaded: LoadedModel, windows: torch.Tensor, batch_size: int):
     handles = [layer.register_forward_pre_hook(capture(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
         for batch in windows.split(batch_size):
-            loaded.model(input_ids=batch, use_cache=False)
+            loaded.model(input_ids=batch.to(loaded.model.device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()

@@ -134,7 +134,8 @@ class Adapter:
         kept = {"heads": heads, "kv_heads": kv_heads, "neurons": neurons}
         slices = []
         for c in self.coupled_weights(layer):
-            features = (kept[c.unit][:, None] * c.width + torch.arange(c.width)).reshape(-1)
+            device = c.linear.weight.device  # index_select wants its indices where the weight is
+            features = (kept[c.unit][:, None] * c.width + torch.arange(c.width)).reshape(-1).to(device)
             slices.append(LinearSlice(c.linear, rows=features) if c.axis == 0 else LinearSlice(c.linear, cols=features))
         return slices
 

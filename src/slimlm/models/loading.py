@@ -70,11 +70,14 @@ BUILTIN_MODELS = {
     ),
 }
 DONE_MARKER = ".slimlm-complete"
+DTYPES = ("float32", "bfloat16", "float16")  # the weights' dtype; float32 unless asked
+DEVICES = ("cpu", "cuda", "auto")
 
 
 @dataclass
 class LoadedModel:
-    """A model ready for slimlm: weights in float32, its tokenizer, and its family adapter."""
+    """A model ready for slimlm: its weights (in the dtype and on the device it was loaded with), its
+    tokenizer, and its family adapter."""
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
@@ -94,14 +97,18 @@ class LoadedModel:
         return fingerprint(self.model)
 
 
-def load_model(spec: str | Path) -> LoadedModel:
-    """Load ``spec``: a built-in name (``smollm2-135m``), a Hugging Face folder, or a ``.gguf`` file.
+def load_model(spec: str | Path, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+    """Load ``spec``: a built-in name (``smollm2-135m``), a Hugging Face folder, or a ``.gguf`` file,
+    with weights in ``dtype`` (one of ``DTYPES``) on ``device`` (one of ``DEVICES``; ``auto`` is the
+    GPU where torch sees one, else the CPU). Statistics and solves run in float32 or float64 whatever
+    the weights' dtype; what slimlm writes keeps the dtype the model was loaded in.
 
     Refused with a clear error: a family slimlm does not know (read from ``config.json`` before
     transformers sees the folder, so no code in it ever runs), tensors missing, unexpected or of the
     wrong shape, and weights that are not finite.
     """
     start = time.perf_counter()
+    torch_dtype, torch_device = torch_dtype_of(dtype), torch_device_of(device)  # before any work
     folder = resolve_model(spec)
     _check_family(folder)
     config = _guarded(folder, lambda: AutoConfig.from_pretrained(folder, trust_remote_code=False))
@@ -111,7 +118,7 @@ def load_model(spec: str | Path) -> LoadedModel:
         lambda: AutoModelForCausalLM.from_pretrained(
             # mismatched sizes reported, not raised: transformers' own message points at a log slimlm silences
             folder,
-            dtype=torch.float32,
+            dtype=torch_dtype,
             trust_remote_code=False,
             output_loading_info=True,
             ignore_mismatched_sizes=True,
@@ -120,8 +127,26 @@ def load_model(spec: str | Path) -> LoadedModel:
     _check_loading_info(folder, info)
     _check_finite(folder, model)
     tokenizer = _guarded(folder, lambda: _load_tokenizer(folder))
-    model.eval()
+    model.to(torch_device).eval()
     return LoadedModel(model, tokenizer, adapter, str(spec), folder, time.perf_counter() - start)
+
+
+def torch_dtype_of(name: str) -> torch.dtype:
+    """The torch dtype ``name`` (one of ``DTYPES``) stands for."""
+    if name not in DTYPES:
+        raise SlimlmError(f"unknown dtype '{name}'; choose from {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+def torch_device_of(name: str) -> torch.device:
+    """The device ``name`` (one of ``DEVICES``) stands for; ``auto`` is the GPU where torch sees one."""
+    if name not in DEVICES:
+        raise SlimlmError(f"unknown device '{name}'; choose from {', '.join(DEVICES)}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SlimlmError("--device cuda, but torch sees no CUDA device (a CPU build, or no GPU); use --device cpu")
+    return torch.device(name)
 
 
 def _check_family(folder: Path) -> None:
