@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -184,6 +186,23 @@ def test_cached_calibration_is_written_once_and_read_back(tmp_path, monkeypatch)
         cached_calibration(loaded, windows(6), "words.txt")
     with pytest.raises(AssertionError, match="calibrate called"):
         cached_calibration(loaded, ids, "other.txt")
+
+
+def test_processes_sharing_the_cache_calibrate_once(tmp_path, monkeypatch):
+    loaded = load_model(save_tiny(tiny_loaded(), tmp_path / "model"))
+    ids, calls, real = windows(7), [], slimlm.importance.calibrate
+
+    def slow_calibration(*args, **kwargs):
+        calls.append(1)
+        time.sleep(0.5)  # long enough for the other worker to ask for the same entry meanwhile
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(slimlm.importance, "calibrate", slow_calibration)
+    with ThreadPoolExecutor(3) as pool:  # each holds its own lock file handle, as processes do
+        results = list(pool.map(lambda _: cached_calibration(loaded, ids, "words.txt"), range(3)))
+    assert len(calls) == 1
+    for result in results[1:]:
+        assert_same_calibration(result, results[0])
 
 
 def test_in_memory_models_are_not_cached(tmp_path, monkeypatch):

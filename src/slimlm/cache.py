@@ -74,6 +74,16 @@ def lock_file(path: str | Path, wait: bool = True) -> IO | None:
 
 
 @contextmanager
+def computed_once(entry: str | Path) -> Iterator[None]:
+    """Hold the lock of the cache entry ``entry`` (a file or folder) for the ``with`` block: processes
+    sharing a cache (one machine's, or a shared folder every worker mounts) compute an entry once;
+    the others wait, then read it. Check for the entry inside the block."""
+    entry = Path(entry)  # entries are named by content hashes: the name and its kind make a unique lock
+    with exclusive(cache_root() / "locks" / f"{entry.parent.name}-{entry.name}.lock"):
+        yield
+
+
+@contextmanager
 def exclusive(path: str | Path) -> Iterator[None]:
     """Hold an exclusive lock on the file ``path`` for the ``with`` block (waiting for it if need be)."""
     handle = lock_file(path)

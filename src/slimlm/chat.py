@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from slimlm.cache import cache_root, fingerprint
+from slimlm.cache import cache_root, computed_once, fingerprint
 from slimlm.progress import track
 
 ANSWER_TOKENS = 32  # greedy answer length of the reference (a first sentence or two)
@@ -161,11 +161,21 @@ def conversations(model, tokenizer, new_tokens: int = CONVERSATION_TOKENS) -> li
     hundred answers take minutes on a CPU."""
     prompts = calibration_prompts()
     path = _conversations_path(model, tokenizer, prompts, new_tokens)
-    if path.is_file():
-        try:
-            return json.loads(path.read_text())["ids"]
-        except (ValueError, KeyError):  # truncated or tampered: a cache miss, rewritten below
-            path.unlink(missing_ok=True)
+    with computed_once(path):
+        return _read_conversations(path) or _write_conversations(path, model, tokenizer, prompts, new_tokens)
+
+
+def _read_conversations(path: Path) -> list[int] | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())["ids"]
+    except (ValueError, KeyError):  # truncated or tampered: a cache miss, rewritten
+        path.unlink(missing_ok=True)
+        return None
+
+
+def _write_conversations(path: Path, model, tokenizer, prompts: list[str], new_tokens: int) -> list[int]:
     asked = [prompt_ids(tokenizer, p)[0] for p in prompts]
     answers = greedy_answers(model, tokenizer, asked, new_tokens, "chat calibration: dense answers")
     ids = [t for prompt, answer in zip(asked, answers, strict=True) for t in prompt + answer]

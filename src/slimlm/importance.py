@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from slimlm.cache import cache_root
+from slimlm.cache import cache_root, computed_once
 from slimlm.errors import SlimlmError
 from slimlm.models import LoadedModel
 from slimlm.progress import track
@@ -237,18 +237,27 @@ def cached_calibration(loaded: LoadedModel, windows: torch.Tensor, source: str) 
     path = _cache_path(loaded, windows, source)
     if path is None:
         return calibrate(loaded, windows)
-    if path.is_file():
-        try:
-            data = torch.load(path, weights_only=True)
-            return Calibration(
-                [ChannelStats(**s) for s in data["attention"]],
-                [ChannelStats(**s) for s in data["mlp"]],
-                data["block_influence"],
-                data["tokens"],
-            )
-        except Exception:  # truncated or tampered: a cache miss, rewritten below
-            path.unlink(missing_ok=True)
-    calibration = calibrate(loaded, windows)
+    with computed_once(path):
+        return _read_calibration(path) or _write_calibration(path, calibrate(loaded, windows))
+
+
+def _read_calibration(path: Path) -> Calibration | None:
+    if not path.is_file():
+        return None
+    try:
+        data = torch.load(path, weights_only=True)
+        return Calibration(
+            [ChannelStats(**s) for s in data["attention"]],
+            [ChannelStats(**s) for s in data["mlp"]],
+            data["block_influence"],
+            data["tokens"],
+        )
+    except Exception:  # truncated or tampered: a cache miss, rewritten
+        path.unlink(missing_ok=True)
+        return None
+
+
+def _write_calibration(path: Path, calibration: Calibration) -> Calibration:
     path.parent.mkdir(parents=True, exist_ok=True)
     as_dicts = [
         [{f.name: getattr(s, f.name) for f in fields(s)} for s in side]

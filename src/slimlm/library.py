@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from slimlm.cache import cache_root, tensor_digest
+from slimlm.cache import cache_root, computed_once, tensor_digest
 from slimlm.errors import SlimlmError
 from slimlm.importance import Importance
 from slimlm.models import LoadedModel
@@ -102,12 +102,14 @@ def build_library(
         "damping": damping,
     }
     folder = cache_root() / "library" / hashlib.blake2b(json.dumps(key).encode(), digest_size=16).hexdigest()
-    missing = [i for i in range(dims.num_layers) if not _complete(folder / _layer_file(i))]
-    if missing:
-        folder.mkdir(parents=True, exist_ok=True)
-        grams = _dense_grams(loaded, windows, missing, batch_size)
-        for index in track(missing, "building the variant library"):
-            _write_layer(loaded, index, keeps[index], grams.pop(index), damping, folder / _layer_file(index))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with computed_once(folder):  # workers sharing the cache build it once; a killed build resumes per layer
+        missing = [i for i in range(dims.num_layers) if not _complete(folder / _layer_file(i))]
+        if missing:
+            folder.mkdir(parents=True, exist_ok=True)
+            grams = _dense_grams(loaded, windows, missing, batch_size)
+            for index in track(missing, "building the variant library"):
+                _write_layer(loaded, index, keeps[index], grams.pop(index), damping, folder / _layer_file(index))
     return VariantLibrary(folder, keeps)
 
 
