@@ -74,7 +74,7 @@ def measure(model: str, dtype: str, fraction: float, evaluations: int, work: Pat
         raise SystemExit(f"loading {model} failed: see {work / f'{model}-load.log'}")
     run = work / f"{model}-{dtype}"
     command = ["slimlm", "compress", model, "--non-embedding", str(fraction), "--out", str(run)]
-    command += ["--evaluations", str(evaluations), "--dtype", dtype]
+    command += ["--evaluations", str(evaluations)] + (["--dtype", dtype] if dtype != "float32" else [])
     peak, phases, seconds, code = sampled(command, work / f"{model}-{dtype}.log")
     if code:
         raise SystemExit(f"compress failed ({code}): see {work / f'{model}-{dtype}.log'}")
