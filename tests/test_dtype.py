@@ -3,6 +3,9 @@ tests again (``pytest -m gpu``; they skip, naming why, where torch sees no CUDA 
 
 from __future__ import annotations
 
+import json
+import math
+
 import gguf
 import pytest
 import torch
@@ -16,7 +19,7 @@ from slimlm.models import load_model
 from slimlm.reform import reform
 from slimlm.subnet import LayerKeep, SubNetwork
 
-from .conftest import FAMILIES, TEXT, tiny_loaded
+from .conftest import FAMILIES, TEXT, invoke, one_error, save_tiny, tiny_loaded
 
 GPU = pytest.mark.gpu
 NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run with -m gpu where one is)")
@@ -94,3 +97,26 @@ def test_a_gguf_is_written_from_the_models_dtype_and_device(tmp_path, device, dt
     embedding = next(t for t in reader.tensors if t.name == "token_embd.weight")
     source = loaded.model.get_input_embeddings().weight.detach().to("cpu", torch.float32)
     torch.testing.assert_close(torch.from_numpy(embedding.data.astype("float32")), source.half().float())
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", id="cpu"), pytest.param("cuda", marks=[GPU, NO_CUDA])])
+def test_compress_in_bfloat16_writes_a_bfloat16_model(tmp_path, text, device):
+    dense = save_tiny(tiny_loaded("qwen2"), tmp_path / "dense")
+    out = tmp_path / "run"
+    fast = ["--calib", text, "--eval", text, "--seq-len", "16", "--calib-windows", "8", "--fitness-windows", "2"]
+    fast += ["--eval-windows", "2", "--evaluations", "6", "--dtype", "bfloat16", "--device", device]
+    result = invoke("compress", dense, "--params", "0.6", "--out", out, *fast)
+    assert result.exit_code == 0, result.output
+    best = load_model(out / "best", dtype="bfloat16")
+    assert {p.dtype for p in best.model.parameters()} == {torch.bfloat16}
+    report = json.loads((out / "slimlm_report.json").read_text())
+    assert report["compressed"]["params"] < report["dense"]["params"]
+    assert math.isfinite(report["compressed"]["perplexity"]) and math.isfinite(report["dense"]["perplexity"])
+    assert 'dtype = "bfloat16"' in (out / "job.toml").read_text()  # the rerun from the job file is bf16 too
+
+
+def test_a_bad_dtype_or_device_is_one_line_before_any_work(tmp_path, text):
+    dense = save_tiny(tiny_loaded("llama"), tmp_path / "dense")
+    assert "unknown dtype 'float8'" in one_error(invoke("eval", dense, "--dtype", "float8", "--data", text))
+    line = one_error(invoke("compress", dense, "--params", "0.6", "--out", tmp_path / "run", "--device", "tpu"))
+    assert "unknown device 'tpu'" in line and not (tmp_path / "run").exists()

@@ -179,9 +179,11 @@ def info(
     context: Annotated[int, typer.Option(help="context length for FLOPs and KV-cache memory")] = 512,
     latency: Annotated[bool, typer.Option(help="measure prefill and decode speed")] = True,
     as_json: JsonOpt = False,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
 ) -> None:
     """Architecture, size, FLOPs, memory and measured CPU speed of a model."""
-    loaded = load_model(model)
+    loaded = load_model(model, dtype, device)
     dims = loaded.dims
     cost = static_cost(dims, context=context)
     prompt = min(128, dims.max_positions // 2)  # short-context models: prompt and generation stay in context
@@ -235,9 +237,11 @@ def evaluate(
     subnet: Annotated[Path | None, typer.Option(help="evaluate this sub-network (JSON) in place")] = None,
     foreign_subnet: ForeignSubnet = False,
     as_json: JsonOpt = False,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
 ) -> None:
     """Perplexity of a model (or of a sub-network of it) on a text."""
-    loaded = load_model(model)
+    loaded = load_model(model, dtype, device)
     chosen = _subnet_for(loaded, subnet, foreign_subnet) if subnet else None
     ids = model_windows(loaded, data, seq_len, windows)
     start = time.perf_counter()
@@ -277,6 +281,8 @@ def extract(
     seq_len: SeqLenOpt = 256,
     foreign_subnet: ForeignSubnet = False,
     overwrite: Overwrite = False,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
 ) -> None:
     """Write a sub-network as a standalone smaller Hugging Face model folder (reformed by default)."""
     if (subnet is None) == (trial is None):
@@ -284,9 +290,9 @@ def extract(
     if trial is not None:  # the run's own model and calibration, as its search reformed them
         job, chosen = stored_candidate(model, trial)
         model, calibration, seq_len = job.model, job.calibration, job.seq_len
-        calibration_windows = job.calibration_windows
+        calibration_windows, dtype = job.calibration_windows, job.dtype
     check_output_folder(out_dir, overwrite, model)
-    loaded = load_model(model)
+    loaded = load_model(model, dtype, device)
     chosen = _subnet_for(loaded, subnet, foreign_subnet) if subnet else chosen.validate(loaded.dims)
     reformed = None
     if reform:
@@ -307,9 +313,11 @@ def export_command(
     gguf_file: Annotated[Path, typer.Option("--gguf", help="GGUF file to write, for llama.cpp")],
     quant: Annotated[str, typer.Option(help=f"tensor type: {', '.join([*QUANT_TYPES, *NATIVE_QUANT_TYPES])}")] = "f16",
     tokenizer_pre: TokenizerPre = None,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
 ) -> None:
     """Write a model (e.g. one slimlm extracted) as one self-contained GGUF file that llama.cpp runs."""
-    exported = export_gguf(load_model(model), gguf_file, quant, tokenizer_pre)
+    exported = export_gguf(load_model(model, dtype, device), gguf_file, quant, tokenizer_pre)
     out.print(f"wrote {exported.path}: {quant}, {exported.bytes / 1e6:,.1f} MB")
     if exported.padded_neurons:
         out.print(f"MLPs padded with {exported.padded_neurons} zero neurons in all, to whole {quant} blocks")
@@ -330,10 +338,12 @@ def reform_command(
     seq_len: SeqLenOpt = 256,
     foreign_subnet: ForeignSubnet = False,
     overwrite: Overwrite = False,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
 ) -> None:
     """Reform a sub-network's kept weights, report perplexity before and after, and write the model."""
     check_output_folder(out_dir, overwrite, model)
-    loaded = load_model(model)
+    loaded = load_model(model, dtype, device)
     chosen = _subnet_for(loaded, subnet, foreign_subnet)
     calib = model_windows(loaded, calibration, seq_len, calibration_windows)
     ids = model_windows(loaded, evaluation, seq_len, evaluation_windows)
@@ -367,11 +377,13 @@ def prune_command(
     seq_len: SeqLenOpt = 256,
     overwrite: Overwrite = False,
     as_json: JsonOpt = False,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
 ) -> None:
     """Prune with a one-shot method from the literature (a baseline for search); write the smaller model."""
     check_method(method)
     check_output_folder(out_dir, overwrite, model)
-    loaded = load_model(model)
+    loaded = load_model(model, dtype, device)
     absolute = int(parse_size(max_params)) if max_params else None
     budget = params_budget(loaded.dims, params_fraction, absolute, non_embedding_fraction)
     calib = model_windows(loaded, calibration, seq_len, calibration_windows)
@@ -519,6 +531,8 @@ def bench(
         "transformers"
     ),
     as_json: JsonOpt = False,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
 ) -> None:
     """Measure two models side by side in one run and print the ratios."""
     if runtime == "llama.cpp":
@@ -526,7 +540,7 @@ def bench(
         return
     if runtime != "transformers":
         raise SlimlmError(f"unknown runtime '{runtime}'; choose transformers or llama.cpp")
-    models = [load_model(model), load_model(vs)]
+    models = [load_model(model, dtype, device), load_model(vs, dtype, device)]
     speeds = compare_speed([m.model for m in models], repeats, prompt_tokens, new_tokens)
     rows = []
     for name, loaded, speed in zip((model, vs), models, speeds, strict=True):
@@ -605,6 +619,10 @@ LatencyRuntime = Annotated[
         "generated token after --seq-len, in an f16 GGUF; needs the llamacpp extra)"
     ),
 ]
+DtypeOpt = Annotated[
+    str, typer.Option("--dtype", help="the weights' dtype: float32, bfloat16 or float16 (statistics stay float32+)")
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="where the model runs: cpu, cuda, or auto (cuda if present)")]
 RunOut = Annotated[Path | None, typer.Option("--out", help="run folder: store, job.toml, pareto.json, best/")]
 JobModel = Annotated[
     str | None, typer.Argument(help="as for every command, or taken from --config", show_default=False)
@@ -694,6 +712,8 @@ def _layer_list(text: str, option: str) -> tuple[int, ...]:
 
 
 def _search_options(
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
     params_fraction: ParamsFraction = None,
     non_embedding_fraction: NonEmbedding = None,
     max_params: MaxParams = None,
@@ -768,7 +788,7 @@ PANELS = {  # --help groups the many search options
         "selection_windows",
         "evaluation_windows",
     ),
-    "Weights": ("reform", "reform_candidates"),
+    "Weights": ("dtype", "device", "reform", "reform_candidates"),
     "Store and workers": ("storage", "study_name", "workers", "resume", "overwrite"),
 }
 

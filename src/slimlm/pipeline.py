@@ -65,7 +65,7 @@ def compress(
 
     Returns the comparison, also saved as ``RUN/slimlm_report.json``.
     """
-    loaded = load_model(job.model)
+    loaded = load_model(job.model, job.dtype, job.device)
     if quant is not None:
         check_quant(loaded, quant, tokenizer_pre)  # before the search, not after it
     heal_job = HealJob(model=str(Path(job.out) / "best"), teacher=job.model, out=str(Path(job.out) / HEALED))
@@ -80,7 +80,7 @@ def compress(
     if pareto["best_trial"] is None:
         raise SlimlmError("the search found no candidate within the budget; allow more evaluations or a larger budget")
     out = Path(job.out)
-    dense, small = searcher.loaded, load_model(out / "best")
+    dense, small = searcher.loaded, load_model(out / "best", job.dtype, job.device)
     evaluation_ids = searcher.evaluation_ids
     latency = compare_speed([dense.model, small.model], repeats=repeats)
     reference = chat_reference(dense.model, dense.tokenizer)  # the dense model's answers, once

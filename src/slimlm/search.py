@@ -110,6 +110,8 @@ class SearchJob:
 
     model: str
     out: str
+    dtype: str = "float32"  # the weights' dtype while searching, and of the model written
+    device: str = "cpu"  # cpu, cuda or auto
     params_fraction: float | None = None
     non_embedding_fraction: float | None = None  # a kept fraction of the parameters outside the embeddings
     max_params: int | None = None
@@ -293,7 +295,7 @@ class Searcher:
 
 def prepare(job: SearchJob, loaded: LoadedModel | None = None) -> Searcher:
     """Load, check the budget against the space, calibrate (cached), and set up the strategy context."""
-    loaded = loaded or load_model(job.model)
+    loaded = loaded or load_model(job.model, job.dtype, job.device)
     dims = loaded.dims
     if job.objective not in OBJECTIVES:
         raise SlimlmError(f"unknown objective '{job.objective}'; choose from {', '.join(OBJECTIVES)}")
