@@ -14,6 +14,7 @@ import optuna
 import pytest
 
 from slimlm import search as search_module
+from slimlm.report import write_report
 from slimlm.search import SearchJob, search
 from slimlm.strategies import SUBNET_ATTR, completed, stage_of
 
@@ -103,3 +104,36 @@ def test_a_worker_killed_mid_trial_is_failed_by_heartbeat_and_the_search_finishe
     uninterrupted = make_job(tmp_path / "sqlite", evaluations=12)
     search(uninterrupted)
     assert candidates(job) == candidates(uninterrupted)
+
+
+A_WORKER = """
+import json, sys
+from slimlm.report import write_report
+from slimlm.search import SearchJob, search
+search(SearchJob.from_dict(json.loads(sys.argv[1])), role="worker")
+"""
+
+
+def test_two_worker_machines_and_a_finaliser_share_one_postgresql_study(make_job, postgres_url, tmp_path, monkeypatch):
+    job = make_job(tmp_path / "run", storage=postgres_url, study_name=tmp_path.name, evaluations=12)
+    worker = json.dumps(replace(job, out="").to_dict())  # a worker has no run folder
+    workers = [subprocess.Popen([sys.executable, "-c", A_WORKER, worker]) for _ in range(2)]  # racing to create it
+    try:
+
+        def evaluate(*_args, **_kwargs):
+            raise AssertionError("the finaliser evaluated a candidate")
+
+        monkeypatch.setattr(search_module, "FINALISER_POLL_SECONDS", 0.5)
+        monkeypatch.setattr(search_module.Searcher, "evaluate", evaluate)
+        searcher, study = search(job, role="finaliser")  # waits for the workers
+        monkeypatch.undo()
+        assert [w.wait(timeout=300) for w in workers] == [0, 0]
+    finally:
+        for w in workers:
+            w.kill()
+    seen = candidates(job)
+    assert sum(n for (stage, _), n in seen.items() if stage == 0) >= 12
+    assert max(seen.values()) == 1  # no candidate evaluated twice at one stage
+    assert optuna.trial.TrialState.RUNNING not in {t.state for t in study.get_trials()}
+    report = write_report(searcher, study)
+    assert report["best_trial"] is not None and (tmp_path / "run" / "best" / "config.json").is_file()

@@ -687,6 +687,37 @@ def test_workers_check(make_job, tmp_path):
         search(make_job(tmp_path / "run", workers=0))
 
 
+def test_a_worker_writes_only_the_store_and_a_finaliser_reports_without_evaluating(make_job, tmp_path, monkeypatch):
+    store = f"sqlite:///{tmp_path / 'shared.db'}"
+    worker = dataclasses.replace(make_job(tmp_path / "unused", storage=store, study_name="shared"), out="")
+    _, study = search(worker, role="worker")
+    assert not (tmp_path / "unused").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["cache", "shared.db"]
+    evaluated = [t.user_attrs[SUBNET_ATTR] for t in completed(study)]
+    assert sum(stage_of(t) == 0 for t in completed(study)) >= EVALUATIONS
+    _, again = search(worker, role="worker")  # a worker arriving late finds the search done: no new work
+    assert [t.user_attrs[SUBNET_ATTR] for t in completed(again)] == evaluated
+
+    def no_evaluation(*_args, **_kwargs):
+        raise AssertionError("the finaliser evaluated a candidate")
+
+    monkeypatch.setattr(Searcher, "evaluate", no_evaluation)
+    finaliser = dataclasses.replace(worker, out=str(tmp_path / "run"))
+    searcher, study = search(finaliser, role="finaliser")
+    monkeypatch.undo()  # the report evaluates its finalists on held-out windows, as any search's does
+    report = write_report(searcher, study)
+    assert report["best_trial"] in {t.number for t in completed(study)}
+    assert (tmp_path / "run" / "best" / "config.json").is_file()
+    alone = make_job(tmp_path / "alone")  # one process, its own store: the same candidates
+    _, single = search(alone)
+    assert [t.user_attrs[SUBNET_ATTR] for t in completed(single)] == evaluated
+
+
+def test_roles_need_a_shared_store(make_job, tmp_path):
+    for role, flag in (("worker", "--worker"), ("finaliser", "--finalise")):
+        with pytest.raises(SlimlmError, match=f"{flag} needs --storage URL"):
+            search(make_job(tmp_path / "run"), role=role)
+
+
 # --- the command line ---------------------------------------------------------------------------
 
 
@@ -695,6 +726,19 @@ def search_options(text: Path, run: Path) -> list:
         *("--out", run, "--calib", text, "--eval", text, "--seq-len", 16),
         *("--calib-windows", 8, "--fitness-windows", 2, "--eval-windows", 2, "--evaluations", 10),
     ]
+
+
+def test_cli_worker_needs_no_run_folder_and_roles_are_checked(folder, text, tmp_path):
+    store = f"sqlite:///{tmp_path / 'shared.db'}"
+    options = search_options(text, tmp_path / "run")[2:]  # no --out
+    result = invoke("search", folder, "--params", FRACTION, "--storage", store, "--worker", *options)
+    assert result.exit_code == 0, result.output
+    assert "worker done" in result.stdout and not (tmp_path / "run").exists()
+    line = one_error(invoke("search", folder, "--params", FRACTION, "--worker", *options))
+    assert "--worker needs --storage URL" in line
+    line = one_error(invoke("search", folder, "--params", FRACTION, "--storage", store, "--worker", "--finalise"))
+    assert "give one of them" in line
+    assert "give --out RUN" in one_error(invoke("search", folder, "--params", FRACTION, "--storage", store))
 
 
 def test_cli_search_prints_the_front_and_writes_the_run(folder, text, tmp_path):

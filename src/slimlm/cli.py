@@ -664,7 +664,7 @@ def _job(model: str | None, out_dir: Path | None, options: dict, typed: set | No
     fields = {JOB_FIELDS.get(n, n) for n in given - set(SPACE_OPTIONS)}
     job = replace(job, space=replace(job.space, **space), **{f: getattr(parsed, f) for f in fields})
     job = replace(job, model=model or job.model, out=str(out_dir) if out_dir else job.out)
-    if not job.model or not job.out:
+    if not job.model:
         raise SlimlmError("give a MODEL and --out RUN, or a job file with --config RUN/job.toml")
     budgets = (job.params_fraction, job.non_embedding_fraction, job.max_params, job.max_memory_bytes)
     if budgets == (None, None, None, None):
@@ -682,6 +682,31 @@ SPACE_OPTIONS = {
     "frozen": "frozen_layers",
 }
 JOB_FIELDS = {"max_memory": "max_memory_bytes"}  # options named otherwise than the job's field
+
+
+def _run_folder(job: SearchJob) -> Path:
+    """The run folder every role but a worker writes."""
+    if not job.out:
+        raise SlimlmError("give --out RUN (only a --worker writes no run folder)")
+    return Path(job.out)
+
+
+Worker = Annotated[
+    bool,
+    typer.Option(
+        "--worker",
+        help="only evaluate candidates of the --storage study (any number of machines); no run folder",
+        rich_help_panel="Store and workers",
+    ),
+]
+Finalise = Annotated[
+    bool,
+    typer.Option(
+        "--finalise",
+        help="evaluate nothing: wait for the --storage study's workers, then write the run folder",
+        rich_help_panel="Store and workers",
+    ),
+]
 
 
 def _options_job(options: dict) -> SearchJob:
@@ -823,10 +848,19 @@ EXAMPLES = {
 @app.command("search", epilog=EXAMPLES["search"])
 @friendly
 @_with_search_options
-def search_command(job: SearchJob, as_json: JsonOpt = False) -> None:
+def search_command(
+    job: SearchJob, worker: Worker = False, finalise: Finalise = False, as_json: JsonOpt = False
+) -> None:
     """Search for Pareto-optimal sub-networks within a budget; write the run folder."""
-    out_dir = Path(job.out)
-    searcher, study = run_search(job)
+    if worker and finalise:
+        raise SlimlmError("--worker evaluates and --finalise reports: give one of them (or neither, for both)")
+    if worker:
+        _, study = run_search(job, role="worker")
+        done = sum(1 for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE")
+        out.print(f"worker done: the study {job.study_name!r} holds {done} evaluated candidates; the finaliser reports")
+        return
+    out_dir = _run_folder(job)
+    searcher, study = run_search(job, role="finaliser" if finalise else "all")
     report = write_report(searcher, study)
     if as_json:
         out.print_json(json.dumps(report))
@@ -879,13 +913,16 @@ def compress(
         typer.Option(help=f"also write RUN/best quantized: {', '.join(ALL_QUANT_TYPES)} (int8: transformers)"),
     ] = None,
     tokenizer_pre: TokenizerPre = None,
+    finalise: Finalise = False,
     heal_steps: Annotated[
         int, typer.Option(help="then distil RUN/best from the dense model for N steps into RUN/healed (0: no)")
     ] = 0,
     as_json: JsonOpt = False,
 ) -> None:
     """Search, save the best model within the budget in RUN/best, and compare it with the dense model."""
-    report = compress_model(job, quant=quant, tokenizer_pre=tokenizer_pre, heal_steps=heal_steps)
+    _run_folder(job)
+    role = "finaliser" if finalise else "all"
+    report = compress_model(job, quant=quant, tokenizer_pre=tokenizer_pre, heal_steps=heal_steps, role=role)
     if as_json:
         out.print_json(json.dumps(report))
         return

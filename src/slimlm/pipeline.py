@@ -55,13 +55,19 @@ def describe(loaded: LoadedModel, windows, latency, name: str, context: int, des
 
 
 def compress(
-    job: SearchJob, repeats: int = 3, quant: str | None = None, tokenizer_pre: str | None = None, heal_steps: int = 0
+    job: SearchJob,
+    repeats: int = 3,
+    quant: str | None = None,
+    tokenizer_pre: str | None = None,
+    heal_steps: int = 0,
+    role: str = "all",
 ) -> dict:
     """Search ``job``, write its run folder (store, ``pareto.json``, ``pareto.png``, ``best/``), then
     reload ``best/`` from disk as a user would and measure it against the dense model side by side.
     With ``quant``, also write ``best/`` in that type (``best.q8_0.gguf``, ``best-int8/``) and measure
     its size and perplexity. With ``heal_steps``, also distil ``best/`` from the dense model for that
     many steps on the calibration text into ``healed/`` (``slimlm.heal``) and measure it the same way.
+    ``role`` ``finaliser`` evaluates nothing itself: the workers of ``job.storage`` do (``search``).
 
     Returns the comparison, also saved as ``RUN/slimlm_report.json``.
     """
@@ -75,7 +81,7 @@ def compress(
     if heal_steps:
         check_heal(heal_job)
     tasks = cloze_tasks(loaded.tokenizer, job.evaluation)  # from the evaluation text, before the long part
-    searcher, study = search(job, loaded)
+    searcher, study = search(job, loaded, role)  # "finaliser": the workers of job.storage evaluate
     pareto = write_report(searcher, study)
     if pareto["best_trial"] is None:
         raise SlimlmError("the search found no candidate within the budget; allow more evaluations or a larger budget")

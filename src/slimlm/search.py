@@ -16,6 +16,7 @@ import math
 import multiprocessing
 import os
 import re
+import tempfile
 import threading
 import time
 import warnings
@@ -72,6 +73,8 @@ HEARTBEAT_SECONDS = 10  # an evaluating trial's heartbeat in the store
 GRACE_SECONDS = 60  # a RUNNING trial silent this long belongs to a killed process: failed, its candidate free again
 STORE_FILE = "search.db"
 LOCK_FILE = ".slimlm.lock"
+ROLES = ("all", "worker", "finaliser")  # a search process evaluates and reports, only evaluates, or only reports
+FINALISER_POLL_SECONDS = 5
 
 
 def parse_size(text: str) -> float:
@@ -256,12 +259,14 @@ class Searcher:
             start = time.perf_counter()
             with torch.no_grad():
                 model(input_ids=probe.prompt, use_cache=False)
+            if model.device.type == "cuda":
+                torch.cuda.synchronize(model.device)  # kernels run asynchronously: time them, not their launch
             times.append(1000 * (time.perf_counter() - start))
         return sorted(times)[1]
 
     def _llamacpp_ms_per_token(self) -> float:
         # the model as applied now, as a scratch f16 GGUF (one per worker process)
-        path = Path(self.job.out) / f"latency-{os.getpid()}.gguf"
+        path = Path(self.job.out or tempfile.gettempdir()) / f"latency-{os.getpid()}.gguf"  # a worker has no run folder
         try:
             export_gguf(self.loaded, path, "f16", scratch_tokenizer_pre(self.loaded))
             speed = llamacpp.compare_speed([path], prompt_tokens=self.job.seq_len, new_tokens=16, repeats=3)[0]
@@ -625,10 +630,55 @@ def hold_run_folder(out: str | Path) -> None:
     _HELD[folder] = handle
 
 
-def search(job: SearchJob, loaded: LoadedModel | None = None) -> tuple[Searcher, optuna.Study]:
-    """Run (or resume) a search to ``job.evaluations`` evaluated candidates; show progress."""
+def _work(job: SearchJob, loaded: LoadedModel | None) -> tuple[Searcher, optuna.Study]:
+    """A worker: evaluate candidates of the shared study until the search is done."""
+    if _study_exists(job):  # other settings than the study's: refused now, not after calibration
+        open_study(job, create=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    searcher = prepare(job, loaded)
+    study = open_study(job, create=True, fingerprint=searcher.fingerprint)
+    if not study.get_trials(deepcopy=False):  # the first to arrive seeds it; a raced seed is pruned as seen
+        make_strategy(job.strategy).begin(study, searcher.context)
+    with progress_bar() as bar:
+        first = lambda: sum(stage_of(t) == 0 for t in completed(study))  # noqa: E731
+        task = bar.add_task("searching (worker)", total=job.evaluations, completed=first())
+        run_worker(searcher, study, lambda _result: bar.update(task, completed=first()))
+        bar.update(task, completed=first())
+    return searcher, study
+
+
+def _await_workers(searcher: Searcher, study: optuna.Study, show) -> None:
+    """Wait until the workers have finished the search: done by the strategy's rule, nothing running
+    (a killed worker's trial is failed by its stale heartbeat, and its candidate left to the others)."""
+    strategy, job = make_strategy(searcher.job.strategy), searcher.job
+    running = (optuna.trial.TrialState.RUNNING,)
+    while True:
+        _fail_stale_trials(study)
+        if strategy.finished(study, searcher.context, job.evaluations) and not study.get_trials(False, states=running):
+            return
+        show()
+        time.sleep(FINALISER_POLL_SECONDS)
+
+
+def search(job: SearchJob, loaded: LoadedModel | None = None, role: str = "all") -> tuple[Searcher, optuna.Study]:
+    """Run (or resume) a search to ``job.evaluations`` evaluated candidates; show progress.
+
+    ``role`` (``ROLES``), for a search over many machines on one ``job.storage``: ``all`` evaluates
+    and returns for the report (the first process, or the only one); ``worker`` joins the study (or
+    creates it), evaluates until the search is done, and writes nothing but the store (no run folder:
+    ``job.out`` is unused); ``finaliser`` evaluates nothing and returns once the workers are done.
+    """
     if job.evaluations < 1 or job.workers < 1:
         raise SlimlmError("--evaluations and --workers must be at least 1")
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    if role != "all" and not job.storage:
+        flag = "--worker" if role == "worker" else "--finalise"
+        raise SlimlmError(f"{flag} needs --storage URL: the store that the machines of one search share")
+    if role == "worker":
+        return _work(replace(job, resume=True), loaded)  # joining the study is a worker's job, not a clash
+    if role == "finaliser":
+        job = replace(job, resume=True)  # the workers' study: continued, not a clash
     store = None if job.storage else job.private_store()
     check_run_folder(job.out, store, job.resume, job.overwrite, loaded.folder if loaded else job.model)
     if store is not None and store.is_file():
@@ -666,7 +716,10 @@ def search(job: SearchJob, loaded: LoadedModel | None = None) -> tuple[Searcher,
                 best = f", best {job.fitness} {min(top):.4g}" if top else ""
                 bar.update(task, completed=first(), description=f"searching ({stage}{best})")
 
-            run_worker(searcher, study, show)
+            if role == "finaliser":
+                _await_workers(searcher, study, lambda: bar.update(task, completed=first()))
+            else:
+                run_worker(searcher, study, show)
             for process in helpers:
                 process.join()
             bar.update(task, completed=first())
