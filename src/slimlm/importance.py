@@ -307,10 +307,11 @@ def taylor_importance(loaded: LoadedModel, windows: torch.Tensor, layers: torch.
                 window = window.to(model.device)
                 (model(input_ids=window, labels=window, use_cache=False).loss / len(windows)).backward()
         sums: list[dict[str, torch.Tensor]] = []
-        for layer in coupled:
+        for layer, shape in zip(coupled, dims.layers, strict=True):
             per_unit: dict[str, torch.Tensor] = {}
             for c in layer:
                 score = (c.linear.weight * c.linear.weight.grad).abs().double().sum(dim=1 - c.axis)
+                score = score.narrow(0, c.offset, getattr(shape, c.unit) * c.width)  # its block of a fused weight
                 score = score.view(-1, c.width).sum(dim=1)
                 per_unit[c.unit] = per_unit.get(c.unit, 0) + score
             sums.append(per_unit)

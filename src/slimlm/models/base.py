@@ -96,13 +96,17 @@ class LinearSlice:
 class CoupledWeight:
     """A linear whose rows (``axis`` 0) or columns (1) come in groups of ``width``, one per ``unit``.
 
-    ``unit`` is "heads", "kv_heads" or "neurons": removing unit k removes features [k*width, (k+1)*width).
+    ``unit`` is "heads", "kv_heads" or "neurons": removing unit k removes features
+    ``offset + [k*width, (k+1)*width)``. ``offset`` is the first feature of the block of groups inside
+    a fused weight (Phi-3's ``qkv_proj`` holds query rows, then key rows from ``offset`` = heads * head
+    size, then value rows); a linear may then appear in several coupled weights, one per block.
     """
 
     linear: nn.Linear
     axis: int
     unit: str
     width: int
+    offset: int = 0
 
 
 class Adapter:
@@ -130,14 +134,21 @@ class Adapter:
     def layer_slices(
         self, layer: nn.Module, heads: torch.Tensor, kv_heads: torch.Tensor, neurons: torch.Tensor
     ) -> list[LinearSlice]:
-        """Which rows/columns of which linears to keep for the given kept unit indices."""
+        """Which rows/columns of which linears to keep for the given kept unit indices.
+
+        One slice per linear: the blocks of a fused weight (query, key and value rows of one ``qkv_proj``)
+        are one selection, their kept features in the order the coupled weights list them.
+        """
         kept = {"heads": heads, "kv_heads": kv_heads, "neurons": neurons}
-        slices = []
+        features: dict[int, tuple[nn.Linear, list[list[torch.Tensor]]]] = {}  # id(linear) -> (linear, [rows, cols])
         for c in self.coupled_weights(layer):
             device = c.linear.weight.device  # index_select wants its indices where the weight is
-            features = (kept[c.unit][:, None] * c.width + torch.arange(c.width)).reshape(-1).to(device)
-            slices.append(LinearSlice(c.linear, rows=features) if c.axis == 0 else LinearSlice(c.linear, cols=features))
-        return slices
+            block = c.offset + (kept[c.unit][:, None] * c.width + torch.arange(c.width)).reshape(-1)
+            features.setdefault(id(c.linear), (c.linear, [[], []]))[1][c.axis].append(block.to(device))
+        return [
+            LinearSlice(linear, *(torch.cat(pieces) if pieces else None for pieces in axes))
+            for linear, axes in features.values()
+        ]
 
     def output_projections(self, layer: nn.Module) -> tuple[nn.Linear | None, nn.Linear | None]:
         """The linears whose input columns are the attention heads' and the MLP neurons' outputs

@@ -72,6 +72,9 @@ class LlamaFamilyAdapter(Adapter):
 
     #: sub-block -> the decoder-layer attributes it owns (its norms, then its module)
     sub_blocks = remote.LLAMA_SUB_BLOCKS
+    #: the linears holding a layer's query rows, key/value rows and MLP input rows (one linear may hold
+    #: several, fused); an attention or MLP sub-block that has no such linear was removed
+    query_linear, key_linear, mlp_input_linear = "q_proj", "k_proj", "gate_proj"
 
     def __init__(self, family: str, classes: Family | None = None) -> None:
         self.family = family
@@ -89,9 +92,11 @@ class LlamaFamilyAdapter(Adapter):
         head_dim = head_dim_of(config)
         layers = self.decoder_layers(model)
         # bias conventions and norms from the first layer that still has each sub-block
-        attn_layer = next(layer for layer in layers if hasattr(layer.self_attn, "q_proj"))
-        mlp_layer = next(layer for layer in layers if hasattr(layer.mlp, "gate_proj"))
+        attn_layer = next(layer for layer in layers if hasattr(layer.self_attn, self.query_linear))
+        mlp_layer = next(layer for layer in layers if hasattr(layer.mlp, self.mlp_input_linear))
         attn, mlp = attn_layer.self_attn, mlp_layer.mlp
+        query, key = getattr(attn, self.query_linear), getattr(attn, self.key_linear)
+        mlp_input = getattr(mlp, self.mlp_input_linear)
         hidden, vocab = config.hidden_size, config.vocab_size
         tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
         embedding = vocab * hidden * (1 if tied else 2)
@@ -103,9 +108,9 @@ class LlamaFamilyAdapter(Adapter):
             max_positions=config.max_position_embeddings,
             tied_embeddings=tied,
             layers=tuple(self._layer_shape(layer, head_dim) for layer in layers),
-            params_per_head=2 * hidden * head_dim + head_dim * _has_bias(attn.q_proj),
-            params_per_kv_head=2 * hidden * head_dim + 2 * head_dim * _has_bias(attn.k_proj),
-            params_per_neuron=3 * hidden + 2 * _has_bias(mlp.gate_proj),
+            params_per_head=2 * hidden * head_dim + head_dim * _has_bias(query),
+            params_per_kv_head=2 * hidden * head_dim + 2 * head_dim * _has_bias(key),
+            params_per_neuron=3 * hidden + 2 * _has_bias(mlp_input),
             params_per_attention=self._norm_params(attn_layer, "attention")
             + hidden * _has_bias(attn.o_proj)
             + _head_norm_params(attn),
@@ -122,8 +127,7 @@ class LlamaFamilyAdapter(Adapter):
         norms = self.sub_blocks[name][:-1]
         return sum(p.numel() for norm in norms for p in getattr(layer, norm).parameters())
 
-    @staticmethod
-    def _layer_shape(layer: nn.Module, head_dim: int) -> LayerShape:
+    def _layer_shape(self, layer: nn.Module, head_dim: int) -> LayerShape:
         attn, mlp = layer.self_attn, layer.mlp
         attention = hasattr(attn, "q_proj")  # else a removed sub-block (``remote.NoAttention``)
         return LayerShape(
@@ -199,9 +203,7 @@ class LlamaFamilyAdapter(Adapter):
         if values.get("layer_types") is not None:
             values["layer_types"] = [values["layer_types"][i] for i in kept_layers]
         first = shapes[0]
-        # Stock configs require hidden_size % num_attention_heads == 0 even with an explicit head_dim.
-        uniform = all(s == first for s in shapes) and first.heads > 0 and config.hidden_size % first.heads == 0
-        if uniform and not output_bias:
+        if self._stock_expresses(config, shapes) and not output_bias:
             values.update(zip(SHAPE_KEYS, (first.heads, first.kv_heads, first.neurons), strict=True))
             values["architectures"] = [self.classes.stock_model]
             return stock.from_dict(values)
@@ -213,3 +215,9 @@ class LlamaFamilyAdapter(Adapter):
             "AutoModelForCausalLM": f"modeling_slimlm.{slim_model}",
         }
         return slim.from_dict(values)
+
+    def _stock_expresses(self, config: PretrainedConfig, shapes: list[LayerShape]) -> bool:
+        """Whether the stock config (one shape for every layer) holds a model of these layer shapes."""
+        first = shapes[0]
+        # Stock configs require hidden_size % num_attention_heads == 0 even with an explicit head_dim.
+        return all(s == first for s in shapes) and first.heads > 0 and config.hidden_size % first.heads == 0
