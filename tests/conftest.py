@@ -11,7 +11,9 @@ from transformers import (
     AutoModelForCausalLM,
     Gemma3TextConfig,
     LlamaConfig,
+    LlamaForCausalLM,
     MistralConfig,
+    Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
@@ -22,7 +24,8 @@ from slimlm.cli import app
 from slimlm.models import LoadedModel, adapter_for
 
 VOCAB = 96
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]  # every supported family; each test runs on all
+# every supported family; each test runs on all
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3"]
 WORDS = [f"w{i}" for i in range(VOCAB - 1)]
 TEXT = " ".join(WORDS[(i * 7) % len(WORDS)] for i in range(4000))
 
@@ -89,6 +92,7 @@ def tiny_config(family: str = "llama", **overrides):
         "qwen2": Qwen2Config,
         "qwen3": Qwen3Config,
         "gemma3_text": Gemma3TextConfig,
+        "phi3": Phi3Config,  # fused qkv_proj and gate_up_proj
     }[family]
     if family == "qwen2":
         values.pop("head_dim")  # Qwen2 derives it: 48 / 6 = 8
@@ -105,6 +109,27 @@ def tiny_loaded(family: str = "llama", seed: int = 0, **overrides) -> LoadedMode
             if name.endswith("bias"):
                 param.normal_(0, 0.5)
     return LoadedModel(model, tiny_tokenizer(), adapter_for(config), f"tiny-{family}", Path("."), 0.0)
+
+
+def unfused_llama(phi3: LoadedModel) -> LoadedModel:
+    """The same model with separate q/k/v and gate/up projections: a Llama holding Phi-3's weights."""
+    config = phi3.model.config
+    llama = LlamaForCausalLM(
+        LlamaConfig(**{k: v for k, v in config.to_dict().items() if k not in ("architectures", "model_type")})
+    ).eval()
+    state = {k: v for k, v in phi3.model.state_dict().items() if "qkv_proj" not in k and "gate_up_proj" not in k}
+    heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    for i in range(config.num_hidden_layers):
+        prefix = f"model.layers.{i}."
+        qkv = phi3.model.state_dict()[prefix + "self_attn.qkv_proj.weight"]
+        q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim])
+        gate, up = phi3.model.state_dict()[prefix + "mlp.gate_up_proj.weight"].chunk(2)
+        for name, weight in (("self_attn.q_proj", q), ("self_attn.k_proj", k), ("self_attn.v_proj", v)):
+            state[f"{prefix}{name}.weight"] = weight
+        state[prefix + "mlp.gate_proj.weight"], state[prefix + "mlp.up_proj.weight"] = gate, up
+    result = llama.load_state_dict(state, strict=False)
+    assert not result.unexpected_keys and set(result.missing_keys) <= {"lm_head.weight"}  # tied to the embedding
+    return LoadedModel(llama, tiny_tokenizer(), adapter_for(llama.config), "tiny-unfused", Path("."), 0.0)
 
 
 def fast_search_settings(text: Path) -> dict:

@@ -9,7 +9,7 @@ from slimlm.apply import subnetwork_applied, subnetwork_masked
 from slimlm.errors import SlimlmError
 from slimlm.subnet import LayerKeep, SubNetwork
 
-from .conftest import FAMILIES, tiny_loaded
+from .conftest import FAMILIES, tiny_loaded, unfused_llama
 
 INPUT = torch.arange(2 * 12).view(2, 12) % 90 + 3
 
@@ -174,3 +174,46 @@ def test_masked_generation_matches_the_applied_model():
     with torch.no_grad(), subnetwork_masked(loaded, heterogeneous()) as model:
         got = model.generate(prompt, max_new_tokens=6, do_sample=False)
     assert torch.equal(got, expected)
+
+
+# --- fused projections (Phi-3) -------------------------------------------------------------------------
+
+
+def test_phi3_fused_weights_keep_exactly_the_rows_of_the_kept_units():
+    """``qkv_proj`` keeps the kept heads' query rows, then their groups' key rows, then value rows, and
+    ``gate_up_proj`` the kept neurons' gate rows, then their up rows; the pruned model computes what the
+    same weights unfused (a Llama, whose separate projections are sliced on their own) compute."""
+    loaded = tiny_loaded("phi3")
+    config, subnet = loaded.model.config, heterogeneous()
+    head_dim, heads, kv_heads = config.head_dim, config.num_attention_heads, config.num_key_value_heads
+    full = {i: layer.self_attn.qkv_proj.weight.detach().clone() for i, layer in enumerate(loaded.model.model.layers)}
+    gate_up = {i: layer.mlp.gate_up_proj.weight.detach().clone() for i, layer in enumerate(loaded.model.model.layers)}
+    unfused = unfused_llama(loaded)
+    with torch.no_grad():
+        torch.testing.assert_close(unfused.model(INPUT).logits, loaded.model(INPUT).logits)
+
+    def rows(units, start, count) -> list[int]:  # the rows of ``units`` in a block of ``count`` heads at ``start``
+        assert all(u < count for u in units)
+        return [start + u * head_dim + d for u in units for d in range(head_dim)]
+
+    with torch.no_grad(), subnetwork_applied(loaded, subnet) as model:
+        for position, (index, keep) in enumerate(sorted(subnet.layers.items())):
+            layer = model.model.layers[position]
+            q = rows(keep.heads, 0, heads)
+            k = rows(keep.kv_heads, heads * head_dim, kv_heads)
+            v = rows(keep.kv_heads, (heads + kv_heads) * head_dim, kv_heads)
+            assert torch.equal(layer.self_attn.qkv_proj.weight, full[index][q + k + v])
+            neurons = list(keep.neurons)
+            expected = gate_up[index][neurons + [config.intermediate_size + j for j in neurons]]
+            assert torch.equal(layer.mlp.gate_up_proj.weight, expected)
+            view = layer.self_attn.config  # Phi3Attention splits qkv by its config's head count
+            assert (view.num_attention_heads, view.num_key_value_heads) == (len(keep.heads), len(keep.kv_heads))
+            assert view.intermediate_size == len(keep.neurons) and layer.mlp.config is view
+            assert layer.self_attn.num_key_value_heads == len(keep.kv_heads)
+        got = model(input_ids=INPUT, use_cache=False).logits
+    with torch.no_grad(), subnetwork_applied(unfused, subnet) as model:
+        expected = model(input_ids=INPUT, use_cache=False).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert config.num_attention_heads == heads  # the model's own config was never touched
+    for layer in loaded.model.model.layers:
+        assert layer.config is config and layer.self_attn.config is config and layer.mlp.config is config

@@ -205,7 +205,7 @@ def test_unsupported_architecture_names_it_and_the_supported_ones(tmp_path):
         load_model(folder)
     message = str(caught.value)
     assert "GPT2LMHeadModel" in message
-    assert "llama, mistral, qwen2" in message
+    assert "llama, mistral, phi3, qwen2" in message
     assert "slimlm_" not in message  # internal model types are not advertised
 
 
@@ -557,14 +557,14 @@ def test_remote_code_in_a_users_folder_never_runs(tmp_path, monkeypatch):
 
 
 def test_a_gguf_of_another_family_is_refused_from_its_header_before_any_dequantization(tmp_path, fake_gguf):
-    path = tmp_path / "phi.gguf"
-    writer = gguf_package.GGUFWriter(str(path), "phi3")
+    path = tmp_path / "phi2.gguf"
+    writer = gguf_package.GGUFWriter(str(path), "phi2")
     writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(SlimlmError, match=r"unsupported architecture 'phi3' .*GGUF architecture phi3"):
+    with pytest.raises(SlimlmError, match=r"unsupported architecture 'phi2' .*GGUF architecture phi2"):
         load_model(path)
     assert fake_gguf.calls == [] and not (cache_root() / "models").exists()
 

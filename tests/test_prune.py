@@ -14,7 +14,7 @@ from slimlm.importance import calibrate, importance, taylor_importance
 from slimlm.prune import METHODS, PruneInput, params_budget, prune
 from slimlm.space import uniform_subnetwork
 
-from .conftest import TEXT, invoke, one_error, save_tiny, tiny_loaded
+from .conftest import TEXT, invoke, one_error, save_tiny, tiny_loaded, unfused_llama
 
 
 def windows(loaded, count: int = 8, length: int = 16) -> torch.Tensor:
@@ -154,6 +154,16 @@ def test_taylor_importance_is_weight_times_gradient_over_coupled_weights():
     assert scores.kv_heads[1][0] > scores.heads[1][: loaded.dims.layers[1].group_size].sum()  # + its k, v rows
     assert all(p.grad is None for p in model.parameters())  # left as found
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_taylor_importance_of_fused_weights_scores_each_block_as_its_unfused_weight():
+    """Phi-3's qkv_proj and gate_up_proj: each unit scores its rows of every block, as the same weights unfused."""
+    loaded = tiny_loaded("phi3")
+    ids = windows(loaded, count=2)
+    fused, unfused = taylor_importance(loaded, ids), taylor_importance(unfused_llama(loaded), ids)
+    for name in ("heads", "kv_heads", "neurons"):
+        for got, want in zip(getattr(fused, name), getattr(unfused, name), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-8)
 
 
 def test_llm_pruner_keeps_the_first_and_last_layers_whole():

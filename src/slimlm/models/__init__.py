@@ -8,11 +8,13 @@ from slimlm.errors import SlimlmError
 from slimlm.models.base import Adapter, CoupledWeight, LayerShape, LinearSlice, ModelDims
 from slimlm.models.gemma3 import Gemma3Adapter
 from slimlm.models.llama import FAMILIES, LlamaFamilyAdapter
+from slimlm.models.phi3 import Phi3Adapter
 from slimlm.models.remote import modeling_slimlm as remote
 
 # model_type -> adapter. A new family is one adapter module and one entry here.
 ADAPTERS: dict[str, Adapter] = {
-    adapter.family: adapter for adapter in [*(LlamaFamilyAdapter(family) for family in FAMILIES), Gemma3Adapter()]
+    adapter.family: adapter
+    for adapter in [*(LlamaFamilyAdapter(family) for family in FAMILIES), Gemma3Adapter(), Phi3Adapter()]
 }
 
 # slimlm's own heterogeneous models load in slimlm without trust_remote_code.

@@ -10,7 +10,8 @@ per decoder layer, and ``slimlm_output_bias`` (biases on the attention and MLP o
 Each layer is built by the stock layer class from its own config view. A layer with 0 attention
 heads has no attention sub-block, one with intermediate size 0 no MLP: the branch adds nothing
 to the residual stream and has no weights, its norms included (the one before the branch, and in
-Gemma-3 the one after it too).
+Gemma-3 the one after it too). Phi-3's attention reads its head count from its config: each layer's
+own view gives it that layer's.
 """
 
 import copy
@@ -24,6 +25,8 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -32,6 +35,7 @@ from transformers import (
 from transformers.models.gemma3.modeling_gemma3 import Gemma3DecoderLayer
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
+from transformers.models.phi3.modeling_phi3 import Phi3DecoderLayer
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
 
@@ -179,4 +183,17 @@ class SlimGemma3ForCausalLM(Gemma3ForCausalLM):
     def __init__(self, config):
         super().__init__(config)
         rebuild_layers(self, Gemma3DecoderLayer, GEMMA3_SUB_BLOCKS)
+        self.post_init()
+
+
+class SlimPhi3Config(PerLayerShapes, Phi3Config):
+    model_type = "slimlm_phi3"
+
+
+class SlimPhi3ForCausalLM(Phi3ForCausalLM):
+    config_class = SlimPhi3Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        rebuild_layers(self, Phi3DecoderLayer)
         self.post_init()
