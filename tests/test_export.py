@@ -187,6 +187,64 @@ def test_gemma3_models_llama_cpp_would_compute_otherwise_are_refused_in_one_line
     assert not list(tmp_path.glob("m.*"))
 
 
+def fewer_neurons_and_layers(dims):
+    """Layers 0, 2 and 3 with every attention head and 24 of 40 MLP neurons: what llama.cpp's phi3 graph runs."""
+    full = SubNetwork.full(dims).layers
+    return SubNetwork({i: full[i].__class__(full[i].heads, full[i].kv_heads, tuple(range(24))) for i in (0, 2, 3)})
+
+
+def test_phi3_writes_fused_tensors_and_pads_each_half_of_gate_up(tmp_path):
+    # head size 16: the 6 query heads fill the hidden size (96: whole q8_0 blocks), as llama.cpp's phi3 graph needs
+    loaded = bpe_model(tmp_path, "phi3", subnet=fewer_neurons_and_layers, hidden_size=96, head_dim=16)
+    exact = _write_gguf(loaded, tmp_path / "padded.gguf", "f32", "default", block=32)  # 24 neurons padded to 32
+    assert exact.padded_neurons == 3 * 8
+    reader = gguf.GGUFReader(exact.path)
+    field = lambda key: reader.fields[key].contents()  # noqa: E731
+    assert field("general.architecture") == "phi3"
+    assert (field("phi3.feed_forward_length"), field("phi3.attention.head_count_kv")) == (32, 2)
+    assert (field("phi3.rope.dimension_count"), field("phi3.attention.sliding_window")) == (16, 0)
+    tensors = {t.name: t for t in reader.tensors}
+    assert tuple(int(d) for d in tensors["blk.0.attn_qkv.weight"].shape) == (96, 96 + 2 * 2 * 16)
+    gate_up = np.asarray(tensors["blk.0.ffn_up.weight"].data)
+    weight = loaded.model.model.layers[0].mlp.gate_up_proj.weight.detach().numpy()
+    assert gate_up.shape == (64, 96)  # gate rows 0-23, 8 zero rows, up rows 32-55, 8 zero rows
+    assert np.array_equal(gate_up[:24], weight[:24]) and np.array_equal(gate_up[32:56], weight[24:])
+    assert not gate_up[24:32].any() and not gate_up[56:].any()
+    ids = torch.randint(0, BPE_VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = loaded.model(ids).logits
+    assert torch.allclose(gguf_logits(exact.path, ids), expected, atol=1e-4)  # the zero neurons change nothing
+    quantized = export_gguf(loaded, tmp_path / "m.gguf", "q8_0", tokenizer_pre="default")
+    assert not quantized.kept_f16
+    assert (gguf_logits(quantized.path, ids) - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_phi3_partial_rotary_writes_the_rotated_dimensions(tmp_path):
+    loaded = bpe_model(tmp_path, "phi3", partial_rotary_factor=0.5)
+    reader = gguf.GGUFReader(export_gguf(loaded, tmp_path / "m.gguf", "f32", tokenizer_pre="default").path)
+    assert reader.fields["phi3.rope.dimension_count"].contents() == 4  # half of each head of 8
+
+
+PHI3_REFUSED = {  # what llama.cpp's phi3 graph cannot run -> what the error names
+    "layers that differ": (ragged, "--uniform"),
+    "pruned query heads": (
+        lambda dims: SubNetwork(
+            {i: SubNetwork.full(dims).layers[0].__class__((0, 1, 2), (0,), range(40)) for i in range(4)}
+        ),
+        "keeps every attention head",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", PHI3_REFUSED)
+def test_phi3_models_llama_cpp_cannot_run_are_refused_in_one_line(tmp_path, case):
+    subnet, nearest = PHI3_REFUSED[case]
+    folder = bpe_model(tmp_path, "phi3", subnet=subnet).folder
+    error = one_error(invoke("export", folder, "--gguf", tmp_path / "m.gguf", "--tokenizer-pre", "default"))
+    assert "llama.cpp" in error and "phi3" in error and nearest in error
+    assert not list(tmp_path.glob("m.*"))
+
+
 def test_gemma3_without_its_trailing_layers_keeps_llama_cpps_layer_types(tmp_path):
     loaded = bpe_model(tmp_path, "gemma3_text", subnet=keep_layers(0, 1, 2, 3), **READS_BACK["gemma3_text"])
     path = export_gguf(loaded, tmp_path / "m.gguf", "f32", tokenizer_pre="default").path

@@ -51,6 +51,7 @@ ARCHITECTURES = {
     "qwen2": (gguf.MODEL_ARCH.QWEN2, False),
     "qwen3": (gguf.MODEL_ARCH.QWEN3, False),
     "gemma3_text": (gguf.MODEL_ARCH.GEMMA3, False),
+    "phi3": (gguf.MODEL_ARCH.PHI3, False),  # fused attn_qkv and ffn_up, as llama.cpp's converter writes them
 }
 # llama.cpp's llama graph sizes every layer from the first one; its ``deci`` graph (Llama with
 # per-layer head, key/value head and MLP counts, made for Nemotron-51B) reads each layer's own
@@ -168,7 +169,7 @@ def _write_hyperparameters(writer: gguf.GGUFWriter, loaded: LoadedModel, file_ty
     writer.add_head_count_kv(_one_or_each(kv_heads))
     writer.add_key_length(dims.head_dim)
     writer.add_value_length(dims.head_dim)
-    writer.add_rope_dimension_count(dims.head_dim)
+    writer.add_rope_dimension_count(int(dims.head_dim * rope.get("partial_rotary_factor", 1.0)))
     writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or rope["rope_theta"]))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(dims.vocab_size)
@@ -210,12 +211,19 @@ def _write_tensors(writer, loaded: LoadedModel, arch, rotary_order: bool, qtype,
 
 
 def _padded_mlp(hf_name: str, data: np.ndarray, widths: list[int]) -> np.ndarray:
-    """Gate and up projections get zero rows, the down projection zero columns, up to the layer's width."""
-    match = re.search(r"layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.", hf_name)
+    """Gate and up projections get zero rows, the down projection zero columns, up to the layer's width
+    (Phi-3's fused gate-and-up projection: each half)."""
+    match = re.search(r"layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj|gate_up_proj)\.", hf_name)
     if match is None:
         return data
-    axis = 1 if match.group(2) == "down_proj" else 0
-    missing = widths[int(match.group(1))] - data.shape[axis]
+    width, kind = widths[int(match.group(1))], match.group(2)
+    if kind == "gate_up_proj":
+        return np.concatenate([_zero_padded(half, 0, width) for half in np.split(data, 2)])
+    return _zero_padded(data, 1 if kind == "down_proj" else 0, width)
+
+
+def _zero_padded(data: np.ndarray, axis: int, width: int) -> np.ndarray:
+    missing = width - data.shape[axis]
     if missing == 0:
         return data
     pad = [(0, 0)] * data.ndim

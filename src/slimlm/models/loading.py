@@ -223,6 +223,7 @@ GGUF_FAMILIES = {
     "qwen2": "qwen2",
     "qwen3": "qwen3",
     "gemma3": "gemma3_text",
+    "phi3": "phi3",
 }  # llama.cpp architecture -> model_type
 
 
