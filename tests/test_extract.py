@@ -195,3 +195,20 @@ def test_extract_never_writes_into_the_input_model_or_the_cache(tmp_path):
         with pytest.raises(SlimlmError, match=r"input model's folder|inside slimlm's cache"):
             extract(loaded, CASES["uniform"], out)
     assert (folder / "model.safetensors").read_bytes() == weights
+
+
+def test_a_phi3_with_longrope_factors_and_fewer_heads_is_written_as_slimlms_own(tmp_path):
+    """Phi3Config checks longrope factors against hidden_size // num_attention_heads, which pruned heads change
+    (here 48 / 4 = 12 against a head of 8): the uniform model keeps the parent's head count in slimlm's config."""
+    from slimlm.models import load_model
+
+    factors = {"short_factor": [1.0, 1.5, 2.0, 2.5], "long_factor": [3.0, 3.5, 4.0, 4.5]}  # head of 8: 4 each
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 8} | factors
+    loaded = tiny_loaded("phi3", rope_parameters=rope)
+    info = extract(loaded, CASES["uniform"], tmp_path / "small")
+    assert info.needs_remote_code
+    with subnetwork_applied(loaded, CASES["uniform"]) as model, torch.no_grad():
+        expected = model(input_ids=INPUT).logits  # 12 positions: past the original 8, the long factors
+    again = load_model(info.folder)
+    assert again.dims.layers == tuple(CASES["uniform"].shapes())
+    torch.testing.assert_close(again.model(input_ids=INPUT).logits, expected, rtol=1e-5, atol=1e-5)
