@@ -313,6 +313,18 @@ def test_llama_cpp_computes_the_logits_of_a_gemma3_export(tmp_path):
 
 
 @needs_llama_cpp
+def test_llama_cpp_computes_the_logits_of_a_phi3_export(tmp_path):
+    """llama.cpp's phi3 graph: fused attn_qkv split at the hidden size, ffn_up halved into gate and up."""
+    loaded = bpe_model(tmp_path, "phi3", subnet=fewer_neurons_and_layers)
+    path = export_gguf(loaded, tmp_path / "m.gguf", "f32", tokenizer_pre="default").path
+    ids = torch.randint(0, BPE_VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = loaded.model(ids).logits[0].numpy()
+    got = llamacpp.logits(path, ids[0].tolist())
+    assert np.abs(got - expected).max() < 1e-3 * max(1.0, np.abs(expected).max())
+
+
+@needs_llama_cpp
 def test_llama_cpp_runs_padded_quantized_layers_that_differ(tmp_path):
     loaded = bpe_model(tmp_path, subnet=ragged)  # 40, 32 and 8 neurons: two layers padded to 64 and 32
     exported = export_gguf(loaded, tmp_path / "m.gguf", "q8_0", tokenizer_pre="default")
