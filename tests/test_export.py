@@ -288,40 +288,35 @@ needs_llama_cpp = pytest.mark.skipif(
 )
 
 
-@needs_llama_cpp
-@pytest.mark.parametrize("family", ["llama", "mistral"])
-def test_llama_cpp_computes_the_logits_of_the_extracted_model(tmp_path, family):
-    loaded = bpe_model(tmp_path, family, subnet=ragged)
+def assert_llama_cpp_logits(loaded, tmp_path) -> None:
+    """llama.cpp computes ``loaded``'s logits from its f32 GGUF export."""
     path = export_gguf(loaded, tmp_path / "m.gguf", "f32", tokenizer_pre="default").path
     ids = torch.randint(0, BPE_VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = loaded.model(ids).logits[0].numpy()
     got = llamacpp.logits(path, ids[0].tolist())
     assert np.abs(got - expected).max() < 1e-3 * max(1.0, np.abs(expected).max())
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_llama_cpp_computes_the_logits_of_the_extracted_model(tmp_path, family):
+    loaded = bpe_model(tmp_path, family, subnet=ragged)
+    assert_llama_cpp_logits(loaded, tmp_path)
 
 
 @needs_llama_cpp
 def test_llama_cpp_computes_the_logits_of_a_gemma3_export(tmp_path):
     """llama.cpp's gemma3 graph: norms of 1 + weight, every sixth layer full attention, sliding window 4."""
     loaded = bpe_model(tmp_path, "gemma3_text", **READS_BACK["gemma3_text"])
-    path = export_gguf(loaded, tmp_path / "m.gguf", "f32", tokenizer_pre="default").path
-    ids = torch.randint(0, BPE_VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = loaded.model(ids).logits[0].numpy()
-    got = llamacpp.logits(path, ids[0].tolist())
-    assert np.abs(got - expected).max() < 1e-3 * max(1.0, np.abs(expected).max())
+    assert_llama_cpp_logits(loaded, tmp_path)
 
 
 @needs_llama_cpp
 def test_llama_cpp_computes_the_logits_of_a_phi3_export(tmp_path):
     """llama.cpp's phi3 graph: fused attn_qkv split at the hidden size, ffn_up halved into gate and up."""
     loaded = bpe_model(tmp_path, "phi3", subnet=fewer_neurons_and_layers)
-    path = export_gguf(loaded, tmp_path / "m.gguf", "f32", tokenizer_pre="default").path
-    ids = torch.randint(0, BPE_VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = loaded.model(ids).logits[0].numpy()
-    got = llamacpp.logits(path, ids[0].tolist())
-    assert np.abs(got - expected).max() < 1e-3 * max(1.0, np.abs(expected).max())
+    assert_llama_cpp_logits(loaded, tmp_path)
 
 
 @needs_llama_cpp

@@ -96,7 +96,7 @@ class LatencyProbe:
     def sample(self) -> None:
         t0 = time.perf_counter()
         self.model(input_ids=self.prompt, use_cache=True)
-        _synchronize(self.model)
+        synchronize(self.model)
         t1 = time.perf_counter()
         one = self._generate(1)
         many = self._generate(self.new_tokens)
@@ -114,7 +114,7 @@ class LatencyProbe:
             do_sample=False,
             pad_token_id=self.pad,
         )
-        _synchronize(self.model)
+        synchronize(self.model)
         return time.perf_counter() - start
 
     def result(self) -> Latency:
@@ -193,7 +193,7 @@ def _peak_resident_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, others KiB
 
 
-def _synchronize(model) -> None:
+def synchronize(model) -> None:
     """Wait for the accelerator: its kernels run asynchronously, and a timer must not stop before them."""
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)

@@ -29,7 +29,7 @@ import torch
 from slimlm import llamacpp
 from slimlm.apply import subnetwork_applied
 from slimlm.cache import lock_file
-from slimlm.costs import LatencyProbe, StaticCost, static_cost
+from slimlm.costs import LatencyProbe, StaticCost, static_cost, synchronize
 from slimlm.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, model_windows
 from slimlm.errors import SlimlmError
 from slimlm.evaluate import DenseReference, dense_reference, fitness
@@ -259,8 +259,7 @@ class Searcher:
             start = time.perf_counter()
             with torch.no_grad():
                 model(input_ids=probe.prompt, use_cache=False)
-            if model.device.type == "cuda":
-                torch.cuda.synchronize(model.device)  # kernels run asynchronously: time them, not their launch
+            synchronize(model)
             times.append(1000 * (time.perf_counter() - start))
         return sorted(times)[1]
 
