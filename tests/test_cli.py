@@ -457,6 +457,19 @@ def test_python_dash_m_slimlm_is_the_same_command_line():
     assert done.stdout.strip() == invoke("--version").stdout.strip()
 
 
+@pytest.mark.parametrize("help_of", [[], ["compress"], ["heal"]])
+def test_the_command_line_starts_without_torch(help_of):
+    """Importing the CLI (and printing help) loads neither torch nor transformers, seconds of start:
+    commands import the library when they run (timings belong in benchmarks, not here)."""
+    code = "import sys, slimlm.cli\n"
+    if help_of:
+        code += f"slimlm.cli.app([*{help_of!r}, '--help'], prog_name='slimlm', standalone_mode=False)\n"
+    code += "print('torch' in sys.modules, 'transformers' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-2:] == ["False", "False"]
+
+
 def test_shell_completion_completes_slimlm():
     args = [sys.executable, "-m", "slimlm", "--show-completion", "bash"]
     done = subprocess.run(args, capture_output=True, text=True, timeout=120)

@@ -13,42 +13,40 @@ from collections import Counter
 from dataclasses import asdict, replace
 from importlib import metadata
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+# Nothing imported here imports torch or transformers (seconds of start): each command imports the
+# library functions it calls in its body, so `slimlm --help`, a command's --help and shell completion
+# answer at once (test_cli checks that importing this module leaves torch unimported).
 from slimlm import llamacpp
-from slimlm.apply import subnetwork_applied
-from slimlm.costs import compare_speed, measure_latency, peak_memory, static_cost
-from slimlm.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, describe_specs, model_windows
 from slimlm.errors import SlimlmError
-from slimlm.evaluate import perplexity
-from slimlm.export import QUANT_TYPES, export_gguf
-from slimlm.extract import extract as extract_subnetwork
-from slimlm.extract import folder_bytes
-from slimlm.heal import HealJob, heal
-from slimlm.importance import DEFAULT_METRIC, cached_calibration
 from slimlm.jobfile import read_job_file
+from slimlm.jobs import (
+    ALL_QUANT_TYPES,
+    DEFAULT_CALIBRATION,
+    DEFAULT_EVALUATION,
+    DEFAULT_METRIC,
+    DEFAULT_STRATEGY,
+    GGUF_QUANT_TYPES,
+    PRUNE_METHODS,
+    SEARCH_STRATEGIES,
+    STUDY_NAME,
+    TRAIN_STRATEGIES,
+    HealJob,
+    SearchJob,
+    TrainJob,
+    describe_specs,
+    parse_size,
+)
 from slimlm.llamacpp import NATIVE_QUANT_TYPES
-from slimlm.models import load_model
-from slimlm.outputs import check_output_folder
-from slimlm.pipeline import compress as compress_model
-from slimlm.prune import METHODS, PruneInput, check_method, params_budget, prune
-from slimlm.quantize import ALL_QUANT_TYPES
-from slimlm.reform import reform as reform_weights
-from slimlm.report import search_summary, write_report
-from slimlm.search import STUDY_NAME, SearchJob, parse_size, stored_candidate
-from slimlm.search import search as run_search
-from slimlm.space import SearchSpace
-from slimlm.strategies import DEFAULT_STRATEGY
-from slimlm.strategies import STRATEGIES as SEARCH_STRATEGIES
-from slimlm.subnet import SubNetwork
-from slimlm.train import STRATEGIES as TRAIN_STRATEGIES
-from slimlm.train import TrainJob
-from slimlm.train import train as train_supernetwork
+
+if TYPE_CHECKING:
+    from slimlm.subnet import SubNetwork
 
 app = typer.Typer(
     help="Make pretrained LLMs smaller and faster by structural sub-network search.",
@@ -169,6 +167,8 @@ def _comparison_rows(left: dict, right: dict, prompt_tokens: int, subject: int) 
 
 def _subnet_for(loaded, path: Path, foreign: bool) -> SubNetwork:
     """The sub-network file ``path``, checked to be made for ``loaded`` (unless ``foreign``)."""
+    from slimlm.subnet import SubNetwork
+
     return SubNetwork.load(path, loaded.dims, loaded.fingerprint(), foreign=foreign)
 
 
@@ -183,6 +183,9 @@ def info(
     device: DeviceOpt = "cpu",
 ) -> None:
     """Architecture, size, FLOPs, memory and measured CPU speed of a model."""
+    from slimlm.costs import measure_latency, static_cost
+    from slimlm.models import load_model
+
     loaded = load_model(model, dtype, device)
     dims = loaded.dims
     cost = static_cost(dims, context=context)
@@ -241,6 +244,11 @@ def evaluate(
     device: DeviceOpt = "cpu",
 ) -> None:
     """Perplexity of a model (or of a sub-network of it) on a text."""
+    from slimlm.apply import subnetwork_applied
+    from slimlm.data import model_windows
+    from slimlm.evaluate import perplexity
+    from slimlm.models import load_model
+
     loaded = load_model(model, dtype, device)
     chosen = _subnet_for(loaded, subnet, foreign_subnet) if subnet else None
     ids = model_windows(loaded, data, seq_len, windows)
@@ -285,6 +293,14 @@ def extract(
     device: DeviceOpt = "cpu",
 ) -> None:
     """Write a sub-network as a standalone smaller Hugging Face model folder (reformed by default)."""
+    from slimlm.costs import static_cost
+    from slimlm.data import model_windows
+    from slimlm.extract import extract as extract_subnetwork
+    from slimlm.models import load_model
+    from slimlm.outputs import check_output_folder
+    from slimlm.reform import reform as reform_weights
+    from slimlm.search import stored_candidate
+
     if (subnet is None) == (trial is None):
         raise SlimlmError("give --subnet FILE, or --trial N with a run folder as MODEL")
     if trial is not None:  # the run's own model and calibration, as its search reformed them
@@ -311,12 +327,17 @@ def extract(
 def export_command(
     model: ModelArg,
     gguf_file: Annotated[Path, typer.Option("--gguf", help="GGUF file to write, for llama.cpp")],
-    quant: Annotated[str, typer.Option(help=f"tensor type: {', '.join([*QUANT_TYPES, *NATIVE_QUANT_TYPES])}")] = "f16",
+    quant: Annotated[
+        str, typer.Option(help=f"tensor type: {', '.join([*GGUF_QUANT_TYPES, *NATIVE_QUANT_TYPES])}")
+    ] = "f16",
     tokenizer_pre: TokenizerPre = None,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
 ) -> None:
     """Write a model (e.g. one slimlm extracted) as one self-contained GGUF file that llama.cpp runs."""
+    from slimlm.export import export_gguf
+    from slimlm.models import load_model
+
     exported = export_gguf(load_model(model, dtype, device), gguf_file, quant, tokenizer_pre)
     out.print(f"wrote {exported.path}: {quant}, {exported.bytes / 1e6:,.1f} MB")
     if exported.padded_neurons:
@@ -342,6 +363,14 @@ def reform_command(
     device: DeviceOpt = "cpu",
 ) -> None:
     """Reform a sub-network's kept weights, report perplexity before and after, and write the model."""
+    from slimlm.apply import subnetwork_applied
+    from slimlm.data import model_windows
+    from slimlm.evaluate import perplexity
+    from slimlm.extract import extract as extract_subnetwork
+    from slimlm.models import load_model
+    from slimlm.outputs import check_output_folder
+    from slimlm.reform import reform as reform_weights
+
     check_output_folder(out_dir, overwrite, model)
     loaded = load_model(model, dtype, device)
     chosen = _subnet_for(loaded, subnet, foreign_subnet)
@@ -365,7 +394,7 @@ def reform_command(
 @friendly
 def prune_command(
     model: ModelArg,
-    method: Annotated[str, typer.Option(help=f"pruning method: {', '.join(METHODS)}")],
+    method: Annotated[str, typer.Option(help=f"pruning method: {', '.join(PRUNE_METHODS)}")],
     out_dir: Annotated[Path, typer.Option("--out", help="folder to write the pruned model to")],
     params_fraction: ParamsFraction = None,
     non_embedding_fraction: NonEmbedding = None,
@@ -381,6 +410,16 @@ def prune_command(
     device: DeviceOpt = "cpu",
 ) -> None:
     """Prune with a one-shot method from the literature (a baseline for search); write the smaller model."""
+    from slimlm.apply import subnetwork_applied
+    from slimlm.costs import static_cost
+    from slimlm.data import model_windows
+    from slimlm.evaluate import perplexity
+    from slimlm.extract import extract as extract_subnetwork
+    from slimlm.importance import cached_calibration
+    from slimlm.models import load_model
+    from slimlm.outputs import check_output_folder
+    from slimlm.prune import PruneInput, check_method, params_budget, prune
+
     check_method(method)
     check_output_folder(out_dir, overwrite, model)
     loaded = load_model(model, dtype, device)
@@ -437,6 +476,9 @@ def train_command(
     resume: Annotated[bool, typer.Option(help="continue the run stored in --out")] = False,
 ) -> None:
     """Train the model once as a weight-sharing super-network; search it afterwards with `slimlm search OUT`."""
+    from slimlm.space import SearchSpace
+    from slimlm.train import train as train_supernetwork
+
     job = TrainJob(
         model=model,
         out=str(out_dir),
@@ -483,6 +525,11 @@ def heal_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Recover a pruned model's quality by distillation from its dense teacher; perplexity before and after."""
+    from slimlm.data import model_windows
+    from slimlm.evaluate import perplexity
+    from slimlm.heal import heal
+    from slimlm.models import load_model
+
     job = HealJob(
         model=str(model),
         teacher=teacher,
@@ -535,6 +582,10 @@ def bench(
     device: DeviceOpt = "cpu",
 ) -> None:
     """Measure two models side by side in one run and print the ratios."""
+    from slimlm.costs import compare_speed, peak_memory, static_cost
+    from slimlm.extract import folder_bytes
+    from slimlm.models import load_model
+
     if runtime == "llama.cpp":
         _bench_llama_cpp(model, vs, prompt_tokens, new_tokens, repeats, as_json)
         return
@@ -711,6 +762,8 @@ Finalise = Annotated[
 
 def _options_job(options: dict) -> SearchJob:
     """The job the options alone describe (no budget check: a job file may hold the budget)."""
+    from slimlm.space import SearchSpace
+
     options = dict(options)
     space = SearchSpace(
         **{field: options.pop(name) for name, field in SPACE_OPTIONS.items() if name != "frozen"},
@@ -852,6 +905,9 @@ def search_command(
     job: SearchJob, worker: Worker = False, finalise: Finalise = False, as_json: JsonOpt = False
 ) -> None:
     """Search for Pareto-optimal sub-networks within a budget; write the run folder."""
+    from slimlm.report import search_summary, write_report
+    from slimlm.search import search as run_search
+
     if worker and finalise:
         raise SlimlmError("--worker evaluates and --finalise reports: give one of them (or neither, for both)")
     if worker:
@@ -920,6 +976,8 @@ def compress(
     as_json: JsonOpt = False,
 ) -> None:
     """Search, save the best model within the budget in RUN/best, and compare it with the dense model."""
+    from slimlm.pipeline import compress as compress_model
+
     _run_folder(job)
     role = "finaliser" if finalise else "all"
     report = compress_model(job, quant=quant, tokenizer_pre=tokenizer_pre, heal_steps=heal_steps, role=role)

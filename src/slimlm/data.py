@@ -24,39 +24,15 @@ import torch
 from slimlm.cache import cache_root
 from slimlm.chat import conversations
 from slimlm.errors import SlimlmError
+from slimlm.jobs import AUSTEN_BOOKS, CHAT, MIX, describe_specs  # the specs' home is the torch-free slimlm.jobs
+from slimlm.jobs import DEFAULT_CALIBRATION as DEFAULT_CALIBRATION
+from slimlm.jobs import DEFAULT_EVALUATION as DEFAULT_EVALUATION
 from slimlm.progress import console, track
-
-# Calibration mixes prose and technical text, so what a search keeps serves both; evaluation
-# texts are other books and sections than the calibration ones.
-DEFAULT_CALIBRATION = "austen:emma+pydoc:library"
-DEFAULT_EVALUATION = "austen:prideprejudice"
-MIX = "+"  # joins specs: ``austen:emma+pydoc:library``
-CHAT = "chat"  # the dense model's own answers through its chat template
-AUSTEN_BOOKS = (
-    "emma",
-    "mansfieldpark",
-    "northangerabbey",
-    "persuasion",
-    "prideprejudice",
-    "sensesensibility",
-)
 
 _AUSTEN_PACKAGE = "r-cran-janeaustenr"
 _AUSTEN_DATA = "usr/lib/R/site-library/janeaustenr/data"
 _PYDOC_PACKAGE = "python3.11-doc"
 _PYDOC_SOURCES = "usr/share/doc/python3.11/html/_sources"
-
-
-def describe_specs() -> str:
-    """One line listing the accepted data spec forms (for error messages and CLI help)."""
-    books = ", ".join(AUSTEN_BOOKS)
-    return (
-        f"{CHAT} (the model's own answers to slimlm's calibration prompts, through its chat template); "
-        "a .txt or .md file or a folder of them; a .jsonl file (its text field, or FILE.jsonl:FIELD); "
-        f"austen or austen:BOOK (BOOK: {books}); "
-        "pydoc or pydoc:SECTION (e.g. pydoc:library, pydoc:tutorial); hf:NAME[:CONFIG[:SPLIT]] via datasets; "
-        f"several joined with {MIX} (e.g. {DEFAULT_CALIBRATION}) to mix them window by window"
-    )
 
 
 def load_text(spec: str) -> str:

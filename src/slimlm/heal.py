@@ -16,53 +16,23 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from slimlm.data import DEFAULT_CALIBRATION, model_windows
+from slimlm.data import model_windows
 from slimlm.errors import SlimlmError
 from slimlm.export import TOKENIZER_GGUF
 from slimlm.extract import REMOTE_CODE_FILE, SUBNET_FILE
+from slimlm.jobs import HealJob  # the job's home is the torch-free slimlm.jobs
+from slimlm.jobs import check_heal as check
 from slimlm.models import LoadedModel, load_model
 from slimlm.progress import quiet_transformers
-from slimlm.train import add_lora, open_run, run_identity, run_steps, sub_loss
+from slimlm.train import add_lora, open_run, run_steps, sub_loss
 
 HEAL_FILE = "slimlm_heal.json"  # what healed the model: teacher, data, steps, settings
 CARRIED = (REMOTE_CODE_FILE, SUBNET_FILE, TOKENIZER_GGUF)  # the student folder's files the healed one keeps
-
-
-@dataclass
-class HealJob:
-    """A recovery distillation run; plain values, saved with its checkpoints."""
-
-    model: str  # the pruned model folder (the student)
-    teacher: str  # the dense model it came from
-    out: str
-    data: str = DEFAULT_CALIBRATION
-    steps: int = 100
-    batch_size: int = 4
-    seq_len: int = 256
-    learning_rate: float = 5e-5
-    distillation: float = 1.0  # weight of the KL to the teacher; the rest goes to the labels' cross-entropy
-    temperature: float = 1.0
-    lora_rank: int = 0  # 0: full fine-tuning
-    checkpoint_every: int = 25
-    seed: int = 0
-    mixed_precision: str = "no"  # accelerate's: no, fp16, bf16
-    resume: bool = False
-
-    def identity(self) -> dict:
-        return run_identity(self)
-
-
-def check(job: HealJob) -> None:
-    """Refuse bad settings before any work."""
-    if min(job.steps, job.batch_size, job.checkpoint_every, job.seq_len) < 1 or job.lora_rank < 0:
-        raise SlimlmError("--steps, --batch-size, --seq-len and --checkpoint-every must be at least 1; --lora-rank 0+")
-    if not 0 <= job.distillation <= 1 or job.temperature <= 0 or job.learning_rate <= 0:
-        raise SlimlmError("--distillation must be in [0, 1]; --temperature and --learning-rate positive")
 
 
 def heal(job: HealJob, student: LoadedModel | None = None, teacher: LoadedModel | None = None) -> Path:

@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 
 from slimlm.cache import cache_root, computed_once
 from slimlm.errors import SlimlmError
+from slimlm.jobs import DEFAULT_METRIC  # the setting's home is the torch-free slimlm.jobs
 from slimlm.models import LoadedModel
 from slimlm.progress import track
 
@@ -95,7 +96,6 @@ METRICS: dict[str, Metric] = {
     "second-order": lambda stats, w: w**2 / stats.inverse_gram_diagonal,
     "reconstruction": lambda stats, w: stats.removal_rank,
 }
-DEFAULT_METRIC = "reconstruction"
 
 
 class _Accumulator:

@@ -20,12 +20,11 @@ from slimlm.errors import SlimlmError
 from slimlm.evaluate import perplexity
 from slimlm.export import QUANT_TYPES, check_exportable, export_gguf
 from slimlm.extract import folder_bytes
+from slimlm.jobs import ALL_QUANT_TYPES, TORCH_QUANT_TYPES  # their home is the torch-free slimlm.jobs
 from slimlm.llamacpp import NATIVE_QUANT_TYPES
 from slimlm.models import LoadedModel
 from slimlm.outputs import refuse_foreign_folder, written_whole
 
-TORCH_QUANT_TYPES = ("int8",)
-ALL_QUANT_TYPES = (*TORCH_QUANT_TYPES, *QUANT_TYPES, *NATIVE_QUANT_TYPES)
 INSTALL_INT8 = "pip install 'slimlm[int8]'"
 WEIGHT_FILES = (".safetensors", ".bin", ".index.json")  # name endings of a folder's weight files and their index
 

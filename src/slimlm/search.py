@@ -15,12 +15,11 @@ import json
 import math
 import multiprocessing
 import os
-import re
 import tempfile
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import optuna
@@ -30,12 +29,11 @@ from slimlm import llamacpp
 from slimlm.apply import subnetwork_applied
 from slimlm.cache import lock_file
 from slimlm.costs import LatencyProbe, StaticCost, static_cost, synchronize
-from slimlm.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, model_windows
+from slimlm.data import model_windows
 from slimlm.errors import SlimlmError
 from slimlm.evaluate import DenseReference, dense_reference, fitness
 from slimlm.export import check_exportable, export_gguf, tokenizer_gguf
 from slimlm.importance import (
-    DEFAULT_METRIC,
     IMPORTANCE_FILE,
     METRICS,
     cached_calibration,
@@ -43,15 +41,19 @@ from slimlm.importance import (
     load_importance,
 )
 from slimlm.jobfile import JOB_FILE, read_job_file, write_job_file
+from slimlm.jobs import OPTIONAL_FIELDS as OPTIONAL_FIELDS  # the job's home is the torch-free slimlm.jobs
+from slimlm.jobs import STORE_FILE as STORE_FILE
+from slimlm.jobs import STUDY_NAME as STUDY_NAME
+from slimlm.jobs import SearchJob
+from slimlm.jobs import parse_size as parse_size
 from slimlm.library import VariantLibrary, build_library
 from slimlm.models import LayerShape, LoadedModel, load_model
 from slimlm.outputs import check_run_folder
 from slimlm.progress import progress_bar
 from slimlm.prune import flap_shapes, params_budget
 from slimlm.reform import reform
-from slimlm.space import SearchSpace, uniform_subnetwork
+from slimlm.space import uniform_subnetwork
 from slimlm.strategies import (
-    DEFAULT_STRATEGY,
     ETA,
     STAGE_ATTR,
     SUBNET_ATTR,
@@ -63,7 +65,6 @@ from slimlm.strategies import (
 )
 from slimlm.subnet import SubNetwork
 
-STUDY_NAME = "slimlm"
 OBJECTIVES = ("params", "flops", "memory", "latency")
 FITNESSES = ("kl", "perplexity")  # what ranks candidates: KL divergence to the dense model, or perplexity
 LATENCY_RUNTIMES = ("transformers", "llama.cpp")
@@ -71,18 +72,9 @@ MAX_PRUNED_IN_A_ROW = 500  # the space is exhausted or the budget too tight for 
 MAX_FAILED_IN_A_ROW = 20  # candidates scoring NaN or inf one after another: the model, not the candidates
 HEARTBEAT_SECONDS = 10  # an evaluating trial's heartbeat in the store
 GRACE_SECONDS = 60  # a RUNNING trial silent this long belongs to a killed process: failed, its candidate free again
-STORE_FILE = "search.db"
 LOCK_FILE = ".slimlm.lock"
 ROLES = ("all", "worker", "finaliser")  # a search process evaluates and reports, only evaluates, or only reports
 FINALISER_POLL_SECONDS = 5
-
-
-def parse_size(text: str) -> float:
-    """``90M`` -> 9e7, ``1.5G`` -> 1.5e9, ``300MB`` -> 3e8 (decimal units, as parameter counts are quoted)."""
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([kKmMgGtT]?)[bB]?\s*", str(text))
-    if not match:
-        raise SlimlmError(f"cannot read size '{text}': use a number with an optional K, M, G suffix (e.g. 90M)")
-    return float(match.group(1)) * 1000 ** " KMGT".index(match.group(2).upper() or " ")
 
 
 @dataclass(frozen=True)
@@ -105,121 +97,6 @@ class Budget:
             f"latency <= {self.latency_ms:g} ms" if self.latency_ms else "",
         ]
         return ", ".join(p for p in parts if p) or "no budget"
-
-
-@dataclass
-class SearchJob:
-    """Everything a search (or one of its workers) needs; plain values so it crosses processes."""
-
-    model: str
-    out: str
-    dtype: str = "float32"  # the weights' dtype while searching, and of the model written
-    device: str = "cpu"  # cpu, cuda or auto
-    params_fraction: float | None = None
-    non_embedding_fraction: float | None = None  # a kept fraction of the parameters outside the embeddings
-    max_params: int | None = None
-    max_memory_bytes: int | None = None
-    max_latency_ms: float | None = None
-    strategy: str = DEFAULT_STRATEGY
-    objective: str = "params"
-    latency_runtime: str = "transformers"  # latency: prefill in transformers, or ms per generated token in llama.cpp
-    evaluations: int = 200
-    space: SearchSpace = field(default_factory=SearchSpace)
-    metric: str = DEFAULT_METRIC
-    calibration: str = DEFAULT_CALIBRATION
-    evaluation: str = DEFAULT_EVALUATION
-    seq_len: int = 256
-    calibration_windows: int = 128  # importance, the library, reformation: 32k tokens (benchmarks/calibration_size.py)
-    fitness_windows: int = 16  # scored per candidate (at the last fidelity stage); disjoint from calibration
-    selection_windows: int = 8  # choose among the finalists; disjoint from calibration and fitness
-    evaluation_windows: int = 16
-    fitness: str = "kl"
-    stages: int = 3  # fidelity stages of multi-fidelity strategies
-    seed: int = 0
-    storage: str | None = None
-    study_name: str = STUDY_NAME  # the study in the store: one database may hold many searches
-    workers: int = 1
-    resume: bool = False
-    reform: bool = True  # score candidates as stitched from the reformed variant library; ship the winner reformed
-    reform_candidates: bool = False  # instead reform every candidate sequentially before scoring it (slow)
-    overwrite: bool = False  # write into a non-empty --out that holds no search of this job (replacing its store)
-
-    def storage_url(self) -> str:
-        return self.storage or f"sqlite:///{self.private_store().resolve()}"
-
-    def private_store(self) -> Path:
-        """The SQLite file in the run folder that holds the study when no ``storage`` URL is given."""
-        return Path(self.out) / STORE_FILE
-
-    def identity(self) -> dict:
-        """What must match for ``--resume`` to continue a study rather than mix two searches."""
-        keys = (
-            "model",
-            "params_fraction",
-            "non_embedding_fraction",
-            "max_params",
-            "max_memory_bytes",
-            "max_latency_ms",
-            "strategy",
-            "objective",
-            "latency_runtime",
-            "metric",
-            "calibration",
-            "seq_len",
-            "calibration_windows",
-            "fitness_windows",
-            "selection_windows",
-            "fitness",
-            "stages",
-            "seed",
-            "reform",
-            "reform_candidates",
-        )
-        return {k: getattr(self, k) for k in keys} | {"space": asdict(self.space)}
-
-    def to_dict(self) -> dict:
-        """The job as plain values (JSON and TOML alike): unset options (None) left out, tuples as
-        lists, and the invocation flags (``resume``, ``overwrite``) dropped: they are not the job."""
-        values = {k: v for k, v in asdict(self).items() if v is not None and k not in INVOCATION_FLAGS}
-        values["space"] = {k: list(v) if isinstance(v, tuple) else v for k, v in values["space"].items()}
-        return values
-
-    @classmethod
-    def from_dict(cls, values: dict, source: str = "the job") -> SearchJob:
-        """The job ``values`` describe (as ``to_dict`` writes them); an unknown key or a value of the
-        wrong type is one clear error naming ``source``, never silently dropped."""
-        values, space = dict(values), dict(values.get("space", {}))
-        values.pop("space", None)
-        defaults = cls(model="", out="")
-        _check_values(values, asdict(defaults), set(INVOCATION_FLAGS) | {"space"}, source)
-        _check_values(space, asdict(defaults.space), set(), f"{source} (space)")
-        if "frozen_layers" in space:
-            space["frozen_layers"] = tuple(space["frozen_layers"])
-        return replace(defaults, **values, space=SearchSpace(**space))
-
-
-INVOCATION_FLAGS = ("resume", "overwrite")
-OPTIONAL_FIELDS = {  # the type of the settings that default to None (unset)
-    "params_fraction": float,
-    "non_embedding_fraction": float,
-    "max_params": int,
-    "max_memory_bytes": int,
-    "max_latency_ms": float,
-    "storage": str,
-}
-
-
-def _check_values(values: dict, defaults: dict, excluded: set[str], source: str) -> None:
-    """Every key known, every value of its default's type (a float may be written as an integer)."""
-    unknown = sorted(set(values) - (set(defaults) - excluded))
-    if unknown:
-        raise SlimlmError(f"{source} has unknown settings: {', '.join(unknown)}")
-    for key, value in values.items():
-        default = defaults[key]
-        kind = OPTIONAL_FIELDS.get(key) or type(default)
-        kinds = {tuple: (list, tuple), float: (float, int)}.get(kind, kind)
-        if not isinstance(value, kinds) or (kind is not bool and isinstance(value, bool)):
-            raise SlimlmError(f"{source}: {key} must be a {kind.__name__}, got {value!r}")
 
 
 @dataclass

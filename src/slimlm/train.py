@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,73 +34,26 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from slimlm.apply import subnetwork_masked
-from slimlm.data import DEFAULT_CALIBRATION, model_windows
+from slimlm.data import model_windows
 from slimlm.errors import SlimlmError
 from slimlm.importance import (
-    DEFAULT_METRIC,
     IMPORTANCE_FILE,
     Importance,
     cached_calibration,
     importance,
     save_importance,
 )
+from slimlm.jobs import TRAIN_STRATEGIES, TrainJob  # the job's home is the torch-free slimlm.jobs
+from slimlm.jobs import check_train as check
 from slimlm.models import LoadedModel, load_model
 from slimlm.outputs import writable_folder
 from slimlm.progress import progress_bar, quiet_transformers
-from slimlm.space import SearchSpace, keep_most_important
+from slimlm.space import keep_most_important
 from slimlm.subnet import SubNetwork
 
-STRATEGIES = ("sandwich", "random", "alternate")
+STRATEGIES = TRAIN_STRATEGIES
 CHECKPOINT = "checkpoint"
 IMPORTANCE_WINDOWS = 16
-
-
-@dataclass
-class TrainJob:
-    """A super-network training run; plain values, saved with its checkpoints."""
-
-    model: str
-    out: str
-    data: str = DEFAULT_CALIBRATION
-    strategy: str = "sandwich"
-    steps: int = 100
-    batch_size: int = 2
-    seq_len: int = 256
-    learning_rate: float = 2e-5
-    random_subnets: int = 2
-    distillation: float = 0.5  # weight of the KL to the full model's logits in a sub-network's loss
-    temperature: float = 1.0
-    lora_rank: int = 0  # 0: full fine-tuning
-    space: SearchSpace = field(default_factory=SearchSpace)
-    metric: str = DEFAULT_METRIC
-    checkpoint_every: int = 25
-    seed: int = 0
-    mixed_precision: str = "no"  # accelerate's: no, fp16, bf16
-    resume: bool = False
-
-    def identity(self) -> dict:
-        return run_identity(self)
-
-
-def run_identity(job) -> dict:
-    """What must match for ``resume`` to continue a training or healing run: every setting but
-    ``steps`` (which may grow), ``resume`` and ``checkpoint_every``, as plain JSON values."""
-    values = asdict(job)
-    for key in ("steps", "resume", "checkpoint_every"):
-        values.pop(key)
-    return json.loads(json.dumps(values))
-
-
-def check(job: TrainJob) -> None:
-    """Refuse bad settings before any work."""
-    if job.strategy not in STRATEGIES:
-        raise SlimlmError(f"unknown training strategy '{job.strategy}'; choose from {', '.join(STRATEGIES)}")
-    if min(job.steps, job.batch_size, job.checkpoint_every) < 1 or job.random_subnets < 0 or job.lora_rank < 0:
-        raise SlimlmError("--steps, --batch-size and --checkpoint-every must be at least 1; ranks and counts >= 0")
-    if job.strategy != "sandwich" and job.random_subnets < 1:
-        raise SlimlmError(f"strategy '{job.strategy}' needs --random-subnets of at least 1")
-    if not 0 <= job.distillation <= 1 or job.temperature <= 0:
-        raise SlimlmError("--distillation must be in [0, 1] and --temperature positive")
 
 
 def step_subnets(job: TrainJob, loaded: LoadedModel, scores: Importance, step: int) -> list[SubNetwork | None]:

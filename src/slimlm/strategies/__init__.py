@@ -1,8 +1,10 @@
-"""Search strategies, each one small object behind ``Strategy``; add one here with one registry line."""
+"""Search strategies, each one small object behind ``Strategy``; add one here with one registry line
+(and its name in ``slimlm.jobs.SEARCH_STRATEGIES``, which the command line lists without importing this)."""
 
 from __future__ import annotations
 
 from slimlm.errors import SlimlmError
+from slimlm.jobs import DEFAULT_STRATEGY  # the setting's home is the torch-free slimlm.jobs
 from slimlm.strategies.base import (
     ETA,
     STAGE_ATTR,
@@ -19,13 +21,12 @@ from slimlm.strategies.evolution import Evolution
 from slimlm.strategies.predicted import PredictedNSGA2
 from slimlm.strategies.sampled import NSGA2, RandomSearch
 
-STRATEGIES: dict[str, type] = {
+STRATEGIES: dict[str, type] = {  # in the order of their names in slimlm.jobs.SEARCH_STRATEGIES (for the CLI)
     "evolution": Evolution,
     "nsga2": NSGA2,
     "linas": PredictedNSGA2,
     "random": RandomSearch,
 }
-DEFAULT_STRATEGY = "evolution"
 
 
 def make_strategy(name: str) -> Strategy:
