@@ -42,7 +42,7 @@ from slimlm.jobs import DEFAULT_METRIC  # the setting's home is the torch-free s
 from slimlm.models import LoadedModel
 from slimlm.progress import track
 
-CALIBRATION_FORMAT = "slimlm.calibration/3"  # in the cache key: a new layout never reads an old entry
+CALIBRATION_FORMAT = "slimlm.calibration/4"  # in the cache key: a new layout never reads an old entry
 IMPORTANCE_FILE = "slimlm_importance.safetensors"  # a trained super-network's unit ranking, in its folder
 DAMPING = 0.01  # λ as a fraction of the mean Gram diagonal: keeps the inverse finite on dead channels
 
@@ -118,8 +118,10 @@ class _Accumulator:
         """The statistics, with the removal order of ``weight``'s input units of ``group`` channels each."""
         inverse = _damped_inverse(self.gram)
         rank = removal_rank(weight, inverse, group).repeat_interleave(group)
-        # on the CPU: a calibration is cached on disk and serves any device
-        return ChannelStats(self.count, self.sum.cpu(), self.sumsq.cpu(), inverse.diagonal().cpu(), rank.cpu())
+        # on the CPU: a calibration is cached on disk and serves any device. The diagonal is copied out:
+        # as a view it would keep the whole inverse alive, in memory and in the cache (650 MB for SmolLM2)
+        diagonal = inverse.diagonal().to("cpu", copy=True)
+        return ChannelStats(self.count, self.sum.cpu(), self.sumsq.cpu(), diagonal, rank.cpu())
 
 
 def _damped_inverse(gram: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,18 +44,20 @@ FORMAT = "slimlm.library/1"
 
 @dataclass
 class VariantLibrary:
-    """Kept units and reformed output projections of every (layer, level); weights load lazily per layer."""
+    """Kept units and reformed output projections of every (layer, level); each weight is read when used.
+
+    Nothing is cached in memory: a candidate reads only its own levels (from the page cache once
+    warm), so the library costs no more memory than one candidate's projections, however many
+    levels it holds (1.8 GB on disk for SmolLM2's default space).
+    """
 
     folder: Path
     keeps: list[dict[str, list[int]]]  # per layer: "attention.HxKV" -> kept heads, "mlp.N" -> kept neurons
-    _weights: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
-    def weights(self, index: int) -> dict[str, torch.Tensor]:
-        if index not in self._weights:
-            path = self.folder / _layer_file(index)
-            with safe_open(str(path), framework="pt") as f:
-                self._weights[index] = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
-        return self._weights[index]
+    def weight(self, index: int, key: str) -> torch.Tensor:
+        """The stored output projection of level ``key`` (e.g. ``"mlp.768"``) of layer ``index``."""
+        with safe_open(str(self.folder / _layer_file(index)), framework="pt") as f:
+            return f.get_tensor(key)
 
     def reformed(self, subnet: SubNetwork) -> Reformed:
         """The stored output projections of ``subnet``'s levels, as ``subnetwork_applied`` takes them.
@@ -75,7 +77,7 @@ class VariantLibrary:
                     continue
                 if list(kept) != stored[key]:
                     raise SlimlmError(f"layer {index}: the candidate's kept {name} units are not the library's")
-                reformed[index, name] = self.weights(index)[key]
+                reformed[index, name] = self.weight(index, key)
         return reformed
 
     def _full(self, index: int, name: str) -> int:

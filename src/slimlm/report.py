@@ -118,6 +118,24 @@ def _finalist(searcher: Searcher, trial: optuna.trial.FrozenTrial, sequential: b
     return {"trial": trial.number, "selection_perplexity": scores, "reformation": way, "weights": options[way]}
 
 
+def _selection_score(finalist: dict) -> float:
+    return min(finalist["selection_perplexity"].values())
+
+
+def _choose(searcher: Searcher, finalists: list[optuna.trial.FrozenTrial], start: int | None) -> list[dict]:
+    """Every finalist scored (``_finalist``); weights are kept only for the best so far and the best
+    start (trial ``start``), the two models measured afterwards: each set is a model's worth of
+    output projections, so keeping every finalist's would cost a model's memory per finalist."""
+    chosen: list[dict] = []
+    for trial in track(finalists, "choosing among the finalists"):
+        chosen.append(_finalist(searcher, trial, searcher.job.reform))
+        best = min(chosen, key=_selection_score)
+        for other in chosen:
+            if other is not best and other["trial"] != start:
+                other.pop("weights", None)
+    return chosen
+
+
 def write_report(searcher: Searcher, study: optuna.Study, front_size: int = 6) -> dict:
     """Evaluate the front on evaluation text; choose the winner; write ``pareto.json``, ``pareto.png``, ``best/``.
 
@@ -155,10 +173,8 @@ def write_report(searcher: Searcher, study: optuna.Study, front_size: int = 6) -
         weights = reform(searcher.loaded, searcher.reference, searcher.calibration_ids) if job.reform else None
         uniform = measure(searcher, searcher.reference, evaluation_ids, weights)
     # every finalist fits: the fittest are taken within the budget, and every start fills it
-    chosen = [
-        _finalist(searcher, t, job.reform) for t in track(list(finalists.values()), "choosing among the finalists")
-    ]
-    best = min(chosen, key=lambda c: min(c["selection_perplexity"].values())) if chosen else None
+    chosen = _choose(searcher, list(finalists.values()), best_start.number if best_start else None)
+    best = min(chosen, key=_selection_score) if chosen else None
     report = {
         "model": job.model,
         "strategy": job.strategy,
