@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -69,7 +69,8 @@ def token_windows(
     :func:`leading_bos`), then the text's next ``seq_len - 1`` tokens; no other special tokens are added
     and the incomplete tail is dropped; ``max_windows`` keeps the first ones.
     """
-    return _cut(_token_ids(tokenizer, text), seq_len, max_windows, source, leading_bos(tokenizer))
+    bos = leading_bos(tokenizer)
+    return _cut(_token_ids(tokenizer, text, _needed(seq_len, max_windows, bos)), seq_len, max_windows, source, bos)
 
 
 def leading_bos(tokenizer) -> int | None:
@@ -83,9 +84,34 @@ def leading_bos(tokenizer) -> int | None:
     return bos if ids and ids[0] == bos else None
 
 
-def _token_ids(tokenizer, text: str) -> list[int]:
-    # verbose=False: the "longer than the maximum sequence length" warning is moot, we cut windows ourselves.
-    return tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+PIECE_CHARS = 100_000  # text tokenized per call: a whole corpus at once holds the tokenizer's per-token
+# records (offsets, words, masks) for every token: 800 MB at peak for pydoc:library's 6.3M characters
+
+
+def _token_ids(tokenizer, text: str, needed: int | None = None) -> list[int]:
+    """``text``'s token ids, tokenized piece by piece (split before paragraph breaks, where byte-level
+    pre-tokenizers split anyway) and only as far as the first ``needed`` tokens (None: all)."""
+    ids: list[int] = []
+    for piece in _pieces(text):
+        # verbose=False: the "longer than the maximum sequence length" warning is moot, we cut windows ourselves.
+        ids += tokenizer(piece, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+        if needed is not None and len(ids) >= needed:
+            break
+    return ids
+
+
+def _pieces(text: str) -> Iterator[str]:
+    start = 0
+    while start < len(text):
+        end = text.find("\n\n", start + PIECE_CHARS)
+        end = len(text) if end < 0 else end
+        yield text[start:end]
+        start = end
+
+
+def _needed(seq_len: int, max_windows: int | None, bos: int | None) -> int | None:
+    """Text tokens that ``max_windows`` windows take (None: every window the text gives)."""
+    return None if max_windows is None else max_windows * (seq_len - (bos is not None))
 
 
 def _cut(ids: list[int], seq_len: int, max_windows: int | None, source: str, bos: int | None = None) -> torch.Tensor:
@@ -287,7 +313,8 @@ def text_windows(
     parts = mixed_parts(spec)
     each = max_windows if len(parts) == 1 or max_windows is None else -(-max_windows // len(parts))
     bos = leading_bos(tokenizer)
-    windows = [_cut(_part_ids(tokenizer, p, chat), seq_len, each, p, bos) for p in parts]
+    needed = _needed(seq_len, each, bos)
+    windows = [_cut(_part_ids(tokenizer, p, chat, needed), seq_len, each, p, bos) for p in parts]
     if len(parts) == 1:
         return windows[0]
     rounds = min(len(w) for w in windows)  # equal shares, so no part dominates
@@ -295,9 +322,9 @@ def text_windows(
     return mixed[:max_windows]
 
 
-def _part_ids(tokenizer, part: str, chat: Callable[[], list[int]] | None) -> list[int]:
+def _part_ids(tokenizer, part: str, chat: Callable[[], list[int]] | None, needed: int | None) -> list[int]:
     if part != CHAT:
-        return _token_ids(tokenizer, load_text(part))
+        return _token_ids(tokenizer, load_text(part), needed)
     if chat is None:
         raise SlimlmError(f"`{CHAT}` is made by the model from its own answers: it needs a loaded model")
     return chat()

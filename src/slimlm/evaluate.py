@@ -29,10 +29,10 @@ def perplexity(
     total_nll, total_tokens = 0.0, 0
     for batch in batches:
         batch = batch.to(model.device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
-        targets = batch[:, 1:]
-        total_nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
-        total_tokens += targets.numel()
+        logits = model(input_ids=batch, use_cache=False).logits
+        for row, ids in zip(logits, batch, strict=True):  # a window at a time: no batch-sized copies of the logits
+            total_nll += F.cross_entropy(row[:-1], ids[1:], reduction="sum").item()
+        total_tokens += batch[:, 1:].numel()
     return math.exp(total_nll / total_tokens)
 
 
