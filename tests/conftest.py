@@ -23,6 +23,8 @@ from typer.testing import CliRunner
 from slimlm.cli import app
 from slimlm.models import LoadedModel, adapter_for
 
+from .postgres import MISSING, server_bin, throwaway_cluster
+
 VOCAB = 96
 # every supported family; each test runs on all
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3"]
@@ -189,43 +191,12 @@ def save_subnet(subnet, path: Path, model_folder: Path) -> Path:
     return path
 
 
-def _postgres_bin() -> Path | None:
-    """The PostgreSQL server programs (Debian's ``postgresql`` package), or None when not installed."""
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name))
-    return found[-1].parent if found else None
-
-
 @pytest.fixture(scope="session")
 def postgres_url():
-    """A throw-away PostgreSQL cluster in a temporary folder, on a Unix socket only (no TCP port),
-    stopped and deleted afterwards; its SQLAlchemy URL. Skipped, with the reason, only where the
-    server is not installed (``.ci/run`` installs it, so CI never skips)."""
-    import os
-    import shutil
-    import subprocess
-    import tempfile
-
-    bin_dir = _postgres_bin()
-    if bin_dir is None:
-        pytest.skip("PostgreSQL server not installed (Debian: apt-get install postgresql; .ci/run installs it)")
-    folder = Path(tempfile.mkdtemp(prefix="slimlm-pg-"))
-    data, socket = folder / "data", folder / "socket"
-    socket.mkdir()
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # the server refuses to run as root: run it as Debian's postgres user
-        shutil.chown(folder, "postgres")
-        shutil.chown(socket, "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-
-    def run(*args: str) -> None:
-        subprocess.run([*as_user, *args], check=True, capture_output=True, timeout=120)
-
-    run(str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "slimlm", "--no-sync")
-    options = f"-k {socket} -c listen_addresses='' -c fsync=off -c max_connections=100"
-    run(str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "start")
-    try:
-        run(str(bin_dir / "createdb"), "-h", str(socket), "-U", "slimlm", "slimlm")
-        yield f"postgresql+psycopg2://slimlm@/slimlm?host={socket}"
-    finally:
-        run(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
-        shutil.rmtree(folder, ignore_errors=True)
+    """A throw-away PostgreSQL cluster (``tests.postgres.throwaway_cluster``: a temporary folder, a Unix
+    socket only, stopped and deleted afterwards); its SQLAlchemy URL. Skipped, with the reason, only
+    where the server is not installed (``.ci/run`` installs it, so CI never skips)."""
+    if server_bin() is None:
+        pytest.skip(MISSING)
+    with throwaway_cluster() as url:
+        yield url
