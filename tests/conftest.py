@@ -13,6 +13,7 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
+    OPTConfig,
     Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
@@ -27,7 +28,7 @@ from .postgres import MISSING, server_bin, throwaway_cluster
 
 VOCAB = 96
 # every supported family; each test runs on all
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "opt"]
 WORDS = [f"w{i}" for i in range(VOCAB - 1)]
 TEXT = " ".join(WORDS[(i * 7) % len(WORDS)] for i in range(4000))
 
@@ -68,7 +69,8 @@ GEMMA3_TINY = dict(sliding_window=4, query_pre_attn_scalar=8)
 
 
 def tiny_config(family: str = "llama", **overrides):
-    """A 4-layer model: 6 query heads in 2 GQA groups of 3, head dim 8, 40 MLP neurons."""
+    """A 4-layer model: 6 query heads in 2 GQA groups of 3 (OPT: 6 heads with their own keys and values),
+    head dim 8, 40 MLP neurons."""
     values = dict(
         vocab_size=VOCAB,
         hidden_size=48,
@@ -95,9 +97,13 @@ def tiny_config(family: str = "llama", **overrides):
         "qwen3": Qwen3Config,
         "gemma3_text": Gemma3TextConfig,
         "phi3": Phi3Config,  # fused qkv_proj and gate_up_proj
+        "opt": OPTConfig,  # biases everywhere, learned positions, fc1/fc2 with ReLU
     }[family]
     if family == "qwen2":
         values.pop("head_dim")  # Qwen2 derives it: 48 / 6 = 8
+    if family == "opt":  # plain multi-head attention, head dim 48 / 6 = 8; the MLP width is ffn_dim
+        values["ffn_dim"] = values.pop("intermediate_size")
+        del values["num_key_value_heads"], values["head_dim"]
     return config_class(**values)
 
 
@@ -111,6 +117,16 @@ def tiny_loaded(family: str = "llama", seed: int = 0, **overrides) -> LoadedMode
             if name.endswith("bias"):
                 param.normal_(0, 0.5)
     return LoadedModel(model, tiny_tokenizer(), adapter_for(config), f"tiny-{family}", Path("."), 0.0)
+
+
+def for_family(subnet, family: str):
+    """``subnet``, written for the tiny models' 2 GQA groups of 3 heads, for ``family``: in OPT every query
+    head is its own key/value head, so it keeps the key/value heads of its kept query heads."""
+    from slimlm.subnet import LayerKeep, SubNetwork
+
+    if family != "opt":
+        return subnet
+    return SubNetwork({i: LayerKeep(k.heads, k.heads, k.neurons) for i, k in subnet.layers.items()})
 
 
 def unfused_llama(phi3: LoadedModel) -> LoadedModel:

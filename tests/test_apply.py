@@ -9,20 +9,21 @@ from slimlm.apply import subnetwork_applied, subnetwork_masked
 from slimlm.errors import SlimlmError
 from slimlm.subnet import LayerKeep, SubNetwork
 
-from .conftest import FAMILIES, tiny_loaded, unfused_llama
+from .conftest import FAMILIES, for_family, tiny_loaded, unfused_llama
 
 INPUT = torch.arange(2 * 12).view(2, 12) % 90 + 3
 
 
-def heterogeneous() -> SubNetwork:
-    """Layer 1 dropped, per-layer widths, GQA groups pruned in different ways."""
-    return SubNetwork(
+def heterogeneous(family: str = "llama") -> SubNetwork:
+    """Layer 1 dropped, per-layer widths, GQA groups pruned in different ways (OPT: the same query heads)."""
+    subnet = SubNetwork(
         {
             0: LayerKeep([0, 1, 2, 3, 4, 5], [0, 1], range(40)),
             2: LayerKeep([1, 2, 3, 5], [0, 1], [0, 3, 9, 17, 39]),
             3: LayerKeep([4], [1], range(0, 40, 3)),
         }
     )
+    return for_family(subnet, family)
 
 
 def masked_logits(loaded, subnet: SubNetwork, ids: torch.Tensor) -> torch.Tensor:
@@ -51,7 +52,7 @@ def masked_logits(loaded, subnet: SubNetwork, ids: torch.Tensor) -> torch.Tensor
 @pytest.mark.parametrize("family", FAMILIES)
 def test_applied_model_computes_the_masked_subnetwork(family):
     loaded = tiny_loaded(family)
-    subnet = heterogeneous()
+    subnet = heterogeneous(family)
     expected = masked_logits(loaded, subnet, INPUT)
     with subnetwork_applied(loaded, subnet) as model, torch.no_grad():
         got = model(input_ids=INPUT, use_cache=False).logits
@@ -66,7 +67,7 @@ def test_restore_leaves_the_model_exactly_as_it_was(family):
     before_values = {name: p.detach().clone() for name, p in before_params.items()}
     before_logits = model(input_ids=INPUT).logits.detach()
     config_before = model.config.to_dict()
-    with subnetwork_applied(loaded, heterogeneous()) as applied:
+    with subnetwork_applied(loaded, heterogeneous(family)) as applied:
         assert len(loaded.adapter.decoder_layers(applied)) == 3
         assert applied.config.num_hidden_layers == 3
     after = dict(model.named_parameters())
@@ -121,7 +122,7 @@ def test_invalid_subnetwork_is_refused_before_touching_the_model():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generation_with_kv_cache_works_on_the_applied_model(family):
     loaded = tiny_loaded(family)
-    with subnetwork_applied(loaded, heterogeneous()) as model, torch.no_grad():
+    with subnetwork_applied(loaded, heterogeneous(family)) as model, torch.no_grad():
         out = model.generate(INPUT[:1], max_new_tokens=6, min_new_tokens=6, do_sample=False)
         # greedy decoding with the cache must agree with recomputing the whole sequence each time
         ids = INPUT[:1]
@@ -137,9 +138,9 @@ def test_generation_with_kv_cache_works_on_the_applied_model(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_masked_model_computes_what_the_applied_model_computes(family):
     loaded = tiny_loaded(family)
-    with torch.no_grad(), subnetwork_applied(loaded, heterogeneous()) as model:
+    with torch.no_grad(), subnetwork_applied(loaded, heterogeneous(family)) as model:
         expected = model(input_ids=INPUT).logits
-    with torch.no_grad(), subnetwork_masked(loaded, heterogeneous()) as model:
+    with torch.no_grad(), subnetwork_masked(loaded, heterogeneous(family)) as model:
         got = model(input_ids=INPUT).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -217,3 +218,75 @@ def test_phi3_fused_weights_keep_exactly_the_rows_of_the_kept_units():
     assert config.num_attention_heads == heads  # the model's own config was never touched
     for layer in loaded.model.model.layers:
         assert layer.config is config and layer.self_attn.config is config and layer.mlp.config is config
+
+
+# --- biases on every row (OPT) -------------------------------------------------------------------------
+
+
+def opt_by_hand(model, subnet: SubNetwork, full: dict, ids: torch.Tensor) -> torch.Tensor:
+    """OPT's forward pass written out from ``full``'s kept rows, columns and bias entries: a reference that
+    shares no code with transformers' OPT beyond the weights."""
+    F, config = torch.nn.functional, model.config
+    head_dim, hidden = config.hidden_size // config.num_attention_heads, config.hidden_size
+    length = ids.shape[1]
+    h = full["model.decoder.embed_tokens.weight"][ids] + full["model.decoder.embed_positions.weight"][2 : 2 + length]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+
+    def norm(x, name):
+        return F.layer_norm(x, (hidden,), full[f"{name}.weight"], full[f"{name}.bias"])
+
+    for i, keep in sorted(subnet.layers.items()):
+        p = f"model.decoder.layers.{i}."
+        rows = [h * head_dim + d for h in keep.heads for d in range(head_dim)]
+        if rows:
+            x = norm(h, p + "self_attn_layer_norm")
+            q, k, v = (
+                F.linear(x, full[f"{p}self_attn.{n}.weight"][rows], full[f"{p}self_attn.{n}.bias"][rows])
+                .view(*x.shape[:2], len(keep.heads), head_dim)
+                .transpose(1, 2)
+                for n in ("q_proj", "k_proj", "v_proj")
+            )
+            scores = (q * head_dim**-0.5) @ k.transpose(-1, -2)
+            mixed = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
+            mixed = mixed.transpose(1, 2).reshape(*x.shape[:2], len(rows))
+            out = full[p + "self_attn.out_proj.weight"][:, rows]
+            h = h + F.linear(mixed, out, full[p + "self_attn.out_proj.bias"])  # the output bias stays whole
+        neurons = list(keep.neurons)
+        if neurons:
+            x = F.linear(
+                norm(h, p + "final_layer_norm"), full[p + "fc1.weight"][neurons], full[p + "fc1.bias"][neurons]
+            )
+            h = h + F.linear(x.relu(), full[p + "fc2.weight"][:, neurons], full[p + "fc2.bias"])
+    return F.linear(norm(h, "model.decoder.final_layer_norm"), full["model.decoder.embed_tokens.weight"])
+
+
+def test_opt_pruned_rows_take_their_bias_entries_and_the_model_is_the_kept_weights_by_hand():
+    """OPT's q/k/v and fc1 rows leave with their bias entries, out_proj and fc2 lose the columns but keep
+    their biases, and the pruned model computes what the kept weights compute written out by hand
+    (a removed layer, a removed attention, a removed MLP and fewer heads and neurons)."""
+    loaded = tiny_loaded("opt")
+    full = {name: p.detach().clone() for name, p in loaded.model.state_dict().items()}
+    subnet = SubNetwork(
+        {
+            0: LayerKeep([], [], range(0, 40, 3)),
+            2: LayerKeep([1, 2, 5], [1, 2, 5], range(20)),
+            3: LayerKeep([0, 4], [0, 4], []),
+        }
+    )
+    head_dim = loaded.dims.head_dim
+    with torch.no_grad(), subnetwork_applied(loaded, subnet) as model:
+        layer = model.model.decoder.layers[1]  # full layer 2
+        rows = [h * head_dim + d for h in (1, 2, 5) for d in range(head_dim)]
+        for name in ("q_proj", "k_proj", "v_proj"):
+            linear = getattr(layer.self_attn, name)
+            assert torch.equal(linear.weight, full[f"model.decoder.layers.2.self_attn.{name}.weight"][rows])
+            assert torch.equal(linear.bias, full[f"model.decoder.layers.2.self_attn.{name}.bias"][rows])
+        out = layer.self_attn.out_proj
+        assert torch.equal(out.weight, full["model.decoder.layers.2.self_attn.out_proj.weight"][:, rows])
+        assert torch.equal(out.bias, full["model.decoder.layers.2.self_attn.out_proj.bias"])
+        assert layer.self_attn.num_heads == 3
+        assert torch.equal(layer.fc1.bias, full["model.decoder.layers.2.fc1.bias"][:20])
+        assert torch.equal(layer.fc2.bias, full["model.decoder.layers.2.fc2.bias"])
+        got = model(input_ids=INPUT, use_cache=False).logits
+    torch.testing.assert_close(got, opt_by_hand(loaded.model, subnet, full, INPUT), rtol=1e-5, atol=1e-5)
+    assert all(layer.self_attn.num_heads == 6 for layer in loaded.model.model.decoder.layers)  # restored

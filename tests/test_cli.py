@@ -76,7 +76,8 @@ def test_info_json_without_latency(tmp_path, family):
     assert params == sum(p.numel() for p in tiny.model.parameters())  # tied embeddings counted once
     assert info["family"] == family
     assert info["layers"] == 4
-    assert info["layer_shapes"] == [{"heads": 6, "kv_heads": 2, "neurons": 40, "count": 4}]
+    kv_heads = 6 if family == "opt" else 2  # OPT: multi-head, every head its own key/value head
+    assert info["layer_shapes"] == [{"heads": 6, "kv_heads": kv_heads, "neurons": 40, "count": 4}]
     assert info["hidden_size"] == 48
     assert info["max_positions"] == 128
     assert info["context"] == 64

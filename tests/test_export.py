@@ -20,7 +20,7 @@ from slimlm.search import SearchJob, search
 from slimlm.strategies import completed
 from slimlm.subnet import SubNetwork
 
-from .conftest import FAMILIES, TEXT, fast_search_settings, invoke, one_error, save_tiny, tiny_loaded
+from .conftest import FAMILIES, TEXT, fast_search_settings, for_family, invoke, one_error, save_tiny, tiny_loaded
 
 BPE_VOCAB = 300
 
@@ -75,9 +75,18 @@ READS_BACK = {
 }
 
 
+# llama.cpp has no graph for these families: export is refused in one line, before anything is written
+NO_LLAMA_CPP_GRAPH = {"opt": "llama.cpp has no OPT architecture"}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_f32_gguf_computes_the_same_logits(tmp_path, family):
     loaded = bpe_model(tmp_path, family, **READS_BACK.get(family, {}))
+    if family in NO_LLAMA_CPP_GRAPH:
+        with pytest.raises(SlimlmError, match=f"^{NO_LLAMA_CPP_GRAPH[family]}"):
+            export_gguf(loaded, tmp_path / "m.gguf", "f32", tokenizer_pre="default")
+        assert not list(tmp_path.glob("m.*"))
+        return
     exported = export_gguf(loaded, tmp_path / "m.gguf", "f32", tokenizer_pre="default")
     ids = torch.randint(0, BPE_VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -242,6 +251,17 @@ def test_phi3_models_llama_cpp_cannot_run_are_refused_in_one_line(tmp_path, case
     folder = bpe_model(tmp_path, "phi3", subnet=subnet).folder
     error = one_error(invoke("export", folder, "--gguf", tmp_path / "m.gguf", "--tokenizer-pre", "default"))
     assert "llama.cpp" in error and "phi3" in error and nearest in error
+    assert not list(tmp_path.glob("m.*"))
+
+
+@pytest.mark.parametrize("quant", ["f16", "q4_k"])  # the k-quants: refused before llama.cpp is looked for
+def test_opt_is_refused_in_one_line_whatever_its_shape_and_type(tmp_path, quant):
+    folder = bpe_model(tmp_path, "opt", subnet=lambda dims: for_family(ragged(dims), "opt")).folder  # slimlm's own
+    error = one_error(invoke("export", folder, "--gguf", tmp_path / "m.gguf", "--quant", quant, "--tokenizer-pre", "x"))
+    assert error == (
+        "error: llama.cpp has no OPT architecture (learned positions, ReLU MLP without a gate), so an OPT model "
+        "does not export to GGUF; use the extracted Hugging Face folder"
+    )
     assert not list(tmp_path.glob("m.*"))
 
 

@@ -17,7 +17,7 @@ from slimlm.errors import SlimlmError
 from slimlm.extract import SUBNET_FILE, extract
 from slimlm.subnet import LayerKeep, SubNetwork
 
-from .conftest import FAMILIES, tiny_loaded
+from .conftest import FAMILIES, for_family, tiny_loaded
 from .test_apply import INPUT, heterogeneous
 
 CASES = {
@@ -36,6 +36,8 @@ CASES = {
     ),
 }
 HETEROGENEOUS = {"heterogeneous", "sub_blocks_removed"}
+# OPT's stock config sizes a head as hidden / heads: a model pruning heads, even alike in all layers, is slimlm's own
+FEWER_HEADS = {"uniform", "gqa_pruned"}
 
 # Runs in a fresh interpreter that never imports slimlm: what a user of the folder has.
 RELOAD = textwrap.dedent(
@@ -61,7 +63,7 @@ def extracted(tmp_path_factory):
     results = {}
     for family in FAMILIES:
         for case, subnet in CASES.items():
-            loaded = tiny_loaded(family)
+            loaded, subnet = tiny_loaded(family), for_family(subnet, family)
             folder = tmp_path_factory.mktemp(f"{family}-{case}")
             info = extract(loaded, subnet, folder)
             with subnetwork_applied(loaded, subnet) as model, torch.no_grad():
@@ -90,13 +92,16 @@ def test_reloaded_model_has_the_in_place_logits_and_generation(extracted, family
 def test_only_heterogeneous_models_need_remote_code(extracted, family, case):
     _, info, _, _ = extracted[family, case]
     config = json.loads((info.folder / "config.json").read_text())
-    assert info.needs_remote_code == (case in HETEROGENEOUS)
+    assert info.needs_remote_code == (case in HETEROGENEOUS or (family == "opt" and case in FEWER_HEADS))
     assert ("auto_map" in config) == info.needs_remote_code
     assert (info.folder / "modeling_slimlm.py").exists() == info.needs_remote_code
     assert config["num_hidden_layers"] == len(CASES[case].layers)
     if not info.needs_remote_code:
         shape = CASES[case].shapes()[0]
         assert config["model_type"] == family
+        if family == "opt":  # multi-head: as many key/value heads as heads; the MLP width is ffn_dim
+            assert (config["num_attention_heads"], config["ffn_dim"]) == (shape.heads, shape.neurons)
+            return
         assert (config["num_attention_heads"], config["num_key_value_heads"]) == (shape.heads, shape.kv_heads)
         assert config["intermediate_size"] == shape.neurons
 
@@ -105,17 +110,19 @@ def test_only_heterogeneous_models_need_remote_code(extracted, family, case):
 @pytest.mark.parametrize("case", list(CASES))
 def test_parameter_count_matches_the_static_cost(extracted, family, case):
     loaded, info, _, _ = extracted[family, case]
-    assert info.params == static_cost(loaded.dims, CASES[case].shapes()).params
+    assert info.params == static_cost(loaded.dims, for_family(CASES[case], family).shapes()).params
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_removed_sub_block_takes_its_norms_with_it(extracted, family):
     loaded, info, _, _ = extracted[family, "sub_blocks_removed"]  # layer 0 without attention, layer 2 without MLP
     names = set(load_file(info.folder / "model.safetensors"))
+    layers = loaded.adapter.decoder_layers(loaded.model)
+    path = next(name for name, module in loaded.model.named_modules() if module is layers)  # OPT: model.decoder.layers
     for layer, removed, kept in ((0, "attention", "mlp"), (2, "mlp", "attention")):
         for name, present in ((removed, False), (kept, True)):
             for attribute in loaded.adapter.sub_block_attributes(name):  # Gemma-3: two norms per sub-block
-                prefix = f"model.layers.{layer}.{attribute}."
+                prefix = f"{path}.{layer}.{attribute}."
                 assert any(n.startswith(prefix) for n in names) == present, prefix
 
 

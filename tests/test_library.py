@@ -36,6 +36,8 @@ def candidate(loaded, scores) -> SubNetwork:
     """A heterogeneous candidate on the space's levels, with a removed attention and a removed MLP."""
     dims = loaded.dims
     shapes = {0: LayerShape(0, 0, 16), 1: LayerShape(4, 2, 32), 2: LayerShape(3, 1, 0), 3: LayerShape(6, 2, 8)}
+    if dims.family == "opt":  # multi-head: every query head its own key/value head
+        shapes = {i: LayerShape(s.heads, s.heads, s.neurons) for i, s in shapes.items()}
     assert all(
         (s.heads, s.kv_heads) in [(a.heads, a.kv_heads) for a in SPACE.attention_levels(dims.layers[i])]
         and s.neurons in SPACE.mlp_levels(dims.layers[i])

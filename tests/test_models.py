@@ -14,7 +14,7 @@ import gguf as gguf_package
 import numpy as np
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, OPTForCausalLM
 
 from slimlm.cache import cache_root
 from slimlm.costs import static_cost
@@ -23,7 +23,7 @@ from slimlm.export import TOKENIZER_GGUF
 from slimlm.models import ADAPTERS, BUILTIN_MODELS, load_model, loading, resolve_model
 from slimlm.models.loading import DONE_MARKER
 
-from .conftest import FAMILIES, TEXT, save_tiny, tiny_loaded, tiny_tokenizer
+from .conftest import FAMILIES, TEXT, invoke, one_error, save_tiny, tiny_config, tiny_loaded, tiny_tokenizer
 
 SMOLLM = "smollm2-135m"
 
@@ -205,8 +205,32 @@ def test_unsupported_architecture_names_it_and_the_supported_ones(tmp_path):
         load_model(folder)
     message = str(caught.value)
     assert "GPT2LMHeadModel" in message
-    assert "llama, mistral, phi3, qwen2" in message
+    assert "llama, mistral, opt, phi3, qwen2" in message
     assert "slimlm_" not in message  # internal model types are not advertised
+
+
+OPT_REFUSED = {  # opt-350m's layout -> its one error line
+    "norms after the residual add": (
+        {"do_layer_norm_before": False},
+        "error: slimlm prunes OPT models whose layers normalize before each sub-block; this one normalizes after "
+        "the residual add (do_layer_norm_before=false, as opt-350m)",
+    ),
+    "a narrower word embedding": (
+        {"word_embed_proj_dim": 32},
+        "error: slimlm prunes OPT models whose word embeddings are hidden-sized; this one projects 32 to 48 "
+        "(word_embed_proj_dim, as opt-350m)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", OPT_REFUSED)
+def test_opt_layouts_slimlm_cannot_prune_are_refused_in_one_line_before_the_weights_load(tmp_path, case, monkeypatch):
+    overrides, line = OPT_REFUSED[case]
+    folder = tmp_path / "opt"
+    OPTForCausalLM(tiny_config("opt", **overrides)).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("loaded weights"))
+    assert one_error(invoke("info", folder, "--no-latency")) == line
 
 
 def test_missing_gguf_file(tmp_path):

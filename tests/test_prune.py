@@ -166,6 +166,56 @@ def test_taylor_importance_of_fused_weights_scores_each_block_as_its_unfused_wei
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-8)
 
 
+def test_taylor_importance_of_opt_counts_the_bias_entries_of_each_units_rows():
+    """OPT: a head scores its q rows and bias entries and its out_proj columns (not out_proj's bias, which
+    stays); its key/value head adds the k and v rows and bias entries; a neuron its fc1 row and bias entry
+    and its fc2 column."""
+    loaded = tiny_loaded("opt")
+    ids = windows(loaded, count=2)
+    scores = taylor_importance(loaded, ids)
+    model = loaded.model
+    loss = sum(model(input_ids=w[None], labels=w[None]).loss for w in ids) / len(ids)
+    layer = loaded.adapter.decoder_layers(model)[1]
+    attn = layer.self_attn
+    params = [getattr(getattr(attn, n), kind) for n in ("q_proj", "k_proj", "v_proj") for kind in ("weight", "bias")]
+    params += [attn.out_proj.weight, layer.fc1.weight, layer.fc1.bias, layer.fc2.weight]
+    q, qb, k, kb, v, vb, out, fc1, fc1b, fc2 = (
+        (p * g).abs().double() for p, g in zip(params, torch.autograd.grad(loss, params), strict=True)
+    )
+    hd, head = loaded.dims.head_dim, 4
+    rows = slice(head * hd, (head + 1) * hd)
+    query = q[rows].sum() + qb[rows].sum() + out[:, rows].sum()
+    assert qb[rows].sum() > 0 and torch.isclose(scores.heads[1][head].double(), query, rtol=1e-4)
+    key_value = k[rows].sum() + kb[rows].sum() + v[rows].sum() + vb[rows].sum()
+    assert torch.isclose(scores.kv_heads[1][head].double(), key_value + query, rtol=1e-4)  # a group of one head
+    neuron = int(fc1b.argmax())  # a live one: ReLU gives a neuron that never fires no gradient
+    expected = fc1[neuron].sum() + fc1b[neuron] + fc2[:, neuron].sum()
+    assert fc1b[neuron] > 0 and torch.isclose(scores.neurons[1][neuron].double(), expected, rtol=1e-4)
+    assert all(p.grad is None for p in model.parameters())  # left as found
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("enable_bias", [True, False])
+def test_every_method_prunes_an_opt_and_flap_extracts_with_its_biases(tmp_path, enable_bias):
+    """FLAP's compensation adds to OPT's own output biases (a stock-shaped bias), or, in an OPT without
+    biases, gives slimlm's own model the biases it lacks; the reloaded model has the in-place logits."""
+    loaded = tiny_loaded("opt", enable_bias=enable_bias)
+    inputs = given(loaded, 0.6)
+    for method in METHODS:
+        pruned = prune(method, inputs)
+        assert static_cost(loaded.dims, pruned.subnet.shapes()).params <= inputs.budget
+    pruned = prune("flap", inputs)
+    result = extract(loaded, pruned.subnet, tmp_path / "flap", pruned.reformed)
+    small = AutoModelForCausalLM.from_pretrained(result.folder, trust_remote_code=True)
+    assert small.config.slimlm_output_bias == (not enable_bias)  # OPT with biases has them already
+    assert small.model.decoder.layers[0].fc2.bias is not None
+    with torch.no_grad(), subnetwork_applied(loaded, pruned.subnet, pruned.reformed) as model:
+        expected = model(input_ids=inputs.windows[:2]).logits
+    with torch.no_grad():
+        torch.testing.assert_close(small(input_ids=inputs.windows[:2]).logits, expected, rtol=1e-4, atol=1e-5)
+    assert (loaded.model.model.decoder.layers[0].fc2.bias is None) == (not enable_bias)  # restored
+
+
 def test_llm_pruner_keeps_the_first_and_last_layers_whole():
     loaded = tiny_loaded(num_hidden_layers=16)
     subnet = prune("llm-pruner", given(loaded, 0.7)).subnet

@@ -62,7 +62,7 @@ def test_hopeless_gram_is_a_clear_error():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_reformation_brings_the_subnetwork_closer_to_the_full_model(family):
     loaded = tiny_loaded(family)
-    subnet = heterogeneous()
+    subnet = heterogeneous(family)
     with torch.no_grad():
         dense = loaded.model(input_ids=IDS).logits
     errors = []
@@ -78,7 +78,7 @@ def test_each_layer_is_reformed_on_what_the_reformed_layers_before_it_give_it(fa
     earlier projection reformed, really gives that MLP (so the hidden states reform carries from layer
     to layer are the model's own: Gemma-3 normalizes each branch's output before adding it)."""
     loaded = tiny_loaded(family)
-    subnet = heterogeneous()
+    subnet = heterogeneous(family)
     reformed = reform(loaded, subnet, IDS)
     last = max(subnet.layers)
     keep = subnet.layers[last]

@@ -128,11 +128,14 @@ def check_exportable(loaded: LoadedModel, quant: str, tokenizer_pre: str | None 
     if quant not in QUANT_TYPES and quant not in NATIVE_QUANT_TYPES:
         choices = ", ".join([*QUANT_TYPES, *NATIVE_QUANT_TYPES])
         raise SlimlmError(f"unknown GGUF type '{quant}'; choose from {choices} (the k-quants need llama.cpp)")
+    family = loaded.dims.family
+    if family not in ARCHITECTURES:  # a family llama.cpp has no graph for says so itself (OPT)
+        refusal = loaded.adapter.gguf_refusal(loaded.model)
+        raise SlimlmError(
+            refusal or f"GGUF export does not support the '{family}' family yet ({', '.join(ARCHITECTURES)})"
+        )
     if quant in NATIVE_QUANT_TYPES:
         require()
-    family = loaded.dims.family
-    if family not in ARCHITECTURES:
-        raise SlimlmError(f"GGUF export does not support the '{family}' family yet ({', '.join(ARCHITECTURES)})")
     if tokenizer_gguf(loaded.folder) is not None:
         return
     if tokenizer_pre is None:

@@ -23,7 +23,8 @@ Metrics (``METRICS``; a new one is one function and one registry line):
 Layers are scored by block influence, mean 1 − cos(layer input, layer output) (ShortGPT).
 
 ``taylor_importance`` (LLM-Pruner) needs gradients, so it is its own pass: per weight |w · ∂L/∂w| of
-the calibration loss, summed over every weight coupled to a unit (``Adapter.coupled_weights``).
+the calibration loss, summed over every weight coupled to a unit (``Adapter.coupled_weights``), and
+the bias entries of its rows (removed with them: Qwen2's and OPT's query, key and value biases).
 """
 
 from __future__ import annotations
@@ -292,12 +293,14 @@ def taylor_importance(loaded: LoadedModel, windows: torch.Tensor, layers: torch.
     """First-order Taylor importance (LLM-Pruner, element-wise): Σ |w · ∂L/∂w| over each unit's coupled weights.
 
     L is the mean language-modelling loss over ``windows`` (one backward pass per window; only the
-    coupled weights take gradients). A key/value head scores its key and value rows plus its query
-    heads. ``layers`` become the layer scores (default: all equal; this pass does not score layers).
+    coupled weights and their rows' biases take gradients). A key/value head scores its key and value
+    rows plus its query heads. ``layers`` become the layer scores (default: all equal; this pass does
+    not score layers).
     """
     model, adapter, dims = loaded.model, loaded.adapter, loaded.dims
     coupled = [adapter.coupled_weights(layer) for layer in adapter.decoder_layers(model)]
     weights = {id(c.linear.weight) for layer in coupled for c in layer}
+    weights |= {id(c.linear.bias) for layer in coupled for c in layer if c.axis == 0 and c.linear.bias is not None}
     parameters = list(model.parameters())
     previous = [p.requires_grad for p in parameters]
     for p in parameters:  # gradients for the coupled weights only
@@ -313,6 +316,8 @@ def taylor_importance(loaded: LoadedModel, windows: torch.Tensor, layers: torch.
             per_unit: dict[str, torch.Tensor] = {}
             for c in layer:
                 score = (c.linear.weight * c.linear.weight.grad).abs().double().sum(dim=1 - c.axis)
+                if c.axis == 0 and c.linear.bias is not None:  # a row's bias entry goes with it
+                    score = score + (c.linear.bias * c.linear.bias.grad).abs().double()
                 score = score.narrow(0, c.offset, getattr(shape, c.unit) * c.width)  # its block of a fused weight
                 score = score.view(-1, c.width).sum(dim=1)
                 per_unit[c.unit] = per_unit.get(c.unit, 0) + score

@@ -8,13 +8,14 @@ from slimlm.errors import SlimlmError
 from slimlm.models.base import Adapter, CoupledWeight, LayerShape, LinearSlice, ModelDims
 from slimlm.models.gemma3 import Gemma3Adapter
 from slimlm.models.llama import FAMILIES, LlamaFamilyAdapter
+from slimlm.models.opt import OPTAdapter
 from slimlm.models.phi3 import Phi3Adapter
 from slimlm.models.remote import modeling_slimlm as remote
 
 # model_type -> adapter. A new family is one adapter module and one entry here.
 ADAPTERS: dict[str, Adapter] = {
     adapter.family: adapter
-    for adapter in [*(LlamaFamilyAdapter(family) for family in FAMILIES), Gemma3Adapter(), Phi3Adapter()]
+    for adapter in [*(LlamaFamilyAdapter(family) for family in FAMILIES), Gemma3Adapter(), Phi3Adapter(), OPTAdapter()]
 }
 
 # slimlm's own heterogeneous models load in slimlm without trust_remote_code.
@@ -26,8 +27,12 @@ for _adapter in list(ADAPTERS.values()):
 
 
 def adapter_for(config: PretrainedConfig) -> Adapter:
-    """The adapter for a model config, or a clear error naming what is supported."""
-    return adapter_named(config.model_type, config.architectures)
+    """The adapter for a model config, or a clear error naming what is supported (or why not this config)."""
+    adapter = adapter_named(config.model_type, config.architectures)
+    refusal = adapter.config_refusal(config)
+    if refusal is not None:
+        raise SlimlmError(refusal)
+    return adapter
 
 
 def adapter_named(model_type: str | None, architectures: list[str] | None = None) -> Adapter:

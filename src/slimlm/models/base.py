@@ -115,6 +115,11 @@ class Adapter:
     #: ``config.architectures`` names this adapter handles.
     architectures: tuple[str, ...] = ()
 
+    def config_refusal(self, config: PretrainedConfig) -> str | None:
+        """Why slimlm cannot prune a model of this config although it is of this family (one sentence),
+        or None: checked when the adapter is chosen, before any weights load."""
+        return None
+
     def dims(self, model: PreTrainedModel) -> ModelDims:
         """The model's structure, read from its modules (so heterogeneous models work too)."""
         raise NotImplementedError

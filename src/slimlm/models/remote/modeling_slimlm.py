@@ -11,7 +11,8 @@ Each layer is built by the stock layer class from its own config view. A layer w
 heads has no attention sub-block, one with intermediate size 0 no MLP: the branch adds nothing
 to the residual stream and has no weights, its norms included (the one before the branch, and in
 Gemma-3 the one after it too). Phi-3's attention reads its head count from its config: each layer's
-own view gives it that layer's.
+own view gives it that layer's. OPT's attention derives its head size from hidden / heads, so its
+layers are built whole and their projections then resized (``build_opt_layer``).
 """
 
 import copy
@@ -25,6 +26,8 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
     Qwen2Config,
@@ -35,6 +38,7 @@ from transformers import (
 from transformers.models.gemma3.modeling_gemma3 import Gemma3DecoderLayer
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
+from transformers.models.opt.modeling_opt import OPTDecoderLayer
 from transformers.models.phi3.modeling_phi3 import Phi3DecoderLayer
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
@@ -68,6 +72,8 @@ class NoMLP(nn.Module):
 
 # sub-block -> the attributes of a decoder layer it owns: its norms, then its module (last)
 LLAMA_SUB_BLOCKS = {"attention": ("input_layernorm", "self_attn"), "mlp": ("post_attention_layernorm", "mlp")}
+# OPT's MLP is the layer's own fc1 and fc2: fc1 becomes the identity (as the norm does) and fc2 the zero
+OPT_SUB_BLOCKS = {"attention": ("self_attn_layer_norm", "self_attn"), "mlp": ("final_layer_norm", "fc1", "fc2")}
 # Gemma-3 also normalizes each branch's output before the residual add
 GEMMA3_SUB_BLOCKS = {
     "attention": ("input_layernorm", "post_attention_layernorm", "self_attn"),
@@ -76,7 +82,8 @@ GEMMA3_SUB_BLOCKS = {
 
 
 def remove_sub_block(layer, name, layer_idx, head_dim, sub_blocks=LLAMA_SUB_BLOCKS):
-    """Replace a layer's attention or MLP sub-block (and its norms) by one that adds nothing."""
+    """Replace a layer's attention or MLP sub-block (and its norms) by one that adds nothing: every
+    attribute but the last becomes the identity, the last the sub-block that adds zero."""
     *norms, module = sub_blocks[name]
     for norm in norms:
         setattr(layer, norm, nn.Identity())
@@ -114,11 +121,37 @@ def rebuild_layers(model, layer_class, sub_blocks=LLAMA_SUB_BLOCKS):
     layers = (build_layer(config, layer_class, i, sub_blocks) for i in range(config.num_hidden_layers))
     model.model.layers = nn.ModuleList(layers)
     if getattr(config, "slimlm_output_bias", False):  # pruning methods that compensate removed units with a bias
-        for layer in model.model.layers:
-            for branch, name in ((layer.self_attn, "o_proj"), (layer.mlp, "down_proj")):
-                linear = getattr(branch, name, None)
-                if linear is not None and linear.bias is None:
-                    linear.bias = nn.Parameter(torch.zeros(linear.out_features))
+        add_output_biases([(layer.self_attn, "o_proj") for layer in model.model.layers])
+        add_output_biases([(layer.mlp, "down_proj") for layer in model.model.layers])
+
+
+def add_output_biases(linears):
+    """Give each ``(module, name)`` linear that exists a zero bias where it has none (its weights load over it)."""
+    for module, name in linears:
+        linear = getattr(module, name, None)
+        if isinstance(linear, nn.Linear) and linear.bias is None:
+            linear.bias = nn.Parameter(torch.zeros(linear.out_features))
+
+
+def build_opt_layer(config, index):
+    """OPT decoder layer ``index`` at its own shape: built with every head (OPTAttention sizes its heads as
+    hidden / heads), then its projections resized to its heads of the model's head size."""
+    view = config.layer_config(index)
+    heads, neurons = view.num_attention_heads, view.ffn_dim
+    view.num_attention_heads, view.ffn_dim = config.num_attention_heads, neurons or 1
+    layer = OPTDecoderLayer(view, index)
+    head_dim = config.hidden_size // config.num_attention_heads
+    attn, width, bias = layer.self_attn, heads * head_dim, config.enable_bias
+    if heads:
+        for name in ("q_proj", "k_proj", "v_proj"):
+            setattr(attn, name, nn.Linear(config.hidden_size, width, bias=bias))
+        attn.out_proj = nn.Linear(width, config.hidden_size, bias=bias)
+        attn.num_heads = heads  # OPTAttention splits its projections by this
+    else:
+        remove_sub_block(layer, "attention", index, head_dim, OPT_SUB_BLOCKS)
+    if not neurons:
+        remove_sub_block(layer, "mlp", index, head_dim, OPT_SUB_BLOCKS)
+    return layer
 
 
 class SlimLlamaConfig(PerLayerShapes, LlamaConfig):
@@ -196,4 +229,21 @@ class SlimPhi3ForCausalLM(Phi3ForCausalLM):
     def __init__(self, config):
         super().__init__(config)
         rebuild_layers(self, Phi3DecoderLayer)
+        self.post_init()
+
+
+class SlimOPTConfig(PerLayerShapes, OPTConfig):
+    model_type = "slimlm_opt"
+
+
+class SlimOPTForCausalLM(OPTForCausalLM):
+    config_class = SlimOPTConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        decoder = self.model.decoder
+        decoder.layers = nn.ModuleList(build_opt_layer(config, i) for i in range(config.num_hidden_layers))
+        if getattr(config, "slimlm_output_bias", False):  # only where the model has no biases (enable_bias off)
+            add_output_biases([(layer.self_attn, "out_proj") for layer in decoder.layers])
+            add_output_biases([(layer, "fc2") for layer in decoder.layers])
         self.post_init()
