@@ -89,6 +89,7 @@ def measure(model: str, dtype: str, fraction: float, evaluations: int, work: Pat
         "peak_over_weights": peak / weights,
         "peak_over_load_only": peak / load_peak,
         "peak_phases": dict(top),
+        "phases": phases,  # every phase's peak, in the order the phases began
         "seconds": seconds,
         "command": " ".join(command),
     }
