@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
+
+from slimlm.models.remote import modeling_slimlm as remote
 
 if TYPE_CHECKING:
     import gguf
@@ -114,6 +116,8 @@ class Adapter:
 
     #: ``config.architectures`` names this adapter handles.
     architectures: tuple[str, ...] = ()
+    #: per sub-block ("attention" | "mlp"): its norms, then its module, as the layer's attribute names
+    sub_blocks: ClassVar[dict[str, tuple[str, ...]]]
 
     def config_refusal(self, config: PretrainedConfig) -> str | None:
         """Why slimlm cannot prune a model of this config although it is of this family (one sentence),
@@ -162,11 +166,11 @@ class Adapter:
 
     def sub_block_attributes(self, name: str) -> tuple[str, ...]:
         """Attributes of a decoder layer that removing its ``name`` sub-block ("attention" | "mlp") replaces."""
-        raise NotImplementedError
+        return self.sub_blocks[name]
 
     def remove_sub_block(self, layer: nn.Module, name: str, position: int) -> None:
         """Replace a layer's ``name`` sub-block by one that adds nothing to the residual stream."""
-        raise NotImplementedError
+        remote.remove_sub_block(layer, name, position, layer.self_attn.head_dim, self.sub_blocks)
 
     def residual_branches(self, layer: nn.Module) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
         """The layer as ``h + attention(h, **layer_kwargs)`` then ``h + mlp(h)``: the two branch functions."""

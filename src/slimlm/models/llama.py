@@ -158,12 +158,6 @@ class LlamaFamilyAdapter(Adapter):
     def output_projections(self, layer: nn.Module) -> tuple[nn.Linear | None, nn.Linear | None]:
         return getattr(layer.self_attn, "o_proj", None), getattr(layer.mlp, "down_proj", None)
 
-    def sub_block_attributes(self, name: str) -> tuple[str, ...]:
-        return self.sub_blocks[name]
-
-    def remove_sub_block(self, layer: nn.Module, name: str, position: int) -> None:
-        remote.remove_sub_block(layer, name, position, layer.self_attn.head_dim, self.sub_blocks)
-
     def residual_branches(self, layer: nn.Module):
         def attention(hidden: torch.Tensor, **kwargs) -> torch.Tensor:
             return layer.self_attn(layer.input_layernorm(hidden), **kwargs)[0]

@@ -124,12 +124,6 @@ class OPTAdapter(Adapter):
         fc2 = layer.fc2 if isinstance(layer.fc2, nn.Linear) else None
         return getattr(layer.self_attn, "out_proj", None), fc2
 
-    def sub_block_attributes(self, name: str) -> tuple[str, ...]:
-        return self.sub_blocks[name]
-
-    def remove_sub_block(self, layer: nn.Module, name: str, position: int) -> None:
-        remote.remove_sub_block(layer, name, position, layer.self_attn.head_dim, self.sub_blocks)
-
     def residual_branches(self, layer: nn.Module):
         def attention(hidden: torch.Tensor, **kwargs) -> torch.Tensor:
             return layer.self_attn(layer.self_attn_layer_norm(hidden), **kwargs)[0]
