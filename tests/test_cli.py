@@ -486,3 +486,18 @@ def test_search_options_are_grouped_in_help_with_examples():
     budget = result.stdout.split("╭─ Budget")[1].split("╰")[0]
     assert "--params" in budget and "--max-params" in budget and "--seed" not in budget
     assert "slimlm compress smollm2-135m --params 0.7 --out runs/demo" in result.stdout
+
+
+def test_compress_times_a_short_context_model_within_its_positions(text, tmp_path):
+    """OPT's learned position table of 128 cannot take the default 128 + 32 timing tokens."""
+    dense = save_tiny(tiny_loaded("opt"), tmp_path / "dense")
+    assert load_model(dense).dims.max_positions == 128
+    out = tmp_path / "run"
+    fast = ["--calib", text, "--eval", text, "--seq-len", "16", "--calib-windows", "8", "--fitness-windows", "2"]
+    result = invoke(
+        "compress", dense, "--params", "0.6", "--out", out, *fast, "--eval-windows", "2", "--evaluations", "4"
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "slimlm_report.json").read_text())
+    assert (report["speed_prompt_tokens"], report["speed_new_tokens"]) == (64, 32)
+    assert "prefill 64 tokens" in result.stdout

@@ -183,14 +183,13 @@ def info(
     device: DeviceOpt = "cpu",
 ) -> None:
     """Architecture, size, FLOPs, memory and measured CPU speed of a model."""
-    from slimlm.costs import measure_latency, static_cost
+    from slimlm.costs import measure_latency, probe_lengths, static_cost
     from slimlm.models import load_model
 
     loaded = load_model(model, dtype, device)
     dims = loaded.dims
     cost = static_cost(dims, context=context)
-    prompt = min(128, dims.max_positions // 2)  # short-context models: prompt and generation stay in context
-    speed = measure_latency(loaded.model, prompt, min(32, dims.max_positions // 4), repeats=2) if latency else None
+    speed = measure_latency(loaded.model, *probe_lengths(dims.max_positions), repeats=2) if latency else None
     shapes = Counter(dims.layers)
     result = {
         "model": model,
@@ -986,7 +985,7 @@ def compress(
         return
     model, out_dir = job.model, Path(job.out)
     dense, small = report["dense"], report["compressed"]
-    rows = _comparison_rows(dense, small, 128, subject=1)
+    rows = _comparison_rows(dense, small, report["speed_prompt_tokens"], subject=1)
     rows.insert(
         2,
         [

@@ -132,6 +132,13 @@ def check_repeats(repeats: int) -> None:
         raise SlimlmError(f"repeats must be at least 1, got {repeats}")
 
 
+def probe_lengths(max_positions: int, prompt_tokens: int = 128, new_tokens: int = 32) -> tuple[int, int]:
+    """Prompt and decode lengths for timing, within the model's context: a short-context model (GPT-2
+    style position tables of 128) would otherwise index past its positions. At most half the context
+    for the prompt and a quarter for the decode."""
+    return min(prompt_tokens, max(1, max_positions // 2)), min(new_tokens, max(2, max_positions // 4))
+
+
 def measure_latency(
     model: PreTrainedModel, prompt_tokens: int = 128, new_tokens: int = 32, repeats: int = 3
 ) -> Latency:

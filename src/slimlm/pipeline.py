@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from slimlm.chat import chat_fidelity, chat_reference
-from slimlm.costs import compare_speed, static_cost
+from slimlm.costs import compare_speed, probe_lengths, static_cost
 from slimlm.errors import SlimlmError
 from slimlm.evaluate import perplexity
 from slimlm.extract import folder_bytes, needs_remote_code
@@ -88,7 +88,8 @@ def compress(
     out = Path(job.out)
     dense, small = searcher.loaded, load_model(out / "best", job.dtype, job.device)
     evaluation_ids = searcher.evaluation_ids
-    latency = compare_speed([dense.model, small.model], repeats=repeats)
+    lengths = probe_lengths(dense.dims.max_positions)
+    latency = compare_speed([dense.model, small.model], repeats, *lengths)
     reference = chat_reference(dense.model, dense.tokenizer)  # the dense model's answers, once
     reports = [
         describe(dense, evaluation_ids, latency[0], f"dense {job.model}", job.seq_len, "perplexity (dense)"),
@@ -103,6 +104,8 @@ def compress(
         "evaluation": job.evaluation,
         "seq_len": job.seq_len,
         "evaluation_tokens": evaluation_ids.numel(),
+        "speed_prompt_tokens": lengths[0],  # prefill timed on this many tokens, then ``speed_new_tokens`` decoded
+        "speed_new_tokens": lengths[1],
         "needs_remote_code": needs_remote_code(out / "best"),
         "reformed": pareto["best_reformed"],
         "reformation": pareto.get("best_reformation"),
