@@ -9,7 +9,7 @@ import pytest
 import slimlm.strategies.predicted as predicted
 from slimlm.costs import static_cost
 from slimlm.space import SearchSpace, keep_most_important
-from slimlm.strategies import SUBNET_ATTR, SearchContext
+from slimlm.strategies import SUBNET_ATTR, History, SearchContext
 from slimlm.strategies.predicted import PredictedNSGA2, features, fit_predictor
 
 from .conftest import tiny_loaded
@@ -59,7 +59,7 @@ def test_after_the_warmup_the_proposal_is_the_predicted_best(monkeypatch):
     # a predictor that only likes layer 0's neurons: the proposal must keep all of them, within the budget
     monkeypatch.setattr(predicted, "fit_predictor", lambda dims, history: lambda s: -s[0].neurons if 0 in s else 0)
     strategy = PredictedNSGA2(warmup=4)
-    proposal = strategy.propose(study.ask(), study, context)
+    proposal = strategy.propose(study.ask(), History.read(study), context)
     assert proposal.layers[0].shape.neurons == context.dims.layers[0].neurons
     assert context.fits(proposal)
     seen = {t.user_attrs[SUBNET_ATTR] for t in study.trials if SUBNET_ATTR in t.user_attrs}

@@ -57,10 +57,10 @@ from slimlm.strategies import (
     ETA,
     STAGE_ATTR,
     SUBNET_ATTR,
+    History,
     SearchContext,
     completed,
     make_strategy,
-    seen_candidates,
     stage_of,
 )
 from slimlm.subnet import SubNetwork
@@ -359,17 +359,20 @@ def run_worker(searcher: Searcher, study: optuna.Study, on_result=None) -> None:
         f"candidates in a row scored {job.fitness} NaN or inf; the model or the calibration "
         "text gives no finite scores",
     )
-    while not strategy.finished(study, searcher.context, job.evaluations):
+    while True:
         _fail_stale_trials(study)
+        history = History.read(study)  # this step's one read of the store; the claim checks below read again
+        if strategy.finished(history, searcher.context, job.evaluations):
+            return
         trial = _ask(study)
         with _heartbeat(study, trial):
-            subnet = strategy.propose(trial, study, searcher.context)
+            subnet = strategy.propose(trial, history, searcher.context)
             compact, stage = subnet.to_compact(), int(trial.user_attrs.get(STAGE_ATTR, 0))
-            claimed = searcher.context.fits(subnet) and compact not in seen_candidates(study, trial.number, stage=stage)
+            claimed = searcher.context.fits(subnet) and compact not in history.seen(stage, exclude=trial.number)
             if claimed:
                 trial.set_user_attr(SUBNET_ATTR, compact)  # claim it before evaluating, so other workers skip it
                 # two workers may claim one candidate at once: the lower trial number keeps it
-                claimed = compact not in seen_candidates(study, trial.number, before=trial.number, stage=stage)
+                claimed = compact not in _claims_before(study, trial.number, stage)
             if not claimed:
                 study.tell(trial, state=optuna.trial.TrialState.PRUNED)
                 pruned.hit()
@@ -387,7 +390,7 @@ def run_worker(searcher: Searcher, study: optuna.Study, on_result=None) -> None:
             failed.hit()
             continue
         failed.reset()
-        duplicate = compact in seen_candidates(study, trial.number, before=trial.number, stage=stage)  # a raced claim
+        duplicate = compact in _claims_before(study, trial.number, stage)  # a claim raced after ours was checked
         over_latency = searcher.budget.latency_ms is not None and result["latency_ms"] > searcher.budget.latency_ms
         if duplicate or over_latency:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
@@ -395,6 +398,12 @@ def run_worker(searcher: Searcher, study: optuna.Study, on_result=None) -> None:
         study.tell(trial, [result[job.fitness], result[_objective_key(job.objective)]])
         if on_result:
             on_result(result)
+
+
+def _claims_before(study: optuna.Study, number: int, stage: int) -> set[str]:
+    """Candidates claimed at ``stage`` by trials numbered below ``number``, as the store holds them now."""
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+    return History(study.get_trials(deepcopy=False, states=states)).seen(stage, before=number)
 
 
 class _Streak:
@@ -530,7 +539,9 @@ def _await_workers(searcher: Searcher, study: optuna.Study, show) -> None:
     running = (optuna.trial.TrialState.RUNNING,)
     while True:
         _fail_stale_trials(study)
-        if strategy.finished(study, searcher.context, job.evaluations) and not study.get_trials(False, states=running):
+        if strategy.finished(History.read(study), searcher.context, job.evaluations) and not study.get_trials(
+            False, states=running
+        ):
             return
         show()
         time.sleep(FINALISER_POLL_SECONDS)
@@ -587,10 +598,11 @@ def search(job: SearchJob, loaded: LoadedModel | None = None, role: str = "all")
             task = bar.add_task("searching", total=job.evaluations, completed=first())
 
             def show(result: dict) -> None:
-                top = [t.values[0] for t in completed(study) if stage_of(t) == result["stage"]]
+                done = completed(study)
+                top = [t.values[0] for t in done if stage_of(t) == result["stage"]]
                 stage = f"stage {result['stage'] + 1}/{len(searcher.context.stages)}"
                 best = f", best {job.fitness} {min(top):.4g}" if top else ""
-                bar.update(task, completed=first(), description=f"searching ({stage}{best})")
+                bar.update(task, completed=History(done).first_stage(), description=f"searching ({stage}{best})")
 
             if role == "finaliser":
                 _await_workers(searcher, study, lambda: bar.update(task, completed=first()))

@@ -9,12 +9,12 @@ from slimlm.strategies.base import (
     ETA,
     STAGE_ATTR,
     SUBNET_ATTR,
+    History,
     SearchContext,
     Strategy,
     candidate,
     completed,
     ranked,
-    seen_candidates,
     stage_of,
 )
 from slimlm.strategies.evolution import Evolution
@@ -42,12 +42,12 @@ __all__ = [
     "STAGE_ATTR",
     "STRATEGIES",
     "SUBNET_ATTR",
+    "History",
     "SearchContext",
     "Strategy",
     "candidate",
     "completed",
     "make_strategy",
     "ranked",
-    "seen_candidates",
     "stage_of",
 ]

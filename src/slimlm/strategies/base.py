@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -41,7 +42,7 @@ class Strategy(Protocol):
 
     Strategies that sample the parametric space call ``context.space.suggest(trial, ...)`` and let
     their sampler choose; strategies that work on kept sets directly (evolution) read the study's
-    completed trials and ignore the sampler.
+    completed trials (``History``) and ignore the sampler.
     """
 
     name: str
@@ -51,10 +52,70 @@ class Strategy(Protocol):
     def begin(self, study: optuna.Study, context: SearchContext) -> None:
         """Called once on a new, empty study before any trial (e.g. to enqueue a first population)."""
 
-    def propose(self, trial: optuna.Trial, study: optuna.Study, context: SearchContext) -> SubNetwork: ...
+    def propose(self, trial: optuna.Trial, history: History, context: SearchContext) -> SubNetwork:
+        """The candidate ``trial`` is to evaluate, from the study's trials as read just before it was asked."""
 
-    def finished(self, study: optuna.Study, context: SearchContext, evaluations: int) -> bool:
+    def finished(self, history: History, context: SearchContext, evaluations: int) -> bool:
         """Whether the search is done (``evaluations`` candidates scored, and whatever the strategy adds)."""
+
+
+class History:
+    """The study's trials as read once, oldest first: every decision of one step of the search loop is
+    made from one read, so a trial costs one fetch from the store (Optuna's cache asks the database
+    only for trials new or unfinished since its last read) and scans of a list in memory, not a fetch
+    per question."""
+
+    def __init__(self, trials: Sequence[optuna.trial.FrozenTrial]) -> None:
+        self.trials = list(trials)
+
+    @classmethod
+    def read(cls, study: optuna.Study) -> History:
+        return cls(study.get_trials(deepcopy=False))
+
+    @functools.cached_property
+    def completed(self) -> list[optuna.trial.FrozenTrial]:
+        """Evaluated candidates (at any stage), oldest first."""
+        return [t for t in self.trials if t.state == optuna.trial.TrialState.COMPLETE]
+
+    def first_stage(self) -> int:
+        """Candidates evaluated at the first stage: the count ``evaluations`` asks for."""
+        return sum(stage_of(t) == 0 for t in self.completed)
+
+    def ranked(self) -> list[optuna.trial.FrozenTrial]:
+        """One trial per candidate, best first: its highest stage, then its fitness there (fitness is
+        only comparable within a stage: later stages score more windows)."""
+        best: dict[str, optuna.trial.FrozenTrial] = {}
+        key = lambda t: (-stage_of(t), t.values[0])  # noqa: E731
+        for t in self.completed:
+            compact = t.user_attrs[SUBNET_ATTR]
+            if compact not in best or key(t) < key(best[compact]):
+                best[compact] = t
+        return sorted(best.values(), key=key)
+
+    def draw_number(self, number: int) -> int:
+        """A trial's number among the trials before it that did not fail, to seed its random draws.
+
+        A trial killed mid-evaluation is failed on resume and leaves no gap, so a resumed search draws
+        the same candidates an uninterrupted one would.
+        """
+        failed = optuna.trial.TrialState.FAIL
+        return number - sum(t.number < number and t.state == failed for t in self.trials)
+
+    def seen(self, stage: int = 0, exclude: int | None = None, before: int | None = None) -> set[str]:
+        """Candidates evaluated or being evaluated (by any worker) at ``stage``, as stored compact strings.
+
+        ``exclude`` leaves out one trial (the asking one); ``before`` keeps only lower-numbered trials.
+        """
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+        return {
+            t.user_attrs[SUBNET_ATTR]
+            for t in self.trials
+            if t.state in states
+            and SUBNET_ATTR in t.user_attrs
+            and t.number != exclude
+            and (before is None or t.number < before)
+            and stage_of(t) == stage
+        }
 
 
 def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -62,55 +123,15 @@ def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
 
+def ranked(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """``History.ranked`` of the study as it is now."""
+    return History(completed(study)).ranked()
+
+
 def stage_of(trial: optuna.trial.FrozenTrial) -> int:
     """The fidelity stage a trial was scored at."""
     return int(trial.user_attrs.get(STAGE_ATTR, 0))
 
 
-def first_stage_done(study: optuna.Study, evaluations: int) -> bool:
-    """Single-stage strategies are done when ``evaluations`` candidates are scored."""
-    return sum(stage_of(t) == 0 for t in completed(study)) >= evaluations
-
-
-def ranked(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """One trial per candidate, best first: its highest stage, then its fitness there (fitness is only
-    comparable within a stage: later stages score more windows)."""
-    best: dict[str, optuna.trial.FrozenTrial] = {}
-    key = lambda t: (-stage_of(t), t.values[0])  # noqa: E731
-    for t in completed(study):
-        compact = t.user_attrs[SUBNET_ATTR]
-        if compact not in best or key(t) < key(best[compact]):
-            best[compact] = t
-    return sorted(best.values(), key=key)
-
-
 def candidate(trial: optuna.trial.FrozenTrial) -> SubNetwork:
     return SubNetwork.from_compact(trial.user_attrs[SUBNET_ATTR])
-
-
-def draw_number(study: optuna.Study, number: int) -> int:
-    """A trial's number among the trials before it that did not fail, to seed its random draws.
-
-    A trial killed mid-evaluation is failed on resume and leaves no gap, so a resumed search draws
-    the same candidates an uninterrupted one would.
-    """
-    failed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
-    return number - sum(t.number < number for t in failed)
-
-
-def seen_candidates(
-    study: optuna.Study, exclude: int | None = None, before: int | None = None, stage: int = 0
-) -> set[str]:
-    """Candidates evaluated or being evaluated (by any worker) at ``stage``, as stored compact strings.
-
-    ``exclude`` leaves out one trial (the asking one); ``before`` keeps only lower-numbered trials.
-    """
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
-    return {
-        t.user_attrs[SUBNET_ATTR]
-        for t in study.get_trials(deepcopy=False, states=states)
-        if SUBNET_ATTR in t.user_attrs
-        and t.number != exclude
-        and (before is None or t.number < before)
-        and stage_of(t) == stage
-    }

@@ -30,18 +30,7 @@ import optuna
 
 from slimlm.models.base import LayerShape
 from slimlm.space import keep_most_important
-from slimlm.strategies.base import (
-    ETA,
-    STAGE_ATTR,
-    SUBNET_ATTR,
-    SearchContext,
-    candidate,
-    completed,
-    draw_number,
-    ranked,
-    seen_candidates,
-    stage_of,
-)
+from slimlm.strategies.base import ETA, STAGE_ATTR, SUBNET_ATTR, History, SearchContext, candidate, stage_of
 from slimlm.subnet import SubNetwork
 
 GENERATION_ATTR = "generation"  # trial user attribute: the generation a candidate was born in
@@ -65,20 +54,20 @@ class Evolution:
     def begin(self, study: optuna.Study, context: SearchContext) -> None:
         pass  # the first candidates are ``context.starts``
 
-    def propose(self, trial: optuna.Trial, study: optuna.Study, context: SearchContext) -> SubNetwork:
-        promotion = self.promotion(study, context)
+    def propose(self, trial: optuna.Trial, history: History, context: SearchContext) -> SubNetwork:
+        promotion = self.promotion(history, context)
         if promotion is not None:
             subnet, stage, generation = promotion
             trial.set_user_attr(STAGE_ATTR, stage)
             trial.set_user_attr(GENERATION_ATTR, generation)
             return subnet
-        trial.set_user_attr(GENERATION_ATTR, self._next_generation(study))
-        seen = seen_candidates(study, exclude=trial.number)
+        trial.set_user_attr(GENERATION_ATTR, self._next_generation(history))
+        seen = history.seen(exclude=trial.number)
         for start in context.starts:
             if start.to_compact() not in seen:
                 return start
-        rng = np.random.default_rng([context.seed, draw_number(study, trial.number)])
-        parents = [_genome(context, s) for s in [candidate(t) for t in ranked(study)[: self.parents]]]
+        rng = np.random.default_rng([context.seed, history.draw_number(trial.number)])
+        parents = [_genome(context, candidate(t)) for t in history.ranked()[: self.parents]]
         parents = parents or [_genome(context, s) for s in context.starts]
         child = parents[0]
         for _ in range(ATTEMPTS):
@@ -92,27 +81,27 @@ class Evolution:
                 return subnet
         return _subnet(context, child)
 
-    def finished(self, study: optuna.Study, context: SearchContext, evaluations: int) -> bool:
+    def finished(self, history: History, context: SearchContext, evaluations: int) -> bool:
         """Every requested child scored, and every candidate that earned a higher stage scored there."""
-        first = [t for t in completed(study) if stage_of(t) == 0]
-        return len(first) >= evaluations and self.promotion(study, context) is None
+        return history.first_stage() >= evaluations and self.promotion(history, context) is None
 
-    def promotion(self, study: optuna.Study, context: SearchContext) -> tuple[SubNetwork, int, int] | None:
+    def promotion(self, history: History, context: SearchContext) -> tuple[SubNetwork, int, int] | None:
         """The next (candidate, stage, generation) to score at a higher stage, highest stage first: once a
         generation is done at a stage, the best ``1/eta`` of it there (at least one) go on."""
-        trials = completed(study)
+        by_stage: dict[int, dict[int, list]] = {}  # stage -> generation -> its trials: one pass, not one per generation
+        for t in history.completed:
+            by_stage.setdefault(stage_of(t), {}).setdefault(_generation(t), []).append(t)
         for stage in reversed(range(len(context.stages) - 1)):
-            taken = seen_candidates(study, stage=stage + 1)
-            for generation in sorted({_generation(t) for t in trials if stage_of(t) == stage}):
-                members = [t for t in trials if stage_of(t) == stage and _generation(t) == generation]
-                if len(members) < self._expected(trials, generation, stage, context):
+            taken = history.seen(stage=stage + 1)
+            for generation, members in sorted(by_stage.get(stage, {}).items()):
+                if len(members) < self._expected(generation, stage, context):
                     continue
                 for t in sorted(members, key=lambda t: t.values[0])[: max(1, len(members) // self.eta)]:
                     if t.user_attrs[SUBNET_ATTR] not in taken:
                         return SubNetwork.from_compact(t.user_attrs[SUBNET_ATTR]), stage + 1, generation
         return None
 
-    def _expected(self, trials: list, generation: int, stage: int, context: SearchContext) -> int:
+    def _expected(self, generation: int, stage: int, context: SearchContext) -> int:
         """How many of a generation's candidates are scored at ``stage`` once it is done there."""
         size = min(self.generation, max(0, context.evaluations - generation * self.generation))
         if context.evaluations == 0:  # no target known: only full generations are judged
@@ -121,10 +110,10 @@ class Evolution:
             size = max(1, size // self.eta)
         return size
 
-    def _next_generation(self, study: optuna.Study) -> int:
+    def _next_generation(self, history: History) -> int:
         """First-stage candidates are numbered in the order they are claimed, ``generation`` to a generation."""
         states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
-        claimed = [t for t in study.get_trials(deepcopy=False, states=states) if SUBNET_ATTR in t.user_attrs]
+        claimed = [t for t in history.trials if t.state in states and SUBNET_ATTR in t.user_attrs]
         return sum(stage_of(t) == 0 for t in claimed) // self.generation
 
     def _mutate(self, rng: np.random.Generator, genome: Genome, context: SearchContext) -> Genome:

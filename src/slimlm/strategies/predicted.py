@@ -19,7 +19,7 @@ import optuna
 from slimlm.costs import static_cost
 from slimlm.models.base import LayerShape, ModelDims
 from slimlm.space import keep_most_important
-from slimlm.strategies.base import SearchContext, candidate, completed, draw_number, seen_candidates
+from slimlm.strategies.base import History, SearchContext, candidate
 from slimlm.strategies.sampled import SampledShapes, TrialSeededRandomSampler, trial_seed
 from slimlm.subnet import SubNetwork
 
@@ -66,20 +66,19 @@ class PredictedNSGA2(SampledShapes):
     def sampler(self, seed: int) -> optuna.samplers.BaseSampler:
         return TrialSeededRandomSampler(seed)  # warm-up draws
 
-    def propose(self, trial: optuna.Trial, study: optuna.Study, context: SearchContext) -> SubNetwork:
-        seen = seen_candidates(study, exclude=trial.number)
+    def propose(self, trial: optuna.Trial, history: History, context: SearchContext) -> SubNetwork:
+        seen = history.seen(exclude=trial.number)
         for start in context.starts:
             if start.to_compact() not in seen:
                 return start
-        history = completed(study)
-        if len(history) < self.warmup:
-            return super().propose(trial, study, context)
-        predict = fit_predictor(context.dims, history)
-        found = self.predicted_front(predict, context, trial_seed(context.seed, draw_number(study, trial.number)))
+        if len(history.completed) < self.warmup:
+            return super().propose(trial, history, context)
+        predict = fit_predictor(context.dims, history.completed)
+        found = self.predicted_front(predict, context, trial_seed(context.seed, history.draw_number(trial.number)))
         for subnet in found:
             if subnet.to_compact() not in seen:
                 return subnet
-        return super().propose(trial, study, context)  # the predicted front is all evaluated: explore
+        return super().propose(trial, history, context)  # the predicted front is all evaluated: explore
 
     def predicted_front(self, predict: Predictor, context: SearchContext, seed: int) -> list[SubNetwork]:
         """The Pareto front of a short NSGA-II on (predicted log perplexity, parameters), best predicted first."""

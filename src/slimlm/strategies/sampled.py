@@ -8,7 +8,7 @@ import numpy as np
 import optuna
 
 from slimlm.space import keep_most_important
-from slimlm.strategies.base import SearchContext, draw_number, first_stage_done
+from slimlm.strategies.base import History, SearchContext
 from slimlm.subnet import SubNetwork
 
 
@@ -24,10 +24,10 @@ class SampledShapes:
     def begin(self, study: optuna.Study, context: SearchContext) -> None:
         pass
 
-    def finished(self, study: optuna.Study, context: SearchContext, evaluations: int) -> bool:
-        return first_stage_done(study, evaluations)
+    def finished(self, history: History, context: SearchContext, evaluations: int) -> bool:
+        return history.first_stage() >= evaluations
 
-    def propose(self, trial: optuna.Trial, study: optuna.Study, context: SearchContext) -> SubNetwork:
+    def propose(self, trial: optuna.Trial, history: History, context: SearchContext) -> SubNetwork:
         shapes = context.space.suggest(trial, context.dims)
         shapes = context.space.shrink_to_fit(context.dims, shapes, context.within)
         return keep_most_important(context.dims, context.importance, shapes)
@@ -47,7 +47,7 @@ class TrialSeededRandomSampler(optuna.samplers.RandomSampler):
         self._base_seed = seed
 
     def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        self._rng.rng.seed(trial_seed(self._base_seed, draw_number(study, trial.number)))
+        self._rng.rng.seed(trial_seed(self._base_seed, History.read(study).draw_number(trial.number)))
         super().before_trial(study, trial)
 
 
@@ -57,7 +57,7 @@ class TrialSeededNSGAIISampler(optuna.samplers.NSGAIISampler):
         self._base_seed = seed
 
     def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        number = draw_number(study, trial.number)
+        number = History.read(study).draw_number(trial.number)
         self._rng.rng.seed(trial_seed(self._base_seed, number))
         self._random_sampler._rng.rng.seed(trial_seed(self._base_seed + 1, number))
         super().before_trial(study, trial)
