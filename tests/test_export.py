@@ -17,7 +17,7 @@ from slimlm.export import TOKENIZER_GGUF, _write_gguf, export_gguf, save_tokeniz
 from slimlm.extract import extract
 from slimlm.models import load_model
 from slimlm.search import SearchJob, search
-from slimlm.strategies import completed
+from slimlm.strategies import completed, stage_of
 from slimlm.subnet import SubNetwork
 
 from .conftest import FAMILIES, TEXT, fast_search_settings, for_family, invoke, one_error, save_tiny, tiny_loaded
@@ -304,8 +304,33 @@ def test_cli_export_writes_the_file_and_names_what_stayed_f16(tmp_path):
 
 
 needs_llama_cpp = pytest.mark.skipif(
-    not llamacpp.available(), reason="llama-cpp-python is not installed (optional extra: pip install '.[llamacpp]')"
+    not llamacpp.available(),
+    reason="llama.cpp (xllamacpp) is not installed (optional extra: pip install '.[llamacpp]')",
 )
+
+
+@needs_llama_cpp
+def test_the_structures_mirror_the_pinned_llama_cpp():
+    """llama.cpp's own defaults read through slimlm's copies of its structures: another layout misreads them."""
+    lib = llamacpp.require()
+    model, context = lib.llama_model_default_params(), lib.llama_context_default_params()
+    assert (model.n_gpu_layers, model.use_mmap, model.vocab_only, model.no_alloc) == (-1, True, False, False)
+    assert (context.n_ctx, context.n_batch, context.n_ubatch, context.n_seq_max) == (512, 2048, 512, 1)
+    assert (context.type_k, context.type_v, context.yarn_ext_factor) == (1, 1, -1.0)  # f16 cache; from the model
+    assert (context.embeddings, context.offload_kqv, context.samplers, context.n_samplers) == (False, True, None, 0)
+
+
+def test_another_llama_cpp_release_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setattr(llamacpp, "available", lambda: True)
+    monkeypatch.setattr(llamacpp.importlib.metadata, "version", lambda name: "0.0.1")
+    with pytest.raises(SlimlmError, match=f"xllamacpp=={llamacpp.PINNED} ships it, found 0.0.1"):
+        llamacpp.require()
+
+
+@pytest.fixture
+def without_llama_cpp(monkeypatch):
+    """What a user without the llamacpp extra sees."""
+    monkeypatch.setattr(llamacpp, "available", lambda: False)
 
 
 def assert_llama_cpp_logits(loaded, tmp_path) -> None:
@@ -352,15 +377,22 @@ def test_llama_cpp_runs_padded_quantized_layers_that_differ(tmp_path):
 
 
 @needs_llama_cpp
-def test_k_quant_goes_through_llama_cpp_and_stays_close(tmp_path):
-    loaded = bpe_model(tmp_path, hidden_size=96)
+def test_k_quant_is_encoded_by_ggml_and_stays_close(tmp_path):
+    """Rows of whole 256-blocks in the k-type, the tied output in Q6_K, narrower rows in llama.cpp's fallback."""
+    loaded = bpe_model(tmp_path, hidden_size=256, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
     path = export_gguf(loaded, tmp_path / "m.gguf", "q4_k", tokenizer_pre="default").path
-    assert not list(tmp_path.glob("*.f16.gguf"))  # the staged f16 file is gone
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    Q = gguf.GGMLQuantizationType
+    assert tensors["blk.0.attn_q.weight"].tensor_type == Q.Q4_K and tensors["blk.0.ffn_up.weight"].tensor_type == Q.Q4_K
+    assert tensors["token_embd.weight"].tensor_type == Q.Q6_K  # tied: it is the output matrix too
+    assert tensors["blk.0.ffn_down.weight"].tensor_type == Q.Q5_0  # rows of 96
+    weight = loaded.model.state_dict()["model.layers.0.mlp.up_proj.weight"].numpy()
+    decoded = gguf.quants.dequantize(tensors["blk.0.ffn_up.weight"].data, Q.Q4_K)
+    assert np.abs(decoded - weight).max() < 0.1 * np.abs(weight).max()  # ggml's bytes decode as Q4_K
     ids = list(range(1, 17))
-    with torch.no_grad():
-        expected = loaded.model(torch.tensor([ids])).logits[0].numpy()
+    dequantized = gguf_logits(path, torch.tensor([ids]))[0].numpy()  # transformers on the decoded weights
     got = llamacpp.logits(path, ids)
-    assert np.abs(got - expected).max() < 0.1 * np.abs(expected).max()
+    assert np.abs(got - dequantized).max() < 0.03 * np.abs(dequantized).max()
     (speed,) = llamacpp.compare_speed([path], prompt_tokens=16, new_tokens=4, repeats=1)
     assert speed.prompt_tokens_per_s > 0 and speed.generation_tokens_per_s > 0
 
@@ -378,7 +410,7 @@ def test_cli_bench_in_llama_cpp_compares_two_files(tmp_path):
     assert all(m["generation_tokens_per_s"] > 0 for m in report["models"])
 
 
-@pytest.mark.skipif(llamacpp.available(), reason="checks the message users see without llama.cpp")
+@pytest.mark.usefixtures("without_llama_cpp")
 def test_llama_cpp_features_without_it_say_how_to_install(tmp_path):
     path = export_gguf(bpe_model(tmp_path), tmp_path / "m.gguf", "f16", tokenizer_pre="default").path
     error = one_error(invoke("bench", path, "--vs", path, "--runtime", "llama.cpp"))
@@ -428,12 +460,13 @@ def latency_job(tmp_path, text) -> SearchJob:
 def test_search_measures_latency_in_llama_cpp(tmp_path, text):
     _, study = search(latency_job(tmp_path, text))
     latencies = [t.values[1] for t in completed(study)]
-    assert len(latencies) == 4 and all(0 < ms < 1000 for ms in latencies)
+    assert sum(stage_of(t) == 0 for t in completed(study)) == 4  # and the survivors' rescores
+    assert all(0 < ms < 1000 for ms in latencies)
     assert all(t.user_attrs["latency_ms"] == t.values[1] for t in completed(study))
     assert not list((tmp_path / "run").glob("latency-*.gguf"))  # scratch files are removed
 
 
-@pytest.mark.skipif(llamacpp.available(), reason="checks the message users see without llama.cpp")
+@pytest.mark.usefixtures("without_llama_cpp")
 def test_latency_in_llama_cpp_without_it_is_refused_before_any_store(tmp_path, text):
     with pytest.raises(SlimlmError, match=r"llama\.cpp is not installed"):
         search(latency_job(tmp_path, text))

@@ -9,9 +9,11 @@ its own converter does. The tokenizer travels in the file: copied from the GGUF 
 from when there is one (``TOKENIZER_GGUF``, kept by loading and extraction), else built from the
 Hugging Face tokenizer with gguf's vocabulary readers.
 
-Quantization: the types gguf's Python code can write (``QUANT_TYPES``). A matrix whose rows are
-not a whole number of blocks stays in f16 (as llama.cpp's own quantizer does); ``export_gguf``
-returns those names so the caller can say so.
+Quantization: the types gguf's Python code can write (``QUANT_TYPES``), and the k-quants, encoded by
+ggml itself through llama.cpp's library (``KQUANT_TYPES``; every matrix in the type, the output matrix
+in Q6_K, as llama.cpp's quantizer writes them without its per-layer mixes). A matrix whose rows are
+not a whole number of blocks stays in f16 (k-quants: llama.cpp's own 32-wide fallback type);
+``export_gguf`` returns those names so the caller can say so.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ import gguf
 import numpy as np
 import torch
 
+from slimlm import llamacpp
 from slimlm.errors import SlimlmError
-from slimlm.llamacpp import NATIVE_QUANT_TYPES, quantize, require
+from slimlm.llamacpp import KQUANT_BLOCK, KQUANT_FALLBACK
 
 if TYPE_CHECKING:  # loading keeps tokenizer keys with this module's helpers, so no import at run time
     from slimlm.models import LoadedModel
@@ -44,6 +47,16 @@ QUANT_TYPES = {
     "q4_1": (Q.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1),
     "q4_0": (Q.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
 }
+# ggml's k-quants (llamacpp.NATIVE_QUANT_TYPES), with the nearest llama.cpp mix as the file
+# type: its _S mixes write the type throughout and the output matrix in Q6_K, as slimlm does
+KQUANT_TYPES = {
+    "q4_k": (Q.Q4_K, gguf.LlamaFileType.MOSTLY_Q4_K_S),
+    "q5_k": (Q.Q5_K, gguf.LlamaFileType.MOSTLY_Q5_K_S),
+    "q6_k": (Q.Q6_K, gguf.LlamaFileType.MOSTLY_Q6_K),
+    "q3_k": (Q.Q3_K, gguf.LlamaFileType.MOSTLY_Q3_K_S),
+    "q2_k": (Q.Q2_K, gguf.LlamaFileType.MOSTLY_Q2_K),
+}
+KQUANT_QTYPES = {qtype for qtype, _ in KQUANT_TYPES.values()}
 # slimlm family -> (llama.cpp architecture, query/key rows need llama.cpp's rotary order)
 ARCHITECTURES = {
     "llama": (gguf.MODEL_ARCH.LLAMA, True),
@@ -56,7 +69,7 @@ ARCHITECTURES = {
 # llama.cpp's llama graph sizes every layer from the first one; its ``deci`` graph (Llama with
 # per-layer head, key/value head and MLP counts, made for Nemotron-51B) reads each layer's own
 PER_LAYER_ARCHITECTURES = {gguf.MODEL_ARCH.LLAMA: gguf.MODEL_ARCH.DECI}
-# llama.cpp quantizes rows that are not whole k-quant blocks (256) with a 32-wide type instead
+# rows that are not whole k-quant blocks (256) take a 32-wide type instead, so MLPs are padded to 32
 KQUANT_FALLBACK_BLOCK = 32
 
 
@@ -82,14 +95,8 @@ def export_gguf(loaded: LoadedModel, out: str | Path, quant: str = "f16", tokeni
     if out.suffix != ".gguf":
         raise SlimlmError(f"the GGUF file name must end in .gguf, got {out.name}")
     check_exportable(loaded, quant, tokenizer_pre)
-    if quant in NATIVE_QUANT_TYPES:  # k-quants: llama.cpp's quantizer, from an f16 file written here
-        staged = out.with_name(out.name + ".f16.gguf")  # padded to 32: where rows are not whole k-quant
-        padded = _write_gguf(loaded, staged, "f16", tokenizer_pre, KQUANT_FALLBACK_BLOCK)  # blocks it falls back
-        try:
-            path = quantize(staged, out, quant)
-        finally:
-            staged.unlink(missing_ok=True)
-        return Exported(path, path.stat().st_size, padded.kept_f16, padded.padded_neurons)
+    if quant in KQUANT_TYPES:
+        return _write_gguf(loaded, out, quant, tokenizer_pre, KQUANT_FALLBACK_BLOCK)
     block = gguf.GGML_QUANT_SIZES[QUANT_TYPES[quant][0]][0]
     return _write_gguf(loaded, out, quant, tokenizer_pre, block)
 
@@ -106,7 +113,7 @@ def _write_gguf(loaded: LoadedModel, out: Path, quant: str, tokenizer_pre: str |
     refusal = loaded.adapter.gguf_refusal(loaded.model)
     if refusal is not None:
         raise SlimlmError(refusal)
-    qtype, file_type = QUANT_TYPES[quant]
+    qtype, file_type = {**QUANT_TYPES, **KQUANT_TYPES}[quant]
     widths = [-(-s.neurons // block) * block for s in loaded.dims.layers]  # MLP widths padded to whole blocks
     partial = out.with_name(out.name + ".part")  # renamed when complete: a killed export leaves no broken .gguf
     writer = gguf.GGUFWriter(partial, gguf.MODEL_ARCH_NAMES[arch])
@@ -125,8 +132,8 @@ def _write_gguf(loaded: LoadedModel, out: Path, quant: str, tokenizer_pre: str |
 
 def check_exportable(loaded: LoadedModel, quant: str, tokenizer_pre: str | None = None) -> None:
     """Refuse, before any slow work, what ``export_gguf`` could not write (the layer shapes are checked there)."""
-    if quant not in QUANT_TYPES and quant not in NATIVE_QUANT_TYPES:
-        choices = ", ".join([*QUANT_TYPES, *NATIVE_QUANT_TYPES])
+    if quant not in QUANT_TYPES and quant not in KQUANT_TYPES:
+        choices = ", ".join([*QUANT_TYPES, *KQUANT_TYPES])
         raise SlimlmError(f"unknown GGUF type '{quant}'; choose from {choices} (the k-quants need llama.cpp)")
     family = loaded.dims.family
     if family not in ARCHITECTURES:  # a family llama.cpp has no graph for says so itself (OPT)
@@ -134,8 +141,8 @@ def check_exportable(loaded: LoadedModel, quant: str, tokenizer_pre: str | None 
         raise SlimlmError(
             refusal or f"GGUF export does not support the '{family}' family yet ({', '.join(ARCHITECTURES)})"
         )
-    if quant in NATIVE_QUANT_TYPES:
-        require()
+    if quant in KQUANT_TYPES:
+        llamacpp.require()
     if tokenizer_gguf(loaded.folder) is not None:
         return
     if tokenizer_pre is None:
@@ -206,7 +213,8 @@ def _write_tensors(writer, loaded: LoadedModel, arch, rotary_order: bool, qtype,
         data = _padded_mlp(hf_name, data, widths)
         if rotary_order and hf_name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
             data = _interleave_rotary_halves(data, dims.head_dim)
-        data, written = _encode(data, qtype)
+        is_output = name == "output.weight" or (name == "token_embd.weight" and dims.tied_embeddings)
+        data, written = _encode(data, Q.Q6_K if is_output and qtype in KQUANT_QTYPES else qtype)
         if written == Q.F16 and qtype not in (Q.F16, Q.F32):
             kept_f16.append(name)
         writer.add_tensor(name, data, raw_dtype=written)
@@ -247,6 +255,11 @@ def _encode(data: np.ndarray, qtype) -> tuple[np.ndarray, object]:
         return data.astype(np.float32), Q.F32
     if qtype == Q.F16:
         return data.astype(np.float16), Q.F16
+    if qtype in KQUANT_QTYPES:  # ggml's own encoders, in llama.cpp's library
+        if data.shape[-1] % KQUANT_BLOCK:
+            qtype = Q(KQUANT_FALLBACK[qtype])
+        if data.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0:
+            return llamacpp.quantize_rows(data, qtype), qtype
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     if data.shape[-1] % block:
         return data.astype(np.float16), Q.F16
