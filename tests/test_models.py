@@ -145,6 +145,22 @@ def test_unknown_name_lists_the_builtin_names():
         assert name in str(caught.value)
 
 
+def test_a_model_id_loads_from_the_local_hugging_face_cache_without_the_network(tmp_path, monkeypatch):
+    """``org/name`` is the snapshot the Hub's cache holds (its own layout, under HF_HUB_CACHE)."""
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--someorg--tiny-llama"
+    save_tiny(tiny_loaded("llama"), repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_model("someorg/tiny-llama") == (repo / "snapshots" / "0123abcd").resolve()
+    assert load_model("someorg/tiny-llama").dims.family == "llama"
+    error = one_error(invoke("info", "someorg/not-cached", "--no-latency"))
+    assert "not-cached' is neither a folder here nor a model in the local Hugging Face cache" in error
+
+
 def test_path_that_does_not_exist_is_named(tmp_path):
     missing = tmp_path / "nowhere" / "model"
     with pytest.raises(SlimlmError) as caught:

@@ -1,6 +1,7 @@
 """The real models: SmolLM2-135M's perplexity in a sane range and a 70% sub-network extracted and
 reloaded; Gemma 3 270M's dimensions, its perplexity (with a BOS token first, as it was trained), and
-uniform and ragged sub-networks that reload in plain transformers with the in-place logits."""
+uniform and ragged sub-networks that reload in plain transformers with the in-place logits; both
+exported to GGUF and run in llama.cpp with transformers' perplexity."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import textwrap
 import pytest
 import torch
 
+from slimlm import llamacpp
 from slimlm.apply import subnetwork_applied
 from slimlm.costs import static_cost
 from slimlm.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, model_windows
 from slimlm.evaluate import perplexity
+from slimlm.export import export_gguf
 from slimlm.extract import extract
 from slimlm.importance import activation_importance
 from slimlm.models import LayerShape, load_model
@@ -109,3 +112,27 @@ def test_gemma_sub_networks_reload_in_transformers_with_the_in_place_logits(gemm
         assert info.needs_remote_code == remote
         assert info.params == static_cost(gemma.dims, subnet.shapes()).params
         torch.testing.assert_close(stock_logits(info.folder, ids, tmp_path), expected, rtol=1e-4, atol=1e-4)
+
+
+def assert_llama_cpp_perplexity(loaded, subnet: SubNetwork, windows, tmp_path, name: str) -> None:
+    """``subnet`` of ``loaded``, extracted and exported to f16, has transformers' perplexity in llama.cpp."""
+    small = load_model(extract(loaded, subnet, tmp_path / name).folder)
+    path = export_gguf(small, tmp_path / f"{name}.gguf", "f16").path
+    assert llamacpp.perplexity(path, windows) == pytest.approx(perplexity(small.model, windows), rel=0.01)
+
+
+def test_smollm_exports_run_in_llama_cpp_with_transformers_perplexity(smollm, tmp_path):
+    full = SubNetwork.full(smollm.dims)
+    ragged = SubNetwork(
+        {i: keep for i, keep in full.layers.items() if i != 7}  # deci: a layer dropped, others narrowed
+        | {3: LayerKeep(range(6), [0, 1], range(1024)), 4: LayerKeep([], [], range(1536))}
+    )
+    windows = model_windows(smollm, DEFAULT_EVALUATION, 128, 2)
+    for name, subnet in (("dense", full), ("ragged", ragged)):
+        assert_llama_cpp_perplexity(smollm, subnet, windows, tmp_path, name)
+
+
+def test_gemma_uniform_export_runs_in_llama_cpp_with_transformers_perplexity(gemma, tmp_path):
+    uniform = SubNetwork({i: LayerKeep([0, 1], [0], range(0, 2048, 2)) for i in range(18)})
+    windows = model_windows(gemma, DEFAULT_EVALUATION, 128, 2)  # BOS first
+    assert_llama_cpp_perplexity(gemma, uniform, windows, tmp_path, "uniform")

@@ -10,6 +10,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -211,10 +212,33 @@ def resolve_model(spec: str | Path) -> Path:
         return path
     if path.exists():
         raise SlimlmError(f"{path} is neither a .gguf file nor a model folder")
+    if HUB_ID.fullmatch(name):
+        return _from_hub_cache(name)
     builtins = ", ".join(BUILTIN_MODELS)
     raise SlimlmError(
-        f"unknown model '{name}': expected a built-in name ({builtins}), a Hugging Face folder or a .gguf file"
+        f"unknown model '{name}': expected a built-in name ({builtins}), a Hugging Face folder, a model id in "
+        "the local Hugging Face cache (org/name) or a .gguf file"
     )
+
+
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # org/name, as the Hub spells model ids
+
+
+def _from_hub_cache(repo_id: str) -> Path:
+    """The snapshot of ``repo_id`` in the local Hugging Face cache (``HF_HUB_CACHE``); slimlm never downloads."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        folder = Path(snapshot_download(repo_id, local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise SlimlmError(
+            f"'{repo_id}' is neither a folder here nor a model in the local Hugging Face cache; slimlm does not "
+            f"download: fetch it first (hf download {repo_id}), or pass its folder"
+        ) from None
+    if not (folder / "config.json").is_file():
+        raise SlimlmError(f"the cached snapshot of '{repo_id}' ({folder}) has no config.json")
+    return folder
 
 
 GGUF_FAMILIES = {
