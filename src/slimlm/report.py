@@ -18,7 +18,7 @@ from slimlm.models import BUILTIN_MODELS
 from slimlm.progress import track
 from slimlm.reform import reform
 from slimlm.search import Searcher
-from slimlm.strategies import SUBNET_ATTR, candidate, completed, ranked, stage_of
+from slimlm.strategies import SUBNET_ATTR, candidate, completed, evaluations_done, ranked, stage_of
 from slimlm.subnet import SubNetwork
 
 matplotlib.use("Agg")  # files only; no display on servers
@@ -182,7 +182,7 @@ def write_report(searcher: Searcher, study: optuna.Study, front_size: int = 6) -
         "fitness": job.fitness,
         "fitness_stages": list(searcher.context.stages),
         "budget": asdict(searcher.budget),
-        "evaluations": sum(stage_of(t) == 0 for t in completed(study)),
+        "evaluations": evaluations_done(study),
         "trials": len(completed(study)),
         "calibration": job.calibration,
         "evaluation": job.evaluation,

@@ -54,12 +54,14 @@ from slimlm.prune import flap_shapes, params_budget
 from slimlm.reform import reform
 from slimlm.space import uniform_subnetwork
 from slimlm.strategies import (
+    CLAIMED,
     ETA,
     STAGE_ATTR,
     SUBNET_ATTR,
     History,
     SearchContext,
     completed,
+    evaluations_done,
     make_strategy,
     stage_of,
 )
@@ -402,8 +404,7 @@ def run_worker(searcher: Searcher, study: optuna.Study, on_result=None) -> None:
 
 def _claims_before(study: optuna.Study, number: int, stage: int) -> set[str]:
     """Candidates claimed at ``stage`` by trials numbered below ``number``, as the store holds them now."""
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
-    return History(study.get_trials(deepcopy=False, states=states)).seen(stage, before=number)
+    return History(study.get_trials(deepcopy=False, states=CLAIMED)).seen(stage, before=number)
 
 
 class _Streak:
@@ -525,10 +526,9 @@ def _work(job: SearchJob, loaded: LoadedModel | None) -> tuple[Searcher, optuna.
     if not study.get_trials(deepcopy=False):  # the first to arrive seeds it; a raced seed is pruned as seen
         make_strategy(job.strategy).begin(study, searcher.context)
     with progress_bar() as bar:
-        first = lambda: sum(stage_of(t) == 0 for t in completed(study))  # noqa: E731
-        task = bar.add_task("searching (worker)", total=job.evaluations, completed=first())
-        run_worker(searcher, study, lambda _result: bar.update(task, completed=first()))
-        bar.update(task, completed=first())
+        task = bar.add_task("searching (worker)", total=job.evaluations, completed=evaluations_done(study))
+        run_worker(searcher, study, lambda _result: bar.update(task, completed=evaluations_done(study)))
+        bar.update(task, completed=evaluations_done(study))
     return searcher, study
 
 
@@ -594,8 +594,7 @@ def search(job: SearchJob, loaded: LoadedModel | None = None, role: str = "all")
     torch.set_num_threads(threads if helpers else previous_threads)
     try:
         with progress_bar() as bar:
-            first = lambda: sum(stage_of(t) == 0 for t in completed(study))  # noqa: E731
-            task = bar.add_task("searching", total=job.evaluations, completed=first())
+            task = bar.add_task("searching", total=job.evaluations, completed=evaluations_done(study))
 
             def show(result: dict) -> None:
                 done = completed(study)
@@ -605,12 +604,12 @@ def search(job: SearchJob, loaded: LoadedModel | None = None, role: str = "all")
                 bar.update(task, completed=History(done).first_stage(), description=f"searching ({stage}{best})")
 
             if role == "finaliser":
-                _await_workers(searcher, study, lambda: bar.update(task, completed=first()))
+                _await_workers(searcher, study, lambda: bar.update(task, completed=evaluations_done(study)))
             else:
                 run_worker(searcher, study, show)
             for process in helpers:
                 process.join()
-            bar.update(task, completed=first())
+            bar.update(task, completed=evaluations_done(study))
     finally:
         torch.set_num_threads(previous_threads)
         for process in helpers:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from slimlm.errors import SlimlmError
 from slimlm.jobs import DEFAULT_STRATEGY  # the setting's home is the torch-free slimlm.jobs
 from slimlm.strategies.base import (
+    CLAIMED,
     ETA,
     STAGE_ATTR,
     SUBNET_ATTR,
@@ -14,6 +15,7 @@ from slimlm.strategies.base import (
     Strategy,
     candidate,
     completed,
+    evaluations_done,
     ranked,
     stage_of,
 )
@@ -37,6 +39,7 @@ def make_strategy(name: str) -> Strategy:
 
 
 __all__ = [
+    "CLAIMED",
     "DEFAULT_STRATEGY",
     "ETA",
     "STAGE_ATTR",
@@ -47,6 +50,7 @@ __all__ = [
     "Strategy",
     "candidate",
     "completed",
+    "evaluations_done",
     "make_strategy",
     "ranked",
     "stage_of",

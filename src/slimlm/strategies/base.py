@@ -59,6 +59,10 @@ class Strategy(Protocol):
         """Whether the search is done (``evaluations`` candidates scored, and whatever the strategy adds)."""
 
 
+# trials whose candidate is taken: evaluated, or being evaluated by some worker
+CLAIMED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+
+
 class History:
     """The study's trials as read once, oldest first: every decision of one step of the search loop is
     made from one read, so a trial costs one fetch from the store (Optuna's cache asks the database
@@ -106,11 +110,10 @@ class History:
 
         ``exclude`` leaves out one trial (the asking one); ``before`` keeps only lower-numbered trials.
         """
-        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
         return {
             t.user_attrs[SUBNET_ATTR]
             for t in self.trials
-            if t.state in states
+            if t.state in CLAIMED
             and SUBNET_ATTR in t.user_attrs
             and t.number != exclude
             and (before is None or t.number < before)
@@ -121,6 +124,11 @@ class History:
 def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """Evaluated candidates (at any stage), oldest first."""
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+
+
+def evaluations_done(study: optuna.Study) -> int:
+    """Candidates evaluated at the first stage: what ``evaluations`` counts."""
+    return History(completed(study)).first_stage()
 
 
 def ranked(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:

@@ -30,7 +30,7 @@ import optuna
 
 from slimlm.models.base import LayerShape
 from slimlm.space import keep_most_important
-from slimlm.strategies.base import ETA, STAGE_ATTR, SUBNET_ATTR, History, SearchContext, candidate, stage_of
+from slimlm.strategies.base import CLAIMED, ETA, STAGE_ATTR, SUBNET_ATTR, History, SearchContext, candidate, stage_of
 from slimlm.subnet import SubNetwork
 
 GENERATION_ATTR = "generation"  # trial user attribute: the generation a candidate was born in
@@ -112,8 +112,7 @@ class Evolution:
 
     def _next_generation(self, history: History) -> int:
         """First-stage candidates are numbered in the order they are claimed, ``generation`` to a generation."""
-        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
-        claimed = [t for t in history.trials if t.state in states and SUBNET_ATTR in t.user_attrs]
+        claimed = [t for t in history.trials if t.state in CLAIMED and SUBNET_ATTR in t.user_attrs]
         return sum(stage_of(t) == 0 for t in claimed) // self.generation
 
     def _mutate(self, rng: np.random.Generator, genome: Genome, context: SearchContext) -> Genome:
