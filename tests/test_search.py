@@ -7,6 +7,8 @@ import json
 import math
 import shutil
 import sqlite3
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from slimlm.costs import static_cost
 from slimlm.data import model_windows
 from slimlm.errors import SlimlmError
 from slimlm.evaluate import fitness, perplexity
-from slimlm.extract import needs_remote_code
+from slimlm.extract import extract, needs_remote_code
 from slimlm.importance import cached_calibration
 from slimlm.models import load_model
 from slimlm.models.base import LayerShape
@@ -33,6 +35,7 @@ from slimlm.report import (
     base_model_name,
     hypervolume,
     last_stage,
+    model_card,
     pareto_front,
     search_summary,
     spread,
@@ -41,7 +44,7 @@ from slimlm.report import (
 from slimlm.search import STUDY_NAME, Searcher, SearchJob, open_study, parse_size, prepare, run_worker, search
 from slimlm.space import NEURON_STEP, SearchSpace
 from slimlm.strategies import STRATEGIES, SUBNET_ATTR, candidate, completed, stage_of
-from slimlm.subnet import SubNetwork
+from slimlm.subnet import LayerKeep, SubNetwork
 
 from .conftest import VOCAB, fast_search_settings, invoke, one_error, save_tiny, tiny_loaded
 
@@ -1085,6 +1088,23 @@ def test_the_saved_model_has_a_card_naming_its_base_model_and_what_was_removed(r
     assert f"{report['best_evaluation_perplexity']:.2f} |" in card
     assert subnet.describe(4) in card
     assert ("trust_remote_code=True" in card) == needs_remote_code(Path(job.out) / "best")
+
+
+def test_the_model_cards_code_loads_a_ragged_model_and_its_tokenizer_without_a_prompt(reported, folder, tmp_path):
+    """Run as written (stdin closed, as in a batch job): transformers' remote-code y/N prompt would stop it."""
+    job, searcher, _, report = reported
+    ragged = SubNetwork({0: LayerKeep(range(6), range(2), range(40)), 2: LayerKeep([0, 1, 2], [0], range(8))})
+    info = extract(load_model(folder), ragged, tmp_path / "ragged")
+    assert info.needs_remote_code
+    card = model_card(report, job, ragged, searcher.context.dims, remote_code=True)
+    code = card.split("```python\n", 1)[1].split("```", 1)[0].replace("path/to/this/folder", str(info.folder))
+    check = "assert model.config.vocab_size == len(tokenizer)"
+    done = subprocess.run(
+        [sys.executable, "-c", code + check], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert "[y/N]" not in done.stdout + done.stderr
+    assert 'target_modules="all-linear"' in card
 
 
 def test_a_built_in_model_is_named_by_its_hugging_face_id():

@@ -236,7 +236,7 @@ def markdown_report(report: dict, out: Path) -> str:
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         f'model = AutoModelForCausalLM.from_pretrained("{out / "best"}"{how})',
-        f'tokenizer = AutoTokenizer.from_pretrained("{out / "best"}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{out / "best"}"{how})',
         "```",
         "",
     ]

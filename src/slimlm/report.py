@@ -299,6 +299,15 @@ def perplexity_axes(ax, title: str, ylabel: str = "perplexity (log scale)", lege
     ax.legend(fontsize=legend_size)
 
 
+# the tokenizer too: transformers reads the folder's config (slimlm's own model type) to pick it, and
+# would otherwise stop at its y/N remote-code prompt; peft knows no default LoRA targets for that type
+REMOTE_CODE_NOTE = (
+    "Its layers differ in shape, so it ships its modeling code: load the model and the tokenizer with "
+    '`trust_remote_code=True`. For LoRA, name the targets: `LoraConfig(target_modules="all-linear")` '
+    "(peft has no default for this model type)."
+)
+
+
 def model_card(report: dict, job, subnet: SubNetwork, dims, remote_code: bool) -> str:
     """The ``README.md`` of a saved model: its base model, what was removed, the measured figures
     (on text the search never used), and how to load it."""
@@ -348,12 +357,10 @@ def model_card(report: dict, job, subnet: SubNetwork, dims, remote_code: bool) -
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
         f'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder"{load})',
-        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
+        f'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder"{load})',
         "```",
         "",
-        "Its layers differ in shape, so it ships its modeling code (`trust_remote_code=True`)."
-        if remote_code
-        else "Every layer has one shape: stock transformers loads it.",
+        REMOTE_CODE_NOTE if remote_code else "Every layer has one shape: stock transformers loads it.",
         "",
     ]
     return "\n".join(lines)
