@@ -24,6 +24,7 @@ from slimlm.subnet import SubNetwork
 matplotlib.use("Agg")  # files only; no display on servers
 
 from matplotlib import pyplot as plt
+from matplotlib import ticker
 
 FINALISTS = 3  # fittest last-stage candidates (with the best start) among which the winner is chosen
 HYPERVOLUME_CAP = 100.0  # perplexity over dense beyond which a sub-network adds no hypervolume (half-size
@@ -204,7 +205,6 @@ def write_report(searcher: Searcher, study: optuna.Study, front_size: int = 6) -
         "best_trial": best["trial"] if best else None,
     }
     (out / "pareto.json").write_text(json.dumps(report, indent=1) + "\n")
-    plot(report, trials, out / "pareto.png")
     if best:
         subnet = candidate(study.trials[best["trial"]])
         weights = best["weights"] if job.reform else None
@@ -227,6 +227,7 @@ def write_report(searcher: Searcher, study: optuna.Study, front_size: int = 6) -
             }
             report["search_gain"] = 1 - report["best_evaluation_perplexity"] / start_eval
         (out / "pareto.json").write_text(json.dumps(report, indent=1) + "\n")
+    plot(report, trials, out / "pareto.png")
     return report
 
 
@@ -254,36 +255,43 @@ def search_summary(report: dict) -> str:
 
 
 def plot(report: dict, trials: list[optuna.trial.FrozenTrial], path: Path) -> None:
-    """Perplexity against parameters: every candidate, the front, the dense and uniform models, the budget."""
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    """Perplexity against parameters in two panels: the whole trade-off (dense, every candidate, the
+    budget), and the candidates' own region, where a search within a budget crowds them, with the front,
+    the best start and the model shipped (as reformed)."""
+    fig, (whole, near) = plt.subplots(1, 2, figsize=(13, 5.5), dpi=120)
     millions = 1e6
-    ax.scatter(
-        [t.user_attrs["params"] / millions for t in trials],
-        [t.user_attrs["perplexity"] for t in trials],
-        s=12,
-        color="0.75",
-        label="candidates (calibration)",
-    )
-    front = report["front"]
-    xs = [m["params"] / millions for m in front]
-    ax.plot(xs, [m["calibration_perplexity"] for m in front], "o-", color="tab:blue", label="front (calibration)")
-    ax.plot(xs, [m["evaluation_perplexity"] for m in front], "s--", color="tab:orange", label="front (evaluation)")
-    for name, marker, color in (("dense", "*", "black"), ("uniform_importance", "D", "tab:red")):
-        point = report[name]
-        if point is None:
-            continue
-        ax.scatter(
-            [point["params"] / millions],
-            [point["evaluation_perplexity"]],
-            marker=marker,
-            s=120,
-            color=color,
-            zorder=5,
-            label=f"{name.replace('_', ' ')} (evaluation)",
-        )
-    if report["budget"]["params"]:
-        ax.axvline(report["budget"]["params"] / millions, color="tab:green", linestyle=":", label="budget")
-    perplexity_axes(ax, f"{report['model']}: {report['strategy']} search, {report['evaluations']} candidates")
+    xs = [t.user_attrs["params"] / millions for t in trials]
+    ys = [t.user_attrs["perplexity"] for t in trials]
+    members = {m["trial"]: m for m in [*report["front"], *report["finalists"]]}
+    marked = [("dense", report["dense"], "*", "black")]
+    if report.get("uniform_importance"):
+        marked.append(("uniform importance", report["uniform_importance"], "D", "tab:red"))
+    if (start := report.get("best_start")) and start["trial"] in members:
+        marked.append(("best start", members[start["trial"]] | start, "P", "tab:purple"))
+    if report.get("best_trial") is not None and "best_evaluation_perplexity" in report:
+        shipped = members[report["best_trial"]] | {"evaluation_perplexity": report["best_evaluation_perplexity"]}
+        marked.append(("shipped (as reformed)", shipped, "*", "tab:green"))
+    for ax in (whole, near):
+        ax.scatter(xs, ys, s=12, color="0.75", label="candidates (fitness windows)")
+        front = report["front"]
+        front_xs = [m["params"] / millions for m in front]
+        for key, style, color in (("calibration", "o-", "tab:blue"), ("evaluation", "s--", "tab:orange")):
+            ax.plot(front_xs, [m[f"{key}_perplexity"] for m in front], style, color=color, label=f"front ({key})")
+        for name, point, marker, color in marked:
+            x, y = point["params"] / millions, point["evaluation_perplexity"]
+            ax.scatter([x], [y], marker=marker, s=160, color=color, zorder=5, label=f"{name} (evaluation)")
+        if report["budget"]["params"]:
+            ax.axvline(report["budget"]["params"] / millions, color="tab:green", linestyle=":", label="budget")
+    if xs:  # the candidates' region: their parameter span and perplexities up to the 90th percentile
+        low, high = min(xs), max(xs)
+        pad = max(0.02 * (high - low), 0.005 * high)
+        near.set_xlim(low - pad, high + pad)
+        shown = [y for y in ys if y <= np.quantile(ys, 0.9)] + [p["evaluation_perplexity"] for _, p, _, _ in marked[1:]]
+        near.set_ylim(0.95 * min(shown), 1.05 * max(shown))
+    title = f"{report['model']}: {report['strategy']} search, {report['evaluations']} candidates"
+    perplexity_axes(whole, title)
+    perplexity_axes(near, "the candidates' region")
+    near.get_legend().remove()  # one legend, on the left
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -292,6 +300,9 @@ def plot(report: dict, trials: list[optuna.trial.FrozenTrial], path: Path) -> No
 def perplexity_axes(ax, title: str, ylabel: str = "perplexity (log scale)", legend_size: int = 8) -> None:
     """How slimlm's plots read: log perplexity against millions of parameters, gridded, with a legend."""
     ax.set_yscale("log")
+    plain = ticker.FuncFormatter(lambda value, _: f"{value:.4g}")  # 45.2, not 4.52 x 10^1
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
     ax.set_xlabel("parameters (millions)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
