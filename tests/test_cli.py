@@ -256,6 +256,39 @@ def test_compress_end_to_end(dense, text, tmp_path):
     assert str(out / "slimlm_report.json") in result.stdout.replace("\n", "")
 
 
+def test_compress_at_several_budgets_writes_one_run_each_and_the_trade_off(dense, text, tmp_path, monkeypatch):
+    """One calibration (cached) serves every budget; each budget is its own run, as one-budget runs are."""
+    from slimlm import importance
+
+    calibrations = []
+    calibrate = importance.calibrate
+    monkeypatch.setattr(importance, "calibrate", lambda *a, **k: calibrations.append(1) or calibrate(*a, **k))
+    out = tmp_path / "sweep"
+    args = ["--calib", text, "--eval", text, "--seq-len", "16", "--calib-windows", "8", "--fitness-windows", "2"]
+    result = invoke(
+        "compress", dense, "--params", "0.7,0.5", "--out", out, *args, "--eval-windows", "2", "--evaluations", "4"
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "budgets.json").read_text())
+    assert [r["run"] for r in summary["runs"]] == [str(out / "params-0.7"), str(out / "params-0.5")]
+    for row, fraction in zip(summary["runs"], (0.7, 0.5), strict=True):
+        run = Path(row["run"])
+        report = json.loads((run / "slimlm_report.json").read_text())
+        assert row["params"] == report["compressed"]["params"] == static_cost(load_model(run / "best").dims).params
+        assert row["params_fraction"] <= fraction and row["perplexity"] == report["compressed"]["perplexity"]
+        assert json.loads((run / "best" / "slimlm_subnetwork.json").read_text())  # a model per budget
+    assert summary["runs"][1]["params"] < summary["runs"][0]["params"]
+    assert len(calibrations) == 1
+    assert "params-0.5" in (out / "budgets.md").read_text() and "params-0.5" in result.stdout
+
+
+@pytest.mark.parametrize("fractions", ["0.7,0.7", "0.7,x", "0.7,1.5"])
+def test_several_budgets_must_be_different_fractions(dense, text, tmp_path, fractions):
+    line = one_error(invoke("compress", dense, "--params", fractions, "--out", tmp_path / "out", "--calib", text))
+    assert "--params must be a fraction in (0, 1], or several different ones" in line
+    assert not (tmp_path / "out").exists()
+
+
 # --- bad input: one clear line, exit code 1 -------------------------------------------------------
 
 

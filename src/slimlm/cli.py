@@ -40,7 +40,9 @@ from slimlm.jobs import (
     HealJob,
     SearchJob,
     TrainJob,
+    budget_jobs,
     describe_specs,
+    parse_fractions,
     parse_size,
 )
 from slimlm.llamacpp import NATIVE_QUANT_TYPES
@@ -88,6 +90,13 @@ DataOpt = Annotated[str, typer.Option(help=f"text: {describe_specs()}")]
 SeqLenOpt = Annotated[int, typer.Option(help="tokens per window")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
 ParamsFraction = Annotated[float | None, typer.Option("--params", help="keep at most this fraction of the parameters")]
+ParamsFractions = Annotated[
+    str | None,
+    typer.Option(
+        "--params",
+        help="keep at most this fraction of the parameters; several (0.9,0.8,0.7): one run each, in RUN/params-0.9 ...",
+    ),
+]
 MaxParams = Annotated[str | None, typer.Option(help="absolute parameter budget, e.g. 90M")]
 NonEmbedding = Annotated[
     float | None,
@@ -791,7 +800,7 @@ def _layer_list(text: str, option: str) -> tuple[int, ...]:
 def _search_options(
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
-    params_fraction: ParamsFraction = None,
+    params_fraction: ParamsFractions = None,
     non_embedding_fraction: NonEmbedding = None,
     max_params: MaxParams = None,
     max_memory: MaxMemory = None,
@@ -837,8 +846,9 @@ def _resolved(fn) -> list[inspect.Parameter]:
 
 def _with_search_options(command):
     """Give ``command`` the MODEL argument, ``--out``, ``--config`` and every search option (one
-    definition for ``search`` and ``compress``); it receives the assembled ``job``."""
-    own = [p for p in _resolved(command) if p.name != "job"]
+    definition for ``search`` and ``compress``); it receives the assembled ``jobs``, one per budget of
+    ``--params`` (``jobs.budget_jobs``)."""
+    own = [p for p in _resolved(command) if p.name != "jobs"]
     shared = _resolved(_search_options)
 
     @functools.wraps(command)
@@ -846,7 +856,10 @@ def _with_search_options(command):
         options = {name: kwargs.pop(name) for name in [p.name for p in shared]}
         # typer bundles its own click, so the source is compared by name, not with click's enum
         typed = {name for name in options if context.get_parameter_source(name).name != "DEFAULT"}
-        return command(**kwargs, job=_job(model, out_dir, options, typed if config else None, config))
+        fractions = parse_fractions(options["params_fraction"]) if options["params_fraction"] else ()
+        options["params_fraction"] = fractions[0] if fractions else None
+        job = _job(model, out_dir, options, typed if config else None, config)
+        return command(**kwargs, jobs=budget_jobs(job, fractions))
 
     run.__signature__ = inspect.Signature([*_resolved(_job_arguments), *own, *map(_in_panel, shared)])
     return run
@@ -893,7 +906,8 @@ EXAMPLES = {
     "slimlm search --config runs/s80/job.toml --out runs/again",
     "compress": "Examples: slimlm compress smollm2-135m --params 0.7 --out runs/demo · "
     "slimlm compress model.gguf --params 0.8 --quant q8_0 --out runs/q · "
-    "slimlm compress --config runs/demo/job.toml --evaluations 400 --out runs/longer",
+    "slimlm compress --config runs/demo/job.toml --evaluations 400 --out runs/longer · "
+    "slimlm compress smollm2-135m --params 0.9,0.8,0.7 --out runs/sweep",
 }
 
 
@@ -901,9 +915,17 @@ EXAMPLES = {
 @friendly
 @_with_search_options
 def search_command(
-    job: SearchJob, worker: Worker = False, finalise: Finalise = False, as_json: JsonOpt = False
+    jobs: list[SearchJob], worker: Worker = False, finalise: Finalise = False, as_json: JsonOpt = False
 ) -> None:
     """Search for Pareto-optimal sub-networks within a budget; write the run folder."""
+    if len(jobs) > 1 and (worker or finalise):
+        raise SlimlmError("--worker and --finalise share one store: give them one budget")
+    reports = [_search_one(job, worker, finalise, as_json and len(jobs) == 1) for job in jobs]
+    if as_json and len(jobs) > 1:
+        out.print_json(json.dumps(reports))
+
+
+def _search_one(job: SearchJob, worker: bool, finalise: bool, as_json: bool) -> dict | None:
     from slimlm.report import search_summary, write_report
     from slimlm.search import search as run_search
 
@@ -913,13 +935,13 @@ def search_command(
         _, study = run_search(job, role="worker")
         done = sum(1 for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE")
         out.print(f"worker done: the study {job.study_name!r} holds {done} evaluated candidates; the finaliser reports")
-        return
+        return None
     out_dir = _run_folder(job)
     searcher, study = run_search(job, role="finaliser" if finalise else "all")
     report = write_report(searcher, study)
     if as_json:
         out.print_json(json.dumps(report))
-        return
+        return report
     rows = [
         [
             f"trial {m['trial']}",
@@ -956,13 +978,14 @@ def search_command(
         f"wrote {out_dir}/pareto.json, {out_dir}/pareto.png"
         + (f", {out_dir}/best" if report["best_trial"] is not None else "")
     )
+    return report
 
 
 @app.command(epilog=EXAMPLES["compress"])
 @friendly
 @_with_search_options
 def compress(
-    job: SearchJob,
+    jobs: list[SearchJob],
     quant: Annotated[
         str | None,
         typer.Option(help=f"also write RUN/best quantized: {', '.join(ALL_QUANT_TYPES)} (int8: transformers)"),
@@ -976,10 +999,36 @@ def compress(
 ) -> None:
     """Search, save the best model within the budget in RUN/best, and compare it with the dense model."""
     from slimlm.pipeline import compress as compress_model
+    from slimlm.pipeline import compress_budgets
 
+    options = {"quant": quant, "tokenizer_pre": tokenizer_pre, "heal_steps": heal_steps}
+    if len(jobs) > 1:
+        if finalise:
+            raise SlimlmError("--finalise reports one store: give it one budget")
+        summary = compress_budgets(jobs, Path(jobs[0].out).parent, **options)  # RUN, above RUN/params-0.9 ...
+        if as_json:
+            out.print_json(json.dumps(summary))
+            return
+        rows = [
+            [
+                f"{r['params_fraction']:.3f}",
+                f"{r['params']:,}",
+                f"{r['perplexity']:.2f}",
+                f"{r['prefill_speedup']:.2f}x",
+                f"{r['decode_speedup']:.2f}x",
+                f"{r['chat_kl_per_token']:.3f}",
+                r["run"],
+            ]
+            for r in summary["runs"]
+        ]
+        columns = ["kept", "parameters", "perplexity", "prefill", "decode", "chat KL", "run"]
+        dense = summary["runs"][0]["dense_perplexity"]
+        out.print(_table(f"{summary['model']}: dense perplexity {dense:.2f}", columns, rows))
+        out.print(f"trade-off in {Path(jobs[0].out).parent / 'budgets.md'}; each run's own report in its folder")
+        return
+    (job,) = jobs
     _run_folder(job)
-    role = "finaliser" if finalise else "all"
-    report = compress_model(job, quant=quant, tokenizer_pre=tokenizer_pre, heal_steps=heal_steps, role=role)
+    report = compress_model(job, **options, role="finaliser" if finalise else "all")
     if as_json:
         out.print_json(json.dumps(report))
         return

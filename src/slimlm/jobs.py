@@ -65,6 +65,27 @@ STUDY_NAME = "slimlm"
 STORE_FILE = "search.db"
 
 
+def parse_fractions(text: str, option: str = "--params") -> tuple[float, ...]:
+    """``"0.9,0.8,0.7"`` -> (0.9, 0.8, 0.7): kept fractions in (0, 1], each once; else a clear error."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        fractions = tuple(float(p) for p in parts)
+    except ValueError:
+        fractions = ()
+    if not fractions or not all(0 < f <= 1 for f in fractions) or len(set(fractions)) < len(fractions):
+        raise SlimlmError(f"{option} must be a fraction in (0, 1], or several different ones such as 0.9,0.8,0.7")
+    return fractions
+
+
+def budget_jobs(job: SearchJob, fractions: tuple[float, ...]) -> list[SearchJob]:
+    """``job`` at each kept fraction of the parameters: one fraction keeps the run folder, several get
+    one each, ``RUN/params-0.9`` and so on (calibration, importance and the variant library do not
+    depend on the budget: cached, they are computed once for all)."""
+    if len(fractions) <= 1:
+        return [replace(job, params_fraction=fractions[0]) if fractions else job]
+    return [replace(job, params_fraction=f, out=str(Path(job.out) / f"params-{f:g}")) for f in fractions]
+
+
 def parse_size(text: str) -> float:
     """``90M`` -> 9e7, ``1.5G`` -> 1.5e9, ``300MB`` -> 3e8 (decimal units, as parameter counts are quoted)."""
     match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([kKmMgGtT]?)[bB]?\s*", str(text))

@@ -23,6 +23,7 @@ from slimlm.tasks import TASKS, build_task, evaluate_task
 REPORT_FILE = "slimlm_report.json"
 HEALED = "healed"  # RUN/healed: best/ after recovery distillation
 MARKDOWN_FILE = "report.md"
+BUDGETS_FILE = "budgets"  # RUN/budgets.json and .md: the trade-off across the budgets of one run
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,55 @@ def compress(
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     (out / MARKDOWN_FILE).write_text(markdown_report(report, out), encoding="utf-8")
     return report
+
+
+def compress_budgets(jobs: list[SearchJob], folder: str | Path, **options) -> dict:
+    """``compress`` each job (one per budget, ``jobs.budget_jobs``), then write the trade-off across
+    them to ``folder``/budgets.json and budgets.md. ``options`` are ``compress``'s."""
+    rows = []
+    for job in jobs:
+        report = compress(job, **options)
+        dense, small = report["dense"], report["compressed"]
+        rows.append(
+            {
+                "run": job.out,
+                "params_fraction_budget": job.params_fraction,
+                "params": small["params"],
+                "params_fraction": small["params"] / dense["params"],
+                "perplexity": small["perplexity"],
+                "dense_perplexity": dense["perplexity"],
+                "prefill_speedup": dense["prefill_ms"] / small["prefill_ms"],
+                "decode_speedup": small["decode_tokens_per_s"] / dense["decode_tokens_per_s"],
+                "chat_kl_per_token": report["chat"]["kl_per_token"],
+                "chat_first_tokens_match": report["chat"]["first_tokens_match"],
+                "search_gain": report["search_gain"],
+            }
+        )
+    summary = {"model": jobs[0].model, "evaluation": jobs[0].evaluation, "runs": rows}
+    folder = Path(folder)
+    (folder / f"{BUDGETS_FILE}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (folder / f"{BUDGETS_FILE}.md").write_text(budgets_markdown(summary), encoding="utf-8")
+    return summary
+
+
+def budgets_markdown(summary: dict) -> str:
+    """The trade-off across one run's budgets as a markdown table."""
+    lines = [
+        f"# {summary['model']} at {len(summary['runs'])} budgets",
+        "",
+        f"Perplexity on `{summary['evaluation']}` (dense {summary['runs'][0]['dense_perplexity']:.2f}); speed-ups "
+        "against dense in transformers, timed side by side in each run.",
+        "",
+        "| kept | parameters | perplexity | prefill | decode | chat KL | first tokens as dense | run |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in summary["runs"]:
+        lines.append(
+            f"| {r['params_fraction']:.3f} | {r['params']:,} | {r['perplexity']:.2f} | {r['prefill_speedup']:.2f}x | "
+            f"{r['decode_speedup']:.2f}x | {r['chat_kl_per_token']:.3f} | {r['chat_first_tokens_match']:.0%} | "
+            f"`{r['run']}` |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _healed(job: HealJob, dense: LoadedModel, tasks: dict, evaluation_ids, reference) -> dict:
