@@ -69,8 +69,19 @@ def main(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="print slimlm's version and exit")
     ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress: only results and errors")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="also the libraries' own logs (transformers, Optuna)")
+    ] = False,
 ) -> None:
     """Make pretrained LLMs smaller and faster by structural sub-network search."""
+    if quiet and verbose:
+        err.print("[red]error:[/red] give -q (less) or -v (more), not both", highlight=False)
+        raise typer.Exit(1)
+    # the environment carries them to the library and to worker processes (slimlm.progress reads them)
+    for flag, name in ((quiet, "SLIMLM_QUIET"), (verbose, "SLIMLM_VERBOSE")):
+        if flag:
+            os.environ[name] = "1"
 
 
 def _console(stderr: bool = False) -> Console:

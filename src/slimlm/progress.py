@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -21,6 +22,18 @@ from transformers.utils import logging as hf_logging
 T = TypeVar("T")
 
 console = Console(stderr=True)
+# `slimlm -q` / `-v` set these; worker processes inherit them, and users may set them in a job's environment
+QUIET, VERBOSE = "SLIMLM_QUIET", "SLIMLM_VERBOSE"
+
+
+def quiet() -> bool:
+    """No progress: only results and errors (``slimlm -q``)."""
+    return bool(os.environ.get(QUIET))
+
+
+def verbose() -> bool:
+    """The libraries' own logs too: transformers' and Optuna's (``slimlm -v``)."""
+    return bool(os.environ.get(VERBOSE))
 
 
 class LogProgress:
@@ -74,14 +87,24 @@ class LogProgress:
         elapsed, done, total = now - state["start"], state["completed"], state["total"]
         count = f"{done:g}/{total:g}" if total else f"{done:g}"
         eta = f", eta {(total - done) * elapsed / done:.0f} s" if total and 0 < done < total else ""
-        console.print(f"{state['description']}: {count} ({elapsed:.0f} s{eta})", markup=False, highlight=False)
+        line = f"{state['description']}: {count} ({elapsed:.0f} s{eta})"
+        console.print(line, markup=False, highlight=False, soft_wrap=True)  # one line each, however long
         state["printed"] = now
         state["done"] = bool(total) and done >= total
 
 
+class Silent(LogProgress):
+    """``Progress``'s interface that shows nothing (``slimlm -q``)."""
+
+    def _print(self, task: int, force: bool = False) -> None:
+        pass
+
+
 def progress_bar() -> Progress | LogProgress:
     """A rich progress bar on stderr with a description, count, elapsed time and ETA; plain timed lines
-    when stderr is not a terminal (logs of batch jobs and CI)."""
+    when stderr is not a terminal (logs of batch jobs and CI); nothing when quiet."""
+    if quiet():
+        return Silent()
     if not console.is_terminal:
         return LogProgress()
     return Progress(
@@ -109,7 +132,11 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
 
 @contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' own progress bars and warnings inside the block (slimlm shows its own)."""
+    """Silence transformers' own progress bars and warnings inside the block (slimlm shows its own),
+    unless verbose."""
+    if verbose():
+        yield
+        return
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -118,3 +145,10 @@ def quiet_transformers() -> Iterator[None]:
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
+
+
+def optuna_verbosity() -> int:
+    """Optuna's log level while slimlm searches: its per-trial lines only when verbose."""
+    import optuna
+
+    return optuna.logging.INFO if verbose() else optuna.logging.WARNING

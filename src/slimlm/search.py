@@ -49,7 +49,7 @@ from slimlm.jobs import parse_size as parse_size
 from slimlm.library import VariantLibrary, build_library
 from slimlm.models import LayerShape, LoadedModel, load_model
 from slimlm.outputs import check_run_folder
-from slimlm.progress import progress_bar
+from slimlm.progress import optuna_verbosity, progress_bar
 from slimlm.prune import flap_shapes, params_budget
 from slimlm.reform import reform
 from slimlm.space import uniform_subnetwork
@@ -463,7 +463,7 @@ def _objective_key(objective: str) -> str:
 def _worker_process(job: SearchJob, threads: int) -> None:
     _exit_with_parent()
     torch.set_num_threads(threads)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna_verbosity())
     searcher = prepare(job)
     run_worker(searcher, open_study(job, create=False, fingerprint=searcher.fingerprint))
 
@@ -520,7 +520,7 @@ def _work(job: SearchJob, loaded: LoadedModel | None) -> tuple[Searcher, optuna.
     """A worker: evaluate candidates of the shared study until the search is done."""
     if _study_exists(job):  # other settings than the study's: refused now, not after calibration
         open_study(job, create=True)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna_verbosity())
     searcher = prepare(job, loaded)
     study = open_study(job, create=True, fingerprint=searcher.fingerprint)
     if not study.get_trials(deepcopy=False):  # the first to arrive seeds it; a raced seed is pruned as seen
@@ -574,7 +574,7 @@ def search(job: SearchJob, loaded: LoadedModel | None = None, role: str = "all")
             store.unlink()
     if _study_exists(job):  # without --resume, or with other settings: refused now, not after calibration
         open_study(job, create=True)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna_verbosity())
     searcher = prepare(job, loaded)
     Path(job.out).mkdir(parents=True, exist_ok=True)  # only now: bad input leaves no empty run folder
     hold_run_folder(job.out)
