@@ -62,9 +62,10 @@ def main(argv: list[str] | None = None) -> dict:
         scratch = Path(scratch)
         folders = {"dense": dense.folder, "shortgpt": _shortgpt(dense, args, scratch)}
         files = {name: _gguf(load_model(folder), scratch / f"{name}.gguf") for name, folder in folders.items()}
-        probe = llamacpp.compare_speed([files["shortgpt"]], args.seq_len, 16, args.repeats)[0]
+        probe = llamacpp.compare_speed([files["shortgpt"]], args.seq_len, 16, 9)[0]  # the search's probe, 9 rounds
         limit = 1000 / probe.generation_tokens_per_s  # the search's own probe, on ShortGPT's model
-        searches = {"slimlm-latency": {"max_latency_ms": limit}}
+        latency = {"objective": "latency", "latency_runtime": "llama.cpp", "max_latency_ms": limit}
+        searches = {"slimlm-latency": latency}
         if not args.no_plain:
             searches["slimlm"] = {}
         reports = {}
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
             row |= {"prompt_tokens_per_s": speed.prompt_tokens_per_s, "gen_tokens_per_s": speed.generation_tokens_per_s}
             row["gen_speedup"] = speed.generation_tokens_per_s / speeds[0].generation_tokens_per_s
             row["prompt_speedup"] = speed.prompt_tokens_per_s / speeds[0].prompt_tokens_per_s
-            row |= {k: reports.get(name, {}).get(k) for k in ("search_gain", "best_trial", "search_seconds")}
+            row |= {k: reports.get(name, {}).get(k) for k in ("search_gain", "best_trial", "search_seconds", "pruned")}
             rows.append(row)
             print(json.dumps(row), flush=True)
     result = {
@@ -109,15 +110,14 @@ def _slimlm(args, dense, out: Path, **settings) -> tuple[Path, dict]:
         evaluations=args.evaluations,
         seq_len=args.seq_len,
         evaluation_windows=args.eval_windows,
-        objective="latency",
-        latency_runtime="llama.cpp",
         **settings,
     )
     start = time.perf_counter()
     searcher, study = search(job, dense)
     searched = time.perf_counter() - start
     report = write_report(searcher, study)
-    return out / "best", report | {"search_seconds": searched}
+    pruned = sum(t.state.name == "PRUNED" for t in study.get_trials(deepcopy=False))  # over the latency (or raced)
+    return out / "best", report | {"search_seconds": searched, "pruned": pruned}
 
 
 def _gguf(loaded, path: Path) -> Path:
