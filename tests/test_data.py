@@ -187,6 +187,7 @@ def test_hf_load_failure_is_an_error(monkeypatch):
     def offline(*args, **kwargs):
         raise ConnectionError("no network")
 
+    monkeypatch.setattr(data, "_hub_reachable", lambda: True)
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
     with pytest.raises(SlimlmError, match=r"could not load dataset `hf:wikitext`.*no network"):
         data.load_text("hf:wikitext")
@@ -202,10 +203,41 @@ def test_hf_joins_text_column_of_test_split(monkeypatch):
         calls.append((name, config, split))
         return FakeDataset(text=["first", "", "second"])
 
+    monkeypatch.setattr(data, "_hub_reachable", lambda: True)
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     assert data.load_text("hf:wikitext:wikitext-2-raw-v1") == "first\n\nsecond"
     data.load_text("hf:ptb:cfg:validation")
     assert calls == [("wikitext", "wikitext-2-raw-v1", "test"), ("ptb", "cfg", "validation")]
+
+
+def test_hf_without_the_hub_reads_only_the_cache_at_once(monkeypatch):
+    """No network: datasets in offline mode (it would retry for ~25 s), flags restored after."""
+    from huggingface_hub import constants
+
+    seen = []
+
+    def load_dataset(name, config, split):
+        seen.append((constants.HF_HUB_OFFLINE, fake.config.HF_HUB_OFFLINE))
+        raise ConnectionError("Couldn't reach 'wikitext' on the Hub (OfflineModeIsEnabled)")
+
+    fake = types.SimpleNamespace(load_dataset=load_dataset, config=types.SimpleNamespace(HF_HUB_OFFLINE=False))
+    monkeypatch.setattr(data, "_hub_reachable", lambda: False)
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    before = constants.HF_HUB_OFFLINE
+    with pytest.raises(SlimlmError, match=r"`hf:wikitext` from the local cache: the Hugging Face Hub is not reachable"):
+        data.load_text("hf:wikitext")
+    assert seen == [(True, True)]
+    assert constants.HF_HUB_OFFLINE is before and fake.config.HF_HUB_OFFLINE is False
+
+
+def test_the_hub_is_unreachable_offline_or_without_an_answer(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "https://127.0.0.1")  # nothing listens on this machine's 443
+    assert not data._hub_reachable(timeout=1)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(data.socket, "create_connection", lambda *a, **k: pytest.fail("offline mode connected"))
+    assert not data._hub_reachable()
 
 
 def test_missing_apt_get_names_the_package(monkeypatch):

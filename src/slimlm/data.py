@@ -8,12 +8,15 @@ The ``chat`` source is made by the model itself (its answers to slimlm's calibra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import tempfile
+import urllib.parse
 import warnings
 import zlib
 from collections.abc import Callable, Iterator
@@ -287,13 +290,44 @@ def _hf_text(arg: str) -> str:
         import datasets
     except ImportError as exc:
         raise SlimlmError("hf: specs need the `datasets` package (pip install 'slimlm[datasets]')") from exc
+    online = _hub_reachable()
     try:
-        ds = datasets.load_dataset(name, config or None, split=split or "test")
+        with contextlib.nullcontext() if online else _hub_offline(datasets):
+            ds = datasets.load_dataset(name, config or None, split=split or "test")
     except Exception as exc:  # no network, unknown name, bad config: all mean "cannot use this spec"
-        raise SlimlmError(f"could not load dataset `hf:{arg}` (no network?): {exc}") from exc
+        where = "" if online else " from the local cache: the Hugging Face Hub is not reachable (no network?)"
+        raise SlimlmError(f"could not load dataset `hf:{arg}`{where}: {exc}") from exc
     if "text" not in ds.column_names:
         raise SlimlmError(f"dataset `hf:{arg}` has no `text` column (columns: {', '.join(ds.column_names)})")
     return "\n".join(ds["text"])
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers a connection at all (not in offline mode): without it,
+    datasets retries for about 25 s before failing, where offline mode reads its cache at once."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        socket.create_connection((urllib.parse.urlparse(constants.ENDPOINT).hostname, 443), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _hub_offline(datasets) -> Iterator[None]:
+    """datasets and huggingface_hub in offline mode (cache only) inside the block: what HF_HUB_OFFLINE=1
+    says, but both read that variable when imported, so their flags are set instead."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
 
 
 def mixed_parts(spec: str) -> list[str]:
