@@ -32,7 +32,8 @@ HYPERVOLUME_CAP = 100.0  # perplexity over dense beyond which a sub-network adds
 
 
 def pareto_front(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
-    """Trials no other trial beats on both objectives (lower is better), cheapest first."""
+    """Trials no other trial beats on both objectives (lower is better), cheapest first. Given the last
+    fidelity stage's trials: ``study.best_trials`` would mix fitness measured on different windows."""
     front = [
         t
         for t in trials
