@@ -43,7 +43,7 @@ from slimlm.report import (
 )
 from slimlm.search import STUDY_NAME, Searcher, SearchJob, open_study, parse_size, prepare, run_worker, search
 from slimlm.space import NEURON_STEP, SearchSpace
-from slimlm.strategies import STRATEGIES, SUBNET_ATTR, candidate, completed, stage_of
+from slimlm.strategies import OVER_BUDGET_ATTR, STRATEGIES, SUBNET_ATTR, candidate, completed, stage_of
 from slimlm.subnet import LayerKeep, SubNetwork
 
 from .conftest import VOCAB, fast_search_settings, invoke, one_error, save_tiny, tiny_loaded
@@ -1066,6 +1066,26 @@ def test_the_store_names_its_objectives_and_shows_each_candidates_structure(runs
             kept = subnet.layers.get(i)
             assert part == (f"{i}:{kept.shape.heads}/{kept.shape.kv_heads}/{kept.shape.neurons}" if kept else f"{i}:-")
         assert trial.user_attrs["kept_neurons"] == sum(s.neurons for s in subnet.shapes())
+
+
+def test_a_candidate_over_the_latency_budget_is_measured_once_and_never_proposed_again(make_job, tmp_path, monkeypatch):
+    """The first start is over --max-latency-ms: PRUNED once, then never proposed again (it was proposed,
+    measured and pruned over and over, a search that never ended)."""
+    measured = []
+
+    def latency(_searcher, _model) -> float:
+        measured.append(1)
+        return 10.0 if len(measured) == 1 else 1.0
+
+    monkeypatch.setattr(Searcher, "latency_ms", latency)
+    _, study = search(make_job(tmp_path / "run", max_latency_ms=5.0))
+    trials = study.get_trials(deepcopy=False)
+    first = [t.user_attrs[SUBNET_ATTR] for t in trials if "latency_ms" in t.user_attrs and stage_of(t) == 0]
+    assert len(first) == len(set(first))  # each candidate measured once
+    over = [t for t in trials if t.user_attrs.get(OVER_BUDGET_ATTR)]
+    assert len(over) == 1 and over[0].state == optuna.trial.TrialState.PRUNED and over[0].number == 0
+    assert len(first_stage(study)) == EVALUATIONS
+    assert all(t.user_attrs["latency_ms"] <= 5.0 for t in completed(study))
 
 
 def test_two_searches_share_one_database_under_their_study_names(make_job, tmp_path):

@@ -56,6 +56,7 @@ from slimlm.space import uniform_subnetwork
 from slimlm.strategies import (
     CLAIMED,
     ETA,
+    OVER_BUDGET_ATTR,
     STAGE_ATTR,
     SUBNET_ATTR,
     History,
@@ -394,6 +395,9 @@ def run_worker(searcher: Searcher, study: optuna.Study, on_result=None) -> None:
         failed.reset()
         duplicate = compact in _claims_before(study, trial.number, stage)  # a claim raced after ours was checked
         over_latency = searcher.budget.latency_ms is not None and result["latency_ms"] > searcher.budget.latency_ms
+        if over_latency:  # judged: seen from now on, and counted as a budget miss in a row
+            trial.set_user_attr(OVER_BUDGET_ATTR, True)
+            pruned.hit()
         if duplicate or over_latency:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             continue
