@@ -122,6 +122,23 @@ def test_uniform_sub_network_round_trips_through_gguf(tmp_path):
     assert exported.padded_neurons == 3 * 8
 
 
+@pytest.mark.parametrize("quant", ["f32", "q8_0"])
+def test_slimlms_own_ragged_gguf_reads_back_with_its_logits(tmp_path, quant):
+    """A deci file (layers of their own shapes, a layer dropped) loads in slimlm as the model it was
+    written from: same per-layer shapes, same tokenizer, the same logits (f32) or close (q8_0)."""
+    loaded = bpe_model(tmp_path, subnet=ragged)
+    path = export_gguf(loaded, tmp_path / "m.gguf", quant, tokenizer_pre="default").path
+    again = load_model(path)
+    padded = [s.__class__(s.heads, s.kv_heads, -(-s.neurons // 32) * 32) for s in loaded.dims.layers]
+    assert tuple(again.dims.layers) == tuple(loaded.dims.layers if quant == "f32" else padded)  # q8_0: MLPs padded
+    assert again.tokenizer("the quick brown fox")["input_ids"] == loaded.tokenizer("the quick brown fox")["input_ids"]
+    ids = torch.randint(0, BPE_VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = loaded.model(ids).logits, again.model(ids).logits
+    tolerance = 1e-5 if quant == "f32" else 0.05
+    assert (got - expected).abs().max() <= tolerance * expected.abs().max()
+
+
 def test_layers_that_differ_are_written_as_per_layer_arrays(tmp_path):
     loaded = bpe_model(tmp_path, subnet=ragged)
     reader = gguf.GGUFReader(export_gguf(loaded, tmp_path / "m.gguf", "f16", tokenizer_pre="default").path)

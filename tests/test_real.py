@@ -115,10 +115,13 @@ def test_gemma_sub_networks_reload_in_transformers_with_the_in_place_logits(gemm
 
 
 def assert_llama_cpp_perplexity(loaded, subnet: SubNetwork, windows, tmp_path, name: str) -> None:
-    """``subnet`` of ``loaded``, extracted and exported to f16, has transformers' perplexity in llama.cpp."""
+    """``subnet`` of ``loaded``, extracted and exported to f16, has transformers' perplexity in llama.cpp,
+    and read back by slimlm (a ragged Llama's ``deci`` file too)."""
     small = load_model(extract(loaded, subnet, tmp_path / name).folder)
     path = export_gguf(small, tmp_path / f"{name}.gguf", "f16").path
-    assert llamacpp.perplexity(path, windows) == pytest.approx(perplexity(small.model, windows), rel=0.01)
+    expected = perplexity(small.model, windows)
+    assert llamacpp.perplexity(path, windows) == pytest.approx(expected, rel=0.01)
+    assert perplexity(load_model(path).model, windows) == pytest.approx(expected, rel=0.01)  # slimlm reads it back
 
 
 def test_smollm_exports_run_in_llama_cpp_with_transformers_perplexity(smollm, tmp_path):

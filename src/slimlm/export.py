@@ -249,6 +249,12 @@ def _interleave_rotary_halves(rows: np.ndarray, head_dim: int) -> np.ndarray:
     return rows.reshape(heads, 2, head_dim // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
+def rotary_halves(rows: np.ndarray, head_dim: int) -> np.ndarray:
+    """The inverse of ``_interleave_rotary_halves``: llama.cpp's pairs back to transformers' halves."""
+    heads = rows.shape[0] // head_dim
+    return rows.reshape(heads, head_dim // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
 def _encode(data: np.ndarray, qtype) -> tuple[np.ndarray, object]:
     """``data`` in ``qtype``; vectors stay f32 and matrices whose rows do not fill whole blocks f16."""
     if data.ndim == 1 or qtype == Q.F32:

@@ -241,8 +241,10 @@ def _from_hub_cache(repo_id: str) -> Path:
     return folder
 
 
+DECI = "deci"  # llama.cpp's Llama with per-layer sizes: what slimlm exports ragged Llama-layout models as
 GGUF_FAMILIES = {
     "llama": "llama",
+    DECI: "llama",
     "mistral": "mistral",
     "qwen2": "qwen2",
     "qwen3": "qwen3",
@@ -251,13 +253,20 @@ GGUF_FAMILIES = {
 }  # llama.cpp architecture -> model_type
 
 
+def gguf_architecture(path: Path) -> str | None:
+    """The ``general.architecture`` of a GGUF file, or None when it is not a readable GGUF."""
+    try:
+        field = GGUFReader(path).fields.get("general.architecture")
+    except Exception:  # not a readable GGUF: the loader's own error names the problem
+        return None
+    return field.contents() if field is not None else None
+
+
 def refuse_unsupported_gguf(path: Path) -> None:
     """Refuse a GGUF of a family slimlm does not support from its header alone, before the slow
     dequantization (a corrupt file is left to the loader, which says so)."""
-    try:
-        field = GGUFReader(path).fields.get("general.architecture")
-        architecture = field.contents() if field is not None else None
-    except Exception:  # not a readable GGUF: the loader's own error names the problem
+    architecture = gguf_architecture(path)
+    if architecture is None:
         return
     adapter_named(GGUF_FAMILIES.get(architecture, architecture), [f"GGUF architecture {architecture}"])
 
@@ -336,6 +345,10 @@ def _cached_from_gguf(gguf: Path, cache_name: str) -> Path:
 
 def _load_gguf(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     folder, name = gguf.parent, gguf.name
+    if gguf_architecture(gguf) == DECI:  # slimlm's own ragged export: transformers does not read it
+        from slimlm.models.deci import load_deci
+
+        return load_deci(gguf)
     adapter_for(AutoConfig.from_pretrained(folder, gguf_file=name))  # refuse other families before the slow part
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
