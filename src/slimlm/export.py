@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,7 +33,7 @@ from slimlm.errors import SlimlmError
 from slimlm.llamacpp import KQUANT_BLOCK, KQUANT_FALLBACK
 
 if TYPE_CHECKING:  # loading keeps tokenizer keys with this module's helpers, so no import at run time
-    from slimlm.models import LoadedModel
+    from slimlm.models import LayerShape, LoadedModel, ModelDims
 
 TOKENIZER_GGUF = "slimlm_tokenizer.gguf"  # the source GGUF's tokenizer keys, no tensors
 Q = gguf.GGMLQuantizationType
@@ -114,12 +114,14 @@ def _write_gguf(loaded: LoadedModel, out: Path, quant: str, tokenizer_pre: str |
     if refusal is not None:
         raise SlimlmError(refusal)
     qtype, file_type = {**QUANT_TYPES, **KQUANT_TYPES}[quant]
-    widths = [-(-s.neurons // block) * block for s in loaded.dims.layers]  # MLP widths padded to whole blocks
+    shapes = _written_shapes(loaded.dims.layers, block, arch)
+    widths = [s.neurons for s in shapes]
     partial = out.with_name(out.name + ".part")  # renamed when complete: a killed export leaves no broken .gguf
     writer = gguf.GGUFWriter(partial, gguf.MODEL_ARCH_NAMES[arch])
-    _write_hyperparameters(writer, loaded, file_type, widths)
+    _write_hyperparameters(writer, loaded, file_type, shapes)
     _write_tokenizer(writer, loaded, tokenizer_pre)
     kept_f16 = _write_tensors(writer, loaded, arch, rotary_order, qtype, widths)
+    kept_f16 += _write_zero_sub_blocks(writer, loaded.dims, shapes, arch, qtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -128,6 +130,41 @@ def _write_gguf(loaded: LoadedModel, out: Path, quant: str, tokenizer_pre: str |
     partial.replace(out)
     padded = sum(widths) - sum(s.neurons for s in loaded.dims.layers)
     return Exported(out, out.stat().st_size, tuple(kept_f16), padded)
+
+
+def _written_shapes(layers: list[LayerShape], block: int, arch) -> list[LayerShape]:
+    """The layer shapes as written for llama.cpp: each MLP padded with zero neurons to whole blocks, and
+    in its Llama graphs two sub-blocks slimlm removed written back as zeros (zero weights add exactly
+    nothing): an MLP where a layer keeps its attention (the ``deci`` graph skips the rest of a layer
+    without an MLP, its attention included: it was made for layers that have neither), and one
+    attention head in an attention-free first layer (llama.cpp takes the head size from the first layer)."""
+    padded = [replace(s, neurons=-(-s.neurons // block) * block) for s in layers]
+    if arch not in (gguf.MODEL_ARCH.LLAMA, gguf.MODEL_ARCH.DECI):
+        return padded
+    padded = [replace(s, neurons=block) if s.has_attention and not s.has_mlp else s for s in padded]
+    if padded and not padded[0].has_attention:
+        padded[0] = replace(padded[0], heads=1, kv_heads=1)
+    return padded
+
+
+def _write_zero_sub_blocks(writer, dims: ModelDims, shapes: list[LayerShape], arch, qtype) -> list[str]:
+    """The zero tensors of the sub-blocks ``_written_shapes`` adds (norm weights of one)."""
+    hidden, head_dim, kept_f16 = dims.hidden_size, dims.head_dim, []
+    for i, (layer, written) in enumerate(zip(dims.layers, shapes, strict=True)):
+        tensors = {}
+        if written.has_mlp and not layer.has_mlp:
+            width = written.neurons
+            tensors |= {"ffn_norm": np.ones(hidden), "ffn_gate": (width, hidden), "ffn_up": (width, hidden)}
+            tensors["ffn_down"] = (hidden, width)
+        if written.has_attention and not layer.has_attention:
+            tensors |= {"attn_norm": np.ones(hidden), "attn_q": (head_dim, hidden), "attn_k": (head_dim, hidden)}
+            tensors |= {"attn_v": (head_dim, hidden), "attn_output": (hidden, head_dim)}
+        for name, value in tensors.items():
+            data, written_type = _encode(value if isinstance(value, np.ndarray) else np.zeros(value), qtype)
+            if written_type == Q.F16 and qtype not in (Q.F16, Q.F32):
+                kept_f16.append(f"blk.{i}.{name}.weight")
+            writer.add_tensor(f"blk.{i}.{name}.weight", data, raw_dtype=written_type)
+    return kept_f16
 
 
 def check_exportable(loaded: LoadedModel, quant: str, tokenizer_pre: str | None = None) -> None:
@@ -163,13 +200,14 @@ def _tokenizer_model(folder: str | Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))["model"]
 
 
-def _write_hyperparameters(writer: gguf.GGUFWriter, loaded: LoadedModel, file_type: int, widths: list[int]) -> None:
+def _write_hyperparameters(
+    writer: gguf.GGUFWriter, loaded: LoadedModel, file_type: int, shapes: list[LayerShape]
+) -> None:
     config, dims = loaded.model.config, loaded.dims
     rope = _global_rope(config)
     if rope.get("rope_type", "default") != "default":
         raise SlimlmError(f"GGUF export does not write rope scaling '{rope}' yet")
-    heads = [s.heads for s in dims.layers]
-    kv_heads = [s.kv_heads for s in dims.layers]
+    heads, kv_heads, widths = [s.heads for s in shapes], [s.kv_heads for s in shapes], [s.neurons for s in shapes]
     writer.add_name(Path(loaded.source).name)
     writer.add_block_count(dims.num_layers)
     writer.add_context_length(dims.max_positions)

@@ -10,6 +10,7 @@ computing garbage.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import functools
 import importlib.metadata
@@ -125,7 +126,24 @@ class _Batch(ctypes.Structure):
 
 
 _LOG_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
-_QUIET = _LOG_CALLBACK(lambda level, text, data: None)  # llama.cpp logs every load to stderr otherwise
+_ERROR = 4  # ggml_log_level: llama.cpp says why a file does not load only at this level
+_errors: collections.deque[str] = collections.deque(maxlen=8)
+
+
+def _kept_errors(level: int, text: bytes, _data) -> None:
+    """llama.cpp's log: silent (it logs every load to stderr otherwise), but its errors are kept to be
+    told to the user with slimlm's own."""
+    if level == _ERROR and text:
+        _errors.append(text.decode(errors="replace").strip())
+
+
+_LOG = _LOG_CALLBACK(_kept_errors)
+
+
+def _why() -> str:
+    """llama.cpp's first error since the call began (the cause; those after it say what failed in
+    turn), for a message; empty when it logged none."""
+    return f": {_errors[0]}" if _errors else ""
 
 
 @functools.cache
@@ -158,7 +176,7 @@ def _library() -> ctypes.CDLL:
     for name, (arguments, result) in signatures.items():
         function = getattr(lib, name)
         function.argtypes, function.restype = arguments, result
-    lib.llama_log_set(_QUIET, None)
+    lib.llama_log_set(_LOG, None)
     lib.llama_backend_init()
     return lib
 
@@ -171,9 +189,10 @@ class Llama:
         if not path.is_file():
             raise SlimlmError(f"no GGUF file at {path}")
         self.lib = require()
+        _errors.clear()
         self.model = self.lib.llama_model_load_from_file(str(path).encode(), self.lib.llama_model_default_params())
-        if not self.model:  # llama.cpp says why only on its own log; the file is the usual cause
-            raise SlimlmError(f"llama.cpp cannot load {path} (corrupt, or a shape its graph does not take)")
+        if not self.model:
+            raise SlimlmError(f"llama.cpp cannot load {path} (corrupt, or a shape its graph does not take){_why()}")
         params = self.lib.llama_context_default_params()
         params.n_ctx = params.n_batch = params.n_ubatch = context
         params.n_threads = params.n_threads_batch = threads or os.cpu_count() or 1
@@ -181,7 +200,7 @@ class Llama:
         self.context = self.lib.llama_init_from_model(self.model, params)
         if not self.context:
             self.lib.llama_model_free(self.model)
-            raise SlimlmError(f"llama.cpp could not make a context of {context} tokens for {path}")
+            raise SlimlmError(f"llama.cpp could not make a context of {context} tokens for {path}{_why()}")
         self.size = context
         self.n_vocab = self.lib.llama_vocab_n_tokens(self.lib.llama_model_get_vocab(self.model))
         self.position = 0
@@ -194,6 +213,7 @@ class Llama:
     def eval(self, ids: list[int], all_logits: bool = False) -> np.ndarray:
         """Append ``ids`` to the sequence; the logits of every new position, or of the last one only."""
         count = len(ids)
+        _errors.clear()
         if self.position + count > self.size:
             raise SlimlmError(f"{self.position + count} tokens do not fit llama.cpp's context of {self.size}")
         seq = ctypes.c_int32(0)
@@ -209,7 +229,7 @@ class Llama:
         )
         failed = self.lib.llama_decode(self.context, batch)
         if failed:
-            raise SlimlmError(f"llama.cpp could not evaluate {count} tokens (code {failed})")
+            raise SlimlmError(f"llama.cpp could not evaluate {count} tokens (code {failed}){_why()}")
         self.position += count
         rows = sum(outputs)
         return np.ctypeslib.as_array(self.lib.llama_get_logits(self.context), (rows, self.n_vocab)).copy()
