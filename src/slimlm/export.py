@@ -121,7 +121,7 @@ def _write_gguf(loaded: LoadedModel, out: Path, quant: str, tokenizer_pre: str |
     _write_hyperparameters(writer, loaded, file_type, shapes)
     _write_tokenizer(writer, loaded, tokenizer_pre)
     kept_f16 = _write_tensors(writer, loaded, arch, rotary_order, qtype, widths)
-    kept_f16 += _write_zero_sub_blocks(writer, loaded.dims, shapes, arch, qtype)
+    kept_f16 += _write_zero_sub_blocks(writer, loaded.dims, shapes, qtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -147,23 +147,23 @@ def _written_shapes(layers: list[LayerShape], block: int, arch) -> list[LayerSha
     return padded
 
 
-def _write_zero_sub_blocks(writer, dims: ModelDims, shapes: list[LayerShape], arch, qtype) -> list[str]:
+def _write_zero_sub_blocks(writer, dims: ModelDims, shapes: list[LayerShape], qtype) -> list[str]:
     """The zero tensors of the sub-blocks ``_written_shapes`` adds (norm weights of one)."""
     hidden, head_dim, kept_f16 = dims.hidden_size, dims.head_dim, []
     for i, (layer, written) in enumerate(zip(dims.layers, shapes, strict=True)):
         tensors = {}
         if written.has_mlp and not layer.has_mlp:
             width = written.neurons
-            tensors |= {"ffn_norm": np.ones(hidden), "ffn_gate": (width, hidden), "ffn_up": (width, hidden)}
-            tensors["ffn_down"] = (hidden, width)
+            tensors["ffn_norm"] = np.ones(hidden)
+            tensors |= {"ffn_gate": np.zeros((width, hidden)), "ffn_up": np.zeros((width, hidden))}
+            tensors["ffn_down"] = np.zeros((hidden, width))
         if written.has_attention and not layer.has_attention:
-            tensors |= {"attn_norm": np.ones(hidden), "attn_q": (head_dim, hidden), "attn_k": (head_dim, hidden)}
-            tensors |= {"attn_v": (head_dim, hidden), "attn_output": (hidden, head_dim)}
-        for name, value in tensors.items():
-            data, written_type = _encode(value if isinstance(value, np.ndarray) else np.zeros(value), qtype)
-            if written_type == Q.F16 and qtype not in (Q.F16, Q.F32):
+            tensors["attn_norm"] = np.ones(hidden)
+            tensors |= {name: np.zeros((head_dim, hidden)) for name in ("attn_q", "attn_k", "attn_v")}
+            tensors["attn_output"] = np.zeros((hidden, head_dim))
+        for name, data in tensors.items():
+            if _add_tensor(writer, f"blk.{i}.{name}.weight", data, qtype):
                 kept_f16.append(f"blk.{i}.{name}.weight")
-            writer.add_tensor(f"blk.{i}.{name}.weight", data, raw_dtype=written_type)
     return kept_f16
 
 
@@ -252,11 +252,16 @@ def _write_tensors(writer, loaded: LoadedModel, arch, rotary_order: bool, qtype,
         if rotary_order and hf_name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
             data = _interleave_rotary_halves(data, dims.head_dim)
         is_output = name == "output.weight" or (name == "token_embd.weight" and dims.tied_embeddings)
-        data, written = _encode(data, Q.Q6_K if is_output and qtype in KQUANT_QTYPES else qtype)
-        if written == Q.F16 and qtype not in (Q.F16, Q.F32):
+        if _add_tensor(writer, name, data, Q.Q6_K if is_output and qtype in KQUANT_QTYPES else qtype):
             kept_f16.append(name)
-        writer.add_tensor(name, data, raw_dtype=written)
     return kept_f16
+
+
+def _add_tensor(writer: gguf.GGUFWriter, name: str, data: np.ndarray, qtype) -> bool:
+    """Write ``data`` as ``name`` in ``qtype``; whether it stayed f16 instead (rows not whole blocks)."""
+    data, written = _encode(data, qtype)
+    writer.add_tensor(name, data, raw_dtype=written)
+    return written == Q.F16 and qtype not in (Q.F16, Q.F32)
 
 
 def _padded_mlp(hf_name: str, data: np.ndarray, widths: list[int]) -> np.ndarray:

@@ -167,7 +167,6 @@ def _library() -> ctypes.CDLL:
         "llama_get_logits": ([pointer], ctypes.POINTER(ctypes.c_float)),
         "llama_get_memory": ([pointer], pointer),
         "llama_memory_clear": ([pointer, c_bool], None),
-        "llama_synchronize": ([pointer], None),
         "ggml_quantize_chunk": (
             [ctypes.c_int, pointer, pointer, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, pointer],
             ctypes.c_size_t,
