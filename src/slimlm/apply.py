@@ -13,6 +13,7 @@ so gradients reach the shared weights of every sub-network a super-network train
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -22,6 +23,7 @@ from transformers import PreTrainedModel
 
 from slimlm.errors import SlimlmError
 from slimlm.models import LinearSlice, LoadedModel
+from slimlm.stream import layer_stream
 from slimlm.subnet import SubNetwork
 
 _APPLIED = "_slimlm_subnetwork_applied"
@@ -77,15 +79,21 @@ def _kept_layers_only(loaded: LoadedModel, subnet: SubNetwork, prepare_layer) ->
     subnet.validate(loaded.dims)
     layers, kept = adapter.decoder_layers(model), subnet.kept_layers
     saved = _current(adapter.model_attributes(model))
+    stream = layer_stream(model)
     setattr(model, _APPLIED, True)
     try:
         for position, index in enumerate(kept):
             saved += _current(adapter.layer_attributes(layers[index]))
-            prepare_layer(layers[index], index, position, saved)
+            if stream is None:
+                prepare_layer(layers[index], index, position, saved)
+            else:  # no weights to slice yet: the change is made each time the layer is read, and undone
+                stream.defer(layers[index], functools.partial(prepare_layer, layers[index], index, position))
         adapter.configure_model(model, kept)
         adapter.set_decoder_layers(model, nn.ModuleList(layers[i] for i in kept))
         yield model
     finally:
+        if stream is not None:
+            stream.clear()
         adapter.set_decoder_layers(model, layers)
         for obj, name, value in reversed(saved):
             setattr(obj, name, value)
@@ -117,6 +125,8 @@ def subnetwork_masked(loaded: LoadedModel, subnet: SubNetwork) -> Iterator[PreTr
     a neuron, its channel of the MLP output projection's input; so zeroing those channels computes
     the sub-network exactly, and gradients flow to every kept weight. Removed layers are skipped.
     """
+    if layer_stream(loaded.model) is not None:
+        raise SlimlmError("training needs the weights in memory: load the model without --stream")
     adapter, head_dim, hooks = loaded.adapter, loaded.dims.head_dim, []
 
     def mask(layer, index: int, position: int, _saved: list) -> None:

@@ -42,6 +42,7 @@ from slimlm.errors import SlimlmError
 from slimlm.jobs import DEFAULT_METRIC  # the setting's home is the torch-free slimlm.jobs
 from slimlm.models import LoadedModel
 from slimlm.progress import track
+from slimlm.stream import resident
 
 CALIBRATION_FORMAT = "slimlm.calibration/4"  # in the cache key: a new layout never reads an old entry
 IMPORTANCE_FILE = "slimlm_importance.safetensors"  # a trained super-network's unit ranking, in its folder
@@ -177,8 +178,9 @@ def calibrate(loaded: LoadedModel, windows: torch.Tensor, batch_size: int = 4) -
     """One streaming pass over ``windows`` through the full model, collecting ``Calibration``."""
     layers = loaded.adapter.decoder_layers(loaded.model)
     projections = [loaded.adapter.output_projections(layer) for layer in layers]
-    attention = [_Accumulator(o.in_features, o.weight.device) for o, _ in projections]
-    mlp = [_Accumulator(d.in_features, d.weight.device) for _, d in projections]
+    device = loaded.model.device  # where the activations are (a streamed layer's weights are not there yet)
+    attention = [_Accumulator(o.in_features, device) for o, _ in projections]
+    mlp = [_Accumulator(d.in_features, device) for _, d in projections]
     influence = torch.zeros(len(layers), dtype=torch.float64)
 
     def block_influence(i: int):
@@ -203,8 +205,9 @@ def calibrate(loaded: LoadedModel, windows: torch.Tensor, batch_size: int = 4) -
             hook.remove()
     head_dim, attention_stats, mlp_stats = loaded.dims.head_dim, [], []
     for i in track(range(len(layers)), "ranking units"):
-        attention_stats.append(attention[i].stats(projections[i][0].weight, head_dim))
-        mlp_stats.append(mlp[i].stats(projections[i][1].weight, 1))
+        with resident(loaded.model, layers[i]):
+            attention_stats.append(attention[i].stats(projections[i][0].weight, head_dim))
+            mlp_stats.append(mlp[i].stats(projections[i][1].weight, 1))
     return Calibration(attention_stats, mlp_stats, influence / windows.numel(), windows.numel())
 
 
@@ -219,11 +222,12 @@ def importance(loaded: LoadedModel, calibration: Calibration, metric: str = DEFA
     for i, layer in enumerate(loaded.adapter.decoder_layers(loaded.model)):
         o_proj, down_proj = loaded.adapter.output_projections(layer)
         shape = dims.layers[i]
-        channel = score(calibration.attention[i], o_proj.weight.double().norm(dim=0).cpu())
+        with resident(loaded.model, layer):
+            channel = score(calibration.attention[i], o_proj.weight.double().norm(dim=0).cpu())
+            neurons.append(score(calibration.mlp[i], down_proj.weight.double().norm(dim=0).cpu()).float())
         head = channel.view(shape.heads, dims.head_dim).sum(dim=1)
         heads.append(head.float())
         kv_heads.append(head.view(shape.kv_heads, shape.group_size).sum(dim=1).float())
-        neurons.append(score(calibration.mlp[i], down_proj.weight.double().norm(dim=0).cpu()).float())
     return Importance(heads, kv_heads, neurons, calibration.block_influence.float())
 
 

@@ -35,8 +35,9 @@ from slimlm.importance import Importance
 from slimlm.models import LoadedModel
 from slimlm.models.base import LayerShape
 from slimlm.progress import track
-from slimlm.reform import DAMPING, Reformed, ridge
+from slimlm.reform import DAMPING, Reformed, layer_inputs, layer_output, ridge
 from slimlm.space import SearchSpace, keep_most_important
+from slimlm.stream import resident
 from slimlm.subnet import SubNetwork
 
 FORMAT = "slimlm.library/1"
@@ -109,9 +110,7 @@ def build_library(
         missing = [i for i in range(dims.num_layers) if not _complete(folder / _layer_file(i))]
         if missing:
             folder.mkdir(parents=True, exist_ok=True)
-            grams = _dense_grams(loaded, windows, missing, batch_size)
-            for index in track(missing, "building the variant library"):
-                _write_layer(loaded, index, keeps[index], grams.pop(index), damping, folder / _layer_file(index))
+            _build_layers(loaded, keeps, missing, windows, damping, batch_size, folder)
     return VariantLibrary(folder, keeps)
 
 
@@ -146,41 +145,45 @@ def _complete(path: Path) -> bool:
 
 
 @torch.no_grad()
-def _dense_grams(loaded: LoadedModel, windows: torch.Tensor, layers: list[int], batch_size: int) -> dict:
-    """Gram matrices X Xᵀ (float64) of the inputs of each listed layer's output projections, dense model."""
-    adapter, decoder = loaded.adapter, loaded.adapter.decoder_layers(loaded.model)
-    grams: dict[int, dict[str, torch.Tensor]] = {i: {} for i in layers}
-    hooks = []
+def _build_layers(loaded, keeps, missing: list[int], windows, damping: float, batch_size: int, folder: Path) -> None:
+    """Run the dense model a layer at a time on ``windows`` and solve each missing layer from the Gram
+    matrices of its own inputs: one layer's weights and Gram matrices in memory at a time."""
+    layers = loaded.adapter.decoder_layers(loaded.model)
+    hidden, kwargs = layer_inputs(loaded, windows, batch_size)
+    for index in track(range(max(missing) + 1), "building the variant library"):
+        with resident(loaded.model, layers[index]):  # a streamed model's layer is read once for both
+            grams: dict[str, torch.Tensor] = {}
+            projections = zip(("attention", "mlp"), loaded.adapter.output_projections(layers[index]), strict=True)
+            hooks = [p.register_forward_pre_hook(_accumulate(grams, n)) for n, p in projections if index in missing]
+            try:
+                hidden = [layer_output(layers[index], h, kw) for h, kw in zip(hidden, kwargs[index], strict=True)]
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            if index in missing:
+                _write_layer(loaded, index, keeps[index], grams, damping, folder / _layer_file(index))
 
-    def accumulate(index: int, name: str):
-        def hook(_module, args):
-            flat = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            product = (flat.T @ flat).double()  # float32 products (fast), float64 sums
-            grams[index][name] = grams[index][name] + product if name in grams[index] else product
 
-        return hook
+def _accumulate(grams: dict, name: str):
+    """A pre-hook adding X Xᵀ of a projection's input to ``grams[name]`` (float32 products, float64 sums)."""
 
-    for i in layers:
-        for name, projection in zip(("attention", "mlp"), adapter.output_projections(decoder[i]), strict=True):
-            hooks.append(projection.register_forward_pre_hook(accumulate(i, name)))
-    try:
-        for batch in track(windows.split(batch_size), "variant library: calibration pass"):
-            loaded.model(input_ids=batch.to(loaded.model.device), use_cache=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return grams
+    def hook(_module, args):
+        flat = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        product = (flat.T @ flat).double()
+        grams[name] = grams[name] + product if name in grams else product
+
+    return hook
 
 
 @torch.no_grad()
 def _write_layer(loaded: LoadedModel, index: int, keeps: dict, grams: dict, damping: float, path: Path) -> None:
     """Solve every level of one layer and write them (atomically) to ``path``."""
     layer = loaded.adapter.decoder_layers(loaded.model)[index]
-    o_proj, down_proj = loaded.adapter.output_projections(layer)
+    with resident(loaded.model, layer):  # a streamed model's layer is read for this
+        weights = [p.weight.detach().clone() for p in loaded.adapter.output_projections(layer)]
     head_dim = loaded.dims.head_dim
     tensors = {}
-    for name, projection in (("attention", o_proj), ("mlp", down_proj)):
-        weight = projection.weight.detach()
+    for name, weight in zip(("attention", "mlp"), weights, strict=True):
         gram = grams[name]
         rhs = weight.double() @ gram  # W G, shared by every level of this projection
         for key, units in keeps.items():

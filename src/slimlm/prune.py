@@ -30,6 +30,7 @@ from slimlm.models import LoadedModel
 from slimlm.models.base import LayerShape, ModelDims
 from slimlm.reform import Reformed
 from slimlm.space import NEURON_STEP, keep_most_important, uniform_shape
+from slimlm.stream import resident
 from slimlm.subnet import LayerKeep, SubNetwork
 
 
@@ -118,9 +119,10 @@ def _flap_subnet(loaded: LoadedModel, calib: Calibration, budget: int) -> SubNet
     for i, layer in enumerate(layers):
         o_proj, down_proj = loaded.adapter.output_projections(layer)
         shape = dims.layers[i]
-        heads = _standardised(calib.attention[i].variance * o_proj.weight.double().pow(2).sum(dim=0))
+        with resident(loaded.model, layer):
+            heads = _standardised(calib.attention[i].variance * o_proj.weight.double().pow(2).sum(dim=0))
+            neurons = _standardised(calib.mlp[i].variance * down_proj.weight.double().pow(2).sum(dim=0))
         groups = heads.view(shape.kv_heads, -1).mean(dim=1)  # a group's channels, averaged
-        neurons = _standardised(calib.mlp[i].variance * down_proj.weight.double().pow(2).sum(dim=0))
         units += [(float(v), group_cost, i, "group", k) for k, v in enumerate(groups)]
         units += [(float(v), dims.params_per_neuron, i, "neuron", k) for k, v in enumerate(neurons)]
         kept_groups[i], kept_neurons[i] = [int(groups.argmax())], [int(neurons.argmax())]

@@ -23,6 +23,7 @@ import torch
 from slimlm.errors import SlimlmError
 from slimlm.models import LoadedModel
 from slimlm.progress import track
+from slimlm.stream import resident
 from slimlm.subnet import SubNetwork
 
 DAMPING = 0.01  # λ relative to the mean diagonal of G[K, K]; raised automatically if the solve is unstable
@@ -92,27 +93,36 @@ def reform(
     subnet.validate(loaded.dims)
     adapter, model = loaded.adapter, loaded.model
     layers = adapter.decoder_layers(model)
-    head_dim = loaded.dims.head_dim
-    hidden, layer_kwargs = _layer_inputs(loaded, windows, batch_size)
+    hidden, layer_kwargs = layer_inputs(loaded, windows, batch_size)
     reformed: Reformed = {}
     for index in track(range(len(layers)), "reforming layers"):
         if index not in subnet.layers:
             continue  # a removed layer passes hidden states through unchanged
-        layer, keep = layers[index], subnet.layers[index]
-        attention, mlp = _branches(adapter, layer)
-        heads = torch.tensor(keep.heads, dtype=torch.long)
-        head_cols = (heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
-        o_proj, down_proj = adapter.output_projections(layer)
-        neurons = torch.tensor(keep.neurons, dtype=torch.long)
-        branches = (("attention", attention, o_proj, head_cols), ("mlp", mlp, down_proj, neurons))
-        for name, branch, projection, kept in branches:
-            if not len(kept):
-                continue  # a removed sub-block adds nothing: the hidden states pass on unchanged
-            inputs = _projection_inputs(branch, projection, hidden, layer_kwargs[index])
-            reformed[index, name] = w = _reform_projection(projection, inputs, kept, damping)
-            out = adapter.branch_output(layer, name)  # e.g. Gemma-3's norm of the branch's output
-            hidden = [h + out(_project(x[..., kept], w, projection.bias)) for h, x in zip(hidden, inputs, strict=True)]
+        with resident(model, layers[index]):  # a streamed model's layer is read for this
+            hidden = _reform_layer(loaded, index, subnet, hidden, layer_kwargs[index], reformed, damping)
     return reformed
+
+
+def _reform_layer(
+    loaded: LoadedModel, index: int, subnet: SubNetwork, hidden: list, kwargs: list, reformed: Reformed, damping: float
+) -> list[torch.Tensor]:
+    """Reform layer ``index``'s output projections into ``reformed``; the hidden states after the layer."""
+    adapter, head_dim = loaded.adapter, loaded.dims.head_dim
+    layer, keep = adapter.decoder_layers(loaded.model)[index], subnet.layers[index]
+    attention, mlp = _branches(adapter, layer)
+    heads = torch.tensor(keep.heads, dtype=torch.long)
+    head_cols = (heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+    o_proj, down_proj = adapter.output_projections(layer)
+    neurons = torch.tensor(keep.neurons, dtype=torch.long)
+    branches = (("attention", attention, o_proj, head_cols), ("mlp", mlp, down_proj, neurons))
+    for name, branch, projection, kept in branches:
+        if not len(kept):
+            continue  # a removed sub-block adds nothing: the hidden states pass on unchanged
+        inputs = _projection_inputs(branch, projection, hidden, kwargs)
+        reformed[index, name] = w = _reform_projection(projection, inputs, kept, damping)
+        out = adapter.branch_output(layer, name)  # e.g. Gemma-3's norm of the branch's output
+        hidden = [h + out(_project(x[..., kept], w, projection.bias)) for h, x in zip(hidden, inputs, strict=True)]
+    return hidden
 
 
 def _projection_inputs(branch, projection, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
@@ -122,6 +132,12 @@ def _projection_inputs(branch, projection, hidden: list[torch.Tensor], kwargs: l
         for h, kw in zip(hidden, kwargs, strict=True):
             branch(h, kw)
     return inputs
+
+
+def layer_output(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """One decoder layer run on its own (families return the hidden states alone or first in a tuple)."""
+    out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
 
 
 def _branches(adapter, layer):
@@ -147,8 +163,9 @@ def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     return torch.nn.functional.linear(x, weight, bias)
 
 
-def _layer_inputs(loaded: LoadedModel, windows: torch.Tensor, batch_size: int):
-    """Hidden states entering the first decoder layer, and the keyword arguments each layer gets.
+def layer_inputs(loaded: LoadedModel, windows: torch.Tensor, batch_size: int):
+    """Hidden states entering the first decoder layer (per batch of ``windows``), and the keyword
+    arguments each layer gets (per layer, per batch): what running the model a layer at a time needs.
 
     Keyword arguments (attention mask, rotary embeddings) are taken per layer: families with
     sliding-window layers give different layers different masks.

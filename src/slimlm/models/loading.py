@@ -34,6 +34,7 @@ from slimlm.export import save_tokenizer_gguf
 from slimlm.models import adapter_for, adapter_named
 from slimlm.models.base import Adapter, ModelDims
 from slimlm.progress import console, quiet_transformers
+from slimlm.stream import stream_model, streamed_state
 
 
 @dataclass(frozen=True)
@@ -98,11 +99,13 @@ class LoadedModel:
         return fingerprint(self.model)
 
 
-def load_model(spec: str | Path, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+def load_model(spec: str | Path, dtype: str = "float32", device: str = "cpu", stream: bool = False) -> LoadedModel:
     """Load ``spec``: a built-in name (``smollm2-135m``), a Hugging Face folder, or a ``.gguf`` file,
     with weights in ``dtype`` (one of ``DTYPES``) on ``device`` (one of ``DEVICES``; ``auto`` is the
     GPU where torch sees one, else the CPU). Statistics and solves run in float32 or float64 whatever
-    the weights' dtype; what slimlm writes keeps the dtype the model was loaded in.
+    the weights' dtype; what slimlm writes keeps the dtype the model was loaded in. With ``stream``,
+    the decoder layers stay on disk and are read one at a time as they run (``slimlm.stream``): for
+    models larger than memory.
 
     Refused with a clear error: a family slimlm does not know (read from ``config.json`` before
     transformers sees the folder, so no code in it ever runs), tensors missing, unexpected or of the
@@ -114,22 +117,31 @@ def load_model(spec: str | Path, dtype: str = "float32", device: str = "cpu") ->
     _check_family(folder)
     config = _guarded(folder, lambda: AutoConfig.from_pretrained(folder, trust_remote_code=False))
     adapter = adapter_for(config)
+    if stream:  # the layers' weights are read as they run, onto the device given now
+        layers = adapter.decoder_layers
+        model = _guarded(folder, lambda: stream_model(folder, config, layers, torch_dtype, torch_device))
+    else:
+        model = _loaded_weights(folder, torch_dtype).to(torch_device)
+    _check_finite(folder, model)
+    tokenizer = _guarded(folder, lambda: _load_tokenizer(folder))
+    model.eval()
+    return LoadedModel(model, tokenizer, adapter, str(spec), folder, time.perf_counter() - start)
+
+
+def _loaded_weights(folder: Path, dtype: torch.dtype) -> PreTrainedModel:
     model, info = _guarded(
         folder,
         lambda: AutoModelForCausalLM.from_pretrained(
             # mismatched sizes reported, not raised: transformers' own message points at a log slimlm silences
             folder,
-            dtype=torch_dtype,
+            dtype=dtype,
             trust_remote_code=False,
             output_loading_info=True,
             ignore_mismatched_sizes=True,
         ),
     )
     _check_loading_info(folder, info)
-    _check_finite(folder, model)
-    tokenizer = _guarded(folder, lambda: _load_tokenizer(folder))
-    model.to(torch_device).eval()
-    return LoadedModel(model, tokenizer, adapter, str(spec), folder, time.perf_counter() - start)
+    return model
 
 
 def torch_dtype_of(name: str) -> torch.dtype:
@@ -173,7 +185,7 @@ def _check_loading_info(folder: Path, info: dict) -> None:
 
 
 def _check_finite(folder: Path, model: PreTrainedModel) -> None:
-    for name, tensor in model.state_dict().items():
+    for name, tensor in streamed_state(model):
         plain = type(tensor) is torch.Tensor  # quantized tensor subclasses (torchao) hold integers and scales
         if plain and tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise SlimlmError(f"{folder}: tensor {name} holds NaN or infinite values")
