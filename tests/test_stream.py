@@ -3,6 +3,8 @@ exactly what the same model held in memory computes, in every stage, with one la
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -56,7 +58,8 @@ def test_every_stage_on_a_stream_equals_it_in_memory(pair):
     """Calibration, importance, the variant library, a stitched candidate, sequential reformation."""
     memory, streamed = pair
     calibrations = [calibrate(m, WINDOWS) for m in (memory, streamed)]
-    for a, b in zip(calibrations[0].mlp + calibrations[0].attention, calibrations[1].mlp + calibrations[1].attention):
+    (a_mlp, a_attention), (b_mlp, b_attention) = ((c.mlp, c.attention) for c in calibrations)
+    for a, b in zip(a_mlp + a_attention, b_mlp + b_attention, strict=True):
         torch.testing.assert_close(a.sumsq, b.sumsq)
         torch.testing.assert_close(a.removal_rank, b.removal_rank)
     scores = [importance(m, c, "activation") for m, c in zip((memory, streamed), calibrations, strict=True)]
@@ -94,6 +97,32 @@ def test_training_refuses_a_streamed_model(pair):
     from slimlm.apply import subnetwork_masked
 
     _, streamed = pair
-    with pytest.raises(SlimlmError, match="without --stream"):
-        with subnetwork_masked(streamed, candidate(streamed, importance(streamed, calibrate(streamed, WINDOWS)))):
-            pass
+    subnet = candidate(streamed, importance(streamed, calibrate(streamed, WINDOWS)))
+    with pytest.raises(SlimlmError, match="without --stream"), subnetwork_masked(streamed, subnet):
+        pass
+
+
+def test_extraction_from_a_stream_writes_the_model_extraction_in_memory_writes(pair, tmp_path):
+    """A shard per kept layer, read by stock transformers into the same weights, config and logits."""
+    from transformers import AutoModelForCausalLM
+
+    from slimlm.extract import extract
+
+    memory, streamed = pair
+    scores = importance(memory, calibrate(memory, WINDOWS), "activation")
+    subnet = candidate(memory, scores)
+    reformed = build_library(memory, scores, SPACE, WINDOWS).reformed(subnet)
+    written = [extract(m, subnet, tmp_path / name, reformed) for m, name in ((memory, "memory"), (streamed, "stream"))]
+    assert written[0].params == written[1].params and written[0].needs_remote_code == written[1].needs_remote_code
+    assert len(list(written[1].folder.glob("model-*.safetensors"))) == len(subnet.kept_layers) + 1
+    models = [
+        AutoModelForCausalLM.from_pretrained(w.folder, trust_remote_code=w.needs_remote_code).eval() for w in written
+    ]
+    configs = [json.loads((w.folder / "config.json").read_text()) for w in written]
+    assert configs[0] == configs[1]
+    states = [m.state_dict() for m in models]
+    assert states[0].keys() == states[1].keys()
+    for name in states[0]:
+        torch.testing.assert_close(states[0][name], states[1][name], rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(models[1](input_ids=INPUT).logits, logits(memory, subnet, reformed))

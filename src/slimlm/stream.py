@@ -43,7 +43,7 @@ class LayerStream:
         self.files = _tensor_files(folder)
         self.dtype, self.device = dtype, model.device
         self.layers = list(layers)
-        prefix = next(name for name, module in model.named_modules() if module is layers)
+        self.prefix = prefix = next(name for name, module in model.named_modules() if module is layers)
         # per layer: checkpoint name -> name within the layer
         self.names = [{f"{prefix}.{i}.{n}": n for n, _ in layer.named_parameters()} for i, layer in enumerate(layers)]
         missing = [n for names in self.names for n in names if n not in self.files]
@@ -147,26 +147,24 @@ def stream_model(folder: Path, config: PretrainedConfig, layers_of, dtype: torch
 
 
 def streamed_state(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """``model.state_dict()``'s items in order, a streamed model's layers read one at a time."""
+    """``model.state_dict()``'s items in its order; a streamed model's layers are read one at a time
+    (with any sub-network applied to them: its kept layers, renumbered, and their sliced weights)."""
     stream = layer_stream(model)
     if stream is None:
         yield from model.state_dict().items()
         return
-    owner = {name: i for i, names in enumerate(stream.names) for name in names}
-    state, current = model.state_dict(keep_vars=True), None
-    try:
-        for name in state:
-            index = owner.get(name)
-            if index != current:
-                if current is not None:
-                    stream.release(current)
-                if index is not None:
-                    stream.hold(index)
-                current = index
-            yield name, model.get_parameter(name) if index is not None else state[name]
-    finally:
-        if current is not None:
-            stream.release(current)
+    layers = model.get_submodule(stream.prefix)  # the kept layers while a sub-network is applied
+    inside = f"{stream.prefix}."
+    done = False
+    for name, tensor in model.state_dict().items():
+        if not name.startswith(inside):
+            yield name, tensor
+        elif not done:  # every layer where the first one stands in the state dict's order
+            done = True
+            for position, layer in enumerate(layers):
+                with _held(stream, stream.layers.index(layer)):  # its prepared (applied) state, read now
+                    for local, value in layer.state_dict().items():
+                        yield f"{inside}{position}.{local}", value
 
 
 def _tensor_files(folder: Path) -> dict[str, Path]:
