@@ -16,7 +16,7 @@ from slimlm.models import load_model
 from slimlm.reform import reform
 from slimlm.stream import layer_stream
 
-from .conftest import FAMILIES, save_tiny, tiny_loaded
+from .conftest import FAMILIES, invoke, save_tiny, tiny_loaded
 from .test_apply import INPUT
 from .test_library import SPACE, WINDOWS, candidate
 
@@ -126,3 +126,25 @@ def test_extraction_from_a_stream_writes_the_model_extraction_in_memory_writes(p
         torch.testing.assert_close(states[0][name], states[1][name], rtol=0, atol=0)
     with torch.no_grad():
         torch.testing.assert_close(models[1](input_ids=INPUT).logits, logits(memory, subnet, reformed))
+
+
+def test_compress_with_stream_ships_the_model_compress_in_memory_ships(text, tmp_path):
+    """The whole job streamed (search, reformation, extraction, the comparison) chooses, writes and
+    measures what the in-memory job does; the report says the speeds were taken streamed."""
+    dense = save_tiny(tiny_loaded("llama"), tmp_path / "llama")
+    settings = ["--calib", text, "--eval", text, "--seq-len", "16", "--calib-windows", "8", "--fitness-windows", "2"]
+    settings += ["--eval-windows", "2", "--evaluations", "8", "--params", "0.6", "--json"]
+    reports = []
+    for name, extra in (("memory", []), ("stream", ["--stream"])):
+        result = invoke("compress", dense, "--out", tmp_path / name, *settings, *extra)
+        assert result.exit_code == 0, result.output
+        reports.append(json.loads((tmp_path / name / "slimlm_report.json").read_text()))
+    memory, streamed = reports
+    assert not memory["streamed"] and streamed["streamed"]
+    subnets = [json.loads((tmp_path / n / "best" / "slimlm_subnetwork.json").read_text()) for n in ("memory", "stream")]
+    assert subnets[0]["layers"] == subnets[1]["layers"]
+    for model in ("dense", "compressed"):
+        assert streamed[model]["params"] == memory[model]["params"]
+        assert streamed[model]["perplexity"] == pytest.approx(memory[model]["perplexity"], rel=1e-5)
+    assert streamed["chat"]["kl_per_token"] == pytest.approx(memory["chat"]["kl_per_token"], rel=1e-4, abs=1e-6)
+    assert "streamed from disk" in (tmp_path / "stream" / "report.md").read_text()

@@ -693,6 +693,13 @@ DtypeOpt = Annotated[
     str, typer.Option("--dtype", help="the weights' dtype: float32, bfloat16 or float16 (statistics stay float32+)")
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="where the model runs: cpu, cuda, or auto (cuda if present)")]
+StreamOpt = Annotated[
+    bool,
+    typer.Option(
+        "--stream",
+        help="keep the decoder layers on disk and read each as it runs: for models larger than memory (slower)",
+    ),
+]
 RunOut = Annotated[Path | None, typer.Option("--out", help="run folder: store, job.toml, pareto.json, best/")]
 JobModel = Annotated[
     str | None, typer.Argument(help="as for every command, or taken from --config", show_default=False)
@@ -811,6 +818,7 @@ def _layer_list(text: str, option: str) -> tuple[int, ...]:
 def _search_options(
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
+    stream: StreamOpt = False,
     params_fraction: ParamsFractions = None,
     non_embedding_fraction: NonEmbedding = None,
     max_params: MaxParams = None,
@@ -889,7 +897,7 @@ PANELS = {  # --help groups the many search options
         "selection_windows",
         "evaluation_windows",
     ),
-    "Weights": ("dtype", "device", "reform", "reform_candidates"),
+    "Weights": ("dtype", "device", "stream", "reform", "reform_candidates"),
     "Store and workers": ("storage", "study_name", "workers", "resume", "overwrite"),
 }
 

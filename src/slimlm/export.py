@@ -31,6 +31,7 @@ import torch
 from slimlm import llamacpp
 from slimlm.errors import SlimlmError
 from slimlm.llamacpp import KQUANT_BLOCK, KQUANT_FALLBACK
+from slimlm.stream import streamed_state
 
 if TYPE_CHECKING:  # loading keeps tokenizer keys with this module's helpers, so no import at run time
     from slimlm.models import LayerShape, LoadedModel, ModelDims
@@ -241,7 +242,7 @@ def _write_tensors(writer, loaded: LoadedModel, arch, rotary_order: bool, qtype,
     dims = loaded.dims
     names = gguf.get_tensor_name_map(arch, dims.num_layers)
     kept_f16 = []
-    for hf_name, tensor in loaded.model.state_dict().items():
+    for hf_name, tensor in streamed_state(loaded.model):  # a streamed model's layers read one at a time
         if hf_name == "lm_head.weight" and dims.tied_embeddings:
             continue  # llama.cpp reads the embedding matrix when there is no output matrix
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))

@@ -110,6 +110,7 @@ class SearchJob:
     out: str
     dtype: str = "float32"  # the weights' dtype while searching, and of the model written
     device: str = "cpu"  # cpu, cuda or auto
+    stream: bool = False  # decoder layers read from disk as they run (slimlm.stream): models larger than memory
     params_fraction: float | None = None
     non_embedding_fraction: float | None = None  # a kept fraction of the parameters outside the embeddings
     max_params: int | None = None

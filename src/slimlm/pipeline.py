@@ -21,6 +21,7 @@ from slimlm.search import SearchJob, search
 from slimlm.tasks import TASKS, build_task, evaluate_task
 
 REPORT_FILE = "slimlm_report.json"
+STREAMED_NOTE = "Both models were streamed from disk (`--stream`): speeds include reading every layer per forward."
 HEALED = "healed"  # RUN/healed: best/ after recovery distillation
 MARKDOWN_FILE = "report.md"
 BUDGETS_FILE = "budgets"  # RUN/budgets.json and .md: the trade-off across the budgets of one run
@@ -72,13 +73,15 @@ def compress(
 
     Returns the comparison, also saved as ``RUN/slimlm_report.json``.
     """
-    loaded = load_model(job.model, job.dtype, job.device)
+    loaded = load_model(job.model, job.dtype, job.device, job.stream)
     if quant is not None:
         check_quant(loaded, quant, tokenizer_pre)  # before the search, not after it
     heal_job = HealJob(model=str(Path(job.out) / "best"), teacher=job.model, out=str(Path(job.out) / HEALED))
     heal_job = replace(heal_job, data=job.calibration, seq_len=job.seq_len, steps=heal_steps, seed=job.seed)
     if heal_steps < 0:
         raise SlimlmError("--heal-steps must be 0 (no recovery) or more")
+    if heal_steps and job.stream:
+        raise SlimlmError("--heal-steps trains the weights in memory: it cannot be combined with --stream")
     if heal_steps:
         check_heal(heal_job)
     tasks = cloze_tasks(loaded.tokenizer, job.evaluation)  # from the evaluation text, before the long part
@@ -87,7 +90,7 @@ def compress(
     if pareto["best_trial"] is None:
         raise SlimlmError("the search found no candidate within the budget; allow more evaluations or a larger budget")
     out = Path(job.out)
-    dense, small = searcher.loaded, load_model(out / "best", job.dtype, job.device)
+    dense, small = searcher.loaded, load_model(out / "best", job.dtype, job.device, job.stream)
     evaluation_ids = searcher.evaluation_ids
     lengths = probe_lengths(dense.dims.max_positions)
     latency = compare_speed([dense.model, small.model], repeats, *lengths)
@@ -107,6 +110,7 @@ def compress(
         "evaluation_tokens": evaluation_ids.numel(),
         "speed_prompt_tokens": lengths[0],  # prefill timed on this many tokens, then ``speed_new_tokens`` decoded
         "speed_new_tokens": lengths[1],
+        "streamed": job.stream,  # timed while every layer was read from disk per forward
         "needs_remote_code": needs_remote_code(out / "best"),
         "reformed": pareto["best_reformed"],
         "reformation": pareto.get("best_reformation"),
@@ -260,6 +264,7 @@ def markdown_report(report: dict, out: Path) -> str:
         f"fitness or selection window came from. Search: `{report['strategy']}`, {report['evaluations']} "
         f"candidates, fitness {report['fitness']}, calibration `{report['calibration']}`; "
         f"kept weights {'reformed (' + str(report['reformation']) + ')' if report['reformed'] else 'not reformed'}.",
+        *(["", STREAMED_NOTE] if report.get("streamed") else []),
         "",
         report["summary"] + ".",
         "",

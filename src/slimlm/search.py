@@ -179,7 +179,7 @@ class Searcher:
 
 def prepare(job: SearchJob, loaded: LoadedModel | None = None) -> Searcher:
     """Load, check the budget against the space, calibrate (cached), and set up the strategy context."""
-    loaded = loaded or load_model(job.model, job.dtype, job.device)
+    loaded = loaded or load_model(job.model, job.dtype, job.device, job.stream)
     dims = loaded.dims
     if job.objective not in OBJECTIVES:
         raise SlimlmError(f"unknown objective '{job.objective}'; choose from {', '.join(OBJECTIVES)}")
