@@ -42,6 +42,7 @@ from slimlm.errors import SlimlmError
 from slimlm.jobs import DEFAULT_METRIC  # the setting's home is the torch-free slimlm.jobs
 from slimlm.models import LoadedModel
 from slimlm.progress import track
+from slimlm.reform import layer_inputs, layer_pass
 from slimlm.stream import resident
 
 CALIBRATION_FORMAT = "slimlm.calibration/4"  # in the cache key: a new layout never reads an old entry
@@ -175,39 +176,23 @@ def removal_rank(weight: torch.Tensor, inverse_gram: torch.Tensor, group: int = 
 
 @torch.no_grad()
 def calibrate(loaded: LoadedModel, windows: torch.Tensor, batch_size: int = 4) -> Calibration:
-    """One streaming pass over ``windows`` through the full model, collecting ``Calibration``."""
+    """``Calibration`` from ``windows``, running the model a layer at a time: one layer's weights (when
+    streamed) and Gram matrices in memory at a time, whatever the depth."""
     layers = loaded.adapter.decoder_layers(loaded.model)
-    projections = [loaded.adapter.output_projections(layer) for layer in layers]
     device = loaded.model.device  # where the activations are (a streamed layer's weights are not there yet)
-    attention = [_Accumulator(o.in_features, device) for o, _ in projections]
-    mlp = [_Accumulator(d.in_features, device) for _, d in projections]
+    hidden, kwargs = layer_inputs(loaded, windows, batch_size)
     influence = torch.zeros(len(layers), dtype=torch.float64)
-
-    def block_influence(i: int):
-        def hook(_module, args, output):
-            out = output[0] if isinstance(output, tuple) else output
-            influence[i] += float((1 - torch.cosine_similarity(args[0].double(), out.double(), dim=-1)).sum())
-
-        return hook
-
-    hooks = []
-    for i, (layer, (o_proj, down_proj)) in enumerate(zip(layers, projections, strict=True)):
-        hooks += [
-            o_proj.register_forward_pre_hook(attention[i]),
-            down_proj.register_forward_pre_hook(mlp[i]),
-            layer.register_forward_hook(block_influence(i)),
-        ]
-    try:
-        for batch in track(windows.split(batch_size), "calibrating"):
-            loaded.model(input_ids=batch.to(loaded.model.device), use_cache=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    head_dim, attention_stats, mlp_stats = loaded.dims.head_dim, [], []
-    for i in track(range(len(layers)), "ranking units"):
+    attention_stats, mlp_stats = [], []
+    for i in track(range(len(layers)), "calibrating"):
         with resident(loaded.model, layers[i]):
-            attention_stats.append(attention[i].stats(projections[i][0].weight, head_dim))
-            mlp_stats.append(mlp[i].stats(projections[i][1].weight, 1))
+            o_proj, down_proj = loaded.adapter.output_projections(layers[i])
+            attention, mlp = _Accumulator(o_proj.in_features, device), _Accumulator(down_proj.in_features, device)
+            out = layer_pass(layers[i], hidden, kwargs[i], {o_proj: attention, down_proj: mlp})
+            for before, after in zip(hidden, out, strict=True):  # block influence (ShortGPT)
+                influence[i] += float((1 - torch.cosine_similarity(before.double(), after.double(), dim=-1)).sum())
+            attention_stats.append(attention.stats(o_proj.weight, loaded.dims.head_dim))
+            mlp_stats.append(mlp.stats(down_proj.weight, 1))
+        hidden = out
     return Calibration(attention_stats, mlp_stats, influence / windows.numel(), windows.numel())
 
 

@@ -35,7 +35,7 @@ from slimlm.importance import Importance
 from slimlm.models import LoadedModel
 from slimlm.models.base import LayerShape
 from slimlm.progress import track
-from slimlm.reform import DAMPING, Reformed, layer_inputs, layer_output, ridge
+from slimlm.reform import DAMPING, Reformed, layer_inputs, layer_pass, ridge
 from slimlm.space import SearchSpace, keep_most_important
 from slimlm.stream import resident
 from slimlm.subnet import SubNetwork
@@ -153,13 +153,9 @@ def _build_layers(loaded, keeps, missing: list[int], windows, damping: float, ba
     for index in track(range(max(missing) + 1), "building the variant library"):
         with resident(loaded.model, layers[index]):  # a streamed model's layer is read once for both
             grams: dict[str, torch.Tensor] = {}
-            projections = zip(("attention", "mlp"), loaded.adapter.output_projections(layers[index]), strict=True)
-            hooks = [p.register_forward_pre_hook(_accumulate(grams, n)) for n, p in projections if index in missing]
-            try:
-                hidden = [layer_output(layers[index], h, kw) for h, kw in zip(hidden, kwargs[index], strict=True)]
-            finally:
-                for hook in hooks:
-                    hook.remove()
+            projections = loaded.adapter.output_projections(layers[index])
+            hooks = {p: _accumulate(grams, n) for n, p in zip(("attention", "mlp"), projections, strict=True)}
+            hidden = layer_pass(layers[index], hidden, kwargs[index], hooks if index in missing else None)
             if index in missing:
                 _write_layer(loaded, index, keeps[index], grams, damping, folder / _layer_file(index))
 

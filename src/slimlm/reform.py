@@ -16,7 +16,7 @@ Gram matrices and one layer's activations are held at a time.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import torch
 
@@ -134,10 +134,16 @@ def _projection_inputs(branch, projection, hidden: list[torch.Tensor], kwargs: l
     return inputs
 
 
-def layer_output(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """One decoder layer run on its own (families return the hidden states alone or first in a tuple)."""
-    out = layer(hidden, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
+def layer_pass(layer: torch.nn.Module, hidden: list, kwargs: list, pre_hooks: dict | None = None) -> list:
+    """One decoder layer run on its own on every batch of ``hidden`` (with ``layer_inputs``' keyword
+    arguments), ``pre_hooks`` (module -> forward pre-hook) seeing its modules' inputs; its outputs."""
+    handles = [module.register_forward_pre_hook(hook) for module, hook in (pre_hooks or {}).items()]
+    try:
+        out = [layer(h, **kw) for h, kw in zip(hidden, kwargs, strict=True)]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [o[0] if isinstance(o, tuple) else o for o in out]  # families return the states alone or first
 
 
 def _branches(adapter, layer):
@@ -163,6 +169,28 @@ def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     return torch.nn.functional.linear(x, weight, bias)
 
 
+class _Captured(Exception):
+    """Raised by the last layer's capture: the rest of the forward is not needed."""
+
+
+class _PassThrough(torch.nn.Module):
+    """A decoder layer's stand-in that returns its input: the model around it still builds every layer's
+    keyword arguments (masks per layer type, rotary embeddings), from the attributes it reads off the layer."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "_layer", layer)  # not a submodule: its weights are not this module's
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_layer"), name)
+
+    def forward(self, hidden_states: torch.Tensor, *_args, **_kwargs) -> torch.Tensor:
+        return hidden_states
+
+
 def layer_inputs(loaded: LoadedModel, windows: torch.Tensor, batch_size: int):
     """Hidden states entering the first decoder layer (per batch of ``windows``), and the keyword
     arguments each layer gets (per layer, per batch): what running the model a layer at a time needs.
@@ -170,7 +198,8 @@ def layer_inputs(loaded: LoadedModel, windows: torch.Tensor, batch_size: int):
     Keyword arguments (attention mask, rotary embeddings) are taken per layer: families with
     sliding-window layers give different layers different masks.
     """
-    layers = loaded.adapter.decoder_layers(loaded.model)
+    adapter, model = loaded.adapter, loaded.model
+    layers = adapter.decoder_layers(model)
     hidden: list[torch.Tensor] = []
     kwargs: list[list[dict]] = [[] for _ in layers]
     keys = ("attention_mask", "position_embeddings", "position_ids")
@@ -180,14 +209,19 @@ def layer_inputs(loaded: LoadedModel, windows: torch.Tensor, batch_size: int):
             if index == 0:
                 hidden.append(args[0].detach())
             kwargs[index].append({k: v for k, v in layer_kwargs.items() if k in keys})
+            if index == len(layers) - 1:
+                raise _Captured  # nothing after the last layer is needed: no norm, no output head
 
         return hook
 
-    handles = [layer.register_forward_pre_hook(capture(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    stand_ins = torch.nn.ModuleList(_PassThrough(layer) for layer in layers)  # no layer computes (or is read)
+    for i, stand_in in enumerate(stand_ins):
+        stand_in.register_forward_pre_hook(capture(i), with_kwargs=True)
+    adapter.set_decoder_layers(model, stand_ins)
     try:
         for batch in windows.split(batch_size):
-            loaded.model(input_ids=batch.to(loaded.model.device), use_cache=False)
+            with suppress(_Captured):
+                model(input_ids=batch.to(model.device), use_cache=False)
     finally:
-        for handle in handles:
-            handle.remove()
+        adapter.set_decoder_layers(model, layers)
     return hidden, kwargs
