@@ -1,0 +1,188 @@
+"""`slimlm compress --stream` on a model whose float32 weights exceed a memory cap set on the process.
+
+The model: SmolLM2-135M-Instruct with every MLP widened ``--widen`` times by copying each neuron and
+dividing each copy's output column by ``--widen``. It computes SmolLM2's function (its logits equal
+SmolLM2's to float rounding, checked here) with ``--widen`` times the MLP parameters, written as
+safetensors shards. No larger real model is at hand on a machine without a model hub; this one
+still speaks (its chat answers are SmolLM2's).
+
+The same compress runs three times, each in a child process whose resident memory is sampled
+every 0.2 s and charged to the phase its log was in (as ``benchmarks/memory.py`` does); its exact
+peak comes from the kernel (``wait4``'s ``ru_maxrss``):
+1. ``--stream`` in a memory cgroup whose limit (``--cap``) is below the model's float32 weights;
+2. in memory under the same cap: killed, or the cap does not bind;
+3. in memory without a cap: the reference.
+The streamed run must ship the reference's sub-network, with its perplexities to float tolerance.
+Needs root (a cgroup v1 or v2 memory controller). Example:
+
+    python benchmarks/streaming.py --widen 4 --cap 1200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from memory import last_phase, resident_bytes
+
+RESULTS = Path(__file__).parent / "results"
+MB = 2**20
+SETTINGS = ["--params", "0.7", "--evaluations", "16", "--calib-windows", "32", "--fitness-windows", "8"]
+SETTINGS += ["--selection-windows", "4", "--eval-windows", "8"]
+
+
+def widened(folder: Path, widen: int) -> Path:
+    """SmolLM2 with each MLP neuron copied ``widen`` times (same function), saved in shards to ``folder``."""
+    if (folder / "config.json").is_file():
+        return folder
+    import torch
+
+    from slimlm.models import load_model
+
+    loaded = load_model("smollm2-135m")
+    model = loaded.model
+    with torch.no_grad():
+        probe = torch.arange(1, 129)[None]
+        before = model(input_ids=probe).logits
+        for layer in model.model.layers:
+            mlp = layer.mlp
+            for name in ("gate_proj", "up_proj"):
+                linear = getattr(mlp, name)
+                linear.weight = torch.nn.Parameter(linear.weight.repeat(widen, 1))
+                linear.out_features *= widen
+            mlp.down_proj.weight = torch.nn.Parameter(mlp.down_proj.weight.repeat(1, widen) / widen)
+            mlp.down_proj.in_features *= widen
+        model.config.intermediate_size *= widen
+        after = model(input_ids=probe).logits
+    print(f"widened {widen}x: logits differ from SmolLM2's by at most {float((after - before).abs().max()):.2e}")
+    model.save_pretrained(folder, max_shard_size="200MB")
+    loaded.tokenizer.save_pretrained(folder)
+    return folder
+
+
+class Cgroup:
+    """A memory cgroup (v1 or v2) with a limit, for one child process at a time."""
+
+    def __init__(self, limit: int) -> None:
+        controllers = Path("/sys/fs/cgroup/cgroup.controllers")
+        name = f"slimlm-bench-{os.getpid()}"
+        if controllers.is_file() and "memory" in controllers.read_text().split():  # cgroup v2
+            self.path, self.limit_file = Path("/sys/fs/cgroup") / name, "memory.max"
+        else:
+            self.path, self.limit_file = Path("/sys/fs/cgroup/memory") / name, "memory.limit_in_bytes"
+        self.path.mkdir()
+        (self.path / self.limit_file).write_text(str(limit))
+
+    def enter(self) -> None:
+        """Run in the child before exec: move it into the cgroup."""
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def remove(self) -> None:
+        self.path.rmdir()
+
+
+def run(command: list[str], log: Path, cgroup: Cgroup | None) -> dict:
+    """Run ``command`` (in ``cgroup``, if given); its exit status, exact peak, peak per phase and seconds."""
+    start, phases = time.perf_counter(), {}
+    with open(log, "w") as out:
+        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, preexec_fn=cgroup and cgroup.enter)
+        while True:
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            if pid:
+                break
+            rss = resident_bytes(child.pid)
+            if rss is not None:
+                phase = last_phase(log)
+                phases[phase] = max(phases.get(phase, 0), rss)
+            time.sleep(0.2)
+    seconds, code = time.perf_counter() - start, os.waitstatus_to_exitcode(status)
+    return {"exit": code, "peak_bytes": usage.ru_maxrss * 1024, "phases": phases, "seconds": seconds}
+
+
+def compress(model: Path, out: Path, cgroup: Cgroup | None, stream: bool) -> dict:
+    command = ["slimlm", "compress", str(model), "--out", str(out), *SETTINGS, *(["--stream"] if stream else [])]
+    result = run(command, out.with_suffix(".log"), cgroup)
+    report = out / "slimlm_report.json"
+    result |= {"command": " ".join(command), "streamed": stream, "capped": cgroup is not None}
+    if result["exit"] == 0 and report.is_file():
+        data = json.loads(report.read_text())
+        subnet = json.loads((out / "best" / "slimlm_subnetwork.json").read_text())
+        result |= {
+            "layers": subnet["layers"],
+            "dense_perplexity": data["dense"]["perplexity"],
+            "perplexity": data["compressed"]["perplexity"],
+            "params": data["compressed"]["params"],
+            "dense_params": data["dense"]["params"],
+            "chat_kl": data["chat"]["kl_per_token"],
+        }
+    return result
+
+
+def table(rows: list[dict], weights: int, cap: int) -> str:
+    lines = [
+        f"Weights in float32: {weights / MB:.0f} MB; cap: {cap / MB:.0f} MB ({cap / weights:.2f}x the weights).",
+        "",
+        "| run | cap | exit | peak resident | peak / weights | time | perplexity (dense / compressed) | top phases |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        name = "streamed" if r["streamed"] else "in memory"
+        top = "; ".join(f"{p} {b / MB:.0f} MB" for p, b in sorted(r["phases"].items(), key=lambda kv: -kv[1])[:3])
+        quality = f"{r['dense_perplexity']:.2f} / {r['perplexity']:.2f}" if "perplexity" in r else "-"
+        lines.append(
+            f"| {name} | {'yes' if r['capped'] else 'no'} | {r['exit']} | {r['peak_bytes'] / MB:.0f} MB"
+            f" | {r['peak_bytes'] / weights:.2f}x | {r['seconds']:.0f} s | {quality} | {top} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--widen", type=int, default=4)
+    parser.add_argument("--cap", type=int, default=1200, help="memory limit of the capped runs, in MiB")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/slimlm-streaming"))
+    parser.add_argument("--runs", default="stream,capped,memory", help="which of the three runs (a subset to rerun)")
+    parser.add_argument("--name", default="streaming")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    model = widened(args.work / f"smollm2-135m-widened{args.widen}", args.widen)
+    weights = sum(f.stat().st_size for f in model.glob("*.safetensors"))  # float32 already
+    cap = args.cap * MB
+    if cap >= weights:
+        raise SystemExit(f"--cap {args.cap} MiB is not below the weights ({weights / MB:.0f} MiB)")
+    rows = []
+    for name in args.runs.split(","):
+        cgroup = Cgroup(cap) if name in ("stream", "capped") else None
+        try:
+            rows.append(compress(model, args.work / name, cgroup, stream=name == "stream"))
+        finally:
+            if cgroup is not None:
+                cgroup.remove()
+        print(table(rows[-1:], weights, cap), flush=True)
+    results = {"widen": args.widen, "weights_bytes": weights, "cap_bytes": cap, "settings": SETTINGS, "runs": rows}
+    streamed = next((r for r in rows if r["streamed"]), None)
+    reference = next((r for r in rows if not r["streamed"] and not r["capped"]), None)
+    if streamed and reference and "layers" in streamed and "layers" in reference:
+        results["same_subnetwork"] = streamed["layers"] == reference["layers"]
+        results["perplexity_relative_difference"] = abs(streamed["perplexity"] / reference["perplexity"] - 1)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=2))
+    command = "python benchmarks/streaming.py " + " ".join(sys.argv[1:])
+    verdict = (
+        f"\n\nSame sub-network as the in-memory run: {results['same_subnetwork']}; compressed perplexity differs by "
+        f"{results['perplexity_relative_difference']:.2e} (relative)."
+        if "same_subnetwork" in results
+        else ""
+    )
+    text = f"# compress on a model larger than a memory cap\n\n`{command}`\n\n{table(rows, weights, cap)}{verdict}\n"
+    (RESULTS / f"{args.name}.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
