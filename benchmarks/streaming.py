@@ -1,10 +1,10 @@
 """`slimlm compress --stream` on a model whose float32 weights exceed a memory cap set on the process.
 
-The model: SmolLM2-135M-Instruct with every MLP widened ``--widen`` times by copying each neuron and
-dividing each copy's output column by ``--widen``. It computes SmolLM2's function (its logits equal
-SmolLM2's to float rounding, checked here) with ``--widen`` times the MLP parameters, written as
-safetensors shards. No larger real model is at hand on a machine without a model hub; this one
-still speaks (its chat answers are SmolLM2's).
+The model: SmolLM2-135M-Instruct with every attention head copied ``--heads`` times and every MLP
+neuron ``--neurons`` times, each copy's output columns divided by the count. It computes SmolLM2's
+function (its logits equal SmolLM2's to float rounding, checked here) with that many times the
+layers' parameters, written as safetensors shards. No larger real model is at hand on a machine
+without a model hub; this one still speaks (its chat answers are SmolLM2's).
 
 The same compress runs three times, each in a child process whose resident memory is sampled
 every 0.2 s and charged to the phase its log was in (as ``benchmarks/memory.py`` does); its exact
@@ -15,7 +15,7 @@ peak comes from the kernel (``wait4``'s ``ru_maxrss``):
 The streamed run must ship the reference's sub-network, with its perplexities to float tolerance.
 Needs root (a cgroup v1 or v2 memory controller). Example:
 
-    python benchmarks/streaming.py --widen 4 --cap 1200
+    python benchmarks/streaming.py --heads 8 --neurons 2 --cap 1200
 """
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ SETTINGS = ["--params", "0.7", "--evaluations", "16", "--calib-windows", "32", "
 SETTINGS += ["--selection-windows", "4", "--eval-windows", "8"]
 
 
-def widened(folder: Path, widen: int) -> Path:
-    """SmolLM2 with each MLP neuron copied ``widen`` times (same function), saved in shards to ``folder``."""
+def widened(folder: Path, heads: int, neurons: int) -> Path:
+    """SmolLM2 with its attention heads copied ``heads`` times and its MLP neurons ``neurons`` times,
+    each copy's output columns divided by the count (the same function), saved in shards to ``folder``.
+    Query head ``c * 9 + h`` reads key/value head ``c * 3 + h // 3``: copy ``c`` of its own."""
     if (folder / "config.json").is_file():
         return folder
     import torch
@@ -45,21 +47,25 @@ def widened(folder: Path, widen: int) -> Path:
     from slimlm.models import load_model
 
     loaded = load_model("smollm2-135m")
-    model = loaded.model
+    model, config = loaded.model, loaded.model.config
+    parameter = torch.nn.Parameter
     with torch.no_grad():
         probe = torch.arange(1, 129)[None]
         before = model(input_ids=probe).logits
         for layer in model.model.layers:
-            mlp = layer.mlp
-            for name in ("gate_proj", "up_proj"):
-                linear = getattr(mlp, name)
-                linear.weight = torch.nn.Parameter(linear.weight.repeat(widen, 1))
-                linear.out_features *= widen
-            mlp.down_proj.weight = torch.nn.Parameter(mlp.down_proj.weight.repeat(1, widen) / widen)
-            mlp.down_proj.in_features *= widen
-        model.config.intermediate_size *= widen
+            attention, mlp = layer.self_attn, layer.mlp
+            for linear in (attention.q_proj, attention.k_proj, attention.v_proj):
+                linear.weight = parameter(linear.weight.repeat(heads, 1))
+            attention.o_proj.weight = parameter(attention.o_proj.weight.repeat(1, heads) / heads)
+            for linear in (mlp.gate_proj, mlp.up_proj):
+                linear.weight = parameter(linear.weight.repeat(neurons, 1))
+            mlp.down_proj.weight = parameter(mlp.down_proj.weight.repeat(1, neurons) / neurons)
+        config.head_dim = config.hidden_size // config.num_attention_heads  # kept as the heads multiply
+        config.num_attention_heads *= heads
+        config.num_key_value_heads *= heads
+        config.intermediate_size *= neurons
         after = model(input_ids=probe).logits
-    print(f"widened {widen}x: logits differ from SmolLM2's by at most {float((after - before).abs().max()):.2e}")
+    print(f"widened: logits differ from SmolLM2's by at most {float((after - before).abs().max()):.2e}")
     model.save_pretrained(folder, max_shard_size="200MB")
     loaded.tokenizer.save_pretrained(folder)
     return folder
@@ -143,14 +149,15 @@ def table(rows: list[dict], weights: int, cap: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--widen", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8, help="copies of every attention head (576 / 9 / heads whole)")
+    parser.add_argument("--neurons", type=int, default=2, help="copies of every MLP neuron")
     parser.add_argument("--cap", type=int, default=1200, help="memory limit of the capped runs, in MiB")
     parser.add_argument("--work", type=Path, default=Path("/tmp/slimlm-streaming"))
     parser.add_argument("--runs", default="stream,capped,memory", help="which of the three runs (a subset to rerun)")
     parser.add_argument("--name", default="streaming")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    model = widened(args.work / f"smollm2-135m-widened{args.widen}", args.widen)
+    model = widened(args.work / f"smollm2-135m-heads{args.heads}-neurons{args.neurons}", args.heads, args.neurons)
     weights = sum(f.stat().st_size for f in model.glob("*.safetensors"))  # float32 already
     cap = args.cap * MB
     if cap >= weights:
@@ -164,7 +171,8 @@ def main() -> None:
             if cgroup is not None:
                 cgroup.remove()
         print(table(rows[-1:], weights, cap), flush=True)
-    results = {"widen": args.widen, "weights_bytes": weights, "cap_bytes": cap, "settings": SETTINGS, "runs": rows}
+    results = {"heads": args.heads, "neurons": args.neurons, "weights_bytes": weights, "cap_bytes": cap}
+    results |= {"settings": SETTINGS, "runs": rows}
     streamed = next((r for r in rows if r["streamed"]), None)
     reference = next((r for r in rows if not r["streamed"] and not r["capped"]), None)
     if streamed and reference and "layers" in streamed and "layers" in reference:
