@@ -298,7 +298,8 @@ def throughput_table(rows: list[dict]) -> str:
             f" | {r['search_seconds']:.1f} s |"
         )
     by = {(r["storage"], r["workers"]): r["candidates_per_minute"] for r in rows}
-    ratios = [f"{s}: {by[s, 2] / by[s, 1]:.2f}x" for s in dict.fromkeys(r["storage"] for r in rows) if {(s, 1), (s, 2)} <= by.keys()]
+    storages = [s for s in dict.fromkeys(r["storage"] for r in rows) if {(s, 1), (s, 2)} <= by.keys()]
+    ratios = [f"{s}: {by[s, 2] / by[s, 1]:.2f}x" for s in storages]
     ratio = "\n\n2 workers / 1 worker, candidates per minute: " + ", ".join(ratios) if ratios else ""
     return "\n".join(lines) + ratio
 

@@ -33,7 +33,7 @@ from memory import last_phase, resident_bytes
 RESULTS = Path(__file__).parent / "results"
 MB = 2**20
 SETTINGS = ["--params", "0.7", "--evaluations", "16", "--calib-windows", "32", "--fitness-windows", "8"]
-SETTINGS += ["--selection-windows", "4", "--eval-windows", "8"]
+SETTINGS += ["--selection-windows", "4", "--eval-windows", "8", "--min-ratio", "0.5"]  # fewer library levels
 
 
 def widened(folder: Path, heads: int, neurons: int) -> Path:
@@ -153,7 +153,7 @@ def main() -> None:
     parser.add_argument("--neurons", type=int, default=2, help="copies of every MLP neuron")
     parser.add_argument("--cap", type=int, default=1200, help="memory limit of the capped runs, in MiB")
     parser.add_argument("--work", type=Path, default=Path("/tmp/slimlm-streaming"))
-    parser.add_argument("--runs", default="stream,capped,memory", help="which of the three runs (a subset to rerun)")
+    parser.add_argument("--runs", default="capped,stream,memory", help="which of the three runs (a subset to rerun)")
     parser.add_argument("--name", default="streaming")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
