@@ -267,3 +267,19 @@ def test_evolution_removes_sub_blocks_and_fills_the_budget(evolved):
     for trial in children:
         assert trial.user_attrs["params"] <= budget
         assert trial.user_attrs["params"] >= 0.9 * budget  # the repair steps sub-blocks up while they fit
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_levels_written_one_at_a_time_read_back_with_safetensors(tmp_path, dtype):
+    from safetensors import safe_open
+
+    tensors = {"attention.4x2": torch.randn(6, 8).to(dtype), "mlp.3": torch.randn(6, 3).to(dtype)}
+    path = tmp_path / "layer.safetensors"
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    library_module._write_safetensors(path, shapes, dtype, {"format": "x"}, iter(tensors.items()))
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == {"format": "x"} and set(f.keys()) == set(tensors)
+        for key, tensor in tensors.items():
+            torch.testing.assert_close(f.get_tensor(key), tensor, rtol=0, atol=0)
+    with pytest.raises(SlimlmError, match="does not match its place"):
+        library_module._write_safetensors(path, shapes, dtype, {}, iter(reversed(tensors.items())))

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from slimlm.cache import cache_root, computed_once, tensor_digest
 from slimlm.errors import SlimlmError
@@ -173,24 +173,48 @@ def _accumulate(grams: dict, name: str):
 
 @torch.no_grad()
 def _write_layer(loaded: LoadedModel, index: int, keeps: dict, grams: dict, damping: float, path: Path) -> None:
-    """Solve every level of one layer and write them (atomically) to ``path``."""
+    """Solve every level of one layer and write each as it is solved (atomically, to ``path``)."""
     layer = loaded.adapter.decoder_layers(loaded.model)[index]
     with resident(loaded.model, layer):  # a streamed model's layer is read for this
-        weights = [p.weight.detach().clone() for p in loaded.adapter.output_projections(layer)]
+        o_proj, down_proj = loaded.adapter.output_projections(layer)
+        weights = {"attention": o_proj.weight.detach().clone(), "mlp": down_proj.weight.detach().clone()}
     head_dim = loaded.dims.head_dim
-    tensors = {}
-    for name, weight in zip(("attention", "mlp"), weights, strict=True):
-        gram = grams[name]
-        rhs = weight.double() @ gram  # W G, shared by every level of this projection
-        for key, units in keeps.items():
-            if not key.startswith(f"{name}."):
-                continue
-            units_t = torch.tensor(units, dtype=torch.long)
-            cols = (
-                (units_t[:, None] * head_dim + torch.arange(head_dim)).reshape(-1) if name == "attention" else units_t
-            )
-            solved = ridge(rhs[:, cols], gram[cols][:, cols], damping)
-            tensors[key] = solved.to(weight.dtype).cpu().contiguous()  # stored; moved to the model's device when used
+    levels = {key: key.split(".")[0] for key in keeps if key.startswith(("attention.", "mlp."))}
+    width = {"attention": head_dim, "mlp": 1}  # input columns per unit
+
+    def solved():
+        for name, weight in weights.items():
+            gram = grams[name]
+            rhs = weight.double() @ gram  # W G, shared by every level of this projection
+            for key in (k for k, n in levels.items() if n == name):
+                units = torch.tensor(keeps[key], dtype=torch.long)
+                cols = (units[:, None] * width[name] + torch.arange(width[name])).reshape(-1)
+                yield key, ridge(rhs[:, cols], gram[cols][:, cols], damping).to(weight.dtype).cpu()
+
+    order = [(key, n) for name in weights for key, n in levels.items() if n == name]  # as solved() yields them
+    shapes = {key: (weights[n].shape[0], len(keeps[key]) * width[n]) for key, n in order}
     tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"format": FORMAT})
+    _write_safetensors(tmp, shapes, loaded.model.dtype, {"format": FORMAT}, solved())
     tmp.replace(path)
+
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def _write_safetensors(path: Path, shapes: dict, dtype: torch.dtype, metadata: dict, tensors) -> None:
+    """A safetensors file of the tensors ``tensors`` yields, in the order of ``shapes`` (name -> shape),
+    written one at a time: a layer's levels are several times its weights (safetensors' own writer
+    would hold them all)."""
+    size, header, offset = torch.empty((), dtype=dtype).element_size(), {"__metadata__": metadata}, 0
+    for name, shape in shapes.items():
+        end = offset + math.prod(shape) * size
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for (name, tensor), (expected, shape) in zip(tensors, shapes.items(), strict=True):
+            if name != expected or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                raise SlimlmError(f"library: {name} {tuple(tensor.shape)} does not match its place {expected} {shape}")
+            f.write(tensor.contiguous().view(torch.uint8).numpy())
