@@ -23,12 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from memory import last_phase, resident_bytes
+from slimlm.cache import cache_root
 
 RESULTS = Path(__file__).parent / "results"
 MB = 2**20
@@ -93,10 +95,19 @@ class Cgroup:
 
 
 def run(command: list[str], log: Path, cgroup: Cgroup | None) -> dict:
-    """Run ``command`` (in ``cgroup``, if given); its exit status, exact peak, peak per phase and seconds."""
+    """Run ``command`` (in ``cgroup``, if given) with a cache of its own, so that it calibrates and builds
+    the variant library itself (only the text corpora are shared); its exit status, exact peak, peak per
+    phase and seconds."""
+    cache = log.with_suffix(".cache")
+    shutil.rmtree(cache, ignore_errors=True)
+    cache.mkdir()
+    (cache / "corpora").symlink_to(cache_root() / "corpora", target_is_directory=True)
+    env = os.environ | {"SLIMLM_CACHE": str(cache)}
     start, phases = time.perf_counter(), {}
     with open(log, "w") as out:
-        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, preexec_fn=cgroup and cgroup.enter)
+        child = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=cgroup and cgroup.enter
+        )
         while True:
             pid, status, usage = os.wait4(child.pid, os.WNOHANG)
             if pid:
