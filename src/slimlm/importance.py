@@ -42,10 +42,10 @@ from slimlm.errors import SlimlmError
 from slimlm.jobs import DEFAULT_METRIC  # the setting's home is the torch-free slimlm.jobs
 from slimlm.models import LoadedModel
 from slimlm.progress import track
-from slimlm.reform import layer_inputs, layer_pass
+from slimlm.reform import add_gram, layer_inputs, layer_pass
 from slimlm.stream import resident
 
-CALIBRATION_FORMAT = "slimlm.calibration/4"  # in the cache key: a new layout never reads an old entry
+CALIBRATION_FORMAT = "slimlm.calibration/5"  # in the cache key: a new layout never reads an old entry
 IMPORTANCE_FILE = "slimlm_importance.safetensors"  # a trained super-network's unit ranking, in its folder
 DAMPING = 0.01  # λ as a fraction of the mean Gram diagonal: keeps the inverse finite on dead channels
 
@@ -115,11 +115,22 @@ class _Accumulator:
         self.count += x.shape[0]
         self.sum += x.sum(0, dtype=torch.float64)
         self.sumsq += x.pow(2).sum(0, dtype=torch.float64)
-        self.gram += (x.T @ x).double()  # float32 matmul per batch (fast); float64 running sum (exact enough)
+        add_gram(self.gram, x)
+
+    def _damped_inverse(self) -> torch.Tensor:
+        """(G + λI)⁻¹ through its Cholesky factor, the Gram matrix damped in place and freed before the
+        inverse is made: two matrices of its size at a time, not an identity, a sum and an LU inverse's
+        copies (170 MB each at width 4608). The accumulator is spent afterwards."""
+        gram, self.gram = self.gram, None
+        factor = _damped_factor(gram)
+        if factor is None:
+            return torch.linalg.inv(gram)
+        del gram
+        return torch.cholesky_inverse(factor)
 
     def stats(self, weight: torch.Tensor, group: int) -> ChannelStats:
         """The statistics, with the removal order of ``weight``'s input units of ``group`` channels each."""
-        inverse, self.gram = _damped_inverse(self.gram), None  # the Gram matrix is done with: its memory freed
+        inverse = self._damped_inverse()
         rank = removal_rank(weight, inverse, group).repeat_interleave(group)
         # on the CPU: a calibration is cached on disk and serves any device. The diagonal is copied out:
         # as a view it would keep the whole inverse alive, in memory and in the cache (650 MB for SmolLM2)
@@ -127,10 +138,18 @@ class _Accumulator:
         return ChannelStats(self.count, self.sum.cpu(), self.sumsq.cpu(), diagonal, rank.cpu())
 
 
-def _damped_inverse(gram: torch.Tensor) -> torch.Tensor:
-    """(G + λI)⁻¹, damping ``gram`` in place (no identity or sum of its size: 300 MB each at width 6144)."""
+def _damped_factor(gram: torch.Tensor) -> torch.Tensor | None:
+    """The Cholesky factor of G + λI, ``gram`` damped in place; None if it is not positive definite even
+    damped (rounding), for the general inverse."""
     gram.diagonal().add_(DAMPING * gram.diagonal().mean().clamp_min(1e-12))
-    return torch.linalg.inv(gram)
+    factor, info = torch.linalg.cholesky_ex(gram)
+    return None if info else factor
+
+
+def _damped_inverse(gram: torch.Tensor) -> torch.Tensor:
+    """(G + λI)⁻¹, ``gram`` damped in place."""
+    factor = _damped_factor(gram)
+    return torch.linalg.inv(gram) if factor is None else torch.cholesky_inverse(factor)
 
 
 STEPS = 128  # greedy removal steps per projection at most: units leave in chunks beyond that (1536 neurons: 12)

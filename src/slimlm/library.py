@@ -35,7 +35,7 @@ from slimlm.importance import Importance
 from slimlm.models import LoadedModel
 from slimlm.models.base import LayerShape
 from slimlm.progress import track
-from slimlm.reform import DAMPING, Reformed, layer_inputs, layer_pass, ridge
+from slimlm.reform import DAMPING, Reformed, add_gram, layer_inputs, layer_pass, ridge
 from slimlm.space import SearchSpace, keep_most_important
 from slimlm.stream import resident
 from slimlm.subnet import SubNetwork
@@ -164,9 +164,8 @@ def _accumulate(grams: dict, name: str):
     """A pre-hook adding X Xᵀ of a projection's input to ``grams[name]`` (float32 products, float64 sums)."""
 
     def hook(_module, args):
-        flat = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-        product = (flat.T @ flat).double()
-        grams[name] = grams[name] + product if name in grams else product
+        width = args[0].shape[-1]
+        add_gram(grams.setdefault(name, args[0].new_zeros(width, width, dtype=torch.float64)), args[0].detach())
 
     return hook
 
@@ -189,7 +188,7 @@ def _write_layer(loaded: LoadedModel, index: int, keeps: dict, grams: dict, damp
             for key in (k for k, n in levels.items() if n == name):
                 units = torch.tensor(keeps[key], dtype=torch.long)
                 cols = (units[:, None] * width[name] + torch.arange(width[name])).reshape(-1)
-                yield key, ridge(rhs[:, cols], gram[cols][:, cols], damping).to(weight.dtype).cpu()
+                yield key, ridge(rhs[:, cols], gram[cols[:, None], cols], damping).to(weight.dtype).cpu()
 
     order = [(key, n) for name in weights for key, n in levels.items() if n == name]  # as solved() yields them
     shapes = {key: (weights[n].shape[0], len(keeps[key]) * width[n]) for key, n in order}

@@ -33,7 +33,21 @@ Reformed = dict[tuple[int, str], torch.Tensor]
 
 def solve(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
     """Ŵ over columns ``kept`` minimising ‖Ŵ X_K − W X‖² given G = X Xᵀ (float64 inside)."""
-    return ridge(weight.double() @ gram.double()[:, kept], gram.double()[kept][:, kept], damping).to(weight.dtype)
+    gram = gram.double()
+    return ridge(weight.double() @ gram[:, kept], gram[kept[:, None], kept], damping).to(weight.dtype)
+
+
+GRAM_COLUMNS = 1024  # columns of X Xᵀ made at once: a float32 block, not the whole product twice over
+
+
+def add_gram(gram: torch.Tensor, x: torch.Tensor) -> None:
+    """``gram`` (float64) += X Xᵀ of the rows of ``x`` (any leading shape): float32 products (fast), float64
+    sums (exact enough), a block of columns at a time, so no full-size float32 and float64 copies of the
+    product exist (at width 4608: 85 MB and 170 MB)."""
+    flat = x.reshape(-1, x.shape[-1]).float()
+    for start in range(0, flat.shape[1], GRAM_COLUMNS):
+        block = slice(start, start + GRAM_COLUMNS)
+        gram[:, block] += (flat.T @ flat[:, block]).double()
 
 
 def ridge(rhs: torch.Tensor, gram: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
@@ -41,8 +55,10 @@ def ridge(rhs: torch.Tensor, gram: torch.Tensor, damping: float = DAMPING) -> to
     scale = gram.diagonal().mean().clamp_min(1e-12)
     for attempt in range(6):  # damping x10 each time the system is too ill-conditioned to trust
         lam = damping * 10**attempt * scale
-        identity = torch.eye(len(gram), dtype=torch.float64, device=gram.device)
-        factor, info = torch.linalg.cholesky_ex(gram + lam * identity)
+        damped = gram.clone()  # one copy, no identity matrix of the same size (at width 4608: 170 MB each)
+        damped.diagonal().add_(lam)
+        factor, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if info == 0:
             solution = torch.cholesky_solve(rhs.T, factor).T
             if torch.isfinite(solution).all():
@@ -160,8 +176,7 @@ def _reform_projection(
         return linear.weight.detach().clone()
     gram = torch.zeros(linear.in_features, linear.in_features, dtype=torch.float64, device=linear.weight.device)
     for x in inputs:
-        flat = x.reshape(-1, x.shape[-1]).float()
-        gram += (flat.T @ flat).double()  # float32 products (fast), float64 sums
+        add_gram(gram, x)
     return solve(linear.weight.detach(), gram, kept, damping)
 
 
