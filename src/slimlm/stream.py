@@ -44,9 +44,9 @@ Prepare = Callable[[list], None]  # makes a layer's change, appending (object, a
 class LayerStream:
     """Reads decoder layers' weights from a folder's safetensors files while they are in use."""
 
-    def __init__(self, folder: Path, model: PreTrainedModel, layers: nn.ModuleList, dtype: torch.dtype) -> None:
+    def __init__(self, folder: Path, model: PreTrainedModel, layers: nn.ModuleList, dtype, device) -> None:
         self.files = _tensor_files(folder)
-        self.dtype, self.device = dtype, model.device
+        self.dtype, self.device = dtype, torch.device(device)  # the layers' weights are read in and onto these
         self.layers = list(layers)
         self.prefix = prefix = next(name for name, module in model.named_modules() if module is layers)
         # per layer: checkpoint name -> name within the layer
@@ -145,7 +145,7 @@ def stream_model(folder: Path, config: PretrainedConfig, layers_of, dtype: torch
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     layers = layers_of(model)
-    stream = LayerStream(folder, model, layers, dtype)
+    stream = LayerStream(folder, model, layers, dtype, device)
     layer_names = {n for names in stream.names for n in names}
     outside = [n for n, _ in model.named_parameters(remove_duplicate=False) if n not in layer_names]
     for name, tensor in stream.read([n for n in outside if n in stream.files]).items():
@@ -154,7 +154,6 @@ def stream_model(folder: Path, config: PretrainedConfig, layers_of, dtype: torch
     empty = [n for n, p in model.named_parameters() if p.is_meta and n not in layer_names]
     if empty:
         raise SlimlmError(f"cannot stream {folder}: tensor {empty[0]} is not in its safetensors files")
-    stream.device = torch.device(device)
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)
     setattr(model, _STREAM, stream)
