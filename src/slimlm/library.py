@@ -178,20 +178,19 @@ def _write_layer(loaded: LoadedModel, index: int, keeps: dict, grams: dict, damp
         o_proj, down_proj = loaded.adapter.output_projections(layer)
         weights = {"attention": o_proj.weight.detach().clone(), "mlp": down_proj.weight.detach().clone()}
     head_dim = loaded.dims.head_dim
-    levels = {key: key.split(".")[0] for key in keeps if key.startswith(("attention.", "mlp."))}
     width = {"attention": head_dim, "mlp": 1}  # input columns per unit
+    levels = {name: [key for key in keeps if key.startswith(f"{name}.")] for name in weights}
 
     def solved():
         for name, weight in weights.items():
             gram = grams[name]
             rhs = weight.double() @ gram  # W G, shared by every level of this projection
-            for key in (k for k, n in levels.items() if n == name):
+            for key in levels[name]:
                 units = torch.tensor(keeps[key], dtype=torch.long)
                 cols = (units[:, None] * width[name] + torch.arange(width[name])).reshape(-1)
                 yield key, ridge(rhs[:, cols], gram[cols[:, None], cols], damping).to(weight.dtype).cpu()
 
-    order = [(key, n) for name in weights for key, n in levels.items() if n == name]  # as solved() yields them
-    shapes = {key: (weights[n].shape[0], len(keeps[key]) * width[n]) for key, n in order}
+    shapes = {key: (weights[n].shape[0], len(keeps[key]) * width[n]) for n in weights for key in levels[n]}
     tmp = path.with_suffix(".tmp")
     _write_safetensors(tmp, shapes, loaded.model.dtype, {"format": FORMAT}, solved())
     tmp.replace(path)
