@@ -188,7 +188,7 @@ def _write_layer(loaded: LoadedModel, index: int, keeps: dict, grams: dict, damp
             for key in levels[name]:
                 units = torch.tensor(keeps[key], dtype=torch.long)
                 cols = (units[:, None] * width[name] + torch.arange(width[name])).reshape(-1)
-                yield key, ridge(rhs[:, cols], gram[cols[:, None], cols], damping).to(weight.dtype).cpu()
+                yield key, ridge(rhs[:, cols], gram, damping, cols).to(weight.dtype).cpu()
 
     shapes = {key: (weights[n].shape[0], len(keeps[key]) * width[n]) for n in weights for key in levels[n]}
     tmp = path.with_suffix(".tmp")
