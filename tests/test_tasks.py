@@ -26,7 +26,7 @@ from slimlm.pipeline import accuracy, cloze_tasks
 from slimlm.subnet import LayerKeep, SubNetwork
 from slimlm.tasks import CONTINUATION, LASTWORD, build_task, evaluate_task, lm_eval_tasks
 
-from .conftest import VOCAB, tiny_loaded
+from .conftest import FAMILIES, VOCAB, tiny_loaded
 
 # Three-letter words, each also capitalised, so sentences look like prose to the sentence splitter.
 LOWER = ["".join(w) for w in product("bdfgk", "aeiou", "lmnpr")][:47]
@@ -200,8 +200,11 @@ def test_oracle_misses_when_the_label_is_wrong(prose_file):
     assert result.accuracy == result.accuracy_norm == 0.0
 
 
-def test_shared_kv_cache_scores_like_whole_sequences(prose_file):
-    model = tiny_loaded().model
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shared_kv_cache_scores_like_whole_sequences(prose_file, family):
+    """Choices share their context's cache (cropped back after each, or copied where a sliding window
+    passed): the same scores as every choice run whole with its context."""
+    model = tiny_loaded(family).model
     for name in (LASTWORD, CONTINUATION):
         examples = build(name, prose_file, examples=12)
         cached = tasks._score(model, examples, batch_size=5, description=None)
