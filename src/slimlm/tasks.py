@@ -330,7 +330,7 @@ def _choice_logprobs(model, contexts: torch.Tensor, choices: list[Sequence[int]]
 def _croppable(cache, length: int) -> bool:
     """Whether ``cache`` can be cropped back after growing to ``length`` tokens: a sliding-window layer
     that reached its window has dropped the tokens a crop would need (it is copied instead)."""
-    return all(0 > layer.get_max_length() or length < layer.get_max_length() for layer in cache.layers)
+    return all(layer.get_max_length() < 0 or length < layer.get_max_length() for layer in cache.layers)
 
 
 def lm_eval_tasks(
