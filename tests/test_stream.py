@@ -13,7 +13,7 @@ from slimlm.errors import SlimlmError
 from slimlm.importance import calibrate, importance
 from slimlm.library import build_library
 from slimlm.models import load_model
-from slimlm.reform import reform
+from slimlm.reform import SpilledWeights, reform
 from slimlm.stream import layer_stream
 
 from .conftest import FAMILIES, invoke, save_tiny, tiny_loaded
@@ -73,6 +73,7 @@ def test_every_stage_on_a_stream_equals_it_in_memory(pair):
     assert resident_layers(streamed) == 0
     torch.testing.assert_close(logits(streamed), logits(memory), rtol=0, atol=0)  # the full model again
     reformed = [reform(m, subnet, WINDOWS) for m in (memory, streamed)]
+    assert isinstance(reformed[1], SpilledWeights)  # a model's worth of projections: on disk, not in memory
     assert reformed[0].keys() == reformed[1].keys()
     for key in reformed[0]:
         torch.testing.assert_close(reformed[0][key], reformed[1][key])

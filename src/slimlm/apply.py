@@ -14,7 +14,7 @@ so gradients reach the shared weights of every sub-network a super-network train
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -31,7 +31,7 @@ _APPLIED = "_slimlm_subnetwork_applied"
 
 @contextmanager
 def subnetwork_applied(
-    loaded: LoadedModel, subnet: SubNetwork, reformed: dict | None = None
+    loaded: LoadedModel, subnet: SubNetwork, reformed: Mapping | None = None
 ) -> Iterator[PreTrainedModel]:
     """Within the block, ``loaded.model`` computes ``subnet``; on exit it is the full model again.
 

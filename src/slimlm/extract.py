@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def folder_bytes(folder: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
 
 
-def extract(loaded: LoadedModel, subnet: SubNetwork, out: str | Path, reformed: dict | None = None) -> Extracted:
+def extract(loaded: LoadedModel, subnet: SubNetwork, out: str | Path, reformed: Mapping | None = None) -> Extracted:
     """Save ``subnet`` of ``loaded`` (with ``reformed`` weights, if given) to ``out`` with its tokenizer.
 
     ``out`` is replaced whole (see ``outputs.written_whole``); it may not be the input model's folder or

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from slimlm.importance import Importance
 from slimlm.models import LoadedModel
 from slimlm.models.base import LayerShape
 from slimlm.progress import track
-from slimlm.reform import DAMPING, Reformed, add_gram, layer_inputs, layer_pass, ridge
+from slimlm.reform import DAMPING, add_gram, layer_inputs, layer_pass, ridge
 from slimlm.space import SearchSpace, keep_most_important
 from slimlm.stream import resident
 from slimlm.subnet import SubNetwork
@@ -60,12 +61,13 @@ class VariantLibrary:
         with safe_open(str(self.folder / _layer_file(index)), framework="pt") as f:
             return f.get_tensor(key)
 
-    def reformed(self, subnet: SubNetwork) -> Reformed:
-        """The stored output projections of ``subnet``'s levels, as ``subnetwork_applied`` takes them.
+    def reformed(self, subnet: SubNetwork) -> Mapping[tuple[int, str], torch.Tensor]:
+        """The stored output projections of ``subnet``'s levels, as ``subnetwork_applied`` takes them, each
+        read when it is looked up (a streamed model's as its layer is read, so never all at once).
 
         Refuses a candidate whose kept units are not the library's (it would get wrong weights).
         """
-        reformed: Reformed = {}
+        places: dict[tuple[int, str], str] = {}
         for index, keep in subnet.layers.items():
             shape, stored = keep.shape, self.keeps[index]
             for name, key, kept in (
@@ -78,11 +80,27 @@ class VariantLibrary:
                     continue
                 if list(kept) != stored[key]:
                     raise SlimlmError(f"layer {index}: the candidate's kept {name} units are not the library's")
-                reformed[index, name] = self.weight(index, key)
-        return reformed
+                places[index, name] = key
+        return _Stored(self, places)
 
     def _full(self, index: int, name: str) -> int:
         return self.keeps[index]["full_heads" if name == "attention" else "full_neurons"][0]
+
+
+class _Stored(Mapping):
+    """(layer, "attention" | "mlp") -> the library's weight of that level, read from its file when looked up."""
+
+    def __init__(self, library: VariantLibrary, places: dict[tuple[int, str], str]) -> None:
+        self.library, self.places = library, places
+
+    def __getitem__(self, place: tuple[int, str]) -> torch.Tensor:
+        return self.library.weight(place[0], self.places[place])
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        return iter(self.places)
+
+    def __len__(self) -> int:
+        return len(self.places)
 
 
 def build_library(
@@ -176,14 +194,17 @@ def _write_layer(loaded: LoadedModel, index: int, keeps: dict, grams: dict, damp
     layer = loaded.adapter.decoder_layers(loaded.model)[index]
     with resident(loaded.model, layer):  # a streamed model's layer is read for this
         o_proj, down_proj = loaded.adapter.output_projections(layer)
+        # the smaller Gram matrix (usually the MLP's) is solved and freed first: the larger one's solves,
+        # which peak, then have no other Gram matrix beside them
         weights = {"attention": o_proj.weight.detach().clone(), "mlp": down_proj.weight.detach().clone()}
+        weights = dict(sorted(weights.items(), key=lambda item: item[1].shape[1]))
     head_dim = loaded.dims.head_dim
     width = {"attention": head_dim, "mlp": 1}  # input columns per unit
     levels = {name: [key for key in keeps if key.startswith(f"{name}.")] for name in weights}
 
     def solved():
         for name, weight in weights.items():
-            gram = grams[name]
+            gram = grams.pop(name)  # freed once its levels are written
             rhs = weight.double() @ gram  # W G, shared by every level of this projection
             for key in levels[name]:
                 units = torch.tensor(keeps[key], dtype=torch.long)

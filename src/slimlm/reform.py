@@ -15,15 +15,21 @@ Gram matrices and one layer's activations are held at a time.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import shutil
+import tempfile
+import weakref
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from slimlm.errors import SlimlmError
 from slimlm.models import LoadedModel
 from slimlm.progress import track
-from slimlm.stream import resident
+from slimlm.stream import layer_stream, resident
 from slimlm.subnet import SubNetwork
 
 DAMPING = 0.01  # λ relative to the mean diagonal of G[K, K]; raised automatically if the solve is unstable
@@ -106,8 +112,9 @@ def _capture_input(linear: torch.nn.Module, store: list[torch.Tensor]) -> Iterat
 @torch.no_grad()
 def reform(
     loaded: LoadedModel, subnet: SubNetwork, windows: torch.Tensor, batch_size: int = 4, damping: float = DAMPING
-) -> Reformed:
-    """New output-projection weights for every kept layer of ``subnet``, from calibration ``windows``.
+) -> Mapping[tuple[int, str], torch.Tensor]:
+    """New output-projection weights for every kept layer of ``subnet``, from calibration ``windows``
+    (a dict; on disk, read when looked up, for a streamed model).
 
     Two variants were measured worse or not worth their cost on SmolLM2 (FLAP's 0.8 sub-network,
     perplexity on Austen): targets from the dense run's inputs, to correct the drift of earlier
@@ -118,13 +125,44 @@ def reform(
     adapter, model = loaded.adapter, loaded.model
     layers = adapter.decoder_layers(model)
     hidden, layer_kwargs = layer_inputs(loaded, windows, batch_size)
-    reformed: Reformed = {}
+    # a streamed model's are a model's worth of projections, which need not fit in memory: kept on disk
+    reformed: Reformed | SpilledWeights = {} if layer_stream(model) is None else SpilledWeights()
     for index in track(range(len(layers)), "reforming layers"):
         if index not in subnet.layers:
             continue  # a removed layer passes hidden states through unchanged
         with resident(model, layers[index]):  # a streamed model's layer is read for this
-            hidden = _reform_layer(loaded, index, subnet, hidden, layer_kwargs[index], reformed, damping)
+            weights: Reformed = {}
+            hidden = _reform_layer(loaded, index, subnet, hidden, layer_kwargs[index], weights, damping)
+            reformed.update(weights)
     return reformed
+
+
+class SpilledWeights(Mapping):
+    """Reformed weights in a temporary folder, a safetensors file per layer, each read when it is looked
+    up (a streamed layer's as the layer is read); the folder goes when the mapping does."""
+
+    def __init__(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="slimlm-reformed-"))
+        weakref.finalize(self, shutil.rmtree, self.folder, True)
+        self.files: dict[tuple[int, str], Path] = {}
+
+    def update(self, weights: Reformed) -> None:
+        """Write ``weights`` (one layer's) to a file of their own."""
+        if not weights:
+            return
+        path = self.folder / f"part-{len(self.files):05d}.safetensors"
+        save_file({f"{i}.{name}": w.contiguous() for (i, name), w in weights.items()}, str(path))
+        self.files.update(dict.fromkeys(weights, path))
+
+    def __getitem__(self, place: tuple[int, str]) -> torch.Tensor:
+        with safe_open(str(self.files[place]), framework="pt") as f:
+            return f.get_tensor(f"{place[0]}.{place[1]}")
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
 
 
 def _reform_layer(

@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -119,7 +120,7 @@ class Searcher:
     library: VariantLibrary | None  # reformed variants that candidates are stitched from (None: unreformed)
     fingerprint: str  # the model's weights: the study's identity, wherever the model lives on each machine
 
-    def reformed(self, subnet: SubNetwork) -> dict | None:
+    def reformed(self, subnet: SubNetwork) -> Mapping | None:
         """The weights a candidate is scored with: library stitches, sequential reformation, or none."""
         if self.job.reform_candidates:
             return reform(self.loaded, subnet, self.calibration_ids)

@@ -116,6 +116,19 @@ def _return_freed_memory() -> None:
         _MALLOC_TRIM(0)
 
 
+MMAP_THRESHOLD = 4 * 2**20  # bytes: larger blocks are mapped on their own and go back to the system when freed
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def _memory_first() -> None:
+    """Keep the process's peak near what it holds: with glibc's default threshold (rising to 32 MB),
+    the many 10-30 MB tensors of a layer pass land in the heap, whose holes grow from layer to layer
+    (building the library of a 1.5 GB model: peaks from 1.16 to 1.42 GB in 8 layers, against 0.86 to
+    0.90 GB with this threshold, 13% slower). A streamed run has chosen memory over speed."""
+    if _LIBC is not None and hasattr(_LIBC, "mallopt"):
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
 def layer_stream(model: nn.Module) -> LayerStream | None:
     """The stream of a model loaded with ``stream_model``, or None for a model held in memory."""
     return getattr(model, _STREAM, None)
@@ -142,6 +155,7 @@ def stream_model(folder: Path, config: PretrainedConfig, layers_of, dtype: torch
     ``layers_of(model)`` gives the decoder layers' ``ModuleList`` (the family adapter knows where).
     Buffers (rotary frequencies) are computed as usual; only parameters start empty.
     """
+    _memory_first()
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     layers = layers_of(model)
