@@ -158,6 +158,17 @@ def table(rows: list[dict], weights: int, cap: int) -> str:
     return "\n".join(lines)
 
 
+def _kept_rows(path: Path, results: dict, rerun: list[str]) -> list[dict]:
+    """The runs of an earlier results file not rerun now, where it measured the same model and settings
+    with the same code; otherwise none (a comparison across code versions would not be one)."""
+    if not path.is_file():
+        return []
+    earlier = json.loads(path.read_text())
+    if any(earlier.get(k) != results[k] for k in ("heads", "neurons", "cap_bytes", "settings", "commit")):
+        raise SystemExit(f"--keep: {path} measured other settings or code ({earlier.get('commit')})")
+    return [r for r in earlier["runs"] if r.get("run") not in rerun]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--heads", type=int, default=8, help="copies of every attention head (576 / 9 / heads whole)")
@@ -166,6 +177,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/slimlm-streaming"))
     parser.add_argument("--runs", default="capped,stream,memory", help="which of the three runs (a subset to rerun)")
     parser.add_argument("--name", default="streaming")
+    parser.add_argument("--keep", action="store_true", help="keep the other runs of the results file (same code)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     model = widened(args.work / f"smollm2-135m-heads{args.heads}-neurons{args.neurons}", args.heads, args.neurons)
@@ -173,17 +185,21 @@ def main() -> None:
     cap = args.cap * MB
     if cap >= weights:
         raise SystemExit(f"--cap {args.cap} MiB is not below the weights ({weights / MB:.0f} MiB)")
-    rows = []
+    # the code measured: the last commit that changed slimlm's sources
+    source = Path(__file__).parents[1] / "src"
+    commit = subprocess.run(["git", "log", "-1", "--format=%H", "--", "."], capture_output=True, text=True, cwd=source)
+    results = {"heads": args.heads, "neurons": args.neurons, "weights_bytes": weights, "cap_bytes": cap}
+    results |= {"settings": SETTINGS, "commit": commit.stdout.strip()}
+    rows = _kept_rows(RESULTS / f"{args.name}.json", results, args.runs.split(",")) if args.keep else []
     for name in args.runs.split(","):
         cgroup = Cgroup(cap) if name in ("stream", "capped") else None
         try:
-            rows.append(compress(model, args.work / name, cgroup, stream=name == "stream"))
+            rows.append(compress(model, args.work / name, cgroup, stream=name == "stream") | {"run": name})
         finally:
             if cgroup is not None:
                 cgroup.remove()
         print(table(rows[-1:], weights, cap), flush=True)
-    results = {"heads": args.heads, "neurons": args.neurons, "weights_bytes": weights, "cap_bytes": cap}
-    results |= {"settings": SETTINGS, "runs": rows}
+    results["runs"] = rows
     streamed = next((r for r in rows if r["streamed"]), None)
     reference = next((r for r in rows if not r["streamed"] and not r["capped"]), None)
     if streamed and reference and "layers" in streamed and "layers" in reference:
