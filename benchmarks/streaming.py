@@ -123,6 +123,7 @@ def run(command: list[str], log: Path, cgroup: Cgroup | None) -> dict:
 
 def compress(model: Path, out: Path, cgroup: Cgroup | None, stream: bool) -> dict:
     command = ["slimlm", "compress", str(model), "--out", str(out), *SETTINGS, *(["--stream"] if stream else [])]
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run each time: an earlier one's store would be resumed or refused
     result = run(command, out.with_suffix(".log"), cgroup)
     report = out / "slimlm_report.json"
     result |= {"command": " ".join(command), "streamed": stream, "capped": cgroup is not None}
