@@ -159,15 +159,16 @@ def table(rows: list[dict], weights: int, cap: int) -> str:
     return "\n".join(lines)
 
 
-def _kept_rows(path: Path, results: dict, rerun: list[str]) -> list[dict]:
-    """The runs of an earlier results file not rerun now, where it measured the same model and settings
-    with the same code; otherwise none (a comparison across code versions would not be one)."""
-    if not path.is_file():
-        return []
-    earlier = json.loads(path.read_text())
-    if any(earlier.get(k) != results[k] for k in ("heads", "neurons", "cap_bytes", "settings", "commit")):
-        raise SystemExit(f"--keep: {path} measured other settings or code ({earlier.get('commit')})")
-    return [r for r in earlier["runs"] if r.get("run") not in rerun]
+def _kept_rows(paths: list[Path], results: dict, rerun: list[str]) -> list[dict]:
+    """The runs of earlier results files not rerun now, where they measured the same model and settings
+    with the same code (a comparison across code versions would not be one)."""
+    rows = []
+    for path in paths:
+        earlier = json.loads(path.read_text())
+        if any(earlier.get(k) != results[k] for k in ("heads", "neurons", "cap_bytes", "settings", "commit")):
+            raise SystemExit(f"--keep: {path} measured other settings or code ({earlier.get('commit')})")
+        rows += [r for r in earlier["runs"] if r.get("run") not in rerun]
+    return rows
 
 
 def main() -> None:
@@ -178,7 +179,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/slimlm-streaming"))
     parser.add_argument("--runs", default="capped,stream,memory", help="which of the three runs (a subset to rerun)")
     parser.add_argument("--name", default="streaming")
-    parser.add_argument("--keep", action="store_true", help="keep the other runs of the results file (same code)")
+    parser.add_argument("--keep", type=Path, nargs="*", default=[], help="results files whose other runs to keep")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     model = widened(args.work / f"smollm2-135m-heads{args.heads}-neurons{args.neurons}", args.heads, args.neurons)
@@ -191,7 +192,7 @@ def main() -> None:
     commit = subprocess.run(["git", "log", "-1", "--format=%H", "--", "."], capture_output=True, text=True, cwd=source)
     results = {"heads": args.heads, "neurons": args.neurons, "weights_bytes": weights, "cap_bytes": cap}
     results |= {"settings": SETTINGS, "commit": commit.stdout.strip()}
-    rows = _kept_rows(RESULTS / f"{args.name}.json", results, args.runs.split(",")) if args.keep else []
+    rows = _kept_rows(args.keep, results, args.runs.split(","))
     for name in args.runs.split(","):
         cgroup = Cgroup(cap) if name in ("stream", "capped") else None
         try:
