@@ -145,29 +145,32 @@ def table(rows: list[dict], weights: int, cap: int) -> str:
     lines = [
         f"Weights in float32: {weights / MB:.0f} MB; cap: {cap / MB:.0f} MB ({cap / weights:.2f}x the weights).",
         "",
-        "| run | cap | exit | peak resident | peak / weights | time | perplexity (dense / compressed) | top phases |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | code | cap | exit | peak resident | peak / weights | time | perplexity (dense / compressed)"
+        " | top phases |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         name = "streamed" if r["streamed"] else "in memory"
         top = "; ".join(f"{p} {b / MB:.0f} MB" for p, b in sorted(r["phases"].items(), key=lambda kv: -kv[1])[:3])
         quality = f"{r['dense_perplexity']:.2f} / {r['perplexity']:.2f}" if "perplexity" in r else "-"
         lines.append(
-            f"| {name} | {'yes' if r['capped'] else 'no'} | {r['exit']} | {r['peak_bytes'] / MB:.0f} MB"
-            f" | {r['peak_bytes'] / weights:.2f}x | {r['seconds']:.0f} s | {quality} | {top} |"
+            f"| {name} | {r.get('commit', '-')} | {'yes' if r['capped'] else 'no'} | {r['exit']}"
+            f" | {r['peak_bytes'] / MB:.0f} MB | {r['peak_bytes'] / weights:.2f}x | {r['seconds']:.0f} s"
+            f" | {quality} | {top} |"
         )
     return "\n".join(lines)
 
 
 def _kept_rows(paths: list[Path], results: dict, rerun: list[str]) -> list[dict]:
-    """The runs of earlier results files not rerun now, where they measured the same model and settings
-    with the same code (a comparison across code versions would not be one)."""
+    """The runs of earlier results files not rerun now, where they measured the same model and settings;
+    each row keeps the commit it measured (the table shows it)."""
     rows = []
     for path in paths:
         earlier = json.loads(path.read_text())
-        if any(earlier.get(k) != results[k] for k in ("heads", "neurons", "cap_bytes", "settings", "commit")):
-            raise SystemExit(f"--keep: {path} measured other settings or code ({earlier.get('commit')})")
-        rows += [r for r in earlier["runs"] if r.get("run") not in rerun]
+        if any(earlier.get(k) != results[k] for k in ("heads", "neurons", "cap_bytes", "settings")):
+            raise SystemExit(f"--keep: {path} measured another model or other settings")
+        code = {"commit": earlier["commit"][:10]} if "commit" in earlier else {}  # older files: one for all runs
+        rows += [code | r for r in earlier["runs"] if r.get("run") not in rerun]
     return rows
 
 
@@ -191,12 +194,13 @@ def main() -> None:
     source = Path(__file__).parents[1] / "src"
     commit = subprocess.run(["git", "log", "-1", "--format=%H", "--", "."], capture_output=True, text=True, cwd=source)
     results = {"heads": args.heads, "neurons": args.neurons, "weights_bytes": weights, "cap_bytes": cap}
-    results |= {"settings": SETTINGS, "commit": commit.stdout.strip()}
+    results |= {"settings": SETTINGS}
     rows = _kept_rows(args.keep, results, args.runs.split(","))
     for name in args.runs.split(","):
         cgroup = Cgroup(cap) if name in ("stream", "capped") else None
         try:
-            rows.append(compress(model, args.work / name, cgroup, stream=name == "stream") | {"run": name})
+            measured = compress(model, args.work / name, cgroup, stream=name == "stream")
+            rows.append(measured | {"run": name, "commit": commit.stdout.strip()[:10]})
         finally:
             if cgroup is not None:
                 cgroup.remove()
