@@ -8,6 +8,7 @@ import torch
 from torch.nn import functional as F
 
 from slimlm import library as library_module
+from slimlm import reform as reform_module
 from slimlm.apply import subnetwork_applied
 from slimlm.errors import SlimlmError
 from slimlm.evaluate import dense_reference, fitness
@@ -113,7 +114,7 @@ def test_a_candidate_reads_only_its_own_levels_when_used_and_nothing_stays_in_me
     subnet = candidate(loaded, scores)
     first = library.reformed(subnet)
     read = []
-    real = library_module.safe_open
+    real = reform_module.safe_open
 
     class Recorded:
         def __init__(self, *args, **kwargs):
@@ -130,7 +131,7 @@ def test_a_candidate_reads_only_its_own_levels_when_used_and_nothing_stays_in_me
             read.append(key)
             return self.opened.get_tensor(key)
 
-    monkeypatch.setattr(library_module, "safe_open", Recorded)
+    monkeypatch.setattr(reform_module, "safe_open", Recorded)
     again = library.reformed(subnet)
     assert read == []  # a weight is read when it is looked up (a streamed layer's as the layer is read)
     weights = {key: again[key] for key in again}  # read again, not served from memory

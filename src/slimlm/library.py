@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +36,7 @@ from slimlm.importance import Importance
 from slimlm.models import LoadedModel
 from slimlm.models.base import LayerShape
 from slimlm.progress import track
-from slimlm.reform import DAMPING, add_gram, layer_inputs, layer_pass, ridge
+from slimlm.reform import DAMPING, StoredWeights, add_gram, layer_inputs, layer_pass, ridge
 from slimlm.space import SearchSpace, keep_most_important
 from slimlm.stream import resident
 from slimlm.subnet import SubNetwork
@@ -56,18 +56,13 @@ class VariantLibrary:
     folder: Path
     keeps: list[dict[str, list[int]]]  # per layer: "attention.HxKV" -> kept heads, "mlp.N" -> kept neurons
 
-    def weight(self, index: int, key: str) -> torch.Tensor:
-        """The stored output projection of level ``key`` (e.g. ``"mlp.768"``) of layer ``index``."""
-        with safe_open(str(self.folder / _layer_file(index)), framework="pt") as f:
-            return f.get_tensor(key)
-
     def reformed(self, subnet: SubNetwork) -> Mapping[tuple[int, str], torch.Tensor]:
         """The stored output projections of ``subnet``'s levels, as ``subnetwork_applied`` takes them, each
         read when it is looked up (a streamed model's as its layer is read, so never all at once).
 
         Refuses a candidate whose kept units are not the library's (it would get wrong weights).
         """
-        places: dict[tuple[int, str], str] = {}
+        places: dict[tuple[int, str], tuple[Path, str]] = {}
         for index, keep in subnet.layers.items():
             shape, stored = keep.shape, self.keeps[index]
             for name, key, kept in (
@@ -80,27 +75,11 @@ class VariantLibrary:
                     continue
                 if list(kept) != stored[key]:
                     raise SlimlmError(f"layer {index}: the candidate's kept {name} units are not the library's")
-                places[index, name] = key
-        return _Stored(self, places)
+                places[index, name] = (self.folder / _layer_file(index), key)
+        return StoredWeights(places)
 
     def _full(self, index: int, name: str) -> int:
         return self.keeps[index]["full_heads" if name == "attention" else "full_neurons"][0]
-
-
-class _Stored(Mapping):
-    """(layer, "attention" | "mlp") -> the library's weight of that level, read from its file when looked up."""
-
-    def __init__(self, library: VariantLibrary, places: dict[tuple[int, str], str]) -> None:
-        self.library, self.places = library, places
-
-    def __getitem__(self, place: tuple[int, str]) -> torch.Tensor:
-        return self.library.weight(place[0], self.places[place])
-
-    def __iter__(self) -> Iterator[tuple[int, str]]:
-        return iter(self.places)
-
-    def __len__(self) -> int:
-        return len(self.places)
 
 
 def build_library(

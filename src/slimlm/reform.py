@@ -56,7 +56,9 @@ def add_gram(gram: torch.Tensor, x: torch.Tensor) -> None:
         gram[:, block] += (flat.T @ flat[:, block]).double()
 
 
-def ridge(rhs: torch.Tensor, gram: torch.Tensor, damping: float = DAMPING, kept: torch.Tensor | None = None):
+def ridge(
+    rhs: torch.Tensor, gram: torch.Tensor, damping: float = DAMPING, kept: torch.Tensor | None = None
+) -> torch.Tensor:
     """The solution Ŵ of Ŵ (G_KK + λI) = ``rhs`` for a positive semi-definite ``gram`` G (float64), over its
     rows and columns ``kept`` (all if None).
 
@@ -137,32 +139,42 @@ def reform(
     return reformed
 
 
-class SpilledWeights(Mapping):
-    """Reformed weights in a temporary folder, a safetensors file per layer, each read when it is looked
-    up (a streamed layer's as the layer is read); the folder goes when the mapping does."""
+class StoredWeights(Mapping):
+    """(layer, "attention" | "mlp") -> a weight in a safetensors file (path, tensor name), read when looked
+    up: a streamed model's as its layer is read, so never all at once."""
+
+    def __init__(self, places: dict[tuple[int, str], tuple[Path, str]] | None = None) -> None:
+        self.places = places or {}
+
+    def __getitem__(self, place: tuple[int, str]) -> torch.Tensor:
+        path, name = self.places[place]
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(name)
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        return iter(self.places)
+
+    def __len__(self) -> int:
+        return len(self.places)
+
+
+class SpilledWeights(StoredWeights):
+    """Reformed weights written to a temporary folder, a safetensors file per layer; the folder goes when
+    the mapping does."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.folder = Path(tempfile.mkdtemp(prefix="slimlm-reformed-"))
         weakref.finalize(self, shutil.rmtree, self.folder, True)
-        self.files: dict[tuple[int, str], Path] = {}
 
     def update(self, weights: Reformed) -> None:
         """Write ``weights`` (one layer's) to a file of their own."""
         if not weights:
             return
-        path = self.folder / f"part-{len(self.files):05d}.safetensors"
-        save_file({f"{i}.{name}": w.contiguous() for (i, name), w in weights.items()}, str(path))
-        self.files.update(dict.fromkeys(weights, path))
-
-    def __getitem__(self, place: tuple[int, str]) -> torch.Tensor:
-        with safe_open(str(self.files[place]), framework="pt") as f:
-            return f.get_tensor(f"{place[0]}.{place[1]}")
-
-    def __iter__(self) -> Iterator[tuple[int, str]]:
-        return iter(self.files)
-
-    def __len__(self) -> int:
-        return len(self.files)
+        path = self.folder / f"part-{len(self.places):05d}.safetensors"
+        names = {place: f"{place[0]}.{place[1]}" for place in weights}
+        save_file({names[place]: w.contiguous() for place, w in weights.items()}, str(path))
+        self.places.update({place: (path, name) for place, name in names.items()})
 
 
 def _reform_layer(
