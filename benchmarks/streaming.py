@@ -21,6 +21,7 @@ Needs root (a cgroup v1 or v2 memory controller). Example:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -121,6 +122,11 @@ def run(command: list[str], log: Path, cgroup: Cgroup | None) -> dict:
     return {"exit": code, "peak_bytes": usage.ru_maxrss * 1024, "phases": phases, "seconds": seconds}
 
 
+def subnetwork_digest(layers) -> str:
+    """A sub-network's kept units, as a digest: what equality needs, not thousands of indices per run."""
+    return hashlib.sha256(json.dumps(layers, sort_keys=True).encode()).hexdigest()
+
+
 def compress(model: Path, out: Path, cgroup: Cgroup | None, stream: bool) -> dict:
     command = ["slimlm", "compress", str(model), "--out", str(out), *SETTINGS, *(["--stream"] if stream else [])]
     shutil.rmtree(out, ignore_errors=True)  # a fresh run each time: an earlier one's store would be resumed or refused
@@ -131,7 +137,7 @@ def compress(model: Path, out: Path, cgroup: Cgroup | None, stream: bool) -> dic
         data = json.loads(report.read_text())
         subnet = json.loads((out / "best" / "slimlm_subnetwork.json").read_text())
         result |= {
-            "layers": subnet["layers"],
+            "subnetwork": subnetwork_digest(subnet["layers"]),
             "dense_perplexity": data["dense"]["perplexity"],
             "perplexity": data["compressed"]["perplexity"],
             "params": data["compressed"]["params"],
@@ -208,8 +214,8 @@ def main() -> None:
     results["runs"] = rows
     streamed = next((r for r in rows if r["streamed"]), None)
     reference = next((r for r in rows if not r["streamed"] and not r["capped"]), None)
-    if streamed and reference and "layers" in streamed and "layers" in reference:
-        results["same_subnetwork"] = streamed["layers"] == reference["layers"]
+    if streamed and reference and "subnetwork" in streamed and "subnetwork" in reference:
+        results["same_subnetwork"] = streamed["subnetwork"] == reference["subnetwork"]
         results["perplexity_relative_difference"] = abs(streamed["perplexity"] / reference["perplexity"] - 1)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=2))
