@@ -81,15 +81,25 @@ class Cgroup:
         controllers = Path("/sys/fs/cgroup/cgroup.controllers")
         name = f"slimlm-bench-{os.getpid()}"
         if controllers.is_file() and "memory" in controllers.read_text().split():  # cgroup v2
-            self.path, self.limit_file = Path("/sys/fs/cgroup") / name, "memory.max"
+            self.path, self.limit_file, self.anon_key = Path("/sys/fs/cgroup") / name, "memory.max", "anon"
         else:
             self.path, self.limit_file = Path("/sys/fs/cgroup/memory") / name, "memory.limit_in_bytes"
+            self.anon_key = "total_rss"
         self.path.mkdir()
         (self.path / self.limit_file).write_text(str(limit))
 
     def enter(self) -> None:
         """Run in the child before exec: move it into the cgroup."""
         (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def anonymous_bytes(self) -> int:
+        """The cgroup's anonymous memory: what the cap really bounds (a streamed run's resident size also
+        counts mapped weight pages, which the kernel drops under the cap and reads again)."""
+        for line in (self.path / "memory.stat").read_text().splitlines():
+            key, value = line.split()
+            if key == self.anon_key:
+                return int(value)
+        raise KeyError(self.anon_key)
 
     def remove(self) -> None:
         self.path.rmdir()
@@ -104,7 +114,7 @@ def run(command: list[str], log: Path, cgroup: Cgroup | None) -> dict:
     cache.mkdir()
     (cache / "corpora").symlink_to(cache_root() / "corpora", target_is_directory=True)
     env = os.environ | {"SLIMLM_CACHE": str(cache)}
-    start, phases = time.perf_counter(), {}
+    start, phases, anonymous = time.perf_counter(), {}, {}
     with open(log, "w") as out:
         child = subprocess.Popen(
             command, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=cgroup and cgroup.enter
@@ -117,9 +127,12 @@ def run(command: list[str], log: Path, cgroup: Cgroup | None) -> dict:
             if rss is not None:
                 phase = last_phase(log)
                 phases[phase] = max(phases.get(phase, 0), rss)
+                if cgroup is not None:
+                    anonymous[phase] = max(anonymous.get(phase, 0), cgroup.anonymous_bytes())
             time.sleep(0.2)
     seconds, code = time.perf_counter() - start, os.waitstatus_to_exitcode(status)
-    return {"exit": code, "peak_bytes": usage.ru_maxrss * 1024, "phases": phases, "seconds": seconds}
+    result = {"exit": code, "peak_bytes": usage.ru_maxrss * 1024, "phases": phases, "seconds": seconds}
+    return result | ({"anonymous_phases": anonymous} if cgroup is not None else {})
 
 
 def subnetwork_digest(layers) -> str:
@@ -151,17 +164,18 @@ def table(rows: list[dict], weights: int, cap: int) -> str:
     lines = [
         f"Weights in float32: {weights / MB:.0f} MB; cap: {cap / MB:.0f} MB ({cap / weights:.2f}x the weights).",
         "",
-        "| run | code | cap | exit | peak resident | peak / weights | time | perplexity (dense / compressed)"
-        " | top phases |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | code | cap | exit | peak resident | peak / weights | peak anonymous (cgroup) | time"
+        " | perplexity (dense / compressed) | top phases |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         name = "streamed" if r["streamed"] else "in memory"
         top = "; ".join(f"{p} {b / MB:.0f} MB" for p, b in sorted(r["phases"].items(), key=lambda kv: -kv[1])[:3])
+        anonymous = f"{max(r['anonymous_phases'].values()) / MB:.0f} MB" if r.get("anonymous_phases") else "-"
         quality = f"{r['dense_perplexity']:.2f} / {r['perplexity']:.2f}" if "perplexity" in r else "-"
         lines.append(
             f"| {name} | {r.get('commit', '-')} | {'yes' if r['capped'] else 'no'} | {r['exit']}"
-            f" | {r['peak_bytes'] / MB:.0f} MB | {r['peak_bytes'] / weights:.2f}x | {r['seconds']:.0f} s"
+            f" | {r['peak_bytes'] / MB:.0f} MB | {r['peak_bytes'] / weights:.2f}x | {anonymous} | {r['seconds']:.0f} s"
             f" | {quality} | {top} |"
         )
     return "\n".join(lines)
