@@ -13,8 +13,9 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from slimlm import llamacpp
 from slimlm.errors import SlimlmError
-from slimlm.export import TOKENIZER_GGUF, _write_gguf, export_gguf, save_tokenizer_gguf
+from slimlm.export import _write_gguf, export_gguf
 from slimlm.extract import extract
+from slimlm.gguf_tokenizer import TOKENIZER_GGUF, save_tokenizer_gguf
 from slimlm.models import load_model
 from slimlm.search import SearchJob, search
 from slimlm.strategies import completed, stage_of

@@ -19,7 +19,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, OPTForCausalLM
 from slimlm.cache import cache_root
 from slimlm.costs import static_cost
 from slimlm.errors import SlimlmError
-from slimlm.export import TOKENIZER_GGUF
+from slimlm.gguf_tokenizer import TOKENIZER_GGUF
 from slimlm.models import ADAPTERS, BUILTIN_MODELS, load_model, loading, resolve_model
 from slimlm.models.loading import DONE_MARKER
 

@@ -5,9 +5,7 @@ Layers whose shapes differ are written as llama.cpp's per-layer arrays (``head_c
 that sizes every layer on its own), and the key/value head size is written explicitly, because
 llama.cpp would otherwise derive it from the first layer's head count. Query and key
 rows of Llama-layout models are reordered to llama.cpp's rotary layout (interleaved halves), as
-its own converter does. The tokenizer travels in the file: copied from the GGUF the model came
-from when there is one (``TOKENIZER_GGUF``, kept by loading and extraction), else built from the
-Hugging Face tokenizer with gguf's vocabulary readers.
+its own converter does. The tokenizer travels in the file (``slimlm.gguf_tokenizer``).
 
 Quantization: the types gguf's Python code can write (``QUANT_TYPES``), and the k-quants, encoded by
 ggml itself through llama.cpp's library (``KQUANT_TYPES``; every matrix in the type, the output matrix
@@ -18,7 +16,6 @@ not a whole number of blocks stays in f16 (k-quants: llama.cpp's own 32-wide fal
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,13 +27,13 @@ import torch
 
 from slimlm import llamacpp
 from slimlm.errors import SlimlmError
+from slimlm.gguf_tokenizer import check_tokenizer, write_tokenizer
 from slimlm.llamacpp import KQUANT_BLOCK, KQUANT_FALLBACK
 from slimlm.stream import streamed_state
 
-if TYPE_CHECKING:  # loading keeps tokenizer keys with this module's helpers, so no import at run time
+if TYPE_CHECKING:
     from slimlm.models import LayerShape, LoadedModel, ModelDims
 
-TOKENIZER_GGUF = "slimlm_tokenizer.gguf"  # the source GGUF's tokenizer keys, no tensors
 Q = gguf.GGMLQuantizationType
 QUANT_TYPES = {
     "f32": (Q.F32, gguf.LlamaFileType.ALL_F32),
@@ -120,7 +117,7 @@ def _write_gguf(loaded: LoadedModel, out: Path, quant: str, tokenizer_pre: str |
     partial = out.with_name(out.name + ".part")  # renamed when complete: a killed export leaves no broken .gguf
     writer = gguf.GGUFWriter(partial, gguf.MODEL_ARCH_NAMES[arch])
     _write_hyperparameters(writer, loaded, file_type, shapes)
-    _write_tokenizer(writer, loaded, tokenizer_pre)
+    write_tokenizer(writer, loaded.folder, tokenizer_pre)
     kept_f16 = _write_tensors(writer, loaded, arch, rotary_order, qtype, widths)
     kept_f16 += _write_zero_sub_blocks(writer, loaded.dims, shapes, qtype)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -181,24 +178,7 @@ def check_exportable(loaded: LoadedModel, quant: str, tokenizer_pre: str | None 
         )
     if quant in KQUANT_TYPES:
         llamacpp.require()
-    if tokenizer_gguf(loaded.folder) is not None:
-        return
-    if tokenizer_pre is None:
-        raise SlimlmError(
-            f"{loaded.folder} did not come from a GGUF file, so llama.cpp's name for its pre-tokenizer is unknown; "
-            "pass --tokenizer-pre NAME (the name llama.cpp's converter gives this tokenizer, e.g. llama-bpe, "
-            "qwen2, smollm)"
-        )
-    kind = _tokenizer_model(loaded.folder)["type"]
-    if kind != "BPE":
-        raise SlimlmError(f"llama.cpp's GGUF tokenizers are BPE (byte-level or with byte fallback); this one is {kind}")
-
-
-def _tokenizer_model(folder: str | Path) -> dict:
-    path = Path(folder) / "tokenizer.json"
-    if not path.is_file():
-        raise SlimlmError(f"{folder} has no tokenizer.json to write into the GGUF file")
-    return json.loads(path.read_text(encoding="utf-8"))["model"]
+    check_tokenizer(loaded.folder, tokenizer_pre)
 
 
 def _write_hyperparameters(
@@ -314,49 +294,3 @@ def _encode(data: np.ndarray, qtype) -> tuple[np.ndarray, object]:
     if data.shape[-1] % block:
         return data.astype(np.float16), Q.F16
     return gguf.quants.quantize(data, qtype), qtype
-
-
-def _write_tokenizer(writer: gguf.GGUFWriter, loaded: LoadedModel, tokenizer_pre: str | None) -> None:
-    source = tokenizer_gguf(loaded.folder)
-    if source is not None and tokenizer_pre is None:
-        copy_tokenizer_keys(gguf.GGUFReader(source), writer)
-        return
-    folder = Path(loaded.folder)
-    # BPE with byte fallback is SentencePiece's (Llama 2, Mistral): llama.cpp's "llama" tokenizer, else "gpt2"
-    byte_fallback = _tokenizer_model(folder).get("byte_fallback", False)
-    vocab = gguf.LlamaHfVocab(folder) if byte_fallback else gguf.BpeVocab(folder)
-    tokens, scores, types = zip(*vocab.all_tokens(), strict=True)
-    writer.add_tokenizer_model(vocab.tokenizer_model)
-    writer.add_tokenizer_pre(tokenizer_pre)
-    writer.add_token_list(list(tokens))
-    writer.add_token_scores(list(scores))
-    writer.add_token_types([int(t) for t in types])
-    gguf.SpecialVocab(folder, load_merges=vocab.tokenizer_model == "gpt2").add_to_gguf(writer)
-
-
-def tokenizer_gguf(folder: str | Path) -> Path | None:
-    """The GGUF holding this model folder's tokenizer keys, if it came from a GGUF file."""
-    path = Path(folder) / TOKENIZER_GGUF
-    return path if path.is_file() else None
-
-
-def copy_tokenizer_keys(reader: gguf.GGUFReader, writer: gguf.GGUFWriter) -> None:
-    """Copy every ``tokenizer.*`` key of ``reader`` to ``writer``, with its GGUF types."""
-    for key, field in reader.fields.items():
-        if not key.startswith("tokenizer."):
-            continue
-        vtype = field.types[0]
-        sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, field.contents(), vtype, sub_type)
-
-
-def save_tokenizer_gguf(source: str | Path, folder: str | Path) -> Path:
-    """Keep the tokenizer keys of the GGUF file ``source`` in ``folder`` (no tensors: a few MB)."""
-    path = Path(folder) / TOKENIZER_GGUF
-    writer = gguf.GGUFWriter(path, arch="tokenizer")
-    copy_tokenizer_keys(gguf.GGUFReader(source), writer)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    writer.close()
-    return path

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from slimlm.apply import subnetwork_applied
-from slimlm.export import TOKENIZER_GGUF, tokenizer_gguf
+from slimlm.gguf_tokenizer import TOKENIZER_GGUF, tokenizer_gguf
 from slimlm.models import LoadedModel
 from slimlm.models.remote import modeling_slimlm
 from slimlm.outputs import refuse_foreign_folder, written_whole

@@ -23,8 +23,8 @@ import torch
 
 from slimlm.data import model_windows
 from slimlm.errors import SlimlmError
-from slimlm.export import TOKENIZER_GGUF
 from slimlm.extract import REMOTE_CODE_FILE, SUBNET_FILE
+from slimlm.gguf_tokenizer import TOKENIZER_GGUF
 from slimlm.jobs import HealJob  # the job's home is the torch-free slimlm.jobs
 from slimlm.jobs import check_heal as check
 from slimlm.models import LoadedModel, load_model

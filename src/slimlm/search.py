@@ -33,7 +33,8 @@ from slimlm.costs import LatencyProbe, StaticCost, static_cost, synchronize
 from slimlm.data import model_windows
 from slimlm.errors import SlimlmError
 from slimlm.evaluate import DenseReference, dense_reference, fitness
-from slimlm.export import check_exportable, export_gguf, tokenizer_gguf
+from slimlm.export import check_exportable, export_gguf
+from slimlm.gguf_tokenizer import tokenizer_gguf
 from slimlm.importance import (
     IMPORTANCE_FILE,
     METRICS,

@@ -20,7 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTr
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from slimlm.errors import SlimlmError
-from slimlm.export import copy_tokenizer_keys, rotary_halves
+from slimlm.export import rotary_halves
+from slimlm.gguf_tokenizer import copy_tokenizer_keys
 from slimlm.models.base import LayerShape
 
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DECI]

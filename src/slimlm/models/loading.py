@@ -30,7 +30,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from slimlm.cache import cache_root, exclusive, file_digest, fingerprint
 from slimlm.errors import SlimlmError
-from slimlm.export import save_tokenizer_gguf
+from slimlm.gguf_tokenizer import save_tokenizer_gguf
 from slimlm.models import adapter_for, adapter_named
 from slimlm.models.base import Adapter, ModelDims
 from slimlm.progress import console, quiet_transformers
