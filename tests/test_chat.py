@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from slimlm.cache import cache_root
 from slimlm.chat import (
@@ -20,7 +21,7 @@ from slimlm.chat import (
 from slimlm.data import load_text, model_windows, text_windows
 from slimlm.errors import SlimlmError
 
-from .conftest import tiny_loaded
+from .conftest import FAMILIES, tiny_loaded
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +57,30 @@ def test_another_model_diverges_from_the_dense_answers(dense, reference):
     result = chat_fidelity(other.model, dense.model, dense.tokenizer, reference)
     assert result["kl_per_token"] > 0.01
     assert result["dense_token_agreement"] < 1.0 and result["first_tokens_match"] < 1.0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_teacher_forcing_scores_like_one_answer_at_a_time(family):
+    """Answers are teacher-forced several at once, left-padded, logits kept for the answers only: the
+    same KL and agreement as each prompt and answer run alone, in every family (positions, sliding
+    windows and learned position embeddings alike)."""
+    dense, other = tiny_loaded(family), tiny_loaded(family, seed=1)
+    prompts = [" ".join(f"w{(5 * i + 2 * j) % 90 + 1}" for j in range(2 + 3 * i % 11)) for i in range(11)]
+    reference = chat_reference(dense.model, dense.tokenizer, prompts, new_tokens=9)
+    kl, agree, positions = 0.0, 0, 0
+    for prompt, answer in zip(reference.prompt_ids, reference.answer_ids, strict=True):
+        ids, start = torch.tensor([prompt + answer]), len(prompt) - 1
+        with torch.no_grad():
+            teacher = F.log_softmax(dense.model(input_ids=ids).logits[0, start:-1], -1)
+            student = F.log_softmax(other.model(input_ids=ids).logits[0, start:-1], -1)
+        kl += float((teacher.exp() * (teacher - student)).sum())
+        agree += int((student.argmax(-1) == torch.tensor(answer)).sum())
+        positions += len(answer)
+    result = chat_fidelity(other.model, dense.model, dense.tokenizer, reference)
+    lengths = {len(p) + len(a) for p, a in zip(reference.prompt_ids, reference.answer_ids, strict=True)}
+    assert positions > 11 and len(lengths) > 3  # padding really varies
+    assert result["kl_per_token"] == pytest.approx(kl / positions, rel=1e-4)
+    assert result["dense_token_agreement"] == agree / positions
 
 
 def test_prompts_go_through_the_chat_template_when_there_is_one(dense):

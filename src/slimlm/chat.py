@@ -31,6 +31,8 @@ ANSWER_TOKENS = 32  # greedy answer length of the reference (a first sentence or
 FIRST_TOKENS = 10  # an answer "starts like the dense one" when these many tokens match
 SAMPLES = 3  # answers shown side by side in reports
 BATCH = 16  # prompts generated at once (left-padded)
+TEACHER_BATCH = 8  # answers teacher-forced at once: a pass per batch, not per answer (a streamed model reads
+# every layer per pass); its logits over the vocabulary stay a few tens of MB
 CONVERSATION_TOKENS = 128  # answer length of the chat calibration text: whole answers, mostly
 CONVERSATIONS_FORMAT = "slimlm.conversations/1"
 
@@ -77,7 +79,7 @@ def prompt_ids(tokenizer, prompt: str) -> tuple[list[int], bool]:
 def greedy_answers(model, tokenizer, prompts: list[list[int]], new_tokens: int, label: str | None) -> list[list[int]]:
     """Each prompt's greedy continuation (at most ``new_tokens``, ending at the end-of-turn token)."""
     stop = _stop_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop[0] if stop else 0)
+    pad = _pad_id(model, tokenizer)
     answers: list[list[int]] = []
     batches = [prompts[i : i + BATCH] for i in range(0, len(prompts), BATCH)]
     for batch in track(batches, label) if label else batches:
@@ -96,6 +98,14 @@ def greedy_answers(model, tokenizer, prompts: list[list[int]], new_tokens: int, 
             end = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
             answers.append(row[:end])
     return answers
+
+
+def _pad_id(model, tokenizer) -> int:
+    """The id left padding uses: the tokenizer's pad token, else an end-of-turn token (masked out either way)."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    stop = _stop_ids(model, tokenizer)
+    return stop[0] if stop else 0
 
 
 def _stop_ids(model, tokenizer) -> list[int]:
@@ -118,23 +128,41 @@ def chat_reference(
 
 
 @torch.no_grad()
+def _answer_logprobs(model, batch: list[tuple[list[int], list[int]]], pad: int) -> torch.Tensor:
+    """``model``'s log-probabilities at every answer token of the (prompt, answer) pairs, teacher-forced
+    in one pass: one row per answer token, pairs in order. Left padding ends every answer at the last
+    position, so only the answers' logits are computed; positions count from each sequence's start."""
+    width = max(len(p) + len(a) for p, a in batch)
+    keep = max(len(a) for _, a in batch) + 1  # the logits before each answer token (and one past the end)
+    ids = torch.tensor([[pad] * (width - len(p) - len(a)) + p + a for p, a in batch])
+    mask = torch.tensor([[0] * (width - len(p) - len(a)) + [1] * (len(p) + len(a)) for p, a in batch])
+    logits = model(
+        input_ids=ids.to(model.device),
+        attention_mask=mask.to(model.device),
+        position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(model.device),
+        logits_to_keep=keep,
+    ).logits
+    rows = torch.cat([logits[i, keep - len(a) - 1 : keep - 1] for i, (_, a) in enumerate(batch)])
+    return rows.float().cpu().log_softmax(-1)
+
+
+@torch.no_grad()
 def chat_fidelity(model, dense, tokenizer, reference: ChatReference, description: str = "compressed") -> dict:
     """How closely ``model`` answers as ``dense`` did on ``reference``: mean per-token KL (nats) from
     the dense model teacher-forced on its answers, the share of those positions where ``model``'s top
     token is the dense one, the share of prompts whose greedy answer starts with the dense answer's
     first ``FIRST_TOKENS`` tokens, and ``SAMPLES`` answers side by side."""
-    kl_sum, agree, positions = 0.0, 0, 0
     pairs = list(zip(reference.prompt_ids, reference.answer_ids, strict=True))
-    for prompt, answer in track(pairs, f"chat fidelity ({description})"):
-        if not answer:
-            continue
-        ids = torch.tensor([prompt + answer])
-        start = len(prompt) - 1  # the logits at this position predict the answer's first token
-        teacher = F.log_softmax(dense(input_ids=ids.to(dense.device)).logits[0, start:-1].float().cpu(), -1)
-        student = F.log_softmax(model(input_ids=ids.to(model.device)).logits[0, start:-1].float().cpu(), -1)
-        kl_sum += float((teacher.exp() * (teacher - student)).sum())
-        agree += int((student.argmax(-1) == torch.tensor(answer)).sum())
-        positions += len(answer)
+    answered = [(prompt, answer) for prompt, answer in pairs if answer]
+    pad = _pad_id(dense, tokenizer)
+    kl_sum, agree, positions = 0.0, 0, 0
+    batches = [answered[i : i + TEACHER_BATCH] for i in range(0, len(answered), TEACHER_BATCH)]
+    for batch in track(batches, f"chat fidelity ({description})"):
+        teacher = _answer_logprobs(dense, batch, pad)
+        student = _answer_logprobs(model, batch, pad)
+        kl_sum += float(F.kl_div(student, teacher, reduction="sum", log_target=True))
+        agree += int((student.argmax(-1) == torch.tensor([t for _, a in batch for t in a])).sum())
+        positions += len(student)
     starts = greedy_answers(model, tokenizer, reference.prompt_ids, FIRST_TOKENS, None)
     matched = sum(s[:FIRST_TOKENS] == a[:FIRST_TOKENS] for s, a in zip(starts, reference.answer_ids, strict=True))
     shown = greedy_answers(model, tokenizer, reference.prompt_ids[:SAMPLES], ANSWER_TOKENS, None)
