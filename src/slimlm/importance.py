@@ -117,20 +117,14 @@ class _Accumulator:
         self.sumsq += x.pow(2).sum(0, dtype=torch.float64)
         add_gram(self.gram, x)
 
-    def _damped_inverse(self) -> torch.Tensor:
-        """(G + λI)⁻¹ through its Cholesky factor, the Gram matrix damped in place and freed before the
-        inverse is made: two matrices of its size at a time, not an identity, a sum and an LU inverse's
-        copies (170 MB each at width 4608). The accumulator is spent afterwards."""
+    def _spend_gram(self) -> torch.Tensor:
+        """The Gram matrix, handed over: the accumulator keeps no reference, so it can be freed early."""
         gram, self.gram = self.gram, None
-        factor = _damped_factor(gram)
-        if factor is None:
-            return torch.linalg.inv(gram)
-        del gram
-        return torch.cholesky_inverse(factor)
+        return gram
 
     def stats(self, weight: torch.Tensor, group: int) -> ChannelStats:
         """The statistics, with the removal order of ``weight``'s input units of ``group`` channels each."""
-        inverse = self._damped_inverse()
+        inverse = _damped_inverse(self._spend_gram())
         rank = removal_rank(weight, inverse, group).repeat_interleave(group)
         # on the CPU: a calibration is cached on disk and serves any device. The diagonal is copied out:
         # as a view it would keep the whole inverse alive, in memory and in the cache (650 MB for SmolLM2)
@@ -147,9 +141,14 @@ def _damped_factor(gram: torch.Tensor) -> torch.Tensor | None:
 
 
 def _damped_inverse(gram: torch.Tensor) -> torch.Tensor:
-    """(G + λI)⁻¹, ``gram`` damped in place."""
+    """(G + λI)⁻¹ through its Cholesky factor, ``gram`` damped in place and, when the caller holds no other
+    reference, freed before the inverse is made: two matrices of its size at a time, not an identity, a
+    sum and an LU inverse's copies (170 MB each at width 4608)."""
     factor = _damped_factor(gram)
-    return torch.linalg.inv(gram) if factor is None else torch.cholesky_inverse(factor)
+    if factor is None:
+        return torch.linalg.inv(gram)
+    del gram
+    return torch.cholesky_inverse(factor)
 
 
 STEPS = 128  # greedy removal steps per projection at most: units leave in chunks beyond that (1536 neurons: 12)
