@@ -83,9 +83,7 @@ def greedy_answers(model, tokenizer, prompts: list[list[int]], new_tokens: int, 
     answers: list[list[int]] = []
     batches = [prompts[i : i + BATCH] for i in range(0, len(prompts), BATCH)]
     for batch in track(batches, label) if label else batches:
-        width = max(len(p) for p in batch)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        ids, mask = _left_padded(batch, pad)
         out = model.generate(
             input_ids=ids.to(model.device),
             attention_mask=mask.to(model.device),
@@ -94,10 +92,18 @@ def greedy_answers(model, tokenizer, prompts: list[list[int]], new_tokens: int, 
             eos_token_id=stop or None,
             pad_token_id=pad,
         )
-        for row in out[:, width:].tolist():
+        for row in out[:, ids.shape[1] :].tolist():
             end = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
             answers.append(row[:end])
     return answers
+
+
+def _left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows padded on the left to one width (every row ends at the last position), and their mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
 
 
 def _pad_id(model, tokenizer) -> int:
@@ -132,10 +138,8 @@ def _answer_logprobs(model, batch: list[tuple[list[int], list[int]]], pad: int) 
     """``model``'s log-probabilities at every answer token of the (prompt, answer) pairs, teacher-forced
     in one pass: one row per answer token, pairs in order. Left padding ends every answer at the last
     position, so only the answers' logits are computed; positions count from each sequence's start."""
-    width = max(len(p) + len(a) for p, a in batch)
     keep = max(len(a) for _, a in batch) + 1  # the logits before each answer token (and one past the end)
-    ids = torch.tensor([[pad] * (width - len(p) - len(a)) + p + a for p, a in batch])
-    mask = torch.tensor([[0] * (width - len(p) - len(a)) + [1] * (len(p) + len(a)) for p, a in batch])
+    ids, mask = _left_padded([p + a for p, a in batch], pad)
     logits = model(
         input_ids=ids.to(model.device),
         attention_mask=mask.to(model.device),
