@@ -41,7 +41,17 @@ from slimlm.report import (
     spread,
     write_report,
 )
-from slimlm.search import STUDY_NAME, Searcher, SearchJob, open_study, parse_size, prepare, run_worker, search
+from slimlm.search import (
+    EXHAUSTED_ATTR,
+    STUDY_NAME,
+    Searcher,
+    SearchJob,
+    open_study,
+    parse_size,
+    prepare,
+    run_worker,
+    search,
+)
 from slimlm.space import NEURON_STEP, SearchSpace
 from slimlm.strategies import OVER_BUDGET_ATTR, STRATEGIES, SUBNET_ATTR, candidate, completed, stage_of
 from slimlm.subnet import LayerKeep, SubNetwork
@@ -1086,6 +1096,31 @@ def test_a_candidate_over_the_latency_budget_is_measured_once_and_never_proposed
     assert len(over) == 1 and over[0].state == optuna.trial.TrialState.PRUNED and over[0].number == 0
     assert len(first_stage(study)) == EVALUATIONS
     assert all(t.user_attrs["latency_ms"] <= 5.0 for t in completed(study))
+
+
+def test_a_space_smaller_than_the_evaluations_ends_the_search_and_the_report_says_so(make_job, tmp_path, monkeypatch):
+    """One shape for every layer and no depth: the evolution's budget-filling candidates are a handful.
+    The search ended in an error after 500 fruitless proposals (seen on Gemma 3 with --uniform); it ends
+    with what it found, says so, and a resumed search with more evaluations stops at once."""
+    monkeypatch.setattr("slimlm.search.MAX_PRUNED_IN_A_ROW", 30)
+    space = SearchSpace(per_layer=False, depth=False)
+    job = make_job(tmp_path / "run", evaluations=100, space=space)
+    searcher, study = search(job)
+    done = len(first_stage(study))
+    assert 0 < done < 100 and study.user_attrs[EXHAUSTED_ATTR]
+    report = write_report(searcher, study)
+    assert report["space_exhausted"] and report["best_trial"] is not None
+    assert f"the search ended after {done} of 100 candidates" in search_summary(report)
+    trials = len(study.get_trials(deepcopy=False))
+    _, again = search(dataclasses.replace(job, resume=True, evaluations=200), searcher.loaded)
+    assert len(again.get_trials(deepcopy=False)) == trials
+
+
+def test_a_latency_budget_no_candidate_meets_is_one_clear_error(make_job, tmp_path, monkeypatch):
+    monkeypatch.setattr("slimlm.search.MAX_PRUNED_IN_A_ROW", 5)
+    monkeypatch.setattr(Searcher, "latency_ms", lambda _searcher, _model: 10.0)
+    with pytest.raises(SlimlmError, match="5 candidates in a row were outside the budget or already seen"):
+        search(make_job(tmp_path / "run", max_latency_ms=5.0))
 
 
 def test_two_searches_share_one_database_under_their_study_names(make_job, tmp_path):

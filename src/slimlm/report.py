@@ -17,7 +17,7 @@ from slimlm.extract import extract
 from slimlm.models import BUILTIN_MODELS
 from slimlm.progress import track
 from slimlm.reform import reform
-from slimlm.search import Searcher
+from slimlm.search import EXHAUSTED_ATTR, Searcher
 from slimlm.strategies import SUBNET_ATTR, candidate, completed, evaluations_done, ranked, stage_of
 from slimlm.subnet import SubNetwork
 
@@ -185,6 +185,9 @@ def write_report(searcher: Searcher, study: optuna.Study, front_size: int = 6) -
         "fitness_stages": list(searcher.context.stages),
         "budget": asdict(searcher.budget),
         "evaluations": evaluations_done(study),
+        "evaluations_asked": job.evaluations,
+        # the search ended before ``evaluations_asked``: the space gave no new candidate within the budget
+        "space_exhausted": bool(study.user_attrs.get(EXHAUSTED_ATTR)),
         "trials": len(completed(study)),
         "calibration": job.calibration,
         "evaluation": job.evaluation,
@@ -252,6 +255,11 @@ def search_summary(report: dict) -> str:
             line += f"; the search adds little over its best start (less than {SEARCH_ADDS_VALUE:.0%})"
     if report.get("fitness_evaluation_spearman") is not None:
         line += f"; fitness vs evaluation rank correlation {report['fitness_evaluation_spearman']:.2f}"
+    if report.get("space_exhausted"):
+        line += (
+            f"; the search ended after {report['evaluations']} of {report['evaluations_asked']} candidates:"
+            " the space gave no new one within the budget"
+        )
     return line
 
 

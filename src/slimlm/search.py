@@ -74,6 +74,7 @@ OBJECTIVES = ("params", "flops", "memory", "latency")
 FITNESSES = ("kl", "perplexity")  # what ranks candidates: KL divergence to the dense model, or perplexity
 LATENCY_RUNTIMES = ("transformers", "llama.cpp")
 MAX_PRUNED_IN_A_ROW = 500  # the space is exhausted or the budget too tight for the strategy
+EXHAUSTED_ATTR = "exhausted"  # study user attribute: the space gave no new candidate within the budget
 MAX_FAILED_IN_A_ROW = 20  # candidates scoring NaN or inf one after another: the model, not the candidates
 HEARTBEAT_SECONDS = 10  # an evaluating trial's heartbeat in the store
 GRACE_SECONDS = 60  # a RUNNING trial silent this long belongs to a killed process: failed, its candidate free again
@@ -367,7 +368,7 @@ def run_worker(searcher: Searcher, study: optuna.Study, on_result=None) -> None:
     while True:
         _fail_stale_trials(study)
         history = History.read(study)  # this step's one read of the store; the claim checks below read again
-        if strategy.finished(history, searcher.context, job.evaluations):
+        if _search_done(study, strategy, history, searcher.context, job.evaluations):
             return
         trial = _ask(study)
         with _heartbeat(study, trial):
@@ -380,9 +381,10 @@ def run_worker(searcher: Searcher, study: optuna.Study, on_result=None) -> None:
                 claimed = compact not in _claims_before(study, trial.number, stage)
             if not claimed:
                 study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-                pruned.hit()
+                if pruned.hit():
+                    _mark_exhausted(study, pruned)
+                    return
                 continue
-            pruned.reset()
             try:
                 result = searcher.evaluate(subnet, stage)
             except BaseException:  # interrupted or broken: the trial must not stay RUNNING
@@ -392,18 +394,22 @@ def run_worker(searcher: Searcher, study: optuna.Study, on_result=None) -> None:
             trial.set_user_attr(key, value)
         if not math.isfinite(result[job.fitness]):  # failed, not best: NaN would win every comparison
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            failed.hit()
+            if failed.hit():
+                raise failed.error()
             continue
         failed.reset()
         duplicate = compact in _claims_before(study, trial.number, stage)  # a claim raced after ours was checked
         over_latency = searcher.budget.latency_ms is not None and result["latency_ms"] > searcher.budget.latency_ms
-        if over_latency:  # judged: seen from now on, and counted as a budget miss in a row
-            trial.set_user_attr(OVER_BUDGET_ATTR, True)
-            pruned.hit()
         if duplicate or over_latency:
+            if over_latency:  # judged: seen from now on, and counted as a budget miss in a row
+                trial.set_user_attr(OVER_BUDGET_ATTR, True)
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            if over_latency and pruned.hit():
+                _mark_exhausted(study, pruned)
+                return
             continue
         study.tell(trial, [result[job.fitness], result[_objective_key(job.objective)]])
+        pruned.reset()  # only here: candidates measured over the latency budget are misses in a row too
         if on_result:
             on_result(result)
 
@@ -413,19 +419,36 @@ def _claims_before(study: optuna.Study, number: int, stage: int) -> set[str]:
     return History(study.get_trials(deepcopy=False, states=CLAIMED)).seen(stage, before=number)
 
 
+def _search_done(study: optuna.Study, strategy, history: History, context: SearchContext, evaluations: int) -> bool:
+    """Done by the strategy's rule, or because a worker found the space exhausted."""
+    return bool(study.user_attrs.get(EXHAUSTED_ATTR)) or strategy.finished(history, context, evaluations)
+
+
+def _mark_exhausted(study: optuna.Study, streak: _Streak) -> None:
+    """End the search where the space gives no new candidate within the budget: with candidates evaluated,
+    the space holds no more (a uniform space holds a few dozen; the report says it ended early); with
+    none, the budget is out of the strategy's reach, an error."""
+    if not completed(study):
+        raise streak.error()
+    study.set_user_attr(EXHAUSTED_ATTR, True)  # the other workers and the finaliser stop too
+
+
 class _Streak:
-    """Outcomes of one kind in a row: ``limit`` of them is an error, not an endless loop."""
+    """Outcomes of one kind in a row: ``limit`` of them ends the loop, not an endless one."""
 
     def __init__(self, limit: int, message: str) -> None:
         self.limit, self.message, self.count = limit, message, 0
 
-    def hit(self) -> None:
+    def hit(self) -> bool:
+        """Count one more; whether the streak reached its limit."""
         self.count += 1
-        if self.count >= self.limit:
-            raise SlimlmError(f"{self.limit} {self.message}")
+        return self.count >= self.limit
 
     def reset(self) -> None:
         self.count = 0
+
+    def error(self) -> SlimlmError:
+        return SlimlmError(f"{self.limit} {self.message}")
 
 
 def _ask(study: optuna.Study) -> optuna.Trial:
@@ -545,9 +568,8 @@ def _await_workers(searcher: Searcher, study: optuna.Study, show) -> None:
     running = (optuna.trial.TrialState.RUNNING,)
     while True:
         _fail_stale_trials(study)
-        if strategy.finished(History.read(study), searcher.context, job.evaluations) and not study.get_trials(
-            False, states=running
-        ):
+        done = _search_done(study, strategy, History.read(study), searcher.context, job.evaluations)
+        if done and not study.get_trials(False, states=running):
             return
         show()
         time.sleep(FINALISER_POLL_SECONDS)
