@@ -1116,6 +1116,18 @@ def test_a_space_smaller_than_the_evaluations_ends_the_search_and_the_report_say
     assert len(again.get_trials(deepcopy=False)) == trials
 
 
+def test_fruitless_proposals_are_shown_as_they_happen(make_job, tmp_path, monkeypatch):
+    """Minutes of proposals that bring nothing new must not look like a hung search."""
+    monkeypatch.setattr("slimlm.search.MAX_PRUNED_IN_A_ROW", 30)
+    job = make_job(tmp_path / "run", evaluations=100, space=SearchSpace(per_layer=False, depth=False))
+    searcher = prepare(job)
+    Path(job.out).mkdir()
+    study = open_study(job, create=True, fingerprint=searcher.fingerprint)
+    misses = []
+    run_worker(searcher, study, on_miss=misses.append)
+    assert misses[-29:] == list(range(1, 30))  # the 30th ends the search
+
+
 def test_a_latency_budget_no_candidate_meets_is_one_clear_error(make_job, tmp_path, monkeypatch):
     monkeypatch.setattr("slimlm.search.MAX_PRUNED_IN_A_ROW", 5)
     monkeypatch.setattr(Searcher, "latency_ms", lambda _searcher, _model: 10.0)

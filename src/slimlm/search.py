@@ -353,8 +353,10 @@ def _study_exists(job: SearchJob) -> bool:
     return _holds_study(_storage(job.storage_url()), job.study_name)
 
 
-def run_worker(searcher: Searcher, study: optuna.Study, on_result=None) -> None:
-    """Ask, propose, price, evaluate, tell, until the study holds ``evaluations`` candidates."""
+def run_worker(searcher: Searcher, study: optuna.Study, on_result=None, on_miss=None) -> None:
+    """Ask, propose, price, evaluate, tell, until the study holds ``evaluations`` candidates.
+    ``on_result(result)`` is called with each scored candidate, ``on_miss(count)`` with each proposal in
+    a row that is already scored or over the budget (a search can spend minutes on them)."""
     job, strategy = searcher.job, make_strategy(searcher.job.strategy)
     pruned = _Streak(
         MAX_PRUNED_IN_A_ROW,
@@ -384,6 +386,8 @@ def run_worker(searcher: Searcher, study: optuna.Study, on_result=None) -> None:
                 if pruned.hit():
                     _mark_exhausted(study, pruned)
                     return
+                if on_miss:
+                    on_miss(pruned.count)
                 continue
             try:
                 result = searcher.evaluate(subnet, stage)
@@ -407,6 +411,8 @@ def run_worker(searcher: Searcher, study: optuna.Study, on_result=None) -> None:
             if over_latency and pruned.hit():
                 _mark_exhausted(study, pruned)
                 return
+            if over_latency and on_miss:
+                on_miss(pruned.count)
             continue
         study.tell(trial, [result[job.fitness], result[_objective_key(job.objective)]])
         pruned.reset()  # only here: candidates measured over the latency budget are misses in a row too
@@ -631,10 +637,14 @@ def search(job: SearchJob, loaded: LoadedModel | None = None, role: str = "all")
                 best = f", best {job.fitness} {min(top):.4g}" if top else ""
                 bar.update(task, completed=History(done).first_stage(), description=f"searching ({stage}{best})")
 
+            def missed(count: int) -> None:
+                seen = f"{count} proposals in a row scored or over the budget"
+                bar.update(task, description=f"searching ({seen}; the search ends at {MAX_PRUNED_IN_A_ROW})")
+
             if role == "finaliser":
                 _await_workers(searcher, study, lambda: bar.update(task, completed=evaluations_done(study)))
             else:
-                run_worker(searcher, study, show)
+                run_worker(searcher, study, show, missed)
             for process in helpers:
                 process.join()
             bar.update(task, completed=evaluations_done(study))
