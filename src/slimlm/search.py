@@ -383,11 +383,8 @@ def run_worker(searcher: Searcher, study: optuna.Study, on_result=None, on_miss=
                 claimed = compact not in _claims_before(study, trial.number, stage)
             if not claimed:
                 study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-                if pruned.hit():
-                    _mark_exhausted(study, pruned)
+                if _missed(study, pruned, on_miss):
                     return
-                if on_miss:
-                    on_miss(pruned.count)
                 continue
             try:
                 result = searcher.evaluate(subnet, stage)
@@ -408,11 +405,8 @@ def run_worker(searcher: Searcher, study: optuna.Study, on_result=None, on_miss=
             if over_latency:  # judged: seen from now on, and counted as a budget miss in a row
                 trial.set_user_attr(OVER_BUDGET_ATTR, True)
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            if over_latency and pruned.hit():
-                _mark_exhausted(study, pruned)
+            if over_latency and _missed(study, pruned, on_miss):
                 return
-            if over_latency and on_miss:
-                on_miss(pruned.count)
             continue
         study.tell(trial, [result[job.fitness], result[_objective_key(job.objective)]])
         pruned.reset()  # only here: candidates measured over the latency budget are misses in a row too
@@ -430,13 +424,19 @@ def _search_done(study: optuna.Study, strategy, history: History, context: Searc
     return bool(study.user_attrs.get(EXHAUSTED_ATTR)) or strategy.finished(history, context, evaluations)
 
 
-def _mark_exhausted(study: optuna.Study, streak: _Streak) -> None:
-    """End the search where the space gives no new candidate within the budget: with candidates evaluated,
-    the space holds no more (a uniform space holds a few dozen; the report says it ended early); with
-    none, the budget is out of the strategy's reach, an error."""
+def _missed(study: optuna.Study, streak: _Streak, on_miss) -> bool:
+    """Count a proposal that brought nothing new; whether the search ends here. At the streak's limit,
+    with candidates evaluated, the space holds no more within the budget (a uniform one holds a handful
+    that fill it; the report says the search ended early); with none, the budget is out of the
+    strategy's reach, an error."""
+    if not streak.hit():
+        if on_miss:
+            on_miss(streak.count)
+        return False
     if not completed(study):
         raise streak.error()
     study.set_user_attr(EXHAUSTED_ATTR, True)  # the other workers and the finaliser stop too
+    return True
 
 
 class _Streak:
