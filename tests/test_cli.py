@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import re
@@ -534,3 +535,24 @@ def test_compress_times_a_short_context_model_within_its_positions(text, tmp_pat
     report = json.loads((out / "slimlm_report.json").read_text())
     assert (report["speed_prompt_tokens"], report["speed_new_tokens"]) == (64, 32)
     assert "prefill 64 tokens" in result.stdout
+
+
+def test_a_full_disk_is_one_clear_line_naming_the_file(dense, tmp_path, monkeypatch):
+    """The library build met a full disk with a traceback; any command now says it in one line."""
+    target = tmp_path / "model.gguf"
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+    monkeypatch.setattr("slimlm.export.export_gguf", full)
+    line = one_error(invoke("export", dense, "--gguf", target))
+    assert f"no space left on the disk writing {target}" in line
+
+
+def test_other_os_errors_are_not_dressed_as_a_full_disk(dense, tmp_path, monkeypatch):
+    def broken(*_args, **_kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr("slimlm.export.export_gguf", broken)
+    result = invoke("export", dense, "--gguf", tmp_path / "model.gguf")
+    assert isinstance(result.exception, OSError) and result.exception.errno == errno.EIO

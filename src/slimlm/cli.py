@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import errno
 import functools
 import inspect
 import json
@@ -139,11 +140,21 @@ def friendly(command):
         try:
             return command(*args, **kwargs)
         except SlimlmError as error:
-            # escaped: messages name extras like slimlm[llamacpp], which rich would read as markup
-            err.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            _fail(str(error))
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # stores, libraries and caches are written so that a rerun (--resume) continues where this stopped
+            where = f" writing {error.filename}" if error.filename else ""
+            _fail(f"no space left on the disk{where}; free some, or move --out or $SLIMLM_CACHE, and run again")
 
     return run
+
+
+def _fail(message: str) -> None:
+    # escaped: messages name extras like slimlm[llamacpp], which rich would read as markup
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1) from None
 
 
 def _table(title: str, columns: list[str], rows: list[list[str]]) -> Table:
