@@ -29,7 +29,7 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 PHASE = re.compile(r"^(.*?)(?::? \d+/\d+ \(|$)")  # "calibrating: 3/32 (12 s ...)" -> "calibrating"
 LOAD_ONLY = "import sys; from slimlm.models import load_model; load_model(sys.argv[1], dtype=sys.argv[2])"
-RUNTIME_ONLY = "import sys, torch, transformers, slimlm.pipeline"
+RUNTIME_ONLY = "import torch, transformers, slimlm.pipeline"
 
 
 def resident_bytes(pid: int) -> int | None:
@@ -83,6 +83,8 @@ def measure(model: str, dtype: str, mode: str, settings: list[str], tokens: int,
     params, weights, activations = model_bytes(model, dtype, tokens)
     name = f"{Path(model).name}-{dtype}-{mode}"
     runtime_peak, _, _, code = sampled([sys.executable, "-c", RUNTIME_ONLY], work / f"{name}-runtime.log")
+    if code:
+        raise SystemExit(f"importing slimlm failed: see {work / f'{name}-runtime.log'}")
     load_peak, _, _, code = sampled([sys.executable, "-c", LOAD_ONLY, model, dtype], work / f"{name}-load.log")
     if code:
         raise SystemExit(f"loading {model} failed: see {work / f'{name}-load.log'}")
