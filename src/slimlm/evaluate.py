@@ -31,7 +31,7 @@ def perplexity(
         batch = batch.to(model.device)
         logits = model(input_ids=batch, use_cache=False).logits
         for row, ids in zip(logits, batch, strict=True):  # a window at a time: no batch-sized copies of the logits
-            total_nll += F.cross_entropy(row[:-1], ids[1:], reduction="sum").item()
+            total_nll += F.cross_entropy(row[:-1].float(), ids[1:], reduction="sum").item()
         total_tokens += batch[:, 1:].numel()
     return math.exp(total_nll / total_tokens)
 
@@ -55,11 +55,12 @@ def dense_reference(
     """What the KL fitness compares candidates with: the dense model's top ``top_k`` log-probabilities."""
     indices, logprobs = [], []
     for batch in track(windows.split(batch_size), "dense reference for the KL fitness"):
-        logits = model(input_ids=batch.to(model.device), use_cache=False).logits[:, :-1].float()
-        top = F.log_softmax(logits, dim=-1).topk(min(top_k, logits.shape[-1]), dim=-1)
-        indices.append(top.indices.cpu())
-        logprobs.append(top.values.cpu())
-    return DenseReference(windows, torch.cat(indices), torch.cat(logprobs))
+        logits = model(input_ids=batch.to(model.device), use_cache=False).logits[:, :-1]
+        for row in logits:  # a window at a time: no batch-sized temporaries beside the logits
+            top = F.log_softmax(row.float(), dim=-1).topk(min(top_k, row.shape[-1]), dim=-1)
+            indices.append(top.indices.cpu())
+            logprobs.append(top.values.cpu())
+    return DenseReference(windows, torch.stack(indices), torch.stack(logprobs))
 
 
 @torch.no_grad()
@@ -71,19 +72,24 @@ def fitness(model: PreTrainedModel, reference: DenseReference, windows: int, bat
     """
     total_kl, total_nll, tokens = 0.0, 0.0, 0
     for start in range(0, windows, batch_size):
-        stop = min(windows, start + batch_size)
-        batch = reference.windows[start:stop]
-        logits = model(input_ids=batch.to(model.device), use_cache=False).logits[:, :-1].float().cpu()
-        norm = logits.logsumexp(dim=-1, keepdim=True)  # log-probabilities only where needed, not the whole vocabulary
-        dense_top = reference.logprobs[start:stop]
-        candidate_top = logits.gather(-1, reference.indices[start:stop]) - norm
-        p = dense_top.exp()
-        kl = (p * (dense_top - candidate_top)).sum(-1)
-        p_tail = (1 - p.sum(-1)).clamp_min(1e-12)
-        q_tail = (1 - candidate_top.exp().sum(-1)).clamp_min(1e-12)
-        kl = kl + p_tail * (p_tail.log() - q_tail.log())
-        targets = batch[:, 1:]
-        total_kl += kl.sum().item()
-        total_nll += -(logits.gather(-1, targets[..., None]) - norm).sum().item()
-        tokens += targets.numel()
+        batch = reference.windows[start : min(windows, start + batch_size)]
+        logits = model(input_ids=batch.to(model.device), use_cache=False).logits[:, :-1]
+        for offset, row in enumerate(logits):  # a window at a time: no batch-sized temporaries beside the logits
+            kl, nll = _window_fitness(row.float().cpu(), reference, start + offset)
+            total_kl, total_nll, tokens = total_kl + kl, total_nll + nll, tokens + len(row)
     return {"kl": total_kl / tokens, "perplexity": math.exp(total_nll / tokens)}
+
+
+def _window_fitness(logits: torch.Tensor, reference: DenseReference, window: int) -> tuple[float, float]:
+    """Summed KL to the dense model and negative log-likelihood of one window's next-token ``logits``."""
+    norm = logits.logsumexp(dim=-1, keepdim=True)  # log-probabilities only where needed, not the whole vocabulary
+    dense_top = reference.logprobs[window]
+    candidate_top = logits.gather(-1, reference.indices[window]) - norm
+    p = dense_top.exp()
+    kl = (p * (dense_top - candidate_top)).sum(-1)
+    p_tail = (1 - p.sum(-1)).clamp_min(1e-12)
+    q_tail = (1 - candidate_top.exp().sum(-1)).clamp_min(1e-12)
+    kl = kl + p_tail * (p_tail.log() - q_tail.log())
+    targets = reference.windows[window, 1:]
+    nll = -(logits.gather(-1, targets[:, None]) - norm).sum()
+    return kl.sum().item(), nll.item()

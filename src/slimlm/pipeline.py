@@ -7,6 +7,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from slimlm.allocator import release
 from slimlm.chat import chat_fidelity, chat_reference
 from slimlm.costs import compare_speed, probe_lengths, static_cost
 from slimlm.errors import SlimlmError
@@ -87,6 +88,7 @@ def compress(
     tasks = cloze_tasks(loaded.tokenizer, job.evaluation)  # from the evaluation text, before the long part
     searcher, study = search(job, loaded, role)  # "finaliser": the workers of job.storage evaluate
     pareto = write_report(searcher, study)
+    release()  # the search's and the finalists' temporaries, before the compressed model is loaded beside the dense
     if pareto["best_trial"] is None:
         raise SlimlmError("the search found no candidate within the budget; allow more evaluations or a larger budget")
     out = Path(job.out)
