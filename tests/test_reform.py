@@ -9,7 +9,7 @@ from slimlm.apply import subnetwork_applied
 from slimlm.errors import SlimlmError
 from slimlm.extract import extract
 from slimlm.models import load_model
-from slimlm.reform import admm, reform, solve
+from slimlm.reform import admm, reform, solve, stacked
 from slimlm.subnet import LayerKeep, SubNetwork
 
 from .conftest import FAMILIES, tiny_loaded
@@ -124,3 +124,15 @@ def test_reformed_extraction_reloads_with_the_in_place_logits(tmp_path):
     again = load_model(info.folder)
     with torch.no_grad():
         torch.testing.assert_close(again.model(input_ids=IDS).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_batches_are_views_of_one_tensor_with_the_same_values():
+    # reformation holds a layer's activations this way so they are one allocation, freed whole
+    batches = [torch.randn(4, 3, 5), torch.randn(4, 3, 5), torch.randn(2, 3, 5)]
+    views = stacked(iter(batches), [4, 4, 2])
+    assert [v.shape for v in views] == [b.shape for b in batches]
+    assert all(torch.equal(v, b) for v, b in zip(views, batches, strict=True))
+    assert len({v.untyped_storage().data_ptr() for v in views}) == 1
+    assert stacked(iter([]), []) == []
+    with pytest.raises(ValueError):
+        stacked(iter(batches), [4, 4])  # sizes that do not match the batches are a bug, not truncated

@@ -12,15 +12,25 @@ from transformers import PreTrainedModel
 from slimlm.errors import SlimlmError
 from slimlm.progress import track
 
+LOGITS_BYTES = 256 * 2**20  # a forward's float32 logits stay under this: 4 windows of 256 tokens at 49k tokens
+
+
+def windows_per_forward(model: PreTrainedModel, seq_len: int, most: int = 4) -> int:
+    """Windows scored in one forward: ``most``, or fewer where their logits would pass ``LOGITS_BYTES``
+    (Gemma 3's 262k-token vocabulary gives 268 MB of logits per window of 256 tokens)."""
+    return max(1, min(most, LOGITS_BYTES // (seq_len * model.config.vocab_size * 4)))
+
 
 @torch.no_grad()
 def perplexity(
-    model: PreTrainedModel, windows: torch.Tensor, batch_size: int = 4, description: str | None = None
+    model: PreTrainedModel, windows: torch.Tensor, batch_size: int | None = None, description: str | None = None
 ) -> float:
     """exp(mean next-token negative log-likelihood) over all windows (each scored on its own).
 
-    ``description`` shows a progress bar with that label; None evaluates silently (search loops).
+    ``batch_size`` windows per forward (None: ``windows_per_forward``); ``description`` shows a
+    progress bar with that label; None evaluates silently (search loops).
     """
+    batch_size = windows_per_forward(model, windows.shape[-1]) if batch_size is None else batch_size
     if batch_size < 1:
         raise SlimlmError(f"batch size must be at least 1, got {batch_size}")
     batches = windows.split(batch_size)
@@ -50,9 +60,10 @@ class DenseReference:
 
 @torch.no_grad()
 def dense_reference(
-    model: PreTrainedModel, windows: torch.Tensor, top_k: int = TOP_K, batch_size: int = 4
+    model: PreTrainedModel, windows: torch.Tensor, top_k: int = TOP_K, batch_size: int | None = None
 ) -> DenseReference:
     """What the KL fitness compares candidates with: the dense model's top ``top_k`` log-probabilities."""
+    batch_size = batch_size or windows_per_forward(model, windows.shape[-1])  # None or 0: as fits
     indices, logprobs = [], []
     for batch in track(windows.split(batch_size), "dense reference for the KL fitness"):
         logits = model(input_ids=batch.to(model.device), use_cache=False).logits[:, :-1]
@@ -64,12 +75,15 @@ def dense_reference(
 
 
 @torch.no_grad()
-def fitness(model: PreTrainedModel, reference: DenseReference, windows: int, batch_size: int = 4) -> dict[str, float]:
+def fitness(
+    model: PreTrainedModel, reference: DenseReference, windows: int, batch_size: int | None = None
+) -> dict[str, float]:
     """KL divergence to the dense model (nats per token) and perplexity, on the first ``windows`` windows.
 
     KL is taken over the dense model's top-k tokens plus one bin for the rest of the vocabulary: the
     exact KL of those coarsened distributions, a lower bound of the full KL that ranks candidates alike.
     """
+    batch_size = batch_size or windows_per_forward(model, reference.windows.shape[-1])
     total_kl, total_nll, tokens = 0.0, 0.0, 0
     for start in range(0, windows, batch_size):
         batch = reference.windows[start : min(windows, start + batch_size)]

@@ -17,10 +17,7 @@ from disk when they do not (slower, but it runs).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -32,11 +29,10 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedModel
 
+from slimlm.allocator import memory_first, release
 from slimlm.errors import SlimlmError
 
 _STREAM = "_slimlm_stream"
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None
-_MALLOC_TRIM = getattr(_LIBC, "malloc_trim", None)  # glibc's; other C libraries may not have it
 INDEX_FILE = "model.safetensors.index.json"
 Prepare = Callable[[list], None]  # makes a layer's change, appending (object, attribute, old value) to undo it
 
@@ -83,7 +79,7 @@ class LayerStream:
         layer = self.layers[index]
         for local in self.names[index].values():
             set_module_tensor_to_device(layer, local, "meta")
-        _return_freed_memory()
+        release()
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Tensors ``names`` from the checkpoint, in the model's dtype."""
@@ -105,28 +101,6 @@ class LayerStream:
     def clear(self) -> None:
         """Forget every deferred change."""
         self._prepares.clear()
-
-
-def _return_freed_memory() -> None:
-    """Give the memory of a dropped layer back to the system. glibc keeps freed blocks below its mmap
-    threshold (which rises to 32 MB as large tensors come and go) for reuse, so without this a streamed
-    run's resident memory grows by about a layer's pass and stays (measured: 1.4 GB against 0.37 GB
-    between the layers of a 1.5 GB model), at no measurable cost in time."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
-
-MMAP_THRESHOLD = 4 * 2**20  # bytes: larger blocks are mapped on their own and go back to the system when freed
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-
-
-def _memory_first() -> None:
-    """Keep the process's peak near what it holds: with glibc's default threshold (rising to 32 MB),
-    the many 10-30 MB tensors of a layer pass land in the heap, whose holes grow from layer to layer
-    (building the library of a 1.5 GB model: peaks from 1.16 to 1.42 GB in 8 layers, against 0.86 to
-    0.90 GB with this threshold, 13% slower). A streamed run has chosen memory over speed."""
-    if _LIBC is not None and hasattr(_LIBC, "mallopt"):
-        _LIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 def layer_stream(model: nn.Module) -> LayerStream | None:
@@ -155,7 +129,7 @@ def stream_model(folder: Path, config: PretrainedConfig, layers_of, dtype: torch
     ``layers_of(model)`` gives the decoder layers' ``ModuleList`` (the family adapter knows where).
     Buffers (rotary frequencies) are computed as usual; only parameters start empty.
     """
-    _memory_first()
+    memory_first()
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     layers = layers_of(model)
