@@ -19,6 +19,8 @@ from rich.progress import (
 )
 from transformers.utils import logging as hf_logging
 
+from slimlm.allocator import release
+
 T = TypeVar("T")
 
 console = Console(stderr=True)
@@ -120,13 +122,19 @@ def progress_bar() -> Progress | LogProgress:
 
 
 def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-    """Iterate over ``items`` while showing a progress bar labelled ``description``."""
+    """Iterate over ``items`` while showing a progress bar labelled ``description``.
+
+    Each item of a long step is a batch or a layer whose temporaries are gone when the next is asked
+    for: their pages go back to the system then (``slimlm.allocator``), so a step's peak is what it
+    holds, not what it has freed so far.
+    """
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
     with progress_bar() as bar:
         task = bar.add_task(description, total=total)
         for item in items:
             yield item
+            release()
             bar.advance(task)
 
 

@@ -27,6 +27,7 @@ import optuna
 import torch
 
 from slimlm import llamacpp
+from slimlm.allocator import release
 from slimlm.apply import subnetwork_applied
 from slimlm.cache import lock_file
 from slimlm.costs import LatencyProbe, StaticCost, static_cost, synchronize
@@ -165,6 +166,7 @@ class Searcher:
             result = fitness(model, self.dense, windows) | {"stage": stage, "fitness_windows": windows}
             if self.job.objective == "latency" or self.budget.latency_ms is not None:
                 result["latency_ms"] = self.latency_ms(model)
+        release()  # the candidate's sliced weights and logits: candidates of other shapes would grow the heap
         shapes = subnet.shapes()
         return result | {
             "params": cost.params,
