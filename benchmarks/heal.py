@@ -92,7 +92,7 @@ def main() -> None:
 
 
 def measure(model, dense, texts: dict, cloze, reference) -> dict:
-    chat = chat_fidelity(model, dense.model, dense.tokenizer, reference)
+    chat = chat_fidelity(model, dense.tokenizer, reference)
     return {f"ppl_{n}": perplexity(model, w) for n, w in texts.items()} | {
         "cloze": evaluate_task(model, cloze).accuracy,
         "chat_kl": chat["kl_per_token"],

@@ -257,6 +257,31 @@ def test_compress_end_to_end(dense, text, tmp_path):
     assert str(out / "slimlm_report.json") in result.stdout.replace("\n", "")
 
 
+def test_compress_holds_one_model_at_a_time_when_measuring(dense, text, tmp_path, monkeypatch):
+    """The dense model is freed before ``best/`` is loaded to be measured: compress's peak is one model
+    and its temporaries, not both models (issue 17's memory target)."""
+    import gc
+    import weakref
+
+    from slimlm import pipeline
+
+    loads, alive_at_best = [], []
+
+    def load(spec, *args, **kwargs):
+        if Path(spec).name == "best":
+            gc.collect()
+            alive_at_best.append([ref() is not None for ref in loads])
+        loaded = load_model(spec, *args, **kwargs)
+        loads.append(weakref.ref(loaded.model))
+        return loaded
+
+    monkeypatch.setattr(pipeline, "load_model", load)
+    args = ["--calib", text, "--eval", text, "--seq-len", "16", "--calib-windows", "8", "--fitness-windows", "2"]
+    result = invoke("compress", dense, "--params", "0.6", "--out", tmp_path / "run", *args, "--evaluations", "4")
+    assert result.exit_code == 0, result.output
+    assert alive_at_best == [[False]]  # one load of best/, and the dense model was gone by then
+
+
 def test_compress_at_several_budgets_writes_one_run_each_and_the_trade_off(dense, text, tmp_path, monkeypatch):
     """One calibration (cached) serves every budget; each budget is its own run, as one-budget runs are."""
     from slimlm import importance

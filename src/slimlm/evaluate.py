@@ -97,13 +97,18 @@ def fitness(
 def _window_fitness(logits: torch.Tensor, reference: DenseReference, window: int) -> tuple[float, float]:
     """Summed KL to the dense model and negative log-likelihood of one window's next-token ``logits``."""
     norm = logits.logsumexp(dim=-1, keepdim=True)  # log-probabilities only where needed, not the whole vocabulary
-    dense_top = reference.logprobs[window]
-    candidate_top = logits.gather(-1, reference.indices[window]) - norm
+    kl = coarse_kl(reference.logprobs[window], logits.gather(-1, reference.indices[window]) - norm)
+    targets = reference.windows[window, 1:]
+    nll = -(logits.gather(-1, targets[:, None]) - norm).sum()
+    return kl.sum().item(), nll.item()
+
+
+def coarse_kl(dense_top: torch.Tensor, candidate_top: torch.Tensor) -> torch.Tensor:
+    """KL from the dense to the candidate distribution at each position, over the dense model's top-k
+    tokens (their log-probabilities under each model, ``(..., k)``) plus one bin for the rest of the
+    vocabulary: the exact KL of those coarsened distributions, a lower bound of the full KL."""
     p = dense_top.exp()
     kl = (p * (dense_top - candidate_top)).sum(-1)
     p_tail = (1 - p.sum(-1)).clamp_min(1e-12)
     q_tail = (1 - candidate_top.exp().sum(-1)).clamp_min(1e-12)
-    kl = kl + p_tail * (p_tail.log() - q_tail.log())
-    targets = reference.windows[window, 1:]
-    nll = -(logits.gather(-1, targets[:, None]) - norm).sum()
-    return kl.sum().item(), nll.item()
+    return kl + p_tail * (p_tail.log() - q_tail.log())

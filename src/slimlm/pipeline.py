@@ -66,7 +66,8 @@ def compress(
     role: str = "all",
 ) -> dict:
     """Search ``job``, write its run folder (store, ``pareto.json``, ``pareto.png``, ``best/``), then
-    reload ``best/`` from disk as a user would and measure it against the dense model side by side.
+    reload ``best/`` from disk as a user would and measure it against the dense model, one model in
+    memory at a time (the dense model's figures first).
     With ``quant``, also write ``best/`` in that type (``best.q8_0.gguf``, ``best-int8/``) and measure
     its size and perplexity. With ``heal_steps``, also distil ``best/`` from the dense model for that
     many steps on the calibration text into ``healed/`` (``slimlm.heal``) and measure it the same way.
@@ -91,16 +92,22 @@ def compress(
     release()  # the search's and the finalists' temporaries, before the compressed model is loaded beside the dense
     if pareto["best_trial"] is None:
         raise SlimlmError("the search found no candidate within the budget; allow more evaluations or a larger budget")
-    out = Path(job.out)
-    dense, small = searcher.loaded, load_model(out / "best", job.dtype, job.device, job.stream)
-    evaluation_ids = searcher.evaluation_ids
+    out, dense, evaluation_ids = Path(job.out), searcher.loaded, searcher.evaluation_ids
+    del loaded, searcher  # ``dense`` is the only hold on the dense model from here
     lengths = probe_lengths(dense.dims.max_positions)
-    latency = compare_speed([dense.model, small.model], repeats, *lengths)
-    reference = chat_reference(dense.model, dense.tokenizer)  # the dense model's answers, once
-    reports = [
-        describe(dense, evaluation_ids, latency[0], f"dense {job.model}", job.seq_len, "perplexity (dense)"),
-        describe(small, evaluation_ids, latency[1], str(out / "best"), job.seq_len, "perplexity (compressed)"),
-    ]
+    # one model in memory at a time: the dense model's figures, then the compressed model's (timed one
+    # after the other, not interleaved); the chat reference keeps what fidelity needs of the dense model
+    reference = chat_reference(dense.model, dense.tokenizer)
+    measure = {"windows": evaluation_ids, "tasks": tasks, "lengths": lengths, "repeats": repeats}
+    measure["context"] = job.seq_len
+    dense_report, dense_accuracy = _measured(dense, "dense", f"dense {job.model}", **measure)
+    if heal_steps:
+        healed = _healed(heal_job, dense, tasks, evaluation_ids, reference)  # the dense model is the teacher
+    del dense
+    release()
+    small = load_model(out / "best", job.dtype, job.device, job.stream)
+    small_report, small_accuracy = _measured(small, "compressed", str(out / "best"), **measure)
+    reports = [dense_report, small_report]
     report = {
         "model": job.model,
         "budget": pareto["budget"],
@@ -125,11 +132,11 @@ def compress(
         "dense": asdict(reports[0]),
         "compressed": asdict(reports[1]),
         # cloze accuracy on the evaluation text, and chat: what users deploy Instruct models for
-        "accuracy": accuracy({"dense": dense.model, "compressed": small.model}, tasks),
-        "chat": chat_fidelity(small.model, dense.model, small.tokenizer, reference),
+        "accuracy": {task: dense_accuracy[task] | small_accuracy[task] for task in tasks},
+        "chat": chat_fidelity(small.model, small.tokenizer, reference),
     }
     if heal_steps:
-        report["healed"] = _healed(heal_job, dense, tasks, evaluation_ids, reference)
+        report["healed"] = healed
     if quant is not None:
         path = quantize(small, quant, tokenizer_pre)
         report["quantized"] = {
@@ -178,7 +185,7 @@ def budgets_markdown(summary: dict) -> str:
         f"# {summary['model']} at {len(summary['runs'])} budgets",
         "",
         f"Perplexity on `{summary['evaluation']}` (dense {summary['runs'][0]['dense_perplexity']:.2f}); speed-ups "
-        "against dense in transformers, timed side by side in each run.",
+        "against dense in transformers, timed one after the other in each run.",
         "",
         "| kept | parameters | perplexity | prefill | decode | chat KL | first tokens as dense | run |",
         "|---:|---:|---:|---:|---:|---:|---:|---|",
@@ -190,6 +197,15 @@ def budgets_markdown(summary: dict) -> str:
             f"`{r['run']}` |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _measured(
+    loaded: LoadedModel, role: str, name: str, windows, tasks: dict, lengths, repeats: int, context: int
+) -> tuple[ModelReport, dict]:
+    """One model's report (speed, size, perplexity on ``windows``) and cloze accuracies, as ``role``."""
+    latency = compare_speed([loaded.model], repeats, *lengths)[0]
+    report = describe(loaded, windows, latency, name, context, f"perplexity ({role})")
+    return report, accuracy({role: loaded.model}, tasks)
 
 
 def _healed(job: HealJob, dense: LoadedModel, tasks: dict, evaluation_ids, reference) -> dict:
@@ -204,7 +220,7 @@ def _healed(job: HealJob, dense: LoadedModel, tasks: dict, evaluation_ids, refer
         "seconds": seconds,
         "perplexity": perplexity(healed.model, evaluation_ids, description="perplexity (healed)"),
         "accuracy": accuracy({"healed": healed.model}, tasks),
-        "chat": chat_fidelity(healed.model, dense.model, healed.tokenizer, reference, "healed"),
+        "chat": chat_fidelity(healed.model, healed.tokenizer, reference, "healed"),
     }
 
 
