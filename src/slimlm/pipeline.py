@@ -89,7 +89,7 @@ def compress(
     tasks = cloze_tasks(loaded.tokenizer, job.evaluation)  # from the evaluation text, before the long part
     searcher, study = search(job, loaded, role)  # "finaliser": the workers of job.storage evaluate
     pareto = write_report(searcher, study)
-    release()  # the search's and the finalists' temporaries, before the compressed model is loaded beside the dense
+    release()  # the search's and the finalists' temporaries: the measurements below start from what is alive
     if pareto["best_trial"] is None:
         raise SlimlmError("the search found no candidate within the budget; allow more evaluations or a larger budget")
     out, dense, evaluation_ids = Path(job.out), searcher.loaded, searcher.evaluation_ids
