@@ -5,8 +5,8 @@ live on glibc's malloc heap, and glibc keeps what is freed there for reuse inste
 a run's resident memory grows past what it holds and stays there. Two remedies, both measured:
 
 - ``release`` hands the free pages back where a step's temporaries are gone, at no measurable cost
-  in time: a streamed model's layer pass, and compress before it loads the compressed model beside the
-  dense one (compress in memory held 840 MB more than its live tensors after the finalists' reformation).
+  in time: after a streamed model's layer pass, each item of a tracked step and each candidate scored
+  (compress in memory held 840 MB more than its live tensors after the finalists' reformation).
 - ``memory_first`` maps every block over 4 MB on its own, so it goes back to the system when freed:
   building the library of a 1.5 GB streamed model peaked at 0.86-0.90 GB instead of 1.16-1.42 GB, 13%
   slower. Only a streamed run, which has chosen memory over speed, asks for it.

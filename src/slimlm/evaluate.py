@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 from slimlm.errors import SlimlmError
 from slimlm.progress import track
 
-LOGITS_BYTES = 256 * 2**20  # a forward's float32 logits stay under this: 4 windows of 256 tokens at 49k tokens
+LOGITS_BYTES = 256 * 2**20  # a forward's float32 logits stay under this: 4 windows of 256 tokens, 49k-token vocabulary
 
 
 def windows_per_forward(model: PreTrainedModel, seq_len: int, most: int = 4) -> int:
@@ -63,7 +63,7 @@ def dense_reference(
     model: PreTrainedModel, windows: torch.Tensor, top_k: int = TOP_K, batch_size: int | None = None
 ) -> DenseReference:
     """What the KL fitness compares candidates with: the dense model's top ``top_k`` log-probabilities."""
-    batch_size = batch_size or windows_per_forward(model, windows.shape[-1])  # None or 0: as fits
+    batch_size = windows_per_forward(model, windows.shape[-1]) if batch_size is None else batch_size
     indices, logprobs = [], []
     for batch in track(windows.split(batch_size), "dense reference for the KL fitness"):
         logits = model(input_ids=batch.to(model.device), use_cache=False).logits[:, :-1]
@@ -83,7 +83,7 @@ def fitness(
     KL is taken over the dense model's top-k tokens plus one bin for the rest of the vocabulary: the
     exact KL of those coarsened distributions, a lower bound of the full KL that ranks candidates alike.
     """
-    batch_size = batch_size or windows_per_forward(model, reference.windows.shape[-1])
+    batch_size = windows_per_forward(model, reference.windows.shape[-1]) if batch_size is None else batch_size
     total_kl, total_nll, tokens = 0.0, 0.0, 0
     for start in range(0, windows, batch_size):
         batch = reference.windows[start : min(windows, start + batch_size)]

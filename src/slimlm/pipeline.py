@@ -9,7 +9,7 @@ from pathlib import Path
 
 from slimlm.allocator import release
 from slimlm.chat import chat_fidelity, chat_reference
-from slimlm.costs import compare_speed, probe_lengths, static_cost
+from slimlm.costs import measure_latency, probe_lengths, static_cost
 from slimlm.errors import SlimlmError
 from slimlm.evaluate import perplexity
 from slimlm.extract import folder_bytes, needs_remote_code
@@ -98,8 +98,13 @@ def compress(
     # one model in memory at a time: the dense model's figures, then the compressed model's (timed one
     # after the other, not interleaved); the chat reference keeps what fidelity needs of the dense model
     reference = chat_reference(dense.model, dense.tokenizer)
-    measure = {"windows": evaluation_ids, "tasks": tasks, "lengths": lengths, "repeats": repeats}
-    measure["context"] = job.seq_len
+    measure = {
+        "windows": evaluation_ids,
+        "tasks": tasks,
+        "lengths": lengths,
+        "repeats": repeats,
+        "seq_len": job.seq_len,
+    }
     dense_report, dense_accuracy = _measured(dense, "dense", f"dense {job.model}", **measure)
     if heal_steps:
         healed = _healed(heal_job, dense, tasks, evaluation_ids, reference)  # the dense model is the teacher
@@ -107,7 +112,6 @@ def compress(
     release()
     small = load_model(out / "best", job.dtype, job.device, job.stream)
     small_report, small_accuracy = _measured(small, "compressed", str(out / "best"), **measure)
-    reports = [dense_report, small_report]
     report = {
         "model": job.model,
         "budget": pareto["budget"],
@@ -129,8 +133,8 @@ def compress(
         "fitness_evaluation_spearman": pareto["fitness_evaluation_spearman"],
         "summary": search_summary(pareto),
         "uniform_importance_perplexity": (pareto["uniform_importance"] or {}).get("evaluation_perplexity"),
-        "dense": asdict(reports[0]),
-        "compressed": asdict(reports[1]),
+        "dense": asdict(dense_report),
+        "compressed": asdict(small_report),
         # cloze accuracy on the evaluation text, and chat: what users deploy Instruct models for
         "accuracy": {task: dense_accuracy[task] | small_accuracy[task] for task in tasks},
         "chat": chat_fidelity(small.model, small.tokenizer, reference),
@@ -200,11 +204,11 @@ def budgets_markdown(summary: dict) -> str:
 
 
 def _measured(
-    loaded: LoadedModel, role: str, name: str, windows, tasks: dict, lengths, repeats: int, context: int
+    loaded: LoadedModel, role: str, name: str, windows, tasks: dict, lengths, repeats: int, seq_len: int
 ) -> tuple[ModelReport, dict]:
     """One model's report (speed, size, perplexity on ``windows``) and cloze accuracies, as ``role``."""
-    latency = compare_speed([loaded.model], repeats, *lengths)[0]
-    report = describe(loaded, windows, latency, name, context, f"perplexity ({role})")
+    latency = measure_latency(loaded.model, *lengths, repeats)
+    report = describe(loaded, windows, latency, name, seq_len, f"perplexity ({role})")
     return report, accuracy({role: loaded.model}, tasks)
 
 
