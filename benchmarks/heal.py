@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("--fractions", default="0.7")
     parser.add_argument("--steps", default="100,300", help="step counts measured (one run, resumed)")
     parser.add_argument("--lora-rank", type=int, default=0)
+    parser.add_argument("--learning-rate", type=float, default=HealJob.learning_rate)
+    parser.add_argument("--mixed-precision", default=HealJob.mixed_precision, help="no, bf16, fp16")
     parser.add_argument("--calib", default=DEFAULT_CALIBRATION, help="calibration of the start (importance, reform)")
     parser.add_argument("--data", default=HealJob.data, help="what the student heals on (e.g. chat+austen:emma)")
     parser.add_argument("--eval-windows", type=int, default=16)
@@ -63,7 +65,9 @@ def main() -> None:
     calibration = cached_calibration(dense, calib, args.calib)
     scores = importance(dense, calibration)
     dims, space = dense.dims, SearchSpace()
-    defaults = asdict(HealJob(model="", teacher="", out="", data=args.data)) | {"calibration": args.calib}
+    settings = dict(data=args.data, lora_rank=args.lora_rank, learning_rate=args.learning_rate)
+    settings |= dict(mixed_precision=args.mixed_precision)
+    defaults = asdict(HealJob(model="", teacher="", out="", **settings)) | {"calibration": args.calib}
     rows = [{"fraction": 1.0, "steps": None} | measure(dense.model, dense, texts, cloze, reference)]
     write(args, rows, command, defaults)
     with tempfile.TemporaryDirectory(prefix="slimlm-heal-") as tmp:
@@ -81,7 +85,7 @@ def main() -> None:
             done = 0
             for steps in [int(s) for s in args.steps.split(",") if s]:  # "" measures the start only
                 job = HealJob(model=str(pruned), teacher=args.model, out=str(Path(tmp) / f"healed-{fraction}"))
-                job = replace(job, data=args.data, steps=steps, lora_rank=args.lora_rank, resume=done > 0)
+                job = replace(job, **settings, steps=steps, resume=done > 0)
                 began = time.perf_counter()
                 healed = load_model(heal(job, teacher=dense))
                 seconds = time.perf_counter() - began
@@ -115,9 +119,10 @@ def write(args, rows: list[dict], command: str, defaults: dict) -> None:
         "",
         "Per fraction: `compress`'s start sub-network (FLAP allocation, default importance, reformed), calibrated "
         f"on `{defaults['calibration']}`, extracted, "
-        f"then healed from the dense model with `slimlm heal`'s defaults (learning rate {defaults['learning_rate']}, "
+        f"then healed from the dense model with `slimlm heal` (learning rate {defaults['learning_rate']}, "
         f"batch {defaults['batch_size']} x {defaults['seq_len']} tokens, pure KL at temperature "
-        f"{defaults['temperature']}, LoRA rank {args.lora_rank or 'none: full fine-tuning'}) on `{defaults['data']}`. "
+        f"{defaults['temperature']}, LoRA rank {args.lora_rank or 'none: full fine-tuning'}, mixed precision "
+        f"{defaults['mixed_precision']}) on `{defaults['data']}`. "
         "Perplexity on evaluation texts never trained on; cloze: slimlm-lastword; chat: KL to the dense model's "
         "answers (nats per token) and the share of answers whose first 10 tokens are the dense one's. "
         "Seconds per step on this machine (2 cores).",

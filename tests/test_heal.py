@@ -17,6 +17,7 @@ from slimlm.evaluate import perplexity
 from slimlm.extract import REMOTE_CODE_FILE, SUBNET_FILE, extract
 from slimlm.heal import HEAL_FILE, HealJob, heal
 from slimlm.models import load_model
+from slimlm.train import native_precision
 
 from .conftest import TEXT, invoke, one_error, save_tiny, tiny_loaded
 from .test_apply import heterogeneous
@@ -70,6 +71,36 @@ def test_healing_moves_the_student_towards_the_teacher_and_keeps_its_folder_kind
         torch.testing.assert_close(plain(input_ids=ids).logits, healed.model(input_ids=ids).logits)
     record = json.loads((out / HEAL_FILE).read_text())
     assert record["teacher"] == str(models[0]) and record["steps"] == 8
+
+
+def test_bf16_healing_on_cpu_computes_in_bf16_and_keeps_float32_weights(models, text, tmp_path, monkeypatch):
+    teacher, before = load_model(models[0]), load_model(models[1])
+    seen = []  # the dtype of the teacher's logits: autocast reaches the teacher too
+    forward = type(teacher.model).forward
+
+    def recording(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        seen.append(out.logits.dtype)
+        return out
+
+    monkeypatch.setattr(type(teacher.model), "forward", recording)
+    out = heal(job_for(models, text, tmp_path / "healed", mixed_precision="bf16"), teacher=teacher)
+    monkeypatch.undo()
+    assert seen and set(seen) == {torch.bfloat16}
+    healed = load_model(out)
+    assert {p.dtype for p in healed.model.parameters()} == {torch.float32}  # master weights stay float32
+    assert json.loads((out / HEAL_FILE).read_text())["computed_in"] == "bf16"
+    ids = text_ids(teacher)
+    assert kl_to(teacher.model, healed.model, ids) < 0.8 * kl_to(teacher.model, before.model, ids)
+
+
+@pytest.mark.parametrize(("avx512_bf16", "expected"), [(True, "bf16"), (False, "no")])
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(monkeypatch, avx512_bf16, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert native_precision("auto") == expected
+    assert native_precision("fp16") == "fp16" and native_precision("no") == "no"  # a user's choice stands
 
 
 def test_lora_healing_merges_into_plain_weights_that_changed(models, text, tmp_path):
@@ -135,7 +166,12 @@ def test_a_heal_killed_before_its_first_checkpoint_runs_again_in_its_folder(mode
 
 @pytest.mark.parametrize(
     ("changes", "message"),
-    [({"steps": 0}, "--steps"), ({"distillation": 1.5}, "--distillation"), ({"lora_rank": -1}, "--lora-rank")],
+    [
+        ({"steps": 0}, "--steps"),
+        ({"distillation": 1.5}, "--distillation"),
+        ({"lora_rank": -1}, "--lora-rank"),
+        ({"mixed_precision": "bf32"}, "--mixed-precision"),
+    ],
 )
 def test_bad_settings_are_refused_before_anything_is_written(models, text, tmp_path, changes, message):
     with pytest.raises(SlimlmError, match=message):

@@ -10,6 +10,11 @@ a run's resident memory grows past what it holds and stays there. Two remedies, 
 - ``memory_first`` maps every block over 4 MB on its own, so it goes back to the system when freed:
   building the library of a 1.5 GB streamed model peaked at 0.86-0.90 GB instead of 1.16-1.42 GB, 13%
   slower. Only a streamed run, which has chosen memory over speed, asks for it.
+- ``reusing`` does the opposite for a training loop, whose steps free and take the same large blocks
+  again (logits over the vocabulary, their gradients): blocks stay on the heap and are reused instead
+  of being mapped, and faulted in by the kernel, anew at every step. A healing step of SmolLM2 (bf16
+  autocast, 2 cores) spent most of its time in the kernel: 11.0 s a step before, 2.5 s after, for a
+  peak of 6.2 GB instead of 5.3 GB.
 
 Elsewhere than Linux with glibc both do nothing (other C libraries manage memory their own way).
 """
@@ -19,10 +24,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 
 MMAP_THRESHOLD = 4 * 2**20  # bytes: larger blocks are mapped on their own and go back to the system when freed
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters
+_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536  # glibc's defaults
 
 
 @cache
@@ -47,3 +55,21 @@ def memory_first() -> None:
     mallopt = getattr(_libc(), "mallopt", None)
     if mallopt is not None:
         mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
+@contextmanager
+def reusing() -> Iterator[None]:
+    """Within: no block is mapped on its own and the heap is never trimmed, so a loop reuses the same
+    memory at every step; after: glibc's defaults again, and the free pages are released."""
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
+        yield
+        return
+    mallopt(_M_MMAP_MAX, 0)
+    mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # mallopt takes a C int: the largest, 2 GB
+    try:
+        yield
+    finally:
+        mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+        mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+        release()

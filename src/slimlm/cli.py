@@ -95,6 +95,7 @@ def _console(stderr: bool = False) -> Console:
 
 
 LOG_WIDTH = 200
+PRECISION_HELP = "autocast: auto (bf16 where the GPU or CPU computes bf16 natively), no, bf16, fp16"
 out, err = _console(), _console(stderr=True)
 
 ModelArg = Annotated[str, typer.Argument(help="built-in name (smollm2-135m), Hugging Face folder, or .gguf file")]
@@ -501,7 +502,7 @@ def train_command(
     lora_rank: Annotated[int, typer.Option(help="LoRA rank (0: full fine-tuning)")] = 0,
     min_ratio: Annotated[float, typer.Option(help="smallest kept fraction of a layer's heads and neurons")] = 0.2,
     checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints")] = 25,
-    mixed_precision: Annotated[str, typer.Option(help="accelerate's: no, fp16, bf16")] = "no",
+    mixed_precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = TrainJob.mixed_precision,
     seed: Annotated[int, typer.Option(help="seed of batches and sub-networks")] = 0,
     resume: Annotated[bool, typer.Option(help="continue the run stored in --out")] = False,
 ) -> None:
@@ -547,7 +548,7 @@ def heal_command(
     temperature: Annotated[float, typer.Option(help="distillation temperature")] = HealJob.temperature,
     lora_rank: Annotated[int, typer.Option(help="LoRA rank, merged when done (0: full fine-tuning)")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints")] = HealJob.checkpoint_every,
-    mixed_precision: Annotated[str, typer.Option(help="accelerate's: no, fp16, bf16")] = HealJob.mixed_precision,
+    mixed_precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = HealJob.mixed_precision,
     seed: Annotated[int, typer.Option(help="seed of the batch order")] = HealJob.seed,
     resume: Annotated[bool, typer.Option(help="continue the run stored in --out")] = False,
     evaluation: EvalText = DEFAULT_EVALUATION,

@@ -52,14 +52,15 @@ def heal(job: HealJob, student: LoadedModel | None = None, teacher: LoadedModel 
 
     def step_loss(model, accelerator, ids, _step) -> float:
         teacher.model.to(accelerator.device)
-        with torch.no_grad():
+        with torch.no_grad(), accelerator.autocast():  # the teacher computes in the student's precision
             target = teacher.model(input_ids=ids, use_cache=False).logits
         loss = sub_loss(model(input_ids=ids, use_cache=False).logits, ids, target, job)
         accelerator.backward(loss)
         return loss.item()
 
-    if run_steps(job, student, windows, checkpoint, step_loss, "healing").is_main_process:
-        _save(student, peft_model, job, out)
+    accelerator = run_steps(job, student, windows, checkpoint, step_loss, "healing")
+    if accelerator.is_main_process:
+        _save(student, peft_model, job, out, accelerator.mixed_precision)
     return out
 
 
@@ -73,7 +74,7 @@ def _check_same_vocabulary(student: LoadedModel, teacher: LoadedModel) -> None:
         )
 
 
-def _save(student: LoadedModel, peft_model, job: HealJob, out: Path) -> None:
+def _save(student: LoadedModel, peft_model, job: HealJob, out: Path, precision: str) -> None:
     model = peft_model.merge_and_unload() if peft_model is not None else student.model
     with quiet_transformers():
         model.save_pretrained(out)
@@ -81,4 +82,5 @@ def _save(student: LoadedModel, peft_model, job: HealJob, out: Path) -> None:
     for name in CARRIED:
         if (Path(student.folder) / name).is_file():
             shutil.copy(Path(student.folder) / name, out / name)
-    (out / HEAL_FILE).write_text(json.dumps(asdict(job) | {"resume": False}, indent=1) + "\n")
+    record = asdict(job) | {"resume": False, "computed_in": precision}  # what auto became on this machine
+    (out / HEAL_FILE).write_text(json.dumps(record, indent=1) + "\n")

@@ -55,6 +55,7 @@ DEFAULT_METRIC = "reconstruction"  # importance metric (``slimlm.importance``)
 SEARCH_STRATEGIES = ("evolution", "nsga2", "linas", "random")  # ``slimlm.strategies.STRATEGIES``
 DEFAULT_STRATEGY = "evolution"
 TRAIN_STRATEGIES = ("sandwich", "random", "alternate")  # sub-networks per super-network training step
+MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")  # accelerate's autocast; auto: bf16 where the device has it
 PRUNE_METHODS = ("magnitude", "wanda-sp", "flap", "shortgpt", "llm-pruner")  # ``slimlm.prune.METHODS``
 GGUF_QUANT_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")  # gguf's own writer
 TORCH_QUANT_TYPES = ("int8",)  # a transformers folder (torchao)
@@ -243,7 +244,7 @@ class TrainJob:
     metric: str = DEFAULT_METRIC
     checkpoint_every: int = 25
     seed: int = 0
-    mixed_precision: str = "no"  # accelerate's: no, fp16, bf16
+    mixed_precision: str = "auto"  # accelerate's no, fp16, bf16; auto: bf16 where the device computes it natively
     resume: bool = False
 
     def identity(self) -> dict:
@@ -267,7 +268,7 @@ class HealJob:
     lora_rank: int = 0  # 0: full fine-tuning
     checkpoint_every: int = 25
     seed: int = 0
-    mixed_precision: str = "no"  # accelerate's: no, fp16, bf16
+    mixed_precision: str = "auto"  # accelerate's no, fp16, bf16; auto: bf16 where the device computes it natively
     resume: bool = False
 
     def identity(self) -> dict:
@@ -293,6 +294,7 @@ def check_train(job: TrainJob) -> None:
         raise SlimlmError(f"strategy '{job.strategy}' needs --random-subnets of at least 1")
     if not 0 <= job.distillation <= 1 or job.temperature <= 0:
         raise SlimlmError("--distillation must be in [0, 1] and --temperature positive")
+    _check_precision(job.mixed_precision)
 
 
 def check_heal(job: HealJob) -> None:
@@ -301,3 +303,10 @@ def check_heal(job: HealJob) -> None:
         raise SlimlmError("--steps, --batch-size, --seq-len and --checkpoint-every must be at least 1; --lora-rank 0+")
     if not 0 <= job.distillation <= 1 or job.temperature <= 0 or job.learning_rate <= 0:
         raise SlimlmError("--distillation must be in [0, 1]; --temperature and --learning-rate positive")
+    _check_precision(job.mixed_precision)
+
+
+def _check_precision(mixed_precision: str) -> None:
+    if mixed_precision not in MIXED_PRECISIONS:
+        choices = ", ".join(MIXED_PRECISIONS)
+        raise SlimlmError(f"unknown --mixed-precision '{mixed_precision}'; choose from {choices}")
