@@ -4,6 +4,8 @@ as the folder it came from did, LoRA merges, a killed run resumes, bad input is 
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import replace
 
 import pytest
 import torch
@@ -235,3 +237,13 @@ def test_healing_on_chat_uses_the_teachers_answers(models, tmp_path, monkeypatch
     teacher = load_model(models[0])
     heal(job_for(models, "chat", tmp_path / "healed", steps=2), teacher=teacher)
     assert speakers == [teacher.model]
+
+
+def test_checkpoints_of_tied_weights_do_not_warn_at_every_save(text, tmp_path, caplog):
+    """accelerate warns at each checkpoint that tied weights are stored once: noise in a user's log."""
+    tied = save_tiny(tiny_loaded(tie_word_embeddings=True), tmp_path / "tied")
+    job = HealJob(model=str(tied), teacher=str(tied), out=str(tmp_path / "out"), data=str(text), seq_len=SEQ)
+    with caplog.at_level(logging.WARNING):
+        heal(replace(job, steps=4, batch_size=4, checkpoint_every=2))
+    assert (tmp_path / "out" / "checkpoint").is_dir()
+    assert not [r for r in caplog.records if "shared tensor" in r.getMessage()]

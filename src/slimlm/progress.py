@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -141,18 +142,21 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
 @contextmanager
 def quiet_transformers() -> Iterator[None]:
     """Silence transformers' own progress bars and warnings inside the block (slimlm shows its own),
-    unless verbose."""
+    and accelerate's warnings (a checkpoint of tied weights warns that it stores them once), unless verbose."""
     if verbose():
         yield
         return
-    verbosity = hf_logging.get_verbosity()
+    verbosity, accelerate = hf_logging.get_verbosity(), logging.getLogger("accelerate")
+    accelerate_level = accelerate.level
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    accelerate.setLevel(logging.ERROR)
     try:
         yield
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
+        accelerate.setLevel(accelerate_level)
 
 
 def optuna_verbosity() -> int:

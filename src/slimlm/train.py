@@ -242,7 +242,8 @@ def _save_checkpoint(accelerator: Accelerator, job: TrainJob, checkpoint: Path, 
     if accelerator.is_main_process:
         shutil.rmtree(fresh, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(fresh / "state"), safe_serialization=True)  # every process saves its share
+    with quiet_transformers():
+        accelerator.save_state(str(fresh / "state"), safe_serialization=True)  # every process saves its share
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (fresh / "job.json").write_text(json.dumps(job.identity(), indent=1) + "\n")
