@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--steps", default="100,300", help="step counts measured (one run, resumed)")
     parser.add_argument("--lora-rank", type=int, default=0)
     parser.add_argument("--learning-rate", type=float, default=HealJob.learning_rate)
-    parser.add_argument("--mixed-precision", default=HealJob.mixed_precision, help="no, bf16, fp16")
+    parser.add_argument("--mixed-precision", default=HealJob.mixed_precision, help="auto, no, bf16, fp16")
     parser.add_argument("--calib", default=DEFAULT_CALIBRATION, help="calibration of the start (importance, reform)")
     parser.add_argument("--data", default=HealJob.data, help="what the student heals on (e.g. chat+austen:emma)")
     parser.add_argument("--eval-windows", type=int, default=16)
