@@ -53,6 +53,19 @@ def test_a_sandwich_step_trains_the_full_the_smallest_and_random_subnetworks():
     assert None not in step_subnets(dataclasses.replace(job, strategy="random"), loaded, scores, 0)
 
 
+@pytest.mark.parametrize("distillation", [0.0, 0.3, 1.0])
+def test_the_loss_mixes_the_labels_cross_entropy_and_the_kl_to_the_teacher(distillation):
+    torch.manual_seed(0)
+    logits, teacher, ids = torch.randn(2, 5, 11), torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
+    job = TrainJob(model="tiny", out="unused", distillation=distillation, temperature=2.0)
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), ids[:, 1:].reshape(-1))
+    p_teacher = torch.softmax(teacher[:, :-1] / 2, -1)
+    kl = (p_teacher * (p_teacher.log() - torch.log_softmax(logits[:, :-1] / 2, -1))).sum(-1).mean() * 2**2  # per token
+    expected = (1 - distillation) * ce + distillation * kl
+    assert training.sub_loss(logits, ids, teacher, job).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert training.sub_loss(logits, ids, None, job).item() == pytest.approx(ce.item(), rel=1e-5)
+
+
 def test_training_lowers_the_loss_of_the_full_model_and_its_subnetworks(text, tmp_path):
     loaded = tiny_loaded()
     ids = loaded.tokenizer(TEXT, return_tensors="pt")["input_ids"][:, : 4 * SEQ].view(4, SEQ)

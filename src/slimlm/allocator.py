@@ -50,26 +50,30 @@ def release() -> None:
         trim(0)
 
 
+def _mallopt(*settings: tuple[int, int]) -> bool:
+    """Set glibc's ``mallopt`` parameters in order; False where the C library has no ``mallopt``."""
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
+        return False
+    for parameter, value in settings:
+        mallopt(parameter, value)
+    return True
+
+
 def memory_first() -> None:
     """From now on, blocks over ``MMAP_THRESHOLD`` are mapped on their own (slower, smaller peaks)."""
-    mallopt = getattr(_libc(), "mallopt", None)
-    if mallopt is not None:
-        mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    _mallopt((_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
 @contextmanager
 def reusing() -> Iterator[None]:
     """Within: no block is mapped on its own and the heap is never trimmed, so a loop reuses the same
     memory at every step; after: glibc's defaults again, and the free pages are released."""
-    mallopt = getattr(_libc(), "mallopt", None)
-    if mallopt is None:
+    if not _mallopt((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)):  # mallopt takes a C int: 2 GB at most
         yield
         return
-    mallopt(_M_MMAP_MAX, 0)
-    mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # mallopt takes a C int: the largest, 2 GB
     try:
         yield
     finally:
-        mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-        mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+        _mallopt((_M_MMAP_MAX, _DEFAULT_MMAP_MAX), (_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD))
         release()

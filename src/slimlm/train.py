@@ -85,16 +85,19 @@ def batch_of(job: TrainJob, windows: torch.Tensor, step: int) -> torch.Tensor:
 def sub_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None, job: TrainJob) -> torch.Tensor:
     """Next-token cross-entropy, mixed with the KL to the teacher's distribution when there is one."""
     logits, labels = logits[:, :-1].float(), labels[:, 1:]
-    if teacher is None or job.distillation == 0:
+
+    def cross_entropy() -> torch.Tensor:
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+    if teacher is None or job.distillation == 0:
+        return cross_entropy()
     t = job.temperature
     student = F.log_softmax(logits / t, dim=-1).reshape(-1, logits.shape[-1])
     target = F.log_softmax(teacher[:, :-1].float() / t, dim=-1).reshape(-1, logits.shape[-1])
     kl = F.kl_div(student, target, log_target=True, reduction="batchmean") * t * t
     if job.distillation == 1:  # pure distillation: the labels' loss would be computed for nothing
         return kl
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-    return (1 - job.distillation) * ce + job.distillation * kl
+    return (1 - job.distillation) * cross_entropy() + job.distillation * kl
 
 
 def train(job: TrainJob, loaded: LoadedModel | None = None) -> Path:
