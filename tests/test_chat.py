@@ -17,6 +17,7 @@ from slimlm.chat import (
     conversations,
     greedy_answers,
     prompt_ids,
+    written_questions,
 )
 from slimlm.data import load_text, model_windows, text_windows
 from slimlm.errors import SlimlmError
@@ -179,3 +180,63 @@ def test_chat_is_refused_where_no_model_speaks(dense):
         load_text("chat")
     with pytest.raises(SlimlmError, match="needs a loaded model"):
         text_windows(dense.tokenizer, "chat+austen", 16)
+
+
+# --- chat:N: questions the model writes itself, beyond the calibration prompts ---
+
+TEMPLATE = "{% for m in messages %}w5 {{ m['content'] }} w6{% endfor %}{% if add_generation_prompt %} w7{% endif %}"
+
+
+@pytest.fixture
+def templated(dense):
+    dense.tokenizer.chat_template = TEMPLATE
+    yield dense
+    dense.tokenizer.chat_template = None
+
+
+def test_written_questions_are_sampled_where_the_users_turn_begins(templated, monkeypatch):
+    prefixes = []
+    generate = templated.model.generate
+    monkeypatch.setattr(templated.model, "generate", lambda **k: prefixes.append(k["input_ids"]) or generate(**k))
+    questions = written_questions(templated.model, templated.tokenizer, 12)
+    assert prefixes[0][0].tolist() == templated.tokenizer("w5", add_special_tokens=False)["input_ids"]
+    assert len(questions) == 12 == len({q.lower() for q in questions}) and all(questions)
+    assert written_questions(templated.model, templated.tokenizer, 12) == questions  # seeded: same every run
+    assert written_questions(templated.model, templated.tokenizer, 12, seed=1) != questions
+
+
+def test_excluded_questions_are_never_written(templated):
+    first = written_questions(templated.model, templated.tokenizer, 12)
+    again = written_questions(templated.model, templated.tokenizer, 12, exclude=[first[0].upper(), f" {first[5]} "])
+    assert first[0] not in again and first[5] not in again and again[:4] == first[1:5]
+
+
+def test_a_model_that_runs_dry_is_told_so(templated, monkeypatch):
+    monkeypatch.setattr("slimlm.chat.QUESTION_TOKENS", 1)  # hardly a question ends within one token
+    with pytest.raises(SlimlmError, match=r"in 128 tries, fewer than the 32 asked for"):
+        written_questions(templated.model, templated.tokenizer, 32)
+
+
+def test_a_model_without_a_chat_template_cannot_write_questions(dense):
+    with pytest.raises(SlimlmError, match="no chat template"):
+        written_questions(dense.model, dense.tokenizer, 4)
+
+
+def test_chat_n_is_the_calibration_prompts_then_written_questions(templated, monkeypatch):
+    prompts = _few_prompts(monkeypatch, 5)
+    written = written_questions(templated.model, templated.tokenizer, 3, exclude=prompts + chat_prompts())
+    for count, asked in ((3, prompts[:3]), (8, prompts + written)):
+        ids = conversations(templated.model, templated.tokenizer, count, new_tokens=4)
+        start = [prompt_ids(templated.tokenizer, q)[0] for q in asked]
+        answers = greedy_answers(templated.model, templated.tokenizer, start, 4, None)
+        assert ids == [t for q, a in zip(start, answers, strict=True) for t in q + a]
+    windows = model_windows(templated, "chat:8", 4)
+    assert windows.flatten().tolist() == conversations(templated.model, templated.tokenizer, 8)[: windows.numel()]
+
+
+@pytest.mark.parametrize("spec", ["chat:0", "chat:x", "chat:-3", "chat:2.5"])
+def test_a_bad_number_of_chat_questions_is_refused(dense, spec):
+    with pytest.raises(SlimlmError, match="positive whole number"):
+        model_windows(dense, spec, 16)
+    with pytest.raises(SlimlmError, match="own answers"):
+        load_text("chat:100")

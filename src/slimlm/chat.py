@@ -10,7 +10,10 @@ side by side. Models without a chat template are measured on plain continuations
 
 The same template also makes calibration text that matches use (the ``chat`` data spec): the dense
 model's own answers to a second, disjoint prompt set (``prompts/calibration.txt``), so no corpus is
-needed and the fidelity prompts are never calibrated or healed on.
+needed and the fidelity prompts are never calibrated or healed on. ``chat:N`` asks more questions
+than that set holds: the model writes the rest itself, sampled from its template where the user's
+turn begins (Magpie, Xu et al. 2024), so healing sees thousands of conversations, not a few hundred
+answers again and again.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 import torch
 
 from slimlm.cache import cache_root, computed_once, fingerprint
+from slimlm.errors import SlimlmError
 from slimlm.evaluate import coarse_kl
 from slimlm.progress import track
 
@@ -38,6 +42,10 @@ TEACHER_TOP_K = 1024  # the dense model's probabilities kept per answer token, t
 # of its parameters; 1.786 with the top 128), and the reference holds 27 MB instead of the dense model
 CONVERSATION_TOKENS = 128  # answer length of the chat calibration text: whole answers, mostly
 CONVERSATIONS_FORMAT = "slimlm.conversations/1"
+QUESTION_TOKENS = 64  # a written question longer than this is dropped unfinished
+QUESTION_BATCH = 32  # questions sampled at once (one shared prefix: no padding)
+QUESTION_TRIES = 4  # sampled questions per one asked for, at most, before the model is said to run dry
+QUESTION_SEED = 0  # the written questions are the same on every run (and so is their cache entry)
 
 
 def _prompt_file(name: str) -> list[str]:
@@ -209,14 +217,74 @@ def chat_fidelity(model, tokenizer, reference: ChatReference, description: str =
     }
 
 
-def conversations(model, tokenizer, new_tokens: int = CONVERSATION_TOKENS) -> list[int]:
-    """``model``'s own chat as one token stream: each calibration prompt through the chat template,
-    then the model's greedy answer. Cached on disk per weights, template and prompts, since a few
-    hundred answers take minutes on a CPU."""
-    prompts = calibration_prompts()
-    path = _conversations_path(model, tokenizer, prompts, new_tokens)
+def conversations(model, tokenizer, questions: int | None = None, new_tokens: int = CONVERSATION_TOKENS) -> list[int]:
+    """``model``'s own chat as one token stream: each question through the chat template, then the
+    model's greedy answer. The questions are slimlm's calibration prompts, or the first ``questions``
+    of them and then questions the model writes itself (:func:`written_questions`). Cached on disk
+    per weights, template and questions, since a few hundred answers take minutes on a CPU."""
+    path = _conversations_path(model, tokenizer, calibration_prompts(), new_tokens, questions)
     with computed_once(path):
-        return _read_conversations(path) or _write_conversations(path, model, tokenizer, prompts, new_tokens)
+        return _read_conversations(path) or _write_conversations(
+            path, model, tokenizer, _questions(model, tokenizer, questions), new_tokens
+        )
+
+
+def _questions(model, tokenizer, count: int | None) -> list[str]:
+    shipped = calibration_prompts()
+    if count is None or count <= len(shipped):
+        return shipped[:count]
+    never = shipped + chat_prompts()  # the fidelity prompts are never healed on, even if the model writes one
+    return shipped + written_questions(model, tokenizer, count - len(shipped), exclude=never)
+
+
+@torch.no_grad()
+def written_questions(model, tokenizer, count: int, exclude: list[str] = (), seed: int = QUESTION_SEED) -> list[str]:
+    """``count`` different questions ``model`` writes itself: its chat template up to where the user's
+    words begin, then sampled (temperature 1) to the end of the turn, as in Magpie. Questions in
+    ``exclude`` (compared without case and spacing) and unfinished ones are dropped."""
+    prefix = torch.tensor([_user_turn_prefix(tokenizer)] * QUESTION_BATCH, device=model.device)
+    stop, seen, written = _stop_ids(model, tokenizer), {_plain(q) for q in exclude}, []
+    tries = -(-count * QUESTION_TRIES // QUESTION_BATCH)
+    cuda = [model.device.index or 0] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        for _ in track(range(tries), f"chat: the model writes {count} questions"):
+            out = model.generate(
+                input_ids=prefix,
+                attention_mask=torch.ones_like(prefix),
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=QUESTION_TOKENS,
+                eos_token_id=stop or None,
+                pad_token_id=_pad_id(model, tokenizer),
+            )
+            for row in out[:, prefix.shape[1] :].tolist():
+                end = next((i for i, t in enumerate(row) if t in stop), None)
+                question = tokenizer.decode(row[:end], skip_special_tokens=True).strip() if end else ""
+                if question and _plain(question) not in seen:
+                    seen.add(_plain(question))
+                    written.append(question)
+            if len(written) >= count:
+                return written[:count]
+    raise SlimlmError(
+        f"the model wrote {len(written)} different finished questions in {tries * QUESTION_BATCH} tries, "
+        f"fewer than the {count} asked for; ask chat for fewer"
+    )
+
+
+def _plain(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def _user_turn_prefix(tokenizer) -> list[int]:
+    """The token ids of the chat template up to the first word of the user's turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise SlimlmError("the model has no chat template to write its own questions in; use `chat` without a count")
+    marker = "\u2063slimlm\u2063"  # invisible and never in a template
+    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+    return tokenizer(text[: text.index(marker)], add_special_tokens=False)["input_ids"]
 
 
 def _read_conversations(path: Path) -> list[int] | None:
@@ -240,8 +308,9 @@ def _write_conversations(path: Path, model, tokenizer, prompts: list[str], new_t
     return ids
 
 
-def _conversations_path(model, tokenizer, prompts: list[str], new_tokens: int) -> Path:
+def _conversations_path(model, tokenizer, prompts: list[str], new_tokens: int, questions: int | None) -> Path:
     template = getattr(tokenizer, "chat_template", None) or ""
     settings = [CONVERSATIONS_FORMAT, fingerprint(model), str(len(tokenizer)), str(new_tokens), str(template)]
+    settings += [] if questions is None else [f"questions={questions}", f"seed={QUESTION_SEED}", str(QUESTION_TOKENS)]
     key = "|".join([*settings, *prompts])
     return cache_root() / "conversations" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"

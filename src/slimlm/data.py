@@ -27,7 +27,7 @@ import torch
 from slimlm.cache import cache_root
 from slimlm.chat import conversations
 from slimlm.errors import SlimlmError
-from slimlm.jobs import AUSTEN_BOOKS, CHAT, MIX, describe_specs  # the specs' home is the torch-free slimlm.jobs
+from slimlm.jobs import AUSTEN_BOOKS, MIX, chat_questions, describe_specs, is_chat  # the torch-free specs' home
 from slimlm.jobs import DEFAULT_CALIBRATION as DEFAULT_CALIBRATION
 from slimlm.jobs import DEFAULT_EVALUATION as DEFAULT_EVALUATION
 from slimlm.progress import console, track
@@ -43,8 +43,8 @@ def load_text(spec: str) -> str:
     if MIX in spec:
         return "\n\n".join(load_text(part) for part in mixed_parts(spec))
     kind, _, arg = spec.partition(":")
-    if spec == CHAT:
-        raise SlimlmError(f"`{CHAT}` is made by the model from its own answers: use it as calibration data")
+    if is_chat(spec):
+        raise SlimlmError(f"`{spec}` is made by the model from its own answers: use it as calibration data")
     if kind == "austen":
         books = [arg] if arg else list(AUSTEN_BOOKS)
         text = "\n\n".join(_austen_book(book) for book in books)
@@ -339,11 +339,15 @@ def mixed_parts(spec: str) -> list[str]:
 
 
 def text_windows(
-    tokenizer, spec: str, seq_len: int, max_windows: int | None = None, chat: Callable[[], list[int]] | None = None
+    tokenizer,
+    spec: str,
+    seq_len: int,
+    max_windows: int | None = None,
+    chat: Callable[[int | None], list[int]] | None = None,
 ) -> torch.Tensor:
     """Token windows of ``spec``; a mixed spec takes windows from its parts in turn (A1, B1, A2, B2, ...),
     so any prefix of them (a search's fitness windows) covers every part alike. ``chat`` gives the
-    token stream of the ``chat`` source (without it, that source is refused)."""
+    token stream of the ``chat`` source from its number of questions (without it, that source is refused)."""
     parts = mixed_parts(spec)
     each = max_windows if len(parts) == 1 or max_windows is None else -(-max_windows // len(parts))
     bos = leading_bos(tokenizer)
@@ -356,12 +360,13 @@ def text_windows(
     return mixed[:max_windows]
 
 
-def _part_ids(tokenizer, part: str, chat: Callable[[], list[int]] | None, needed: int | None) -> list[int]:
-    if part != CHAT:
+def _part_ids(tokenizer, part: str, chat: Callable[[int | None], list[int]] | None, needed: int | None) -> list[int]:
+    if not is_chat(part):
         return _token_ids(tokenizer, load_text(part), needed)
+    questions = chat_questions(part)  # a bad count is refused before any model speaks
     if chat is None:
-        raise SlimlmError(f"`{CHAT}` is made by the model from its own answers: it needs a loaded model")
-    return chat()
+        raise SlimlmError(f"`{part}` is made by the model from its own answers: it needs a loaded model")
+    return chat(questions)
 
 
 def model_windows(loaded, spec: str, seq_len: int, max_windows: int | None = None, answerer=None) -> torch.Tensor:
@@ -374,5 +379,5 @@ def model_windows(loaded, spec: str, seq_len: int, max_windows: int | None = Non
         raise SlimlmError(f"--seq-len {seq_len} is longer than the model's context of {limit} tokens")
     speaker = answerer or loaded
     return text_windows(
-        loaded.tokenizer, spec, seq_len, max_windows, lambda: conversations(speaker.model, speaker.tokenizer)
+        loaded.tokenizer, spec, seq_len, max_windows, lambda n: conversations(speaker.model, speaker.tokenizer, n)
     )

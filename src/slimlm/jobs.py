@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 DEFAULT_CALIBRATION = "austen:emma+pydoc:library"
 DEFAULT_EVALUATION = "austen:prideprejudice"
 MIX = "+"  # joins specs: ``austen:emma+pydoc:library``
-CHAT = "chat"  # the dense model's own answers through its chat template
+CHAT = "chat"  # the dense model's own answers through its chat template; chat:N to N questions
 AUSTEN_BOOKS = (
     "emma",
     "mansfieldpark",
@@ -41,12 +41,28 @@ def describe_specs() -> str:
     """One line listing the accepted data spec forms (for error messages and CLI help)."""
     books = ", ".join(AUSTEN_BOOKS)
     return (
-        f"{CHAT} (the model's own answers to slimlm's calibration prompts, through its chat template); "
+        f"{CHAT} (the model's own answers to slimlm's calibration prompts, through its chat template) or "
+        f"{CHAT}:N (to N questions: those prompts, then questions the model writes itself); "
         "a .txt or .md file or a folder of them; a .jsonl file (its text field, or FILE.jsonl:FIELD); "
         f"austen or austen:BOOK (BOOK: {books}); "
         "pydoc or pydoc:SECTION (e.g. pydoc:library, pydoc:tutorial); hf:NAME[:CONFIG[:SPLIT]] via datasets; "
         f"several joined with {MIX} (e.g. {DEFAULT_CALIBRATION}) to mix them window by window"
     )
+
+
+def chat_questions(spec: str) -> int | None:
+    """How many questions a ``chat`` or ``chat:N`` spec asks for (None: slimlm's calibration prompts)."""
+    count = spec.partition(":")[2]
+    if not count:
+        return None
+    if not count.isdigit() or int(count) < 1:
+        raise SlimlmError(f"`{spec}`: the number of chat questions must be a positive whole number, as in {CHAT}:2000")
+    return int(count)
+
+
+def is_chat(spec: str) -> bool:
+    """Whether ``spec`` names the model's own chat (``chat`` or ``chat:N``) rather than a text."""
+    return spec == CHAT or spec.startswith(CHAT + ":")
 
 
 # Choices, by name: their modules register the implementations under these names, in this order
