@@ -229,14 +229,14 @@ def test_compress_with_heal_steps_measures_the_healed_model_beside_the_compresse
 def test_healing_on_chat_uses_the_teachers_answers(models, tmp_path, monkeypatch):
     speakers = []
 
-    def answers(model, tokenizer):  # the `chat` source's token stream, recording who answered
-        speakers.append(model)
+    def answers(model, tokenizer, questions):  # the `chat` source's token stream, recording who answered
+        speakers.append((model, questions))
         return list(range(1, 60)) * 8
 
     monkeypatch.setattr("slimlm.data.conversations", answers)
     teacher = load_model(models[0])
-    heal(job_for(models, "chat", tmp_path / "healed", steps=2), teacher=teacher)
-    assert speakers == [teacher.model]
+    heal(job_for(models, "chat:300", tmp_path / "healed", steps=2), teacher=teacher)
+    assert speakers == [(teacher.model, 300)]
 
 
 def test_checkpoints_of_tied_weights_do_not_warn_at_every_save(text, tmp_path, caplog):

@@ -311,6 +311,7 @@ def _write_conversations(path: Path, model, tokenizer, prompts: list[str], new_t
 def _conversations_path(model, tokenizer, prompts: list[str], new_tokens: int, questions: int | None) -> Path:
     template = getattr(tokenizer, "chat_template", None) or ""
     settings = [CONVERSATIONS_FORMAT, fingerprint(model), str(len(tokenizer)), str(new_tokens), str(template)]
-    settings += [] if questions is None else [f"questions={questions}", f"seed={QUESTION_SEED}", str(QUESTION_TOKENS)]
+    sampling = [f"questions={questions}", f"seed={QUESTION_SEED}", f"{QUESTION_TOKENS}x{QUESTION_BATCH}"]
+    settings += [] if questions is None else sampling  # what draws the written questions
     key = "|".join([*settings, *prompts])
     return cache_root() / "conversations" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
