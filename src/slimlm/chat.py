@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -222,15 +223,15 @@ def conversations(model, tokenizer, questions: int | None = None, new_tokens: in
     model's greedy answer. The questions are slimlm's calibration prompts, or the first ``questions``
     of them and then questions the model writes itself (:func:`written_questions`). Cached on disk
     per weights, template and questions, since a few hundred answers take minutes on a CPU."""
-    path = _conversations_path(model, tokenizer, calibration_prompts(), new_tokens, questions)
+    shipped = calibration_prompts()
+    path = _conversations_path(model, tokenizer, shipped, new_tokens, questions)
     with computed_once(path):
         return _read_conversations(path) or _write_conversations(
-            path, model, tokenizer, _questions(model, tokenizer, questions), new_tokens
+            path, model, tokenizer, _questions(model, tokenizer, shipped, questions), new_tokens
         )
 
 
-def _questions(model, tokenizer, count: int | None) -> list[str]:
-    shipped = calibration_prompts()
+def _questions(model, tokenizer, shipped: list[str], count: int | None) -> list[str]:
     if count is None or count <= len(shipped):
         return shipped[:count]
     never = shipped + chat_prompts()  # the fidelity prompts are never healed on, even if the model writes one
@@ -238,12 +239,15 @@ def _questions(model, tokenizer, count: int | None) -> list[str]:
 
 
 @torch.no_grad()
-def written_questions(model, tokenizer, count: int, exclude: list[str] = (), seed: int = QUESTION_SEED) -> list[str]:
+def written_questions(
+    model, tokenizer, count: int, exclude: Sequence[str] = (), seed: int = QUESTION_SEED
+) -> list[str]:
     """``count`` different questions ``model`` writes itself: its chat template up to where the user's
     words begin, then sampled (temperature 1) to the end of the turn, as in Magpie. Questions in
     ``exclude`` (compared without case and spacing) and unfinished ones are dropped."""
     prefix = torch.tensor([_user_turn_prefix(tokenizer)] * QUESTION_BATCH, device=model.device)
-    stop, seen, written = _stop_ids(model, tokenizer), {_plain(q) for q in exclude}, []
+    stop, pad = _stop_ids(model, tokenizer), _pad_id(model, tokenizer)
+    seen, written = {_plain(q) for q in exclude}, []
     tries = -(-count * QUESTION_TRIES // QUESTION_BATCH)
     cuda = [model.device.index or 0] if model.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
@@ -258,7 +262,7 @@ def written_questions(model, tokenizer, count: int, exclude: list[str] = (), see
                 top_p=1.0,
                 max_new_tokens=QUESTION_TOKENS,
                 eos_token_id=stop or None,
-                pad_token_id=_pad_id(model, tokenizer),
+                pad_token_id=pad,
             )
             for row in out[:, prefix.shape[1] :].tolist():
                 end = next((i for i, t in enumerate(row) if t in stop), None)
