@@ -30,7 +30,7 @@ import torch
 from slimlm.cache import cache_root, computed_once, fingerprint
 from slimlm.errors import SlimlmError
 from slimlm.evaluate import coarse_kl
-from slimlm.progress import track
+from slimlm.progress import progress_bar, track
 
 ANSWER_TOKENS = 32  # greedy answer length of the reference (a first sentence or two)
 FIRST_TOKENS = 10  # an answer "starts like the dense one" when these many tokens match
@@ -250,9 +250,10 @@ def written_questions(
     seen, written = {_plain(q) for q in exclude}, []
     tries = -(-count * QUESTION_TRIES // QUESTION_BATCH)
     cuda = [model.device.index or 0] if model.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
+    with torch.random.fork_rng(devices=cuda), progress_bar() as bar:
+        task = bar.add_task(f"chat: the model writes {count} questions", total=count)  # counts questions, not tries
         torch.manual_seed(seed)
-        for _ in track(range(tries), f"chat: the model writes {count} questions"):
+        for _ in range(tries):
             out = model.generate(
                 input_ids=prefix,
                 attention_mask=torch.ones_like(prefix),
@@ -264,12 +265,14 @@ def written_questions(
                 eos_token_id=stop or None,
                 pad_token_id=pad,
             )
+            before = len(written)
             for row in out[:, prefix.shape[1] :].tolist():
                 end = next((i for i, t in enumerate(row) if t in stop), None)
                 question = tokenizer.decode(row[:end], skip_special_tokens=True).strip() if end else ""
                 if question and _plain(question) not in seen:
                     seen.add(_plain(question))
                     written.append(question)
+            bar.advance(task, min(len(written), count) - before)
             if len(written) >= count:
                 return written[:count]
     raise SlimlmError(
