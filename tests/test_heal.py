@@ -18,6 +18,7 @@ from slimlm.errors import SlimlmError
 from slimlm.evaluate import perplexity
 from slimlm.extract import REMOTE_CODE_FILE, SUBNET_FILE, extract
 from slimlm.heal import HEAL_FILE, HealJob, heal
+from slimlm.jobs import heal_data
 from slimlm.models import load_model
 from slimlm.train import native_precision
 
@@ -214,6 +215,7 @@ def test_compress_with_heal_steps_measures_the_healed_model_beside_the_compresse
     report = json.loads((out / "slimlm_report.json").read_text())
     healed = report["healed"]
     assert healed["folder"] == str(out / "healed") and healed["steps"] == 4
+    assert healed["data"] == str(text)  # no chat template: the calibration text alone
     loaded = load_model(out / "healed")
     assert loaded.dims == load_model(out / "best").dims
     expected = perplexity(loaded.model, model_windows(loaded, str(text), 16, 2))
@@ -224,6 +226,12 @@ def test_compress_with_heal_steps_measures_the_healed_model_beside_the_compresse
     assert "healed 4 steps" in result.stdout
     bad = invoke(*[a if a != out else tmp_path / "other" for a in args], "--heal-steps", -1)
     assert "--heal-steps" in one_error(bad) and not (tmp_path / "other").exists()
+
+
+def test_compress_heals_a_chat_model_on_its_own_chat_as_well_as_its_calibration():
+    assert heal_data("austen:emma+pydoc:library", chat_template=True) == "chat+austen:emma+pydoc:library"
+    assert heal_data("austen:emma+pydoc:library", chat_template=False) == "austen:emma+pydoc:library"
+    assert heal_data("chat:500+austen:emma", chat_template=True) == "chat:500+austen:emma"  # chat already there
 
 
 def test_healing_on_chat_uses_the_teachers_answers(models, tmp_path, monkeypatch):

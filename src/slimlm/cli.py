@@ -1026,13 +1026,17 @@ def compress(
     heal_steps: Annotated[
         int, typer.Option(help="then distil RUN/best from the dense model for N steps into RUN/healed (0: no)")
     ] = 0,
+    heal_data: Annotated[
+        str | None,
+        typer.Option(help="what --heal-steps heals on (default: the calibration, with `chat` for a chat model)"),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Search, save the best model within the budget in RUN/best, and compare it with the dense model."""
     from slimlm.pipeline import compress as compress_model
     from slimlm.pipeline import compress_budgets
 
-    options = {"quant": quant, "tokenizer_pre": tokenizer_pre, "heal_steps": heal_steps}
+    options = {"quant": quant, "tokenizer_pre": tokenizer_pre, "heal_steps": heal_steps, "heal_data": heal_data}
     if len(jobs) > 1:
         if finalise:
             raise SlimlmError("--finalise reports one store: give it one budget")

@@ -65,6 +65,14 @@ def is_chat(spec: str) -> bool:
     return spec == CHAT or spec.startswith(CHAT + ":")
 
 
+def heal_data(calibration: str, chat_template: bool) -> str:
+    """What ``compress --heal-steps`` heals on by default: its calibration text and, for a model with
+    a chat template, the dense model's own chat (an assistant loses its answers before its prose)."""
+    if not chat_template or any(is_chat(part) for part in calibration.split(MIX)):
+        return calibration
+    return f"{CHAT}{MIX}{calibration}"
+
+
 # Choices, by name: their modules register the implementations under these names, in this order
 # (tests/test_jobs.py holds the two to each other)
 DEFAULT_METRIC = "reconstruction"  # importance metric (``slimlm.importance``)

@@ -15,6 +15,7 @@ from slimlm.evaluate import perplexity
 from slimlm.extract import folder_bytes, needs_remote_code
 from slimlm.heal import HealJob, heal
 from slimlm.heal import check as check_heal
+from slimlm.jobs import heal_data as default_heal_data
 from slimlm.models import LoadedModel, load_model
 from slimlm.quantize import check_quant, quantize, quantized_bytes, quantized_perplexity
 from slimlm.report import search_summary, write_report
@@ -63,6 +64,7 @@ def compress(
     quant: str | None = None,
     tokenizer_pre: str | None = None,
     heal_steps: int = 0,
+    heal_data: str | None = None,
     role: str = "all",
 ) -> dict:
     """Search ``job``, write its run folder (store, ``pareto.json``, ``pareto.png``, ``best/``), then
@@ -70,7 +72,8 @@ def compress(
     memory at a time (the dense model's figures first).
     With ``quant``, also write ``best/`` in that type (``best.q8_0.gguf``, ``best-int8/``) and measure
     its size and perplexity. With ``heal_steps``, also distil ``best/`` from the dense model for that
-    many steps on the calibration text into ``healed/`` (``slimlm.heal``) and measure it the same way.
+    many steps on ``heal_data`` (default ``jobs.heal_data``: the calibration text, with the model's own
+    chat where it has a template) into ``healed/`` (``slimlm.heal``) and measure it the same way.
     ``role`` ``finaliser`` evaluates nothing itself: the workers of ``job.storage`` do (``search``).
 
     Returns the comparison, also saved as ``RUN/slimlm_report.json``.
@@ -79,7 +82,8 @@ def compress(
     if quant is not None:
         check_quant(loaded, quant, tokenizer_pre)  # before the search, not after it
     heal_job = HealJob(model=str(Path(job.out) / "best"), teacher=job.model, out=str(Path(job.out) / HEALED))
-    heal_job = replace(heal_job, data=job.calibration, seq_len=job.seq_len, steps=heal_steps, seed=job.seed)
+    data = heal_data or default_heal_data(job.calibration, bool(getattr(loaded.tokenizer, "chat_template", None)))
+    heal_job = replace(heal_job, data=data, seq_len=job.seq_len, steps=heal_steps, seed=job.seed)
     if heal_steps < 0:
         raise SlimlmError("--heal-steps must be 0 (no recovery) or more")
     if heal_steps and job.stream:
@@ -221,6 +225,7 @@ def _healed(job: HealJob, dense: LoadedModel, tasks: dict, evaluation_ids, refer
     return {
         "folder": str(folder),
         "steps": job.steps,
+        "data": job.data,
         "seconds": seconds,
         "perplexity": perplexity(healed.model, evaluation_ids, description="perplexity (healed)"),
         "accuracy": accuracy({"healed": healed.model}, tasks),
@@ -334,8 +339,9 @@ def _healed_lines(report: dict) -> list[str]:
     return [
         "## Recovery",
         "",
-        f"`{healed['folder']}`: `best/` distilled from the dense model for {healed['steps']} steps on the calibration "
-        f"text ({healed['seconds']:.0f} s). Perplexity {small['perplexity']:.2f} -> {healed['perplexity']:.2f}; "
+        f"`{healed['folder']}`: `best/` distilled from the dense model for {healed['steps']} steps on "
+        f"`{healed['data']}` ({healed['seconds']:.0f} s). "
+        f"Perplexity {small['perplexity']:.2f} -> {healed['perplexity']:.2f}; "
         f"chat KL to dense {report['chat']['kl_per_token']:.3f} -> {chat['kl_per_token']:.3f} nats per token, "
         f"answers starting as the dense one's {report['chat']['first_tokens_match']:.0%} -> "
         f"{chat['first_tokens_match']:.0%}" + (f"; accuracy {', '.join(accuracies)}." if accuracies else "."),
