@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import types
 from pathlib import Path
 
 import optuna
@@ -18,6 +19,7 @@ import torch
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
+from slimlm import search as search_module
 from slimlm.apply import subnetwork_applied
 from slimlm.costs import static_cost
 from slimlm.data import model_windows
@@ -1192,3 +1194,23 @@ def test_the_summary_says_plainly_when_the_search_adds_little_over_its_start():
     assert "search gain +2.6%" in little and "adds little over its best start" in little
     much = search_summary(report | {"best_start": {"trial": 0, "evaluation_perplexity": 51.5}, "search_gain": 0.13})
     assert "search gain +13.0%" in much and "adds little" not in much
+
+
+def test_a_waiting_finaliser_says_how_many_workers_evaluate_and_when_the_last_result_came(monkeypatch):
+    """A finaliser with no worker alive must not wait in silence: its progress names both figures."""
+    study = optuna.create_study()
+    study.add_trial(optuna.trial.create_trial(value=1.0))  # one result in, long enough ago to be seen
+    study.ask()  # one candidate being evaluated
+    monkeypatch.setattr(search_module, "_search_done", lambda *_: False)
+    monkeypatch.setattr(search_module, "FINALISER_POLL_SECONDS", 0)
+    seen = []
+
+    def show(busy: int, idle: float | None) -> None:
+        seen.append((busy, idle))
+        if len(seen) == 2:
+            raise KeyboardInterrupt  # the only way out of a search that never ends
+
+    job = dataclasses.replace(SearchJob(model="m", out="o"), strategy="random")
+    with pytest.raises(KeyboardInterrupt):
+        search_module._await_workers(types.SimpleNamespace(job=job, context=None), study, show)
+    assert seen[-1][0] == 1 and 0 <= seen[-1][1] < 60

@@ -11,6 +11,7 @@ machines) can share one study.
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import multiprocessing
@@ -577,9 +578,11 @@ def _await_workers(searcher: Searcher, study: optuna.Study, show) -> None:
     while True:
         _fail_stale_trials(study)
         done = _search_done(study, strategy, History.read(study), searcher.context, job.evaluations)
-        if done and not study.get_trials(False, states=running):
+        busy = len(study.get_trials(False, states=running))
+        if done and not busy:
             return
-        show()
+        finished = [t.datetime_complete for t in study.get_trials(False) if t.datetime_complete is not None]
+        show(busy, (datetime.datetime.now() - max(finished)).total_seconds() if finished else None)
         time.sleep(FINALISER_POLL_SECONDS)
 
 
@@ -644,7 +647,13 @@ def search(job: SearchJob, loaded: LoadedModel | None = None, role: str = "all")
                 bar.update(task, description=f"searching ({seen}; the search ends at {MAX_PRUNED_IN_A_ROW})")
 
             if role == "finaliser":
-                _await_workers(searcher, study, lambda: bar.update(task, completed=evaluations_done(study)))
+
+                def waiting(busy: int, idle: float | None) -> None:  # says so when no worker is alive
+                    last = "none yet" if idle is None else f"the last {idle:.0f} s ago"
+                    state = f"waiting for the workers: {busy} evaluating, results {last}"
+                    bar.update(task, completed=evaluations_done(study), description=f"finalising ({state})")
+
+                _await_workers(searcher, study, waiting)
             else:
                 run_worker(searcher, study, show, missed)
             for process in helpers:
