@@ -1113,6 +1113,10 @@ def test_a_space_smaller_than_the_evaluations_ends_the_search_and_the_report_say
     report = write_report(searcher, study)
     assert report["space_exhausted"] and report["best_trial"] is not None
     assert f"the search ended after {done} of 100 candidates" in search_summary(report)
+    reached, stages = report["fitness_stage_reached"], report["fitness_stages"]
+    assert reached == max(stage_of(t) for t in completed(study))
+    said = f"ranked at fidelity stage {reached + 1} of {len(stages)}" in search_summary(report)
+    assert said == (reached < len(stages) - 1)  # here stage 1 of 2: the handful never got promoted
     trials = len(study.get_trials(deepcopy=False))
     _, again = search(dataclasses.replace(job, resume=True, evaluations=200), searcher.loaded)
     assert len(again.get_trials(deepcopy=False)) == trials

@@ -188,6 +188,8 @@ def write_report(searcher: Searcher, study: optuna.Study, front_size: int = 6) -
         "evaluations_asked": job.evaluations,
         # the search ended before ``evaluations_asked``: the space gave no new candidate within the budget
         "space_exhausted": bool(study.user_attrs.get(EXHAUSTED_ATTR)),
+        # the fidelity stage whose fitness ranked the front and the finalists (0: the fewest windows)
+        "fitness_stage_reached": stage_of(trials[0]) if trials else None,
         "trials": len(completed(study)),
         "calibration": job.calibration,
         "evaluation": job.evaluation,
@@ -259,6 +261,12 @@ def search_summary(report: dict) -> str:
         line += (
             f"; the search ended after {report['evaluations']} of {report['evaluations_asked']} candidates:"
             " the space gave no new one within the budget"
+        )
+    stages, reached = report.get("fitness_stages") or [], report.get("fitness_stage_reached")
+    if reached is not None and reached < len(stages) - 1:  # an exhausted or stopped search: fitness on fewer windows
+        line += (
+            f"; its finalists were ranked at fidelity stage {reached + 1} of {len(stages)}"
+            f" ({stages[reached]} of {stages[-1]} fitness windows)"
         )
     return line
 
