@@ -105,6 +105,7 @@ def measure(model, dense, texts: dict, cloze, reference) -> dict:
         "chat_kl": chat["kl_per_token"],
         "chat_first_tokens": chat["first_tokens_match"],
         "chat_agreement": chat["dense_token_agreement"],
+        "chat_position_agreement": chat["position_agreement"],
         "sample": chat["samples"][0],
     }
 

@@ -49,6 +49,7 @@ def test_the_dense_model_matches_itself_exactly(dense, reference):
     result = chat_fidelity(dense.model, dense.tokenizer, reference)
     assert result["kl_per_token"] == pytest.approx(0.0, abs=1e-6)
     assert result["dense_token_agreement"] == 1.0 and result["first_tokens_match"] == 1.0
+    assert result["position_agreement"] == [1.0] * min(FIRST_TOKENS, max(len(a) for a in reference.answer_ids))
     assert len(result["samples"]) == SAMPLES
     assert all(s["dense"].split()[:FIRST_TOKENS] == s["compressed"].split()[:FIRST_TOKENS] for s in result["samples"])
 
@@ -80,6 +81,7 @@ def test_batched_teacher_forcing_scores_like_one_answer_at_a_time(family):
     prompts = [" ".join(f"w{(5 * i + 2 * j) % 90 + 1}" for j in range(2 + 3 * i % 11)) for i in range(11)]
     reference = chat_reference(dense.model, dense.tokenizer, prompts, new_tokens=9)
     kl, agree, positions = 0.0, 0, 0
+    early, answers = [0] * FIRST_TOKENS, [0] * FIRST_TOKENS
     for prompt, answer in zip(reference.prompt_ids, reference.answer_ids, strict=True):
         ids, start = torch.tensor([prompt + answer]), len(prompt) - 1
         with torch.no_grad():
@@ -88,11 +90,14 @@ def test_batched_teacher_forcing_scores_like_one_answer_at_a_time(family):
         kl += float((teacher.exp() * (teacher - student)).sum())
         agree += int((student.argmax(-1) == torch.tensor(answer)).sum())
         positions += len(answer)
+        for i, hit in enumerate((student.argmax(-1) == torch.tensor(answer)).tolist()[:FIRST_TOKENS]):
+            early[i], answers[i] = early[i] + hit, answers[i] + 1
     result = chat_fidelity(other.model, dense.tokenizer, reference)
     lengths = {len(p) + len(a) for p, a in zip(reference.prompt_ids, reference.answer_ids, strict=True)}
     assert positions > 11 and len(lengths) > 3  # padding really varies
     assert result["kl_per_token"] == pytest.approx(kl / positions, rel=1e-4)
     assert result["dense_token_agreement"] == agree / positions
+    assert result["position_agreement"] == pytest.approx([h / c for h, c in zip(early, answers, strict=True) if c])
 
 
 def test_prompts_go_through_the_chat_template_when_there_is_one(dense):

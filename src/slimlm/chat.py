@@ -19,6 +19,7 @@ answers again and again.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -191,12 +192,18 @@ def chat_fidelity(model, tokenizer, reference: ChatReference, description: str =
     pairs = list(zip(reference.prompt_ids, reference.answer_ids, strict=True))
     pad = _pad_id(model, tokenizer)
     kl_sum, agree, positions = 0.0, 0, 0
+    early, answers = torch.zeros(FIRST_TOKENS), torch.zeros(FIRST_TOKENS)  # agreement by position in the answer
     for batch in track(_teacher_batches(reference.prompt_ids, reference.answer_ids), f"chat fidelity ({description})"):
         student = _answer_logprobs(model, batch, pad)
         rows = slice(positions, positions + len(student))
         candidate_top = student.gather(-1, reference.top_indices[rows].long())
         kl_sum += float(coarse_kl(reference.top_logprobs[rows], candidate_top).sum())
-        agree += int((student.argmax(-1) == torch.tensor([t for _, a in batch for t in a])).sum())
+        hits = student.argmax(-1) == torch.tensor([t for _, a in batch for t in a])
+        agree += int(hits.sum())
+        for at, (_, answer) in zip(itertools.accumulate([len(a) for _, a in batch], initial=0), batch, strict=False):
+            n = min(len(answer), FIRST_TOKENS)
+            early[:n] += hits[at : at + n]
+            answers[:n] += 1
         positions += len(student)
     starts = greedy_answers(model, tokenizer, reference.prompt_ids, FIRST_TOKENS, None)
     matched = sum(s[:FIRST_TOKENS] == a[:FIRST_TOKENS] for s, a in zip(starts, reference.answer_ids, strict=True))
@@ -207,6 +214,8 @@ def chat_fidelity(model, tokenizer, reference: ChatReference, description: str =
         "kl_per_token": kl_sum / max(positions, 1),
         "dense_token_agreement": agree / max(positions, 1),
         "first_tokens_match": matched / max(len(pairs), 1),
+        # where answers part: the dense token's share at each of the first positions (ten in a row need all)
+        "position_agreement": [float(h / c) for h, c in zip(early, answers, strict=True) if c],
         "samples": [
             {
                 "prompt": reference.prompts[i],
