@@ -226,6 +226,8 @@ def test_compress_with_heal_steps_measures_the_healed_model_beside_the_compresse
     assert "healed 4 steps" in result.stdout
     bad = invoke(*[a if a != out else tmp_path / "other" for a in args], "--heal-steps", -1)
     assert "--heal-steps" in one_error(bad) and not (tmp_path / "other").exists()
+    bad = invoke(*[a if a != out else tmp_path / "other" for a in args], "--heal-steps", 4, "--heal-data", "chat:x")
+    assert "chat:x" in one_error(bad) and not (tmp_path / "other").exists()  # before the search, not after it
 
 
 def test_compress_heals_a_chat_model_on_its_own_chat_as_well_as_its_calibration():
