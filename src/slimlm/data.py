@@ -330,6 +330,13 @@ def _hub_offline(datasets) -> Iterator[None]:
         constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
 
 
+def check_spec(spec: str) -> None:
+    """Refuse a data spec that would fail later, before any long work: every text part is read (and
+    cached), every ``chat`` part's question count parsed (its answers need a model)."""
+    for part in mixed_parts(spec):
+        chat_questions(part) if is_chat(part) else load_text(part)
+
+
 def mixed_parts(spec: str) -> list[str]:
     """The specs a mixed spec joins (a plain spec is its own single part)."""
     parts = spec.split(MIX)

@@ -10,13 +10,12 @@ from pathlib import Path
 from slimlm.allocator import release
 from slimlm.chat import chat_fidelity, chat_reference
 from slimlm.costs import measure_latency, probe_lengths, static_cost
-from slimlm.data import load_text, mixed_parts
+from slimlm.data import check_spec
 from slimlm.errors import SlimlmError
 from slimlm.evaluate import perplexity
 from slimlm.extract import folder_bytes, needs_remote_code
 from slimlm.heal import HealJob, heal
 from slimlm.heal import check as check_heal
-from slimlm.jobs import chat_questions, is_chat
 from slimlm.jobs import heal_data as default_heal_data
 from slimlm.models import LoadedModel, load_model
 from slimlm.quantize import check_quant, quantize, quantized_bytes, quantized_perplexity
@@ -92,8 +91,7 @@ def compress(
         raise SlimlmError("--heal-steps trains the weights in memory: it cannot be combined with --stream")
     if heal_steps:
         check_heal(heal_job)
-        for part in mixed_parts(data):  # a bad spec refused now, not after the search
-            chat_questions(part) if is_chat(part) else load_text(part)
+        check_spec(data)  # a bad spec refused now, not after the search
     tasks = cloze_tasks(loaded.tokenizer, job.evaluation)  # from the evaluation text, before the long part
     searcher, study = search(job, loaded, role)  # "finaliser": the workers of job.storage evaluate
     pareto = write_report(searcher, study)

@@ -574,14 +574,14 @@ def _await_workers(searcher: Searcher, study: optuna.Study, show) -> None:
     """Wait until the workers have finished the search: done by the strategy's rule, nothing running
     (a killed worker's trial is failed by its stale heartbeat, and its candidate left to the others)."""
     strategy, job = make_strategy(searcher.job.strategy), searcher.job
-    running = (optuna.trial.TrialState.RUNNING,)
     while True:
         _fail_stale_trials(study)
         done = _search_done(study, strategy, History.read(study), searcher.context, job.evaluations)
-        busy = len(study.get_trials(False, states=running))
+        trials = study.get_trials(False)  # one read of the store per poll: it may be a remote database
+        busy = sum(t.state == optuna.trial.TrialState.RUNNING for t in trials)
         if done and not busy:
             return
-        finished = [t.datetime_complete for t in study.get_trials(False) if t.datetime_complete is not None]
+        finished = [t.datetime_complete for t in trials if t.datetime_complete is not None]
         show(busy, (datetime.datetime.now() - max(finished)).total_seconds() if finished else None)
         time.sleep(FINALISER_POLL_SECONDS)
 
