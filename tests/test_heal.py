@@ -18,7 +18,7 @@ from slimlm.errors import SlimlmError
 from slimlm.evaluate import perplexity
 from slimlm.extract import REMOTE_CODE_FILE, SUBNET_FILE, extract
 from slimlm.heal import HEAL_FILE, HealJob, heal
-from slimlm.jobs import heal_data
+from slimlm.jobs import DEFAULT_CALIBRATION, heal_data
 from slimlm.models import load_model
 from slimlm.train import native_precision
 
@@ -234,6 +234,23 @@ def test_compress_heals_a_chat_model_on_its_own_chat_as_well_as_its_calibration(
     assert heal_data("austen:emma+pydoc:library", chat_template=True) == "chat+austen:emma+pydoc:library"
     assert heal_data("austen:emma+pydoc:library", chat_template=False) == "austen:emma+pydoc:library"
     assert heal_data("chat:500+austen:emma", chat_template=True) == "chat:500+austen:emma"  # chat already there
+
+
+@pytest.mark.parametrize("template", [True, False])
+def test_the_heal_command_heals_a_chat_model_on_its_own_chat_by_default(models, text, tmp_path, monkeypatch, template):
+    jobs = []
+
+    def record(job, student):  # the job the command builds; stops it there
+        jobs.append(job)
+        raise SlimlmError("recorded")
+
+    monkeypatch.setattr("slimlm.heal.heal", record)
+    monkeypatch.setattr("slimlm.chat.has_template", lambda tokenizer: template)
+    teacher, student = models
+    args = ["heal", student, "--teacher", teacher, "--out", tmp_path / "cli", "--eval", text, "--eval-windows", 1]
+    assert "recorded" in one_error(invoke(*args, "--seq-len", SEQ))
+    assert jobs[0].data == heal_data(DEFAULT_CALIBRATION, chat_template=template)
+    assert jobs[0].data.startswith("chat+") == template
 
 
 def test_healing_on_chat_uses_the_teachers_answers(models, tmp_path, monkeypatch):

@@ -79,9 +79,14 @@ class ChatReference:
     top_logprobs: torch.Tensor  # (answer tokens, k) their log-probabilities
 
 
+def has_template(tokenizer) -> bool:
+    """Whether ``tokenizer`` has a chat template (an Instruct model's)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
 def prompt_ids(tokenizer, prompt: str) -> tuple[list[int], bool]:
     """``prompt`` as the model sees it in chat (its template, ready for the answer), or as plain text."""
-    if getattr(tokenizer, "chat_template", None):
+    if has_template(tokenizer):
         encoded = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=True
         )
@@ -296,7 +301,7 @@ def _plain(text: str) -> str:
 
 def _user_turn_prefix(tokenizer) -> list[int]:
     """The token ids of the chat template up to the first word of the user's turn."""
-    if not getattr(tokenizer, "chat_template", None):
+    if not has_template(tokenizer):
         raise SlimlmError("the model has no chat template to write its own questions in; use `chat` without a count")
     marker = "\u2063slimlm\u2063"  # invisible and never in a template
     text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
@@ -325,7 +330,7 @@ def _write_conversations(path: Path, model, tokenizer, prompts: list[str], new_t
 
 
 def _conversations_path(model, tokenizer, prompts: list[str], new_tokens: int, questions: int | None) -> Path:
-    template = getattr(tokenizer, "chat_template", None) or ""
+    template = tokenizer.chat_template if has_template(tokenizer) else ""
     settings = [CONVERSATIONS_FORMAT, fingerprint(model), str(len(tokenizer)), str(new_tokens), str(template)]
     sampling = [f"questions={questions}", f"seed={QUESTION_SEED}", f"{QUESTION_TOKENS}x{QUESTION_BATCH}"]
     settings += [] if questions is None else sampling  # what draws the written questions

@@ -43,6 +43,7 @@ from slimlm.jobs import (
     TrainJob,
     budget_jobs,
     describe_specs,
+    heal_data,
     parse_fractions,
     parse_size,
 )
@@ -539,7 +540,10 @@ def heal_command(
     model: Annotated[Path, typer.Argument(help="the pruned model folder (from compress, extract or prune)")],
     teacher: Annotated[str, typer.Option(help="the dense model it was pruned from (same forms as MODEL elsewhere)")],
     out_dir: Annotated[Path, typer.Option("--out", help="folder for the healed model and its checkpoint")],
-    data: DataOpt = HealJob.data,
+    data: Annotated[
+        str | None,
+        typer.Option(help="text to heal on (default: the calibration text, with `chat` for a chat model)"),
+    ] = None,
     steps: Annotated[int, typer.Option(help="optimizer steps")] = HealJob.steps,
     batch_size: Annotated[int, typer.Option(help="windows per step")] = HealJob.batch_size,
     seq_len: SeqLenOpt = HealJob.seq_len,
@@ -556,16 +560,18 @@ def heal_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Recover a pruned model's quality by distillation from its dense teacher; perplexity before and after."""
+    from slimlm.chat import has_template
     from slimlm.data import model_windows
     from slimlm.evaluate import perplexity
     from slimlm.heal import heal
     from slimlm.models import load_model
 
+    student = load_model(str(model))
     job = HealJob(
         model=str(model),
         teacher=teacher,
         out=str(out_dir),
-        data=data,
+        data=data or heal_data(DEFAULT_CALIBRATION, has_template(student.tokenizer)),
         steps=steps,
         batch_size=batch_size,
         seq_len=seq_len,
@@ -578,7 +584,6 @@ def heal_command(
         seed=seed,
         resume=resume,
     )
-    student = load_model(job.model)
     ids = model_windows(student, evaluation, seq_len, evaluation_windows)
     before = perplexity(student.model, ids, description="perplexity (before)")
     began = time.perf_counter()

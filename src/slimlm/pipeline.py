@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from slimlm.allocator import release
-from slimlm.chat import chat_fidelity, chat_reference
+from slimlm.chat import chat_fidelity, chat_reference, has_template
 from slimlm.costs import measure_latency, probe_lengths, static_cost
 from slimlm.data import check_spec
 from slimlm.errors import SlimlmError
@@ -83,7 +83,7 @@ def compress(
     if quant is not None:
         check_quant(loaded, quant, tokenizer_pre)  # before the search, not after it
     heal_job = HealJob(model=str(Path(job.out) / "best"), teacher=job.model, out=str(Path(job.out) / HEALED))
-    data = heal_data or default_heal_data(job.calibration, bool(getattr(loaded.tokenizer, "chat_template", None)))
+    data = heal_data or default_heal_data(job.calibration, has_template(loaded.tokenizer))
     heal_job = replace(heal_job, data=data, seq_len=job.seq_len, steps=heal_steps, seed=job.seed)
     if heal_steps < 0:
         raise SlimlmError("--heal-steps must be 0 (no recovery) or more")
