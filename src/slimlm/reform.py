@@ -46,14 +46,15 @@ def solve(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damping:
 GRAM_COLUMNS = 1024  # columns of X Xᵀ made at once: a float32 block, not the whole product twice over
 
 
-def add_gram(gram: torch.Tensor, x: torch.Tensor) -> None:
-    """``gram`` (float64) += X Xᵀ of the rows of ``x`` (any leading shape): float32 products (fast), float64
-    sums (exact enough), a block of columns at a time, so no full-size float32 and float64 copies of the
-    product exist (at width 4608: 85 MB and 170 MB)."""
+def add_gram(gram: torch.Tensor, x: torch.Tensor, columns: torch.Tensor | None = None) -> None:
+    """``gram`` (float64) += X Xᵀ of the rows of ``x`` (any leading shape), or only its ``columns``:
+    float32 products (fast), float64 sums (exact enough), a block of columns at a time, so no full-size
+    float32 and float64 copies of the product exist (at width 4608: 85 MB and 170 MB)."""
     flat = x.reshape(-1, x.shape[-1]).float()
-    for start in range(0, flat.shape[1], GRAM_COLUMNS):
+    right = flat if columns is None else flat[:, columns]
+    for start in range(0, right.shape[1], GRAM_COLUMNS):
         block = slice(start, start + GRAM_COLUMNS)
-        gram[:, block] += (flat.T @ flat[:, block]).double()
+        gram[:, block] += (flat.T @ right[:, block]).double()
 
 
 def ridge(
@@ -104,11 +105,19 @@ def admm(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, rho: floa
 
 @contextmanager
 def _capture_input(linear: torch.nn.Module, store: list[torch.Tensor]) -> Iterator[None]:
-    hook = linear.register_forward_pre_hook(lambda _m, args: store.append(args[0].detach()))
+    """Append ``linear``'s input to ``store`` and stop the forward there (``_Captured``, suppressed):
+    the projection's own output is never used, and it was a quarter of reformation's matrix products."""
+
+    def hook(_module, args):
+        store.append(args[0].detach())
+        raise _Captured
+
+    handle = linear.register_forward_pre_hook(hook)
     try:
-        yield
+        with suppress(_Captured):
+            yield
     finally:
-        hook.remove()
+        handle.remove()
 
 
 @torch.no_grad()
@@ -261,10 +270,12 @@ def _reform_projection(
     """Ŵ over the ``kept`` input columns with Ŵ X_K ≈ W X in least squares, X the batches of ``inputs``."""
     if len(kept) == linear.in_features:
         return linear.weight.detach().clone()
-    gram = torch.zeros(linear.in_features, linear.in_features, dtype=torch.float64, device=linear.weight.device)
+    # only G[:, K] = X X_Kᵀ is needed (W G[:, K] and G_KK): the columns of removed units are never made
+    columns = torch.zeros(linear.in_features, len(kept), dtype=torch.float64, device=linear.weight.device)
     for x in inputs:
-        add_gram(gram, x)
-    return solve(linear.weight.detach(), gram, kept, damping)
+        add_gram(columns, x, kept)
+    weight = linear.weight.detach()
+    return ridge(weight.double() @ columns, columns[kept], damping).to(weight.dtype)
 
 
 def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -272,7 +283,8 @@ def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 
 
 class _Captured(Exception):
-    """Raised by the last layer's capture: the rest of the forward is not needed."""
+    """Raised once a forward has given what it was run for (a layer's or a projection's input): the rest
+    of it is not needed."""
 
 
 class _PassThrough(torch.nn.Module):
