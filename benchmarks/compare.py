@@ -114,6 +114,7 @@ def run_method(method, fraction, budget, dense, calib, calibration, scratch, arg
         report = write_report(searcher, study)
         extra = {
             "search_seconds": searched,
+            "phase_seconds": dict(searcher.seconds),  # calibration, library, search, front, finalists, extraction
             "best_start_ppl_austen": (report.get("best_start") or {}).get("evaluation_perplexity"),
             "search_gain": report.get("search_gain"),
             "spearman": report["fitness_evaluation_spearman"],
@@ -149,7 +150,9 @@ def write_results(args, rows: list[dict], command: str, minutes: float) -> None:
         f"one run per kept fraction (prefill 128 tokens; greedy decode under transformers `generate`). "
         f"`{SLIMLM}`: `slimlm compress` with its defaults ({args.evaluations} candidates, multi-fidelity "
         f"evolution on the reformed variant library, KL fitness). "
-        f"Time: the method's own wall time, calibration statistics cached.",
+        f"Time: the method's own wall time, calibration statistics cached; slimlm's split below (library: "
+        f"building the variant library; search: scoring the {args.evaluations} candidates; finalists: their "
+        f"sequential reformation and the choice on selection windows).",
         "",
         "| kept | method | params | ppl austen | ppl pydoc | cloze acc | prefill x | decode x | peak MB | time s |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -171,19 +174,25 @@ def write_results(args, rows: list[dict], command: str, minutes: float) -> None:
         "slimlm's search against its best start (the rules it starts from, reformed) on `austen`, and the rank",
         "correlation of its fitness with evaluation perplexity over the measured last-stage candidates:",
         "",
-        "| kept | best start | winner | search gain | spearman | reformation | search s |",
-        "|---|---|---|---|---|---|---|",
+        "| kept | best start | winner | search gain | spearman | reformation | library s | search s | finalists s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in (r for r in rows[1:] if r["method"] == SLIMLM):
         start, gain, rho = r.get("best_start_ppl_austen"), r.get("search_gain"), r.get("spearman")
         lines.append(
             f"| {r['fraction']} | {start:.2f} | {r['ppl_austen']:.2f} | {100 * gain:+.1f}% | "
-            f"{'-' if rho is None else f'{rho:.2f}'} | {r['reformation']} | {r['search_seconds']:.0f} |"
+            f"{'-' if rho is None else f'{rho:.2f}'} | {r['reformation']} | {_seconds(r, 'library')} | "
+            f"{_seconds(r, 'search')} | {_seconds(r, 'finalists')} |"
         )
     text = "\n".join(lines) + "\n"
     (args.out / "compare.md").write_text(text)
     print(text)
     plot(rows, args.out / "compare.png")
+
+
+def _seconds(row: dict, phase: str) -> str:
+    value = row.get("phase_seconds", {}).get(phase)
+    return "-" if value is None else f"{value:.0f}"
 
 
 def plot(rows: list[dict], path: Path) -> None:

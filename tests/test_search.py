@@ -10,8 +10,10 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 import types
 from pathlib import Path
+from unittest.mock import ANY
 
 import optuna
 import pytest
@@ -29,6 +31,7 @@ from slimlm.extract import extract, needs_remote_code
 from slimlm.importance import cached_calibration
 from slimlm.models import load_model
 from slimlm.models.base import LayerShape
+from slimlm.progress import time_summary, timed
 from slimlm.prune import flap_shapes, params_budget
 from slimlm.reform import reform
 from slimlm.report import (
@@ -773,6 +776,9 @@ def test_cli_search_prints_the_front_and_writes_the_run(folder, text, tmp_path):
         assert ("yes" in row) == (member["trial"] == report["best_trial"])
     assert str(run / "pareto.json") in result.stdout.replace("\n", "")
     assert (run / "pareto.png").is_file() and (run / "best" / "config.json").is_file()
+    phases = ["calibration", "library", "fitness reference", "search", "front", "finalists", "extraction"]
+    assert list(report["seconds"]) == phases and all(s > 0 for s in report["seconds"].values())
+    assert time_summary(report["seconds"]) in result.stdout
 
 
 def test_cli_compress_writes_a_smaller_model_and_its_report(folder, text, tmp_path):
@@ -787,6 +793,21 @@ def test_cli_compress_writes_a_smaller_model_and_its_report(folder, text, tmp_pa
     assert report["evaluations"] == 10
     assert (run / "pareto.json").is_file()
     assert "saved" in result.stdout
+    searched = json.loads((run / "pareto.json").read_text())["seconds"]
+    assert report["seconds"] == searched | {"dense figures": ANY, "compressed figures": ANY}  # the search's, then these
+    assert time_summary(report["seconds"]) in result.stdout
+    assert time_summary(report["seconds"]).capitalize() in (run / "report.md").read_text()
+
+
+def test_timed_adds_each_block_to_its_phase():
+    seconds: dict[str, float] = {}
+    for pause in (0.02, 0.03):
+        with timed(seconds, "phase"):
+            time.sleep(pause)
+    with pytest.raises(ValueError), timed(seconds, "failed"):  # a phase that fails is counted too
+        raise ValueError
+    assert 0.05 <= seconds["phase"] < 1 and list(seconds) == ["phase", "failed"]
+    assert time_summary({"a": 1.2, "b": 3.4}) == "time: a 1 s, b 3 s (5 s in all)"
 
 
 @pytest.mark.parametrize("command", ["search", "compress"])

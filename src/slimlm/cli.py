@@ -962,6 +962,7 @@ def search_command(
 
 
 def _search_one(job: SearchJob, worker: bool, finalise: bool, as_json: bool) -> dict | None:
+    from slimlm.progress import time_summary
     from slimlm.report import search_summary, write_report
     from slimlm.search import search as run_search
 
@@ -1010,6 +1011,7 @@ def _search_one(job: SearchJob, worker: bool, finalise: bool, as_json: bool) -> 
     out.print(_table(f"Pareto front: {job.strategy}, {report['evaluations']} candidates", columns, rows))
     out.print(f"hypervolume {report['hypervolume']:.4f} (kept parameters vs log perplexity over dense)")
     out.print(escape(search_summary(report)))
+    out.print(time_summary(report["seconds"]))
     out.print(
         f"wrote {out_dir}/pareto.json, {out_dir}/pareto.png"
         + (f", {out_dir}/best" if report["best_trial"] is not None else "")
@@ -1072,6 +1074,8 @@ def compress(
     if as_json:
         out.print_json(json.dumps(report))
         return
+    from slimlm.progress import time_summary
+
     model, out_dir = job.model, Path(job.out)
     dense, small = report["dense"], report["compressed"]
     rows = _comparison_rows(dense, small, report["speed_prompt_tokens"], subject=1)
@@ -1119,6 +1123,7 @@ def compress(
             f"{healed['chat']['kl_per_token']:.3f}, answers starting as dense's {chat['first_tokens_match']:.0%} -> "
             f"{healed['chat']['first_tokens_match']:.0%}"
         )
+    out.print(time_summary(report["seconds"]))
     out.print(f"report in {out_dir / 'slimlm_report.json'} and {out_dir / 'report.md'}")
     if quantized := report.get("quantized"):
         measured = (

@@ -18,6 +18,7 @@ from slimlm.heal import HealJob, heal
 from slimlm.heal import check as check_heal
 from slimlm.jobs import heal_data as default_heal_data
 from slimlm.models import LoadedModel, load_model
+from slimlm.progress import time_summary, timed
 from slimlm.quantize import check_quant, quantize, quantized_bytes, quantized_perplexity
 from slimlm.report import search_summary, write_report
 from slimlm.search import SearchJob, search
@@ -103,7 +104,7 @@ def compress(
     lengths = probe_lengths(dense.dims.max_positions)
     # one model in memory at a time: the dense model's figures, then the compressed model's (timed one
     # after the other, not interleaved); the chat reference keeps what fidelity needs of the dense model
-    reference = chat_reference(dense.model, dense.tokenizer)
+    seconds = dict(pareto["seconds"])  # the search's phases, then the measurements'
     measure = {
         "windows": evaluation_ids,
         "tasks": tasks,
@@ -111,13 +112,18 @@ def compress(
         "repeats": repeats,
         "seq_len": job.seq_len,
     }
-    dense_report, dense_accuracy = _measured(dense, "dense", f"dense {job.model}", **measure)
+    with timed(seconds, "dense figures"):
+        reference = chat_reference(dense.model, dense.tokenizer)
+        dense_report, dense_accuracy = _measured(dense, "dense", f"dense {job.model}", **measure)
     if heal_steps:
-        healed = _healed(heal_job, dense, tasks, evaluation_ids, reference)  # the dense model is the teacher
+        with timed(seconds, "healing"):
+            healed = _healed(heal_job, dense, tasks, evaluation_ids, reference)  # the dense model is the teacher
     del dense
     release()
-    small = load_model(out / "best", job.dtype, job.device, job.stream)
-    small_report, small_accuracy = _measured(small, "compressed", str(out / "best"), **measure)
+    with timed(seconds, "compressed figures"):
+        small = load_model(out / "best", job.dtype, job.device, job.stream)
+        small_report, small_accuracy = _measured(small, "compressed", str(out / "best"), **measure)
+        chat = chat_fidelity(small.model, small.tokenizer, reference)
     report = {
         "model": job.model,
         "budget": pareto["budget"],
@@ -143,18 +149,20 @@ def compress(
         "compressed": asdict(small_report),
         # cloze accuracy on the evaluation text, and chat: what users deploy Instruct models for
         "accuracy": {task: dense_accuracy[task] | small_accuracy[task] for task in tasks},
-        "chat": chat_fidelity(small.model, small.tokenizer, reference),
+        "chat": chat,
+        "seconds": seconds,  # wall time per phase: the search's, the measurements', healing, quantization
     }
     if heal_steps:
         report["healed"] = healed
     if quant is not None:
-        path = quantize(small, quant, tokenizer_pre)
-        report["quantized"] = {
-            "quant": quant,
-            "path": str(path),
-            "disk_bytes": quantized_bytes(path),
-            "perplexity": quantized_perplexity(path, evaluation_ids),  # None: llama.cpp is not installed
-        }
+        with timed(seconds, "quantization"):
+            path = quantize(small, quant, tokenizer_pre)
+            report["quantized"] = {
+                "quant": quant,
+                "path": str(path),
+                "disk_bytes": quantized_bytes(path),
+                "perplexity": quantized_perplexity(path, evaluation_ids),  # None: llama.cpp is not installed
+            }
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     (out / MARKDOWN_FILE).write_text(markdown_report(report, out), encoding="utf-8")
     return report
@@ -296,6 +304,8 @@ def markdown_report(report: dict, out: Path) -> str:
         *(["", STREAMED_NOTE] if report.get("streamed") else []),
         "",
         report["summary"] + ".",
+        "",
+        time_summary(report["seconds"]).capitalize() + ".",
         "",
         "![Pareto front](pareto.png)",
         "",

@@ -29,6 +29,22 @@ console = Console(stderr=True)
 QUIET, VERBOSE = "SLIMLM_QUIET", "SLIMLM_VERBOSE"
 
 
+@contextmanager
+def timed(seconds: dict[str, float], phase: str) -> Iterator[None]:
+    """Add the block's wall time to ``seconds[phase]`` (a run's time per phase, for its report)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def time_summary(seconds: dict[str, float]) -> str:
+    """``seconds`` per phase on one line, with their total."""
+    parts = ", ".join(f"{phase} {value:.0f} s" for phase, value in seconds.items())
+    return f"time: {parts} ({sum(seconds.values()):.0f} s in all)"
+
+
 def quiet() -> bool:
     """No progress: only results and errors (``slimlm -q``)."""
     return bool(os.environ.get(QUIET))

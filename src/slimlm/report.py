@@ -15,7 +15,7 @@ from slimlm.apply import subnetwork_applied
 from slimlm.evaluate import perplexity
 from slimlm.extract import extract
 from slimlm.models import BUILTIN_MODELS
-from slimlm.progress import track
+from slimlm.progress import timed, track
 from slimlm.reform import reform
 from slimlm.search import EXHAUSTED_ATTR, Searcher
 from slimlm.strategies import SUBNET_ATTR, candidate, completed, evaluations_done, ranked, stage_of
@@ -138,6 +138,20 @@ def _choose(searcher: Searcher, finalists: list[optuna.trial.FrozenTrial], start
     return chosen
 
 
+def _member(searcher: Searcher, trial: optuna.trial.FrozenTrial, starts: set[str]) -> dict:
+    """A front member or finalist as the report lists it, measured on the evaluation text."""
+    subnet = candidate(trial)
+    return {
+        "trial": trial.number,
+        "stage": stage_of(trial),
+        "fitness": trial.values[0],
+        **measure(searcher, subnet, searcher.evaluation_ids),
+        "within_budget": searcher.budget.fits(searcher.cost(subnet)),
+        "start": trial.user_attrs[SUBNET_ATTR] in starts,
+        "subnet": subnet.to_json(),
+    }
+
+
 def write_report(searcher: Searcher, study: optuna.Study, front_size: int = 6) -> dict:
     """Evaluate the front on evaluation text; choose the winner; write ``pareto.json``, ``pareto.png``, ``best/``.
 
@@ -156,26 +170,19 @@ def write_report(searcher: Searcher, study: optuna.Study, front_size: int = 6) -
     finalists = {t.number: t for t in [*within[:FINALISTS], *([best_start] if best_start else [])]}
     shown = spread(whole, front_size)
     measured = sorted({t.number: t for t in [*shown, *finalists.values()]}.values(), key=lambda t: t.values[1])
-    members = {}
-    for trial in track(measured, "evaluating the front and the finalists"):
-        subnet = candidate(trial)
-        members[trial.number] = {
-            "trial": trial.number,
-            "stage": stage_of(trial),
-            "fitness": trial.values[0],
-            **measure(searcher, subnet, evaluation_ids),
-            "within_budget": searcher.budget.fits(searcher.cost(subnet)),
-            "start": trial.user_attrs[SUBNET_ATTR] in starts,
-            "subnet": subnet.to_json(),
+    with timed(searcher.seconds, "front"):
+        members = {
+            t.number: _member(searcher, t, starts) for t in track(measured, "evaluating the front and the finalists")
         }
+        dense = measure(searcher, None, evaluation_ids)
     top = [m for m in members.values() if trials and m["stage"] == stage_of(trials[0])]
-    dense = measure(searcher, None, evaluation_ids)
-    uniform = None
-    if searcher.reference:  # its widths need not be levels of the library: reformed as ``extract`` would
-        weights = reform(searcher.loaded, searcher.reference, searcher.calibration_ids) if job.reform else None
-        uniform = measure(searcher, searcher.reference, evaluation_ids, weights)
-    # every finalist fits: the fittest are taken within the budget, and every start fills it
-    chosen = _choose(searcher, list(finalists.values()), best_start.number if best_start else None)
+    with timed(searcher.seconds, "finalists"):
+        uniform = None
+        if searcher.reference:  # its widths need not be levels of the library: reformed as ``extract`` would
+            weights = reform(searcher.loaded, searcher.reference, searcher.calibration_ids) if job.reform else None
+            uniform = measure(searcher, searcher.reference, evaluation_ids, weights)
+        # every finalist fits: the fittest are taken within the budget, and every start fills it
+        chosen = _choose(searcher, list(finalists.values()), best_start.number if best_start else None)
     best = min(chosen, key=_selection_score) if chosen else None
     report = {
         "model": job.model,
@@ -209,12 +216,14 @@ def write_report(searcher: Searcher, study: optuna.Study, front_size: int = 6) -
             dense["calibration_perplexity"],
         ),
         "best_trial": best["trial"] if best else None,
+        "seconds": searcher.seconds,  # this process's wall time per phase (a resumed search: since it resumed)
     }
     (out / "pareto.json").write_text(json.dumps(report, indent=1) + "\n")
     if best:
         subnet = candidate(study.trials[best["trial"]])
         weights = best["weights"] if job.reform else None
-        extracted = extract(searcher.loaded, subnet, out / "best", weights)
+        with timed(searcher.seconds, "extraction"):
+            extracted = extract(searcher.loaded, subnet, out / "best", weights)
         with subnetwork_applied(searcher.loaded, subnet, weights) as model:
             report["best_evaluation_perplexity"] = perplexity(model, evaluation_ids)
         report["best_reformed"] = bool(weights)

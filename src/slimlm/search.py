@@ -21,7 +21,7 @@ import threading
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import optuna
@@ -53,7 +53,7 @@ from slimlm.jobs import parse_size as parse_size
 from slimlm.library import VariantLibrary, build_library
 from slimlm.models import LayerShape, LoadedModel, load_model
 from slimlm.outputs import check_run_folder
-from slimlm.progress import optuna_verbosity, progress_bar
+from slimlm.progress import optuna_verbosity, progress_bar, timed
 from slimlm.prune import flap_shapes, params_budget
 from slimlm.reform import reform
 from slimlm.space import uniform_subnetwork
@@ -123,6 +123,7 @@ class Searcher:
     dense: DenseReference  # the dense model's next-token distributions on the fitness windows
     library: VariantLibrary | None  # reformed variants that candidates are stitched from (None: unreformed)
     fingerprint: str  # the model's weights: the study's identity, wherever the model lives on each machine
+    seconds: dict[str, float] = field(default_factory=dict)  # this process's wall time per phase, for the report
 
     def reformed(self, subnet: SubNetwork) -> Mapping | None:
         """The weights a candidate is scored with: library stitches, sequential reformation, or none."""
@@ -236,8 +237,10 @@ def prepare(job: SearchJob, loaded: LoadedModel | None = None) -> Searcher:
             f"{job.evaluation_windows} (--eval-windows)"
         )
     trained = Path(loaded.folder) / IMPORTANCE_FILE  # a super-network: keep the units its training kept
-    calibration = cached_calibration(loaded, calib, job.calibration)
-    scores = load_importance(trained) if trained.is_file() else importance(loaded, calibration, job.metric)
+    seconds: dict[str, float] = {}
+    with timed(seconds, "calibration"):
+        calibration = cached_calibration(loaded, calib, job.calibration)
+        scores = load_importance(trained) if trained.is_file() else importance(loaded, calibration, job.metric)
 
     def within(shapes: list[LayerShape]) -> bool:
         return budget.fits(static_cost(dims, shapes, context=job.seq_len))
@@ -252,8 +255,10 @@ def prepare(job: SearchJob, loaded: LoadedModel | None = None) -> Searcher:
     context = SearchContext(dims, scores, job.space, within, starts, job.seed, stages, job.evaluations)
     library = None
     if job.reform and not job.reform_candidates:
-        library = build_library(loaded, scores, job.space, calib)
-    dense = dense_reference(loaded.model, fitness_ids)
+        with timed(seconds, "library"):
+            library = build_library(loaded, scores, job.space, calib)
+    with timed(seconds, "fitness reference"):
+        dense = dense_reference(loaded.model, fitness_ids)
     identity = loaded.fingerprint()
     return Searcher(
         job,
@@ -268,6 +273,7 @@ def prepare(job: SearchJob, loaded: LoadedModel | None = None) -> Searcher:
         dense,
         library,
         identity,
+        seconds,
     )
 
 
@@ -632,7 +638,7 @@ def search(job: SearchJob, loaded: LoadedModel | None = None, role: str = "all")
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads if helpers else previous_threads)
     try:
-        with progress_bar() as bar:
+        with timed(searcher.seconds, "search"), progress_bar() as bar:
             task = bar.add_task("searching", total=job.evaluations, completed=evaluations_done(study))
 
             def show(result: dict) -> None:
