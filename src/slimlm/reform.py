@@ -39,8 +39,14 @@ Reformed = dict[tuple[int, str], torch.Tensor]
 
 def solve(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
     """Ŵ over columns ``kept`` minimising ‖Ŵ X_K − W X‖² given G = X Xᵀ (float64 inside)."""
-    gram = gram.double()
-    return ridge(weight.double() @ gram[:, kept], gram, damping, kept).to(weight.dtype)
+    return solve_columns(weight, gram.double()[:, kept], kept, damping)
+
+
+def solve_columns(
+    weight: torch.Tensor, columns: torch.Tensor, kept: torch.Tensor, damping: float = DAMPING
+) -> torch.Tensor:
+    """``solve`` from G[:, K] alone (float64), the only columns of G the solution uses: W G[:, K] and G_KK."""
+    return ridge(weight.double() @ columns, columns[kept], damping).to(weight.dtype)
 
 
 GRAM_COLUMNS = 1024  # columns of X Xᵀ made at once: a float32 block, not the whole product twice over
@@ -270,12 +276,11 @@ def _reform_projection(
     """Ŵ over the ``kept`` input columns with Ŵ X_K ≈ W X in least squares, X the batches of ``inputs``."""
     if len(kept) == linear.in_features:
         return linear.weight.detach().clone()
-    # only G[:, K] = X X_Kᵀ is needed (W G[:, K] and G_KK): the columns of removed units are never made
+    # the columns of removed units are never made
     columns = torch.zeros(linear.in_features, len(kept), dtype=torch.float64, device=linear.weight.device)
     for x in inputs:
         add_gram(columns, x, kept)
-    weight = linear.weight.detach()
-    return ridge(weight.double() @ columns, columns[kept], damping).to(weight.dtype)
+    return solve_columns(linear.weight.detach(), columns, kept, damping)
 
 
 def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
