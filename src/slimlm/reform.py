@@ -195,7 +195,8 @@ class SpilledWeights(StoredWeights):
 def _reform_layer(
     loaded: LoadedModel, index: int, subnet: SubNetwork, hidden: list, kwargs: list, reformed: Reformed, damping: float
 ) -> list[torch.Tensor]:
-    """Reform layer ``index``'s output projections into ``reformed``; the hidden states after the layer."""
+    """Reform layer ``index``'s output projections into ``reformed``; the hidden states after the layer
+    (``hidden``'s own tensors, updated in place: the states before the layer are not needed again)."""
     adapter, head_dim = loaded.adapter, loaded.dims.head_dim
     layer, keep = adapter.decoder_layers(loaded.model)[index], subnet.layers[index]
     attention, mlp = _branches(adapter, layer)
@@ -207,25 +208,36 @@ def _reform_layer(
     for name, branch, projection, kept in branches:
         if not len(kept):
             continue  # a removed sub-block adds nothing: the hidden states pass on unchanged
-        inputs = _projection_inputs(branch, projection, hidden, kwargs)
-        reformed[index, name] = w = _reform_projection(projection, inputs, kept, damping)
+        columns, kept_inputs = _kept_inputs(branch, projection, hidden, kwargs, kept)
+        weight = projection.weight.detach()
+        w = weight.clone() if columns is None else solve_columns(weight, columns, kept, damping)
+        reformed[index, name] = w
         out = adapter.branch_output(layer, name)  # e.g. Gemma-3's norm of the branch's output
-        added = (h + out(_project(x[..., kept], w, projection.bias)) for h, x in zip(hidden, inputs, strict=True))
-        hidden = stacked(added, _sizes(hidden))
+        for h, x in zip(hidden, kept_inputs, strict=True):
+            h.add_(out(_project(x, w, projection.bias)))
     return hidden
 
 
-def _projection_inputs(branch, projection, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
-    """What ``projection`` receives when ``branch`` runs on each batch of ``hidden``."""
+def _kept_inputs(branch, projection, hidden: list[torch.Tensor], kwargs: list[dict], kept: torch.Tensor):
+    """What ``projection`` receives when ``branch`` runs on each batch of ``hidden``: G[:, K] of those inputs
+    (float64, accumulated batch by batch; None when every column is kept) and their kept columns X_K.
+
+    Only X_K is held (the removed columns enter G[:, K] and are dropped): a projection's inputs are the
+    widest activations of a layer, and the removed share of them is what a sub-network saves."""
+    full = len(kept) == projection.in_features
+    width, device = projection.in_features, projection.weight.device
+    columns = None if full else torch.zeros(width, len(kept), dtype=torch.float64, device=device)
 
     def each():
         for h, kw in zip(hidden, kwargs, strict=True):
             captured: list[torch.Tensor] = []
             with _capture_input(projection, captured):
                 branch(h, kw)
-            yield captured[0]
+            if columns is not None:
+                add_gram(columns, captured[0], kept)
+            yield captured[0] if full else captured[0][..., kept]
 
-    return stacked(each(), _sizes(hidden))
+    return columns, stacked(each(), _sizes(hidden))
 
 
 def layer_pass(layer: torch.nn.Module, hidden: list, kwargs: list, pre_hooks: dict | None = None) -> list:
@@ -268,19 +280,6 @@ def _branches(adapter, layer):
     """The layer's attention and MLP residual branches, both called as ``branch(hidden, layer_kwargs)``."""
     attention, mlp = adapter.residual_branches(layer)
     return (lambda h, kw: attention(h, **kw)), (lambda h, _kw: mlp(h))
-
-
-def _reform_projection(
-    linear: torch.nn.Linear, inputs: list[torch.Tensor], kept: torch.Tensor, damping: float = DAMPING
-) -> torch.Tensor:
-    """Ŵ over the ``kept`` input columns with Ŵ X_K ≈ W X in least squares, X the batches of ``inputs``."""
-    if len(kept) == linear.in_features:
-        return linear.weight.detach().clone()
-    # the columns of removed units are never made
-    columns = torch.zeros(linear.in_features, len(kept), dtype=torch.float64, device=linear.weight.device)
-    for x in inputs:
-        add_gram(columns, x, kept)
-    return solve_columns(linear.weight.detach(), columns, kept, damping)
 
 
 def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
