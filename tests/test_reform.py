@@ -9,7 +9,7 @@ from slimlm.apply import subnetwork_applied
 from slimlm.errors import SlimlmError
 from slimlm.extract import extract
 from slimlm.models import load_model
-from slimlm.reform import admm, reform, solve, stacked
+from slimlm.reform import StoredWeights, admm, reform, solve, spill, stacked
 from slimlm.subnet import LayerKeep, SubNetwork
 
 from .conftest import FAMILIES, tiny_loaded
@@ -136,3 +136,15 @@ def test_stacked_batches_are_views_of_one_tensor_with_the_same_values():
     assert stacked(iter([]), []) == []
     with pytest.raises(ValueError):
         stacked(iter(batches), [4, 4])  # sizes that do not match the batches are a bug, not truncated
+
+
+def test_spilled_weights_read_back_equal_and_stored_ones_stay_put():
+    weights = {(0, "attention"): torch.randn(8, 4), (2, "mlp"): torch.randn(8, 6)}
+    stored = spill(weights)
+    assert isinstance(stored, StoredWeights)
+    assert sorted(stored) == sorted(weights)
+    assert all(torch.equal(stored[place], w) for place, w in weights.items())
+    assert spill(stored) is stored  # already on disk: not written again
+    folder = stored.folder
+    del stored
+    assert not folder.exists()  # the temporary folder goes with the mapping

@@ -192,6 +192,16 @@ class SpilledWeights(StoredWeights):
         self.places.update({place: (path, name) for place, name in names.items()})
 
 
+def spill(weights: Mapping[tuple[int, str], torch.Tensor]) -> StoredWeights:
+    """``weights`` kept for later on disk (as they are, if they are there already): a model's worth of
+    output projections need not stay in memory while other candidates are reformed."""
+    if isinstance(weights, StoredWeights):
+        return weights
+    stored = SpilledWeights()
+    stored.update(dict(weights))
+    return stored
+
+
 def _reform_layer(
     loaded: LoadedModel, index: int, subnet: SubNetwork, hidden: list, kwargs: list, reformed: Reformed, damping: float
 ) -> list[torch.Tensor]:

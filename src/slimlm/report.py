@@ -16,7 +16,7 @@ from slimlm.evaluate import perplexity
 from slimlm.extract import extract
 from slimlm.models import BUILTIN_MODELS
 from slimlm.progress import timed, track
-from slimlm.reform import reform
+from slimlm.reform import reform, spill
 from slimlm.search import EXHAUSTED_ATTR, Searcher
 from slimlm.strategies import SUBNET_ATTR, candidate, completed, evaluations_done, ranked, stage_of
 from slimlm.subnet import SubNetwork
@@ -117,7 +117,8 @@ def _finalist(searcher: Searcher, trial: optuna.trial.FrozenTrial, sequential: b
         with subnetwork_applied(searcher.loaded, subnet, weights) as model:
             scores[name] = perplexity(model, searcher.selection_ids)
     way = min(scores, key=scores.get)
-    return {"trial": trial.number, "selection_perplexity": scores, "reformation": way, "weights": options[way]}
+    weights = None if options[way] is None else spill(options[way])  # on disk until the winner is extracted
+    return {"trial": trial.number, "selection_perplexity": scores, "reformation": way, "weights": weights}
 
 
 def _selection_score(finalist: dict) -> float:
@@ -179,8 +180,13 @@ def write_report(searcher: Searcher, study: optuna.Study, front_size: int = 6) -
     with timed(searcher.seconds, "finalists"):
         uniform = None
         if searcher.reference:  # its widths need not be levels of the library: reformed as ``extract`` would
-            weights = reform(searcher.loaded, searcher.reference, searcher.calibration_ids) if job.reform else None
-            uniform = measure(searcher, searcher.reference, evaluation_ids, weights)
+            # reformed weights passed on, not named: freed once measured, before the finalists are reformed
+            uniform = measure(
+                searcher,
+                searcher.reference,
+                evaluation_ids,
+                reform(searcher.loaded, searcher.reference, searcher.calibration_ids) if job.reform else None,
+            )
         # every finalist fits: the fittest are taken within the budget, and every start fills it
         chosen = _choose(searcher, list(finalists.values()), best_start.number if best_start else None)
     best = min(chosen, key=_selection_score) if chosen else None
