@@ -77,7 +77,9 @@ def extract(loaded: LoadedModel, subnet: SubNetwork, out: str | Path, reformed: 
 
 def _write_in_memory(model, config, folder: Path) -> int:
     """The applied sub-network as a model of ``config`` in ``folder`` (``save_pretrained``); its parameters."""
-    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    # the applied model's own tensors, not copies (a model's worth of memory): ``small`` is written before
+    # the sub-network is undone
+    state = model.state_dict()
     with torch.device("meta"):  # no random init: every weight comes from ``state``
         small = AutoModelForCausalLM.from_config(config, dtype=model.dtype)  # written as loaded
     small.load_state_dict(state, strict=True, assign=True)
