@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -532,7 +533,10 @@ def test_the_command_line_starts_without_torch(help_of):
 
 def test_shell_completion_completes_slimlm():
     args = [sys.executable, "-m", "slimlm", "--show-completion", "bash"]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    # typer reads the shell from the parent processes unless told to take the option's value (its tests' switch):
+    # a test run whose parent shell has exited (a background job) found none
+    env = os.environ | {"_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     assert "complete -o default -F _slimlm_completion slimlm" in done.stdout
 
