@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from slimlm import chat as chat_module
 from slimlm.cache import cache_root
 from slimlm.chat import (
     FIRST_TOKENS,
@@ -245,3 +246,18 @@ def test_a_bad_number_of_chat_questions_is_refused(dense, spec):
         model_windows(dense, spec, 16)
     with pytest.raises(SlimlmError, match="own answers"):
         load_text("chat:100")
+
+
+def test_teacher_batches_shrink_to_keep_the_logits_bounded(monkeypatch):
+    """A large vocabulary (Gemma 3's 262k) makes fewer answers per pass, not more memory: the same scores."""
+    dense, other = tiny_loaded(), tiny_loaded(seed=1)
+    prompts = [" ".join(f"w{(3 * i + j) % 90 + 1}" for j in range(3 + i % 5)) for i in range(10)]
+    reference = chat_reference(dense.model, dense.tokenizer, prompts, new_tokens=6)
+    whole = chat_fidelity(other.model, dense.tokenizer, reference)
+    answer_logits = 7 * dense.model.config.vocab_size * 4  # bytes of one answer's logits (6 tokens and one past)
+    monkeypatch.setattr("slimlm.evaluate.LOGITS_BYTES", 2 * answer_logits)
+    batches = chat_module._teacher_batches(dense.model, reference.prompt_ids, reference.answer_ids)
+    assert [len(b) for b in batches] == [2] * 5
+    bounded = chat_fidelity(other.model, dense.tokenizer, reference)
+    assert bounded["kl_per_token"] == pytest.approx(whole["kl_per_token"], rel=1e-5)
+    assert bounded["dense_token_agreement"] == whole["dense_token_agreement"]

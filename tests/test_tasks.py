@@ -373,3 +373,18 @@ def test_compress_measures_both_cloze_tasks_or_says_why_not(prose_file, tmp_path
     short.write_text(prose(5))
     reasons = accuracy({"dense": model}, cloze_tasks(TOKENIZER, str(short)))
     assert all("too short" in r["not_measured"] for r in reasons.values())
+
+
+def test_batches_shrink_to_keep_the_choices_logits_bounded(prose_file, monkeypatch):
+    """With a vocabulary as large as Gemma 3's, fewer examples are scored per pass: the same scores."""
+    model = tiny_loaded().model
+    examples = build(CONTINUATION, prose_file, examples=12)
+    whole = tasks._score(model, examples, batch_size=8, description=None)
+    rows = min(sum(map(len, e.choice_ids)) for e in examples)
+    monkeypatch.setattr("slimlm.evaluate.LOGITS_BYTES", rows * model.config.vocab_size * 4)  # one example a pass
+    passes, choice_logprobs = [], tasks._choice_logprobs
+    monkeypatch.setattr(tasks, "_choice_logprobs", lambda *a: passes.append(1) or choice_logprobs(*a))
+    bounded = tasks._score(model, examples, batch_size=8, description=None)
+    assert len(passes) == 12
+    for a, b in zip(whole, bounded, strict=True):
+        assert [ll for ll, _ in a] == pytest.approx([ll for ll, _ in b], abs=1e-4)

@@ -30,15 +30,15 @@ import torch
 
 from slimlm.cache import cache_root, computed_once, fingerprint
 from slimlm.errors import SlimlmError
-from slimlm.evaluate import coarse_kl
+from slimlm.evaluate import coarse_kl, windows_per_forward
 from slimlm.progress import progress_bar, track
 
 ANSWER_TOKENS = 32  # greedy answer length of the reference (a first sentence or two)
 FIRST_TOKENS = 10  # an answer "starts like the dense one" when these many tokens match
 SAMPLES = 3  # answers shown side by side in reports
 BATCH = 16  # prompts generated at once (left-padded)
-TEACHER_BATCH = 8  # answers teacher-forced at once: a pass per batch, not per answer (a streamed model reads
-# every layer per pass); its logits over the vocabulary stay a few tens of MB
+TEACHER_BATCH = 8  # answers teacher-forced at once, at most: a pass per batch, not per answer (a streamed model
+# reads every layer per pass); fewer where their logits would pass evaluate.LOGITS_BYTES (Gemma 3: 3)
 TEACHER_TOP_K = 1024  # the dense model's probabilities kept per answer token, the rest one bin: the KL of
 # those coarsened distributions was within 0.3% of the exact KL (1.821 against 1.827 nats, SmolLM2 at 0.7
 # of its parameters; 1.786 with the top 128), and the reference holds 27 MB instead of the dense model
@@ -154,7 +154,7 @@ def chat_reference(
     ids = [e[0] for e in encoded]
     answers = greedy_answers(dense, tokenizer, ids, new_tokens, "chat: dense answers")
     pad, indices, logprobs = _pad_id(dense, tokenizer), [], []
-    for batch in track(_teacher_batches(ids, answers), "chat: dense distributions"):
+    for batch in track(_teacher_batches(dense, ids, answers), "chat: dense distributions"):
         logits = _answer_logprobs(dense, batch, pad)
         top = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
         indices.append(top.indices.int())  # int32: half the memory; widened when gathered
@@ -164,10 +164,14 @@ def chat_reference(
     return ChatReference(prompts, ids, answers, bool(encoded and encoded[0][1]), indices, logprobs)
 
 
-def _teacher_batches(prompts: list[list[int]], answers: list[list[int]]) -> list[list[tuple[list[int], list[int]]]]:
-    """The (prompt, answer) pairs with an answer, in order, in batches of ``TEACHER_BATCH``."""
+def _teacher_batches(
+    model, prompts: list[list[int]], answers: list[list[int]]
+) -> list[list[tuple[list[int], list[int]]]]:
+    """The (prompt, answer) pairs with an answer, in order, in batches of ``TEACHER_BATCH`` or as many as
+    keep ``model``'s logits of their answers within ``LOGITS_BYTES``."""
     answered = [(prompt, answer) for prompt, answer in zip(prompts, answers, strict=True) if answer]
-    return [answered[i : i + TEACHER_BATCH] for i in range(0, len(answered), TEACHER_BATCH)]
+    size = windows_per_forward(model, max((len(a) + 1 for _, a in answered), default=1), TEACHER_BATCH)
+    return [answered[i : i + size] for i in range(0, len(answered), size)]
 
 
 @torch.no_grad()
@@ -198,7 +202,8 @@ def chat_fidelity(model, tokenizer, reference: ChatReference, description: str =
     pad = _pad_id(model, tokenizer)
     kl_sum, agree, positions = 0.0, 0, 0
     early, answers = torch.zeros(FIRST_TOKENS), torch.zeros(FIRST_TOKENS)  # agreement by position in the answer
-    for batch in track(_teacher_batches(reference.prompt_ids, reference.answer_ids), f"chat fidelity ({description})"):
+    batches = _teacher_batches(model, reference.prompt_ids, reference.answer_ids)
+    for batch in track(batches, f"chat fidelity ({description})"):
         student = _answer_logprobs(model, batch, pad)
         rows = slice(positions, positions + len(student))
         candidate_top = student.gather(-1, reference.top_indices[rows].long())

@@ -19,7 +19,7 @@ import os
 import random
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,6 +27,7 @@ import torch
 
 from slimlm.data import leading_bos, load_text
 from slimlm.errors import SlimlmError
+from slimlm.evaluate import windows_per_forward
 from slimlm.progress import track
 
 LASTWORD = "slimlm-lastword"
@@ -274,7 +275,11 @@ def _score(
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, example in enumerate(examples):
         groups[len(example.context_ids), len(example.choice_ids)].append(i)
-    batches = [ids[j : j + batch_size] for ids in groups.values() for j in range(0, len(ids), batch_size)]
+    batches = []
+    for ids in groups.values():
+        rows = max(sum(map(len, examples[i].choice_ids)) for i in ids)  # logit rows of one example, at most
+        size = windows_per_forward(model, rows, batch_size) if hasattr(model, "config") else batch_size
+        batches += [ids[j : j + size] for j in range(0, len(ids), size)]
     out: list[list[tuple[float, bool]]] = [[] for _ in examples]
     for batch in track(batches, description, total=len(batches)) if description is not None else batches:
         choices = [ids for i in batch for ids in examples[i].choice_ids]
@@ -293,7 +298,7 @@ def _likelihood(logprobs: torch.Tensor, target: torch.Tensor) -> tuple[float, bo
     return logprobs.gather(-1, target[:, None]).sum().item(), greedy
 
 
-def _choice_logprobs(model, contexts: torch.Tensor, choices: list[Sequence[int]]) -> list[torch.Tensor]:
+def _choice_logprobs(model, contexts: torch.Tensor, choices: list[Sequence[int]]) -> Iterator[torch.Tensor]:
     """Next-token log-probabilities [len(choice), vocab] at each token of each choice after its context.
 
     ``contexts`` [B, L] each have len(choices) / B choices. The contexts run once; their KV cache serves
@@ -324,7 +329,8 @@ def _choice_logprobs(model, contexts: torch.Tensor, choices: list[Sequence[int]]
     else:
         full = torch.cat([contexts.repeat_interleave(repeats, dim=0), tails], dim=1).to(device)
         logits = model(input_ids=full, use_cache=False).logits[:, width - 1 :]
-    return [logits[row, : len(ids)].float().log_softmax(-1) for row, ids in enumerate(choices)]
+    # one choice's log-probabilities at a time: all at once are the logits' size again (Gemma 3: 262k columns)
+    return (logits[row, : len(ids)].float().log_softmax(-1) for row, ids in enumerate(choices))
 
 
 def _croppable(cache, length: int) -> bool:

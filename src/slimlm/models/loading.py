@@ -184,10 +184,16 @@ def _check_loading_info(folder: Path, info: dict) -> None:
             raise SlimlmError(f"{folder} {what} tensors: {shown}")
 
 
+FINITE_CHUNK = 2**24  # elements checked at once: isfinite's temporaries (an abs copy, two masks) stay small
+
+
 def _check_finite(folder: Path, model: PreTrainedModel) -> None:
     for name, tensor in streamed_state(model):
         plain = type(tensor) is torch.Tensor  # quantized tensor subclasses (torchao) hold integers and scales
-        if plain and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if not plain or not tensor.is_floating_point():
+            continue
+        # in chunks: on Gemma 3 270M's 671 MB embedding, one isfinite took 1.1 GB more than the weights
+        if not all(torch.isfinite(part).all() for part in tensor.reshape(-1).split(FINITE_CHUNK)):
             raise SlimlmError(f"{folder}: tensor {name} holds NaN or infinite values")
 
 
