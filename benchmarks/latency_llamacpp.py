@@ -1,9 +1,12 @@
 """slimlm against ShortGPT where users deploy small models: decode speed in llama.cpp at one size.
 
 ShortGPT removes whole layers, the shape llama.cpp runs fastest per parameter. slimlm searches with
-`--objective latency --latency-runtime llama.cpp --max-latency-ms X`: every candidate is priced in
-llama.cpp (ms per generated token after a `--seq-len` prompt) and only those at least as fast as X
-are kept, where X is ShortGPT's own model timed by that same probe here. Then dense, ShortGPT and
+`--objective latency --latency-runtime llama.cpp --min-speedup X`: every candidate is priced by
+slimlm's latency model, fitted on sub-networks timed in llama.cpp beside the dense model (ms per
+generated token after a `--seq-len` prompt), and only those predicted at least X times as fast as
+the dense model are kept, where X is ShortGPT's speed-up timed by that same probe here, beside the
+dense model (a speed-up, not milliseconds: the machine's speed drifts between the probe and the
+search). Then dense, ShortGPT and
 slimlm's winner (and slimlm's default winner, searched on parameters alone) are exported to f16 GGUF
 files and timed side by side in llama.cpp (prompt and generation tokens/s, medians of interleaved
 rounds), and measured on Austen prose and Python docs that no calibration, fitness or selection
@@ -28,6 +31,7 @@ from slimlm.evaluate import perplexity
 from slimlm.export import export_gguf
 from slimlm.extract import extract
 from slimlm.importance import cached_calibration
+from slimlm.latency import DECODE_TOKENS, scratch_tokenizer_pre
 from slimlm.models import load_model
 from slimlm.prune import PruneInput, params_budget, prune
 from slimlm.report import write_report
@@ -62,9 +66,10 @@ def main(argv: list[str] | None = None) -> dict:
         scratch = Path(scratch)
         folders = {"dense": dense.folder, "shortgpt": _shortgpt(dense, args, scratch)}
         files = {name: _gguf(load_model(folder), scratch / f"{name}.gguf") for name, folder in folders.items()}
-        probe = llamacpp.compare_speed([files["shortgpt"]], args.seq_len, 16, 9)[0]  # the search's probe, 9 rounds
-        limit = 1000 / probe.generation_tokens_per_s  # the search's own probe, on ShortGPT's model
-        latency = {"objective": "latency", "latency_runtime": "llama.cpp", "max_latency_ms": limit}
+        # the search's own probe (DECODE_TOKENS after a --seq-len prompt), 9 rounds, ShortGPT beside dense
+        probe = llamacpp.compare_speed([files["dense"], files["shortgpt"]], args.seq_len, DECODE_TOKENS, 9)
+        limit = probe[1].generation_tokens_per_s / probe[0].generation_tokens_per_s
+        latency = {"objective": "latency", "latency_runtime": "llama.cpp", "min_speedup": limit}
         searches = {"slimlm-latency": latency}
         if not args.no_plain:
             searches["slimlm"] = {}
@@ -81,13 +86,14 @@ def main(argv: list[str] | None = None) -> dict:
             row |= {"prompt_tokens_per_s": speed.prompt_tokens_per_s, "gen_tokens_per_s": speed.generation_tokens_per_s}
             row["gen_speedup"] = speed.generation_tokens_per_s / speeds[0].generation_tokens_per_s
             row["prompt_speedup"] = speed.prompt_tokens_per_s / speeds[0].prompt_tokens_per_s
-            row |= {k: reports.get(name, {}).get(k) for k in ("search_gain", "best_trial", "search_seconds", "pruned")}
+            row |= {k: reports.get(name, {}).get(k) for k in ("search_gain", "best_trial", "search_seconds")}
+            row |= {k: reports.get(name, {}).get(k) for k in ("predicted_speedup", "latency_model_error")}
             rows.append(row)
             print(json.dumps(row), flush=True)
     result = {
         "command": "python benchmarks/latency_llamacpp.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "fraction": args.fraction,
-        "shortgpt_probe_ms_per_token": limit,
+        "shortgpt_probe_speedup": limit,
         "minutes": (time.perf_counter() - start) / 60,
         "rows": rows,
     }
@@ -116,13 +122,15 @@ def _slimlm(args, dense, out: Path, **settings) -> tuple[Path, dict]:
     searcher, study = search(job, dense)
     searched = time.perf_counter() - start
     report = write_report(searcher, study)
-    pruned = sum(t.state.name == "PRUNED" for t in study.get_trials(deepcopy=False))  # over the latency (or raced)
-    return out / "best", report | {"search_seconds": searched, "pruned": pruned}
+    extra = {"search_seconds": searched}
+    if searcher.latency:  # the winner's speed-up as the search priced it, and the model's error on its checks
+        winner = next(m for m in report["finalists"] if m["trial"] == report["best_trial"])
+        extra["predicted_speedup"] = report["dense"]["predicted_latency_ms"] / winner["predicted_latency_ms"]
+        extra["latency_model_error"] = report["latency_model"]["mean_abs_check_error"]
+    return out / "best", report | extra
 
 
 def _gguf(loaded, path: Path) -> Path:
-    from slimlm.search import scratch_tokenizer_pre
-
     return export_gguf(loaded, path, "f16", scratch_tokenizer_pre(loaded)).path
 
 
@@ -132,19 +140,22 @@ def _write(args, result: dict) -> None:
     lines = [
         f"# Decode speed in llama.cpp at {args.fraction} of the parameters",
         "",
-        f"`{result['command']}` ({result['minutes']:.0f} min). ShortGPT's model, timed by the search's own probe: "
-        f"{result['shortgpt_probe_ms_per_token']:.2f} ms per token; `slimlm-latency` searched with that as "
-        "`--max-latency-ms`. f16 GGUF files timed side by side in llama.cpp "
+        f"`{result['command']}` ({result['minutes']:.0f} min). ShortGPT's model, timed by the search's own probe "
+        f"beside the dense model: {result['shortgpt_probe_speedup']:.3f}x; `slimlm-latency` searched with that as "
+        "`--min-speedup`. f16 GGUF files timed side by side in llama.cpp "
         f"({args.prompt_tokens}-token prompt, {args.new_tokens} generated, median of {args.repeats} rounds).",
         "",
-        "| method | kept | layers | GGUF MB | gen tok/s | gen speed-up | prompt speed-up | ppl austen | ppl pydoc |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | kept | layers | GGUF MB | gen tok/s | gen speed-up | predicted gen speed-up | prompt speed-up"
+        " | ppl austen | ppl pydoc | search s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
+        predicted = f"{r['predicted_speedup']:.2f}x" if r.get("predicted_speedup") else ""
+        searched = f"{r['search_seconds']:.0f}" if r.get("search_seconds") else ""
         lines.append(
             f"| {r['method']} | {r['params_fraction']:.3f} | {r['layers']} | {r['gguf_mb']:.1f} | "
-            f"{r['gen_tokens_per_s']:.1f} | {r['gen_speedup']:.2f}x | {r['prompt_speedup']:.2f}x | "
-            f"{r['ppl_austen']:.2f} | {r['ppl_pydoc']:.2f} |"
+            f"{r['gen_tokens_per_s']:.1f} | {r['gen_speedup']:.2f}x | {predicted} | {r['prompt_speedup']:.2f}x | "
+            f"{r['ppl_austen']:.2f} | {r['ppl_pydoc']:.2f} | {searched} |"
         )
     (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
 

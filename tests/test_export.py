@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
+import tempfile
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -18,7 +21,7 @@ from slimlm.extract import extract
 from slimlm.gguf_tokenizer import TOKENIZER_GGUF, save_tokenizer_gguf
 from slimlm.models import load_model
 from slimlm.search import SearchJob, search
-from slimlm.strategies import completed, stage_of
+from slimlm.strategies import candidate, completed, stage_of
 from slimlm.subnet import SubNetwork
 
 from .conftest import FAMILIES, TEXT, fast_search_settings, for_family, invoke, one_error, save_tiny, tiny_loaded
@@ -505,13 +508,19 @@ def latency_job(tmp_path, text) -> SearchJob:
 
 
 @needs_llama_cpp
-def test_search_measures_latency_in_llama_cpp(tmp_path, text):
-    _, study = search(latency_job(tmp_path, text))
+def test_search_prices_latency_in_llama_cpp(tmp_path, text, monkeypatch):
+    """Candidates are priced by a latency model fitted on sub-networks timed in llama.cpp."""
+    for name, value in (("SAMPLES", 6), ("CHECKS", 2), ("ROUNDS", 2)):  # each an export and timed rounds
+        monkeypatch.setattr(f"slimlm.latency.{name}", value)
+    searcher, study = search(latency_job(tmp_path, text))
     latencies = [t.values[1] for t in completed(study)]
     assert sum(stage_of(t) == 0 for t in completed(study)) == 4  # and the survivors' rescores
     assert all(0 < ms < 1000 for ms in latencies)
-    assert all(t.user_attrs["latency_ms"] == t.values[1] for t in completed(study))
-    assert not list((tmp_path / "run").glob("latency-*.gguf"))  # scratch files are removed
+    assert all(t.user_attrs["latency_ms"] == searcher.latency.ms(candidate(t).shapes()) for t in completed(study))
+    assert 0 < searcher.latency.dense_ms < 1000 and all(math.isfinite(e) for e in searcher.latency.check_errors)
+    assert not list((tmp_path / "run").glob("*.gguf")) and not list(
+        Path(tempfile.gettempdir()).glob("slimlm-latency-*")
+    )
 
 
 @pytest.mark.usefixtures("without_llama_cpp")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -29,6 +30,7 @@ from slimlm.errors import SlimlmError
 from slimlm.evaluate import fitness, perplexity
 from slimlm.extract import extract, needs_remote_code
 from slimlm.importance import cached_calibration
+from slimlm.latency import CHECKS, SAMPLES
 from slimlm.models import load_model
 from slimlm.models.base import LayerShape
 from slimlm.progress import time_summary, timed
@@ -48,6 +50,7 @@ from slimlm.report import (
 )
 from slimlm.search import (
     EXHAUSTED_ATTR,
+    LATENCY_ATTR,
     STUDY_NAME,
     Searcher,
     SearchJob,
@@ -58,7 +61,7 @@ from slimlm.search import (
     search,
 )
 from slimlm.space import NEURON_STEP, SearchSpace
-from slimlm.strategies import OVER_BUDGET_ATTR, STRATEGIES, SUBNET_ATTR, candidate, completed, stage_of
+from slimlm.strategies import STRATEGIES, SUBNET_ATTR, candidate, completed, stage_of
 from slimlm.subnet import LayerKeep, SubNetwork
 
 from .conftest import VOCAB, fast_search_settings, invoke, one_error, save_tiny, tiny_loaded
@@ -1101,52 +1104,70 @@ def test_the_store_names_its_objectives_and_shows_each_candidates_structure(runs
         assert trial.user_attrs["kept_neurons"] == sum(s.neurons for s in subnet.shapes())
 
 
-def test_a_candidate_over_the_latency_budget_is_measured_once_and_never_proposed_again(make_job, tmp_path, monkeypatch):
-    """The first start is over --max-latency-ms: PRUNED once, then never proposed again (it was proposed,
-    measured and pruned over and over, a search that never ended)."""
-    measured = []
+def linear_latency(shapes) -> float:
+    """A runtime whose time is exactly linear in the shapes: 2 ms, plus per attention block 0.1 and per
+    query head 0.02, per MLP block 0.05 and per neuron 0.0001."""
+    attention = sum(0.1 + 0.02 * s.heads for s in shapes if s.has_attention)
+    return 2.0 + attention + sum(0.05 + 1e-4 * s.neurons for s in shapes if s.has_mlp)
 
-    def latency(_searcher, _model) -> float:
-        measured.append(1)
-        return 10.0 if len(measured) == 1 else 1.0
 
-    monkeypatch.setattr(Searcher, "latency_ms", latency)
-    _, study = search(make_job(tmp_path / "run", max_latency_ms=5.0))
-    trials = study.get_trials(deepcopy=False)
-    first = [t.user_attrs[SUBNET_ATTR] for t in trials if "latency_ms" in t.user_attrs and stage_of(t) == 0]
-    assert len(first) == len(set(first))  # each candidate measured once
-    over = [t for t in trials if t.user_attrs.get(OVER_BUDGET_ATTR)]
-    assert len(over) == 1 and over[0].state == optuna.trial.TrialState.PRUNED and over[0].number == 0
+@pytest.fixture
+def timed_linearly(monkeypatch):
+    """Sub-networks timed by ``linear_latency`` beside a dense model: the list of those timed."""
+    timed = []
+
+    @contextlib.contextmanager
+    def timer(loaded, _runtime, _seq_len):
+        dense = linear_latency(loaded.dims.layers)
+
+        def beside(subnet):
+            timed.append(subnet)
+            return dense, linear_latency(subnet.shapes())
+
+        yield beside
+
+    monkeypatch.setattr("slimlm.latency._timer", timer)
+    return timed
+
+
+def test_no_candidate_over_a_latency_budget_is_evaluated(make_job, tmp_path, timed_linearly):
+    """Candidates are priced by the latency model before evaluation: one over the budget is never scored
+    (they were timed and scored, then pruned: a search of mostly such misses)."""
+    dense = linear_latency(load_model(make_job(tmp_path).model).dims.layers)
+    searcher, study = search(make_job(tmp_path / "run", max_latency_ms=0.8 * dense))
+    assert len(timed_linearly) == SAMPLES + CHECKS
+    assert max(abs(e) for e in searcher.latency.check_errors) < 1e-9  # an exactly linear runtime is fitted exactly
+    done = completed(study)
     assert len(first_stage(study)) == EVALUATIONS
-    assert all(t.user_attrs["latency_ms"] <= 5.0 for t in completed(study))
+    for trial in done:
+        predicted = trial.user_attrs["latency_ms"]
+        assert predicted == pytest.approx(linear_latency(candidate(trial).shapes()))
+        assert predicted <= 0.8 * dense
+    assert study.user_attrs[LATENCY_ATTR]["weights"] == list(searcher.latency.weights)
 
 
-def fits(searcher: Searcher, trial) -> bool:
-    return searcher.budget.fits(searcher.cost(candidate(trial)))
-
-
-def test_the_fittest_candidate_over_a_latency_budget_when_measured_again_is_not_a_finalist(
-    make_job, tmp_path, monkeypatch
+def test_a_speedup_budget_holds_every_candidate_to_it_and_a_resumed_search_prices_alike(
+    make_job, tmp_path, timed_linearly
 ):
-    """A candidate passes the search on one latency measurement; the fittest of many near the limit are
-    likely those measured low by chance, so finalists are measured again and those over are left out."""
-    monkeypatch.setattr(Searcher, "latency_ms", lambda _searcher, _model: 1.0)
-    searcher, study = search(make_job(tmp_path / "run", max_latency_ms=5.0))
-    measured = []
+    job = make_job(tmp_path / "run", min_speedup=1.25, objective="latency")
+    searcher, study = search(job)
+    dense = searcher.latency.dense_ms
+    assert all(dense / t.values[1] >= 1.25 - 1e-9 for t in completed(study))
+    timed = len(timed_linearly)
+    again, _ = search(dataclasses.replace(job, resume=True, evaluations=EVALUATIONS + 4), searcher.loaded)
+    assert len(timed_linearly) == timed  # the study's latency model, not a new one
+    assert again.latency == searcher.latency
+    report = write_report(again, study)
+    winner = next(m for m in report["finalists"] if m["trial"] == report["best_trial"])
+    assert winner["predicted_latency_ms"] * 1.25 <= report["dense"]["predicted_latency_ms"] + 1e-9
+    assert report["latency_model"]["max_abs_check_error"] < 1e-9
+    assert "predicted" in search_summary(report) and "speed-up >= 1.25x" in searcher.budget.describe()
 
-    def again(_searcher, _model) -> float:
-        measured.append(1)
-        return 10.0 if len(measured) == 1 else 1.0  # the first measured again: the fittest within budget
 
-    monkeypatch.setattr(Searcher, "latency_ms", again)
-    report = write_report(searcher, study)
-    ranked_within = [t for t in sorted(last_stage(study), key=lambda t: t.values[0]) if fits(searcher, t)]
-    fittest = ranked_within[0].number
-    assert report["latency_remeasured_ms"][str(fittest)] == 10.0
-    assert fittest not in [f["trial"] for f in report["finalists"]]
-    assert report["best_trial"] != fittest
-    assert {t.number for t in ranked_within[1 : 1 + FINALISTS]} <= {f["trial"] for f in report["finalists"]}
-    assert "latency check" in report["seconds"]
+def test_a_speedup_of_zero_is_refused_before_any_work(make_job, tmp_path):
+    with pytest.raises(SlimlmError, match="--min-speedup must be above 0"):
+        search(make_job(tmp_path / "run", min_speedup=0.0))
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_space_smaller_than_the_evaluations_ends_the_search_and_the_report_says_so(make_job, tmp_path, monkeypatch):
@@ -1183,11 +1204,12 @@ def test_fruitless_proposals_are_shown_as_they_happen(make_job, tmp_path, monkey
     assert misses[-29:] == list(range(1, 30))  # the 30th ends the search
 
 
-def test_a_latency_budget_no_candidate_meets_is_one_clear_error(make_job, tmp_path, monkeypatch):
-    monkeypatch.setattr("slimlm.search.MAX_PRUNED_IN_A_ROW", 5)
-    monkeypatch.setattr(Searcher, "latency_ms", lambda _searcher, _model: 10.0)
-    with pytest.raises(SlimlmError, match="5 candidates in a row were outside the budget or already seen"):
-        search(make_job(tmp_path / "run", max_latency_ms=5.0))
+def test_a_latency_budget_no_candidate_meets_is_one_clear_error(make_job, tmp_path, timed_linearly):
+    with pytest.raises(
+        SlimlmError, match="the latency budget is beyond the fastest sub-network this search space allows"
+    ):
+        search(make_job(tmp_path / "run", max_latency_ms=1.0))  # below the 2 ms every model takes
+    assert not (tmp_path / "run").exists()
 
 
 def test_two_searches_share_one_database_under_their_study_names(make_job, tmp_path):

@@ -699,6 +699,10 @@ Objective = Annotated[str, typer.Option(help="cost objective beside perplexity: 
 Evaluations = Annotated[int, typer.Option(help="candidates to evaluate (the store keeps every one)")]
 MaxMemory = Annotated[str | None, typer.Option(help="weights + KV cache budget in bytes, e.g. 300MB")]
 MaxLatency = Annotated[float | None, typer.Option(help="latency budget in ms per candidate (see --latency-runtime)")]
+MinSpeedup = Annotated[
+    float | None,
+    typer.Option(help="latency budget as a speed-up over the dense model in --latency-runtime, e.g. 1.5"),
+]
 LatencyRuntime = Annotated[
     str,
     typer.Option(
@@ -841,6 +845,7 @@ def _search_options(
     max_params: MaxParams = None,
     max_memory: MaxMemory = None,
     max_latency_ms: MaxLatency = None,
+    min_speedup: MinSpeedup = None,
     strategy: Strategy = DEFAULT_STRATEGY,
     objective: Objective = "params",
     latency_runtime: LatencyRuntime = "transformers",
@@ -902,7 +907,14 @@ def _with_search_options(command):
 
 
 PANELS = {  # --help groups the many search options
-    "Budget": ("params_fraction", "non_embedding_fraction", "max_params", "max_memory", "max_latency_ms"),
+    "Budget": (
+        "params_fraction",
+        "non_embedding_fraction",
+        "max_params",
+        "max_memory",
+        "max_latency_ms",
+        "min_speedup",
+    ),
     "Search": ("strategy", "objective", "latency_runtime", "evaluations", "fitness", "stages", "metric", "seed"),
     "Space": ("per_layer", "depth", "min_ratio", "max_ratio", "frozen"),
     "Text": (

@@ -130,6 +130,19 @@ def _write_gguf(loaded: LoadedModel, out: Path, quant: str, tokenizer_pre: str |
     return Exported(out, out.stat().st_size, tuple(kept_f16), padded)
 
 
+def runtime_layer_shapes(family: str, layers: list[LayerShape]) -> list[LayerShape]:
+    """The layer shapes llama.cpp runs for a model of ``family`` with these kept layers, written in f16."""
+    arch = ARCHITECTURES[family][0]
+    if len(set(layers)) > 1:
+        arch = PER_LAYER_ARCHITECTURES.get(arch, arch)
+    return _written_shapes(layers, 1, arch)
+
+
+def ragged_layers_supported(family: str) -> bool:
+    """Whether llama.cpp has a graph for this family with layers of different shapes."""
+    return ARCHITECTURES[family][0] in PER_LAYER_ARCHITECTURES
+
+
 def _written_shapes(layers: list[LayerShape], block: int, arch) -> list[LayerShape]:
     """The layer shapes as written for llama.cpp: each MLP padded with zero neurons to whole blocks, and
     in its Llama graphs two sub-blocks slimlm removed written back as zeros (zero weights add exactly

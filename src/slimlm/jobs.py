@@ -141,6 +141,7 @@ class SearchJob:
     max_params: int | None = None
     max_memory_bytes: int | None = None
     max_latency_ms: float | None = None
+    min_speedup: float | None = None  # predicted speed-up over the dense model in latency_runtime
     strategy: str = DEFAULT_STRATEGY
     objective: str = "params"
     latency_runtime: str = "transformers"  # latency: prefill in transformers, or ms per generated token in llama.cpp
@@ -181,6 +182,7 @@ class SearchJob:
             "max_params",
             "max_memory_bytes",
             "max_latency_ms",
+            "min_speedup",
             "strategy",
             "objective",
             "latency_runtime",
@@ -228,6 +230,7 @@ OPTIONAL_FIELDS = {  # the type of the settings that default to None (unset)
     "max_params": int,
     "max_memory_bytes": int,
     "max_latency_ms": float,
+    "min_speedup": float,
     "storage": str,
 }
 

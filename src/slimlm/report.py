@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import nullcontext
 from dataclasses import asdict
-from functools import partial
-from itertools import islice
 from pathlib import Path
 
 import matplotlib
@@ -86,7 +83,8 @@ def measure(searcher: Searcher, subnet: SubNetwork | None, evaluation_ids, refor
             "params_fraction": cost.params / searcher.cost(full).params,
             "flops_per_token": cost.flops_per_token,
             "memory_bytes": cost.memory_bytes,
-            "latency_ms": searcher.latency_ms(model),
+            "latency_ms": searcher.latency_ms(model),  # timed: what the report states
+            **({"predicted_latency_ms": searcher.latency.ms(subnet.shapes())} if searcher.latency else {}),
             "calibration_perplexity": perplexity(model, searcher.fitness_ids),
             "selection_perplexity": perplexity(model, searcher.selection_ids),
             "evaluation_perplexity": perplexity(model, evaluation_ids),
@@ -142,20 +140,6 @@ def _choose(searcher: Searcher, finalists: list[optuna.trial.FrozenTrial], start
     return chosen
 
 
-def _fits_remeasured(searcher: Searcher, remeasured: dict[int, float], trial: optuna.trial.FrozenTrial) -> bool:
-    """Whether ``trial`` is within a measured (latency) budget measured once more (into ``remeasured``):
-    each candidate passed the search on one noisy measurement, and the fittest of many near the limit are
-    likely those measured low by chance. Always true without a latency budget."""
-    if searcher.budget.latency_ms is None:
-        return True
-    if trial.number not in remeasured:
-        # speed depends on the shapes alone: the dense weights sliced, not a reformation (a sequential one per
-        # candidate under --reform-candidates) or a read of the library
-        with subnetwork_applied(searcher.loaded, candidate(trial), None) as model:
-            remeasured[trial.number] = searcher.latency_ms(model)
-    return remeasured[trial.number] <= searcher.budget.latency_ms
-
-
 def _member(searcher: Searcher, trial: optuna.trial.FrozenTrial, starts: set[str]) -> dict:
     """A front member or finalist as the report lists it, measured on the evaluation text."""
     subnet = candidate(trial)
@@ -164,7 +148,7 @@ def _member(searcher: Searcher, trial: optuna.trial.FrozenTrial, starts: set[str
         "stage": stage_of(trial),
         "fitness": trial.values[0],
         **measure(searcher, subnet, searcher.evaluation_ids),
-        "within_budget": searcher.budget.fits(searcher.cost(subnet)),
+        "within_budget": searcher.context.fits(subnet),
         "start": trial.user_attrs[SUBNET_ATTR] in starts,
         "subnet": subnet.to_json(),
     }
@@ -182,13 +166,10 @@ def write_report(searcher: Searcher, study: optuna.Study, front_size: int = 6) -
     evaluation_ids = searcher.evaluation_ids
     trials = last_stage(study)
     whole = pareto_front(trials)
-    within = [t for t in sorted(trials, key=lambda t: t.values[0]) if searcher.budget.fits(searcher.cost(candidate(t)))]
+    within = [t for t in sorted(trials, key=lambda t: t.values[0]) if searcher.context.fits(candidate(t))]
     starts = {s.to_compact() for s in searcher.context.starts}
-    remeasured: dict[int, float] = {}  # trial -> its latency measured again here (a measured budget only)
-    fits = partial(_fits_remeasured, searcher, remeasured)
-    with timed(searcher.seconds, "latency check") if searcher.budget.latency_ms else nullcontext():
-        fittest = list(islice(filter(fits, within), FINALISTS))  # measured again only until enough pass
-        best_start = next((t for t in ranked(study) if t.user_attrs[SUBNET_ATTR] in starts and fits(t)), None)
+    fittest = within[:FINALISTS]
+    best_start = next((t for t in ranked(study) if t.user_attrs[SUBNET_ATTR] in starts), None)
     finalists = {t.number: t for t in [*fittest, *([best_start] if best_start else [])]}
     shown = spread(whole, front_size)
     measured = sorted({t.number: t for t in [*shown, *finalists.values()]}.values(), key=lambda t: t.values[1])
@@ -225,8 +206,8 @@ def write_report(searcher: Searcher, study: optuna.Study, front_size: int = 6) -
         # the fidelity stage whose fitness ranked the front and the finalists (0: the fewest windows)
         "fitness_stage_reached": stage_of(trials[0]) if trials else None,
         "trials": len(completed(study)),
-        # fittest candidates' latencies measured again before choosing finalists (over the budget: not finalists)
-        "latency_remeasured_ms": {str(k): v for k, v in remeasured.items()},
+        # what priced the candidates' latency, and its error on timed sub-networks it was not fitted on
+        "latency_model": searcher.latency.summary() if searcher.latency else None,
         "calibration": job.calibration,
         "evaluation": job.evaluation,
         "seq_len": job.seq_len,
@@ -295,6 +276,14 @@ def search_summary(report: dict) -> str:
             line += f"; the search adds little over its best start (less than {SEARCH_ADDS_VALUE:.0%})"
     if report.get("fitness_evaluation_spearman") is not None:
         line += f"; fitness vs evaluation rank correlation {report['fitness_evaluation_spearman']:.2f}"
+    if model := report.get("latency_model"):
+        winner = next(m for m in report["finalists"] if m["trial"] == report["best_trial"])
+        speedup = report["dense"]["latency_ms"] / winner["latency_ms"]
+        line += (
+            f"; its latency timed {winner['latency_ms']:.2f} ms ({speedup:.2f}x"
+            f" the dense model), predicted {winner['predicted_latency_ms']:.2f} ms (the latency model's error on"
+            f" sub-networks it was not fitted on: {100 * model['mean_abs_check_error']:.1f}% on average)"
+        )
     if report.get("space_exhausted"):
         line += (
             f"; the search ended after {report['evaluations']} of {report['evaluations_asked']} candidates:"

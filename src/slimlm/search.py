@@ -16,7 +16,6 @@ import json
 import math
 import multiprocessing
 import os
-import tempfile
 import threading
 import time
 import warnings
@@ -31,12 +30,11 @@ from slimlm import llamacpp
 from slimlm.allocator import release
 from slimlm.apply import subnetwork_applied
 from slimlm.cache import lock_file
-from slimlm.costs import LatencyProbe, StaticCost, static_cost, synchronize
+from slimlm.costs import StaticCost, static_cost
 from slimlm.data import model_windows
 from slimlm.errors import SlimlmError
 from slimlm.evaluate import DenseReference, dense_reference, fitness
-from slimlm.export import check_exportable, export_gguf
-from slimlm.gguf_tokenizer import tokenizer_gguf
+from slimlm.export import check_exportable
 from slimlm.importance import (
     IMPORTANCE_FILE,
     METRICS,
@@ -50,6 +48,7 @@ from slimlm.jobs import STORE_FILE as STORE_FILE
 from slimlm.jobs import STUDY_NAME as STUDY_NAME
 from slimlm.jobs import SearchJob
 from slimlm.jobs import parse_size as parse_size
+from slimlm.latency import LatencyModel, build_latency_model, llamacpp_ms_per_token, prefill_ms, scratch_tokenizer_pre
 from slimlm.library import VariantLibrary, build_library
 from slimlm.models import LayerShape, LoadedModel, load_model
 from slimlm.outputs import check_run_folder
@@ -60,7 +59,6 @@ from slimlm.space import uniform_subnetwork
 from slimlm.strategies import (
     CLAIMED,
     ETA,
-    OVER_BUDGET_ATTR,
     STAGE_ATTR,
     SUBNET_ATTR,
     History,
@@ -76,6 +74,7 @@ OBJECTIVES = ("params", "flops", "memory", "latency")
 FITNESSES = ("kl", "perplexity")  # what ranks candidates: KL divergence to the dense model, or perplexity
 LATENCY_RUNTIMES = ("transformers", "llama.cpp")
 MAX_PRUNED_IN_A_ROW = 500  # the space is exhausted or the budget too tight for the strategy
+LATENCY_ATTR = "latency_model"  # study user attribute: the latency model every process prices candidates with
 EXHAUSTED_ATTR = "exhausted"  # study user attribute: the space gave no new candidate within the budget
 MAX_FAILED_IN_A_ROW = 20  # candidates scoring NaN or inf one after another: the model, not the candidates
 HEARTBEAT_SECONDS = 10  # an evaluating trial's heartbeat in the store
@@ -92,10 +91,22 @@ class Budget:
     params: int | None = None
     memory_bytes: int | None = None
     latency_ms: float | None = None
+    min_speedup: float | None = None  # over the dense model, as the latency model predicts it
 
     def fits(self, cost: StaticCost) -> bool:
         return (self.params is None or cost.params <= self.params) and (
             self.memory_bytes is None or cost.memory_bytes <= self.memory_bytes
+        )
+
+    @property
+    def on_latency(self) -> bool:
+        return self.latency_ms is not None or self.min_speedup is not None
+
+    def fits_latency(self, latency: LatencyModel, shapes: list[LayerShape]) -> bool:
+        """Whether the predicted latency of these kept layer shapes is within the latency limits."""
+        ratio = latency.ratio(shapes)
+        return (self.latency_ms is None or latency.dense_ms * ratio <= self.latency_ms) and (
+            self.min_speedup is None or ratio * self.min_speedup <= 1
         )
 
     def describe(self) -> str:
@@ -103,6 +114,7 @@ class Budget:
             f"params <= {self.params:,}" if self.params else "",
             f"memory <= {self.memory_bytes / 1e6:,.1f} MB" if self.memory_bytes else "",
             f"latency <= {self.latency_ms:g} ms" if self.latency_ms else "",
+            f"speed-up >= {self.min_speedup:g}x" if self.min_speedup else "",
         ]
         return ", ".join(p for p in parts if p) or "no budget"
 
@@ -122,6 +134,7 @@ class Searcher:
     reference: SubNetwork | None  # uniform importance-ranked sub-network at the budget (None: none fits)
     dense: DenseReference  # the dense model's next-token distributions on the fitness windows
     library: VariantLibrary | None  # reformed variants that candidates are stitched from (None: unreformed)
+    latency: LatencyModel | None  # a candidate's latency from its shape (None: latency is not searched on)
     fingerprint: str  # the model's weights: the study's identity, wherever the model lives on each machine
     seconds: dict[str, float] = field(default_factory=dict)  # this process's wall time per phase, for the report
 
@@ -136,28 +149,11 @@ class Searcher:
         return static_cost(self.context.dims, subnet.shapes(), context=self.job.seq_len)
 
     def latency_ms(self, model) -> float:
-        """Prefill time of ``seq_len`` tokens in transformers, or ms per generated token in llama.cpp."""
+        """Timed now: prefill of ``seq_len`` tokens in transformers, or ms per generated token in llama.cpp
+        of the model as applied (the search prices candidates with ``latency`` instead)."""
         if self.job.latency_runtime == "llama.cpp":
-            return self._llamacpp_ms_per_token()
-        probe = LatencyProbe(model, prompt_tokens=self.job.seq_len, new_tokens=2)
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            with torch.no_grad():
-                model(input_ids=probe.prompt, use_cache=False)
-            synchronize(model)
-            times.append(1000 * (time.perf_counter() - start))
-        return sorted(times)[1]
-
-    def _llamacpp_ms_per_token(self) -> float:
-        # the model as applied now, as a scratch f16 GGUF (one per worker process)
-        path = Path(self.job.out or tempfile.gettempdir()) / f"latency-{os.getpid()}.gguf"  # a worker has no run folder
-        try:
-            export_gguf(self.loaded, path, "f16", scratch_tokenizer_pre(self.loaded))
-            speed = llamacpp.compare_speed([path], prompt_tokens=self.job.seq_len, new_tokens=16, repeats=3)[0]
-        finally:
-            path.unlink(missing_ok=True)
-        return 1000 / speed.generation_tokens_per_s
+            return llamacpp_ms_per_token(self.loaded, self.job.out or None, self.job.seq_len)  # a worker has no folder
+        return prefill_ms(model, self.job.seq_len)
 
     def evaluate(self, subnet: SubNetwork, stage: int = 0) -> dict:
         """Fitness (KL to dense and perplexity on the stage's fitness windows) and costs of one candidate."""
@@ -166,8 +162,8 @@ class Searcher:
         windows = self.context.stages[stage]
         with subnetwork_applied(self.loaded, subnet, self.reformed(subnet)) as model:
             result = fitness(model, self.dense, windows) | {"stage": stage, "fitness_windows": windows}
-            if self.job.objective == "latency" or self.budget.latency_ms is not None:
-                result["latency_ms"] = self.latency_ms(model)
+            if self.latency is not None:
+                result["latency_ms"] = self.latency.ms(subnet.shapes())
         release()  # the candidate's sliced weights and logits: candidates of other shapes would grow the heap
         shapes = subnet.shapes()
         return result | {
@@ -208,7 +204,9 @@ def prepare(job: SearchJob, loaded: LoadedModel | None = None) -> Searcher:
     total = static_cost(dims, context=job.seq_len)
     given = (job.params_fraction, job.max_params, job.non_embedding_fraction)
     params = None if given == (None, None, None) else params_budget(dims, *given)  # None: a memory budget only
-    budget = Budget(params, job.max_memory_bytes, job.max_latency_ms)
+    if job.min_speedup is not None and job.min_speedup <= 0:
+        raise SlimlmError(f"--min-speedup must be above 0, got {job.min_speedup:g}")
+    budget = Budget(params, job.max_memory_bytes, job.max_latency_ms, job.min_speedup)
     smallest = static_cost(dims, list(job.space.smallest(dims).values()), context=job.seq_len)
     if params is not None and smallest.params > params:
         raise SlimlmError(
@@ -242,8 +240,20 @@ def prepare(job: SearchJob, loaded: LoadedModel | None = None) -> Searcher:
         calibration = cached_calibration(loaded, calib, job.calibration)
         scores = load_importance(trained) if trained.is_file() else importance(loaded, calibration, job.metric)
 
+    latency = None
+    if job.objective == "latency" or budget.on_latency:
+        with timed(seconds, "latency model"):
+            latency = _latency_model(job, loaded, scores)
+        fastest = list(job.space.smallest(dims).values())
+        if not budget.fits_latency(latency, fastest):
+            raise SlimlmError(
+                "the latency budget is beyond the fastest sub-network this search space allows: "
+                f"{latency.ms(fastest):.3g} ms predicted, {1 / latency.ratio(fastest):.2f}x the dense model's speed"
+            )
+
     def within(shapes: list[LayerShape]) -> bool:
-        return budget.fits(static_cost(dims, shapes, context=job.seq_len))
+        fits = budget.fits(static_cost(dims, shapes, context=job.seq_len))
+        return fits and (latency is None or budget.fits_latency(latency, shapes))
 
     starts = tuple(job.space.starts(dims, scores, within, _flap_allocation(loaded, calibration, params)))
     try:
@@ -272,9 +282,26 @@ def prepare(job: SearchJob, loaded: LoadedModel | None = None) -> Searcher:
         reference,
         dense,
         library,
+        latency,
         identity,
         seconds,
     )
+
+
+def _latency_model(job: SearchJob, loaded: LoadedModel, scores) -> LatencyModel:
+    """The study's latency model (a resumed search, a worker joining one), or one fitted now: every
+    process of a search must price candidates alike."""
+    if _study_exists(job):
+        stored = open_study(job, create=False).user_attrs.get(LATENCY_ATTR)
+        if stored:
+            return LatencyModel.from_dict(stored)
+    return build_latency_model(loaded, job.latency_runtime, job.seq_len, job.space, scores, job.seed)
+
+
+def _keep_latency_model(searcher: Searcher, study: optuna.Study) -> None:
+    """Store the latency model with the study, for resumed searches and workers (the first one stays)."""
+    if searcher.latency is not None and LATENCY_ATTR not in study.user_attrs:
+        study.set_user_attr(LATENCY_ATTR, searcher.latency.summary())
 
 
 def _flap_allocation(loaded: LoadedModel, calibration, params: int | None) -> list[LayerShape] | None:
@@ -291,11 +318,6 @@ def _flap_allocation(loaded: LoadedModel, calibration, params: int | None) -> li
 def fidelity_stages(windows: int, stages: int) -> tuple[int, ...]:
     """Fitness windows per stage, fewest first, each ``ETA`` times the one before, the last all of them."""
     return tuple(sorted({max(1, windows // ETA**k) for k in range(stages)}))
-
-
-def scratch_tokenizer_pre(loaded: LoadedModel) -> str | None:
-    """A pre-tokenizer name for GGUF files only timed, never tokenized with: the source's, or any."""
-    return None if tokenizer_gguf(loaded.folder) else "default"
 
 
 def open_study(job: SearchJob, create: bool, fingerprint: str | None = None) -> optuna.Study:
@@ -408,17 +430,11 @@ def run_worker(searcher: Searcher, study: optuna.Study, on_result=None, on_miss=
                 raise failed.error()
             continue
         failed.reset()
-        duplicate = compact in _claims_before(study, trial.number, stage)  # a claim raced after ours was checked
-        over_latency = searcher.budget.latency_ms is not None and result["latency_ms"] > searcher.budget.latency_ms
-        if duplicate or over_latency:
-            if over_latency:  # judged: seen from now on, and counted as a budget miss in a row
-                trial.set_user_attr(OVER_BUDGET_ATTR, True)
+        if compact in _claims_before(study, trial.number, stage):  # a claim raced after ours was checked
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            if over_latency and _missed(study, pruned, on_miss):
-                return
             continue
         study.tell(trial, [result[job.fitness], result[_objective_key(job.objective)]])
-        pruned.reset()  # only here: candidates measured over the latency budget are misses in a row too
+        pruned.reset()
         if on_result:
             on_result(result)
 
@@ -567,6 +583,7 @@ def _work(job: SearchJob, loaded: LoadedModel | None) -> tuple[Searcher, optuna.
     optuna.logging.set_verbosity(optuna_verbosity())
     searcher = prepare(job, loaded)
     study = open_study(job, create=True, fingerprint=searcher.fingerprint)
+    _keep_latency_model(searcher, study)
     if not study.get_trials(deepcopy=False):  # the first to arrive seeds it; a raced seed is pruned as seen
         make_strategy(job.strategy).begin(study, searcher.context)
     with progress_bar() as bar:
@@ -625,6 +642,7 @@ def search(job: SearchJob, loaded: LoadedModel | None = None, role: str = "all")
     hold_run_folder(job.out)
     study = open_study(job, create=True, fingerprint=searcher.fingerprint)
     write_job_file(job.to_dict(), job.out, searcher.fingerprint)  # what ran, to rerun it (--config)
+    _keep_latency_model(searcher, study)
     if not study.get_trials(deepcopy=False):
         make_strategy(job.strategy).begin(study, searcher.context)
     if not job.storage:  # a private store, and this process holds its folder: whatever was running is stale

@@ -112,6 +112,26 @@ class SearchSpace:
             shapes[i] = shape if self.per_layer else self._nearest(layer, uniform, full)
         return shapes or {0: dims.layers[0]}  # as ``suggest``: a model keeps at least one layer
 
+    def sample_levels(self, dims: ModelDims, rng: np.random.Generator, ragged: bool = True) -> dict[int, LayerShape]:
+        """Layer shapes with every layer's attention and MLP level drawn uniformly (removed among them
+        where the space allows depth) and, where it does, up to half the layers removed whole: sub-networks
+        across the space, to time (``slimlm.latency``). ``ragged=False``: one shape for every layer."""
+        if not ragged:
+            full = dims.layers[0]
+            attention, neurons = self.attention_choices(full), self.neuron_choices(full)
+            a, n = attention[rng.integers(len(attention))], neurons[rng.integers(len(neurons))]
+            return {i: LayerShape(a.heads, a.kv_heads, n) for i in range(dims.num_layers)}
+        removal = rng.uniform(0, 0.5) if self.depth else 0.0
+        shapes = {}
+        for i, layer in enumerate(dims.layers):
+            if i in self.frozen_layers:
+                shapes[i] = layer
+            elif rng.random() >= removal:
+                attention, neurons = self.attention_levels(layer), self.mlp_levels(layer)
+                a, n = attention[rng.integers(len(attention))], neurons[rng.integers(len(neurons))]
+                shapes[i] = LayerShape(a.heads, a.kv_heads, n)
+        return shapes if any(s.has_attention or s.has_mlp for s in shapes.values()) else {0: dims.layers[0]}
+
     def params_of(self, dims: ModelDims, shapes: dict[int, LayerShape]) -> dict[str, int | bool]:
         """The trial parameters ``suggest`` would need to return ``shapes`` (to enqueue a known point).
 

@@ -8,7 +8,6 @@ from slimlm.jobs import DEFAULT_STRATEGY  # the setting's home is the torch-free
 from slimlm.strategies.base import (
     CLAIMED,
     ETA,
-    OVER_BUDGET_ATTR,
     STAGE_ATTR,
     SUBNET_ATTR,
     History,
@@ -43,7 +42,6 @@ __all__ = [
     "CLAIMED",
     "DEFAULT_STRATEGY",
     "ETA",
-    "OVER_BUDGET_ATTR",
     "STAGE_ATTR",
     "STRATEGIES",
     "SUBNET_ATTR",

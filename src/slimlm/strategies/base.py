@@ -19,7 +19,6 @@ ETA = 4  # each fidelity stage scores 4x the windows of the one before, and the 
 STAGE_ATTR = "stage"  # trial user attribute: the fidelity stage it was scored at (absent: 0)
 # trial user attribute of a candidate evaluated and found over a measured budget (latency): PRUNED, and
 # never proposed again (it would be measured, and pruned, over and over)
-OVER_BUDGET_ATTR = "over_budget"
 
 
 @dataclass(frozen=True)
@@ -109,15 +108,14 @@ class History:
         return number - sum(t.number < number and t.state == failed for t in self.trials)
 
     def seen(self, stage: int = 0, exclude: int | None = None, before: int | None = None) -> set[str]:
-        """Candidates evaluated, being evaluated (by any worker) or found over a measured budget at ``stage``,
-        as stored compact strings.
+        """Candidates evaluated or being evaluated (by any worker) at ``stage``, as stored compact strings.
 
         ``exclude`` leaves out one trial (the asking one); ``before`` keeps only lower-numbered trials.
         """
         return {
             t.user_attrs[SUBNET_ATTR]
             for t in self.trials
-            if (t.state in CLAIMED or t.user_attrs.get(OVER_BUDGET_ATTR))
+            if t.state in CLAIMED
             and SUBNET_ATTR in t.user_attrs
             and t.number != exclude
             and (before is None or t.number < before)
