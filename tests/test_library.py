@@ -11,7 +11,7 @@ from slimlm import library as library_module
 from slimlm import reform as reform_module
 from slimlm.apply import subnetwork_applied
 from slimlm.errors import SlimlmError
-from slimlm.evaluate import dense_reference, fitness, windows_per_forward
+from slimlm.evaluate import dense_reference, fitness, perplexity, windows_per_forward
 from slimlm.importance import activation_importance
 from slimlm.library import build_library
 from slimlm.models.base import LayerShape
@@ -211,6 +211,26 @@ def test_kl_fitness_is_zero_for_dense_and_exact_with_the_whole_vocabulary():
     assert scores["kl"] == pytest.approx(exact.item(), rel=1e-3)  # float32 sums of small terms
     assert 0 < coarse <= scores["kl"] + 1e-6  # a coarsened distribution's KL bounds the full one from below
     assert scores["perplexity"] > 1
+
+
+def test_the_softmax_over_a_few_positions_at_a_time_scores_alike(monkeypatch):
+    """Windows are normalised a few positions at a time (Gemma 3's full-window temporaries were 268 MB
+    each): the same dense reference, KL, perplexity as the whole window at once."""
+    loaded = tiny_loaded()
+    subnet = SubNetwork({i: LayerKeep([0, 1, 3, 4], [0, 1], range(0, 40, 2)) for i in range(4)})
+
+    def scored():
+        reference = dense_reference(loaded.model, WINDOWS, top_k=8)
+        with subnetwork_applied(loaded, subnet) as model:
+            return reference, fitness(model, reference, len(WINDOWS)), perplexity(model, WINDOWS)
+
+    whole = scored()
+    monkeypatch.setattr("slimlm.evaluate.POSITIONS", 5)
+    parts = scored()
+    assert WINDOWS.shape[1] > 2 * 5
+    assert torch.equal(parts[0].indices, whole[0].indices)
+    assert torch.allclose(parts[0].logprobs, whole[0].logprobs, atol=1e-6)
+    assert parts[1] == pytest.approx(whole[1], rel=1e-5) and parts[2] == pytest.approx(whole[2], rel=1e-5)
 
 
 def test_fidelity_stages_grow_by_four_up_to_every_fitness_window():

@@ -15,6 +15,8 @@ from slimlm.progress import track
 # a forward's float32 logits stay under this: 2 windows of 256 tokens of a 49k-token vocabulary (SmolLM2), as
 # fast on 2 cores as 4 windows (5.5 s for 16 windows either way; 1 window a forward: 6.1 s) at half the memory
 LOGITS_BYTES = 128 * 2**20
+POSITIONS = 64  # positions of a window normalised at once: the softmax's temporaries stay small (Gemma 3's
+# 262k-token vocabulary gives 268 MB per window of 256 tokens, and each full-window temporary as much again)
 
 
 def windows_per_forward(model: PreTrainedModel, seq_len: int, most: int = 4) -> int:
@@ -43,7 +45,8 @@ def perplexity(
         batch = batch.to(model.device)
         logits = model(input_ids=batch, use_cache=False).logits
         for row, ids in zip(logits, batch, strict=True):  # a window at a time: no batch-sized copies of the logits
-            total_nll += F.cross_entropy(row[:-1].float(), ids[1:], reduction="sum").item()
+            for part, targets in zip(row[:-1].split(POSITIONS), ids[1:].split(POSITIONS), strict=True):
+                total_nll += F.cross_entropy(part.float(), targets, reduction="sum").item()
         total_tokens += batch[:, 1:].numel()
     return math.exp(total_nll / total_tokens)
 
@@ -70,9 +73,10 @@ def dense_reference(
     for batch in track(windows.split(batch_size), "dense reference for the KL fitness"):
         logits = model(input_ids=batch.to(model.device), use_cache=False).logits[:, :-1]
         for row in logits:  # a window at a time: no batch-sized temporaries beside the logits
-            top = F.log_softmax(row.float(), dim=-1).topk(min(top_k, row.shape[-1]), dim=-1)
-            indices.append(top.indices.cpu())
-            logprobs.append(top.values.cpu())
+            k = min(top_k, row.shape[-1])
+            tops = [F.log_softmax(part.float(), dim=-1).topk(k) for part in row.split(POSITIONS)]
+            indices.append(torch.cat([top.indices for top in tops]).cpu())
+            logprobs.append(torch.cat([top.values for top in tops]).cpu())
     return DenseReference(windows, torch.stack(indices), torch.stack(logprobs))
 
 
@@ -98,7 +102,8 @@ def fitness(
 
 def _window_fitness(logits: torch.Tensor, reference: DenseReference, window: int) -> tuple[float, float]:
     """Summed KL to the dense model and negative log-likelihood of one window's next-token ``logits``."""
-    norm = logits.logsumexp(dim=-1, keepdim=True)  # log-probabilities only where needed, not the whole vocabulary
+    # log-probabilities only where needed, not over the whole vocabulary; a few positions' temporaries at a time
+    norm = torch.cat([part.logsumexp(dim=-1, keepdim=True) for part in logits.split(POSITIONS)])
     kl = coarse_kl(reference.logprobs[window], logits.gather(-1, reference.indices[window]) - norm)
     targets = reference.windows[window, 1:]
     nll = -(logits.gather(-1, targets[:, None]) - norm).sum()
