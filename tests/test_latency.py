@@ -64,6 +64,11 @@ def test_sampled_levels_are_the_space_levels_and_remove_layers_only_where_depth_
         assert len(shapes) == dims.num_layers and all(s.has_attention and s.has_mlp for s in shapes.values())
     uniform = space.sample_levels(dims, rng, ragged=False)
     assert len(uniform) == dims.num_layers and len(set(uniform.values())) == 1
+    wide = [space.sample_levels(dims, rng, wide=True) for _ in range(40)]  # the upper half of the levels
+    assert (
+        min(s.neurons for shapes in wide for s in shapes.values())
+        >= space.mlp_levels(full)[len(space.mlp_levels(full)) // 2]
+    )
 
 
 def test_llama_cpp_is_priced_on_the_shapes_it_runs():

@@ -1136,6 +1136,8 @@ def test_no_candidate_over_a_latency_budget_is_evaluated(make_job, tmp_path, tim
     dense = linear_latency(load_model(make_job(tmp_path).model).dims.layers)
     searcher, study = search(make_job(tmp_path / "run", max_latency_ms=0.8 * dense))
     assert len(timed_linearly) == SAMPLES + CHECKS
+    # half the timed sub-networks are where the search's candidates lie: within the parameter budget
+    assert sum(searcher.budget.fits(searcher.cost(s)) for s in timed_linearly[1::2]) == (SAMPLES + CHECKS) // 2
     assert max(abs(e) for e in searcher.latency.check_errors) < 1e-9  # an exactly linear runtime is fitted exactly
     done = completed(study)
     assert len(first_stage(study)) == EVALUATIONS

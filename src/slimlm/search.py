@@ -240,10 +240,13 @@ def prepare(job: SearchJob, loaded: LoadedModel | None = None) -> Searcher:
         calibration = cached_calibration(loaded, calib, job.calibration)
         scores = load_importance(trained) if trained.is_file() else importance(loaded, calibration, job.metric)
 
+    def fits_statically(shapes: list[LayerShape]) -> bool:
+        return budget.fits(static_cost(dims, shapes, context=job.seq_len))
+
     latency = None
     if job.objective == "latency" or budget.on_latency:
         with timed(seconds, "latency model"):
-            latency = _latency_model(job, loaded, scores)
+            latency = _latency_model(job, loaded, scores, fits_statically)
         fastest = list(job.space.smallest(dims).values())
         if not budget.fits_latency(latency, fastest):
             raise SlimlmError(
@@ -252,8 +255,7 @@ def prepare(job: SearchJob, loaded: LoadedModel | None = None) -> Searcher:
             )
 
     def within(shapes: list[LayerShape]) -> bool:
-        fits = budget.fits(static_cost(dims, shapes, context=job.seq_len))
-        return fits and (latency is None or budget.fits_latency(latency, shapes))
+        return fits_statically(shapes) and (latency is None or budget.fits_latency(latency, shapes))
 
     starts = tuple(job.space.starts(dims, scores, within, _flap_allocation(loaded, calibration, params)))
     try:
@@ -288,14 +290,14 @@ def prepare(job: SearchJob, loaded: LoadedModel | None = None) -> Searcher:
     )
 
 
-def _latency_model(job: SearchJob, loaded: LoadedModel, scores) -> LatencyModel:
+def _latency_model(job: SearchJob, loaded: LoadedModel, scores, within) -> LatencyModel:
     """The study's latency model (a resumed search, a worker joining one), or one fitted now: every
     process of a search must price candidates alike."""
     if _study_exists(job):
         stored = open_study(job, create=False).user_attrs.get(LATENCY_ATTR)
         if stored:
             return LatencyModel.from_dict(stored)
-    return build_latency_model(loaded, job.latency_runtime, job.seq_len, job.space, scores, job.seed)
+    return build_latency_model(loaded, job.latency_runtime, job.seq_len, job.space, scores, within, job.seed)
 
 
 def _keep_latency_model(searcher: Searcher, study: optuna.Study) -> None:

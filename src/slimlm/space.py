@@ -112,23 +112,28 @@ class SearchSpace:
             shapes[i] = shape if self.per_layer else self._nearest(layer, uniform, full)
         return shapes or {0: dims.layers[0]}  # as ``suggest``: a model keeps at least one layer
 
-    def sample_levels(self, dims: ModelDims, rng: np.random.Generator, ragged: bool = True) -> dict[int, LayerShape]:
+    def sample_levels(
+        self, dims: ModelDims, rng: np.random.Generator, ragged: bool = True, wide: bool = False
+    ) -> dict[int, LayerShape]:
         """Layer shapes with every layer's attention and MLP level drawn uniformly (removed among them
         where the space allows depth) and, where it does, up to half the layers removed whole: sub-networks
-        across the space, to time (``slimlm.latency``). ``ragged=False``: one shape for every layer."""
+        across the space, to time (``slimlm.latency``). ``ragged=False``: one shape for every layer.
+        ``wide``: levels from the upper half and at most a fifth of the layers removed (to shrink to a budget)."""
+
+        def drawn(levels: tuple) -> object:
+            return levels[rng.integers(len(levels) // 2 if wide else 0, len(levels))]
+
         if not ragged:
             full = dims.layers[0]
-            attention, neurons = self.attention_choices(full), self.neuron_choices(full)
-            a, n = attention[rng.integers(len(attention))], neurons[rng.integers(len(neurons))]
+            a, n = drawn(self.attention_choices(full)), drawn(self.neuron_choices(full))
             return {i: LayerShape(a.heads, a.kv_heads, n) for i in range(dims.num_layers)}
-        removal = rng.uniform(0, 0.5) if self.depth else 0.0
+        removal = rng.uniform(0, 0.2 if wide else 0.5) if self.depth else 0.0
         shapes = {}
         for i, layer in enumerate(dims.layers):
             if i in self.frozen_layers:
                 shapes[i] = layer
             elif rng.random() >= removal:
-                attention, neurons = self.attention_levels(layer), self.mlp_levels(layer)
-                a, n = attention[rng.integers(len(attention))], neurons[rng.integers(len(neurons))]
+                a, n = drawn(self.attention_levels(layer)), drawn(self.mlp_levels(layer))
                 shapes[i] = LayerShape(a.heads, a.kv_heads, n)
         return shapes if any(s.has_attention or s.has_mlp for s in shapes.values()) else {0: dims.layers[0]}
 
