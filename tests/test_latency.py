@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -27,7 +29,7 @@ def test_a_runtime_linear_in_the_shapes_is_fitted_exactly():
     shapes = [
         [LayerShape(int(h), int(k), int(n)) for h, k, n in rng.integers(0, [5, 3, 65], (6, 3))] for _ in range(12)
     ]
-    weights = fit([(s, ratio(s)) for s in shapes], FULL)
+    weights = fit([(features(s), ratio(s)) for s in shapes], features(FULL))
     model = LatencyModel("transformers", "llama", 10.0, weights, ())
     for s in [*shapes, [LayerShape(1, 1, 8)], FULL]:
         assert model.ratio(s) == pytest.approx(ratio(s), rel=1e-9)
@@ -42,8 +44,8 @@ def test_no_cost_is_fitted_below_zero():
     for _ in range(12):
         shapes = [LayerShape(int(h), 1, int(n)) for h, n in rng.integers(1, [5, 65], (6, 2))]
         heads, neurons = sum(s.heads for s in shapes), sum(s.neurons for s in shapes)
-        samples.append((shapes, 0.2 + 0.8 * neurons / 384 - 0.05 * heads / 24))  # heads "help"
-    weights = fit(samples, FULL)
+        samples.append((features(shapes), 0.2 + 0.8 * neurons / 384 - 0.05 * heads / 24))  # heads "help"
+    weights = fit(samples, features(FULL))
     assert min(weights) >= 0 and weights[FEATURES.index("query heads")] == 0
 
 
@@ -91,3 +93,23 @@ def test_a_latency_model_is_fitted_on_real_timings_in_transformers(family, monke
     assert model.dense_ms > 0 and len(model.check_errors) == 2 and min(model.weights) >= 0
     assert model.ratio(loaded.dims.layers) > 0
     assert LatencyModel.from_dict(model.summary()) == model
+
+
+def test_llama_cpp_costs_are_fitted_on_the_shapes_it_runs_as_they_are_priced(monkeypatch):
+    """A runtime linear in the shapes llama.cpp runs (a kept attention's zero MLP included) is fitted
+    exactly: the fit and the prices see the same shapes."""
+    loaded = tiny_loaded("llama")
+    costs = np.array([3.0, 0.2, 0.05, 0.07, 0.4, 0.001])
+
+    def timed(shapes):
+        return float(np.dot(costs, features(runtime_layer_shapes("llama", shapes))))
+
+    @contextlib.contextmanager
+    def timer(_loaded, _runtime, _seq_len):
+        yield lambda subnet: (timed(loaded.dims.layers), timed(subnet.shapes()))
+
+    monkeypatch.setattr("slimlm.latency._timer", timer)
+    model = build_latency_model(loaded, "llama.cpp", 16, SearchSpace(), fixed_importance(loaded.dims))
+    assert max(abs(e) for e in model.check_errors) < 1e-9
+    alone = [LayerShape(4, 2, 0)] * 3  # attention kept without its MLP: run with a one-neuron zero MLP
+    assert model.ratio(alone) == pytest.approx(timed(alone) / timed(loaded.dims.layers), rel=1e-9)

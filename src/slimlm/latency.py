@@ -45,7 +45,6 @@ SAMPLES = 16  # timed sub-networks the costs are fitted on (six unknowns)
 CHECKS = 6  # timed sub-networks the fit is checked on before they are fitted on too
 ROUNDS = 5  # interleaved timing rounds per sub-network and the dense model beside it (medians)
 DECODE_TOKENS = 16  # tokens generated per llama.cpp round, after a prompt of the job's sequence length
-RUNTIMES = ("transformers", "llama.cpp")  # prefill ms of seq_len tokens, or ms per generated token
 
 
 @dataclass(frozen=True)
@@ -61,14 +60,10 @@ class LatencyModel:
 
     def ratio(self, shapes: list[LayerShape]) -> float:
         """Predicted time of a sub-network with these kept layer shapes over the dense model's."""
-        return float(np.dot(self.weights, features(self._runtime_shapes(shapes))))
+        return float(np.dot(self.weights, runtime_features(self.runtime, self.family, shapes)))
 
     def ms(self, shapes: list[LayerShape]) -> float:
         return self.dense_ms * self.ratio(shapes)
-
-    def _runtime_shapes(self, shapes: list[LayerShape]) -> list[LayerShape]:
-        # llama.cpp runs some removed sub-blocks as small zero ones (slimlm.export): price what it runs
-        return runtime_layer_shapes(self.family, shapes) if self.runtime == "llama.cpp" else shapes
 
     def summary(self) -> dict:
         """What a report states: the model, and how close it came on sub-networks it was not fitted on."""
@@ -96,12 +91,17 @@ def features(shapes: list[LayerShape]) -> np.ndarray:
     )
 
 
-def fit(samples: list[tuple[list[LayerShape], float]], full: list[LayerShape]) -> tuple[float, ...]:
-    """Least-squares weights of ``FEATURES`` from (shapes, time relative to dense) pairs, none below
-    zero; the dense model itself is one exact pair (ratio 1). Features are scaled by the dense
-    model's, so the solve is well conditioned whatever the widths."""
-    scale = features(full)
-    rows = np.array([features(shapes) / scale for shapes, _ in samples] + [np.ones(len(FEATURES))])
+def runtime_features(runtime: str, family: str, shapes: list[LayerShape]) -> np.ndarray:
+    """``features`` of the layer shapes the runtime runs: llama.cpp runs some removed sub-blocks as small
+    zero ones (``slimlm.export``), and they cost time there."""
+    return features(runtime_layer_shapes(family, shapes) if runtime == "llama.cpp" else shapes)
+
+
+def fit(samples: list[tuple[np.ndarray, float]], dense: np.ndarray) -> tuple[float, ...]:
+    """Least-squares weights of ``FEATURES`` from (features, time relative to dense) pairs, none below
+    zero; the dense model (``dense``: its features) is one exact pair (ratio 1). Features are scaled by
+    the dense model's, so the solve is well conditioned whatever the widths."""
+    rows = np.array([row / dense for row, _ in samples] + [np.ones(len(FEATURES))])
     ratios = np.array([ratio for _, ratio in samples] + [1.0])
     # a negative cost is timing noise fitted (no sub-block makes a forward faster) and would price some
     # candidates below any real model: drop the most negative one and solve again (an active set, as NNLS)
@@ -112,7 +112,7 @@ def fit(samples: list[tuple[list[LayerShape], float]], full: list[LayerShape]) -
             break
         active.pop(int(solved.argmin()))
     weights[active] = solved
-    return tuple(float(w) for w in weights / scale)
+    return tuple(float(w) for w in weights / dense)
 
 
 def build_latency_model(
@@ -130,9 +130,9 @@ def build_latency_model(
     fit on sub-networks across the space alone priced SmolLM2's candidates at 0.7 of its parameters 3%
     fast in llama.cpp, and the sub-networks it was checked on up to 6% slow."""
     rng = np.random.default_rng(seed)
+    dims, family = loaded.dims, loaded.dims.family
     # llama.cpp's graphs of some families need every layer the same shape (slimlm.export refuses others)
-    ragged = runtime != "llama.cpp" or ragged_layers_supported(loaded.dims.family)
-    dims = loaded.dims
+    ragged = runtime != "llama.cpp" or ragged_layers_supported(family)
 
     def draw(k: int) -> SubNetwork:
         if k % 2 == 0:
@@ -146,11 +146,11 @@ def build_latency_model(
         for subnet in track(drawn, f"timing sub-networks in {runtime} for the latency model"):
             dense_ms, sample_ms = time_beside_dense(subnet)
             dense_times.append(dense_ms)
-            samples.append((subnet.shapes(), sample_ms / dense_ms))
-    full = loaded.dims.layers
-    first = LatencyModel(runtime, loaded.dims.family, statistics.median(dense_times), fit(samples[:SAMPLES], full), ())
-    errors = tuple(first.ratio(shapes) / ratio - 1 for shapes, ratio in samples[SAMPLES:])
-    return LatencyModel(runtime, loaded.dims.family, first.dense_ms, fit(samples, full), errors)
+            samples.append((runtime_features(runtime, family, subnet.shapes()), sample_ms / dense_ms))
+    dense = runtime_features(runtime, family, loaded.dims.layers)
+    weights = np.array(fit(samples[:SAMPLES], dense))
+    errors = tuple(float(np.dot(weights, row)) / ratio - 1 for row, ratio in samples[SAMPLES:])
+    return LatencyModel(runtime, family, statistics.median(dense_times), fit(samples, dense), errors)
 
 
 @contextmanager
