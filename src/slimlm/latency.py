@@ -165,9 +165,9 @@ def _timer(loaded: LoadedModel, runtime: str, seq_len: int) -> Iterator[Callable
 
         yield beside
         return
-    folder = Path(tempfile.mkdtemp(prefix="slimlm-latency-"))
-    dense_file = export_gguf(loaded, folder / "dense.gguf", "f16", scratch_tokenizer_pre(loaded)).path
-    try:
+    with tempfile.TemporaryDirectory(prefix="slimlm-latency-") as scratch:  # removed however the build ends
+        folder = Path(scratch)
+        dense_file = export_gguf(loaded, folder / "dense.gguf", "f16", scratch_tokenizer_pre(loaded)).path
 
         def beside(subnet: SubNetwork) -> tuple[float, float]:
             with subnetwork_applied(loaded, subnet, None):
@@ -176,10 +176,6 @@ def _timer(loaded: LoadedModel, runtime: str, seq_len: int) -> Iterator[Callable
             return 1000 / dense.generation_tokens_per_s, 1000 / sample.generation_tokens_per_s
 
         yield beside
-    finally:
-        for path in folder.iterdir():
-            path.unlink()
-        folder.rmdir()
 
 
 def prefill_ms(model, seq_len: int) -> float:
