@@ -9,7 +9,7 @@ from slimlm.apply import subnetwork_applied
 from slimlm.errors import SlimlmError
 from slimlm.extract import extract
 from slimlm.models import load_model
-from slimlm.reform import StoredWeights, admm, reform, solve, spill, stacked
+from slimlm.reform import DAMPING, StoredWeights, admm, reform, ridge, solve, spill, stacked
 from slimlm.subnet import LayerKeep, SubNetwork
 
 from .conftest import FAMILIES, tiny_loaded
@@ -79,7 +79,7 @@ def test_each_layer_is_reformed_on_what_the_reformed_layers_before_it_give_it(fa
     to layer are the model's own: Gemma-3 normalizes each branch's output before adding it)."""
     loaded = tiny_loaded(family)
     subnet = heterogeneous(family)
-    reformed = reform(loaded, subnet, IDS)
+    reformed = reform(loaded, subnet, IDS, drift=0)
     last = max(subnet.layers)
     keep = subnet.layers[last]
     # the pruned model as reform sees it when it reaches the last MLP: that MLP still whole
@@ -94,6 +94,54 @@ def test_each_layer_is_reformed_on_what_the_reformed_layers_before_it_give_it(fa
     x = torch.cat(inputs).reshape(-1, 40).double()
     expected = solve(down_proj.weight.detach(), x.T @ x, torch.tensor(keep.neurons))
     torch.testing.assert_close(reformed[last, "mlp"], expected, rtol=1e-4, atol=1e-5)
+
+
+def _last_mlp_inputs(loaded, subnet, reformed, last):
+    """The stream entering the last layer's MLP branch and its down projection's input, as ``subnet`` with
+    ``reformed`` computes them (llama names)."""
+    layer = loaded.adapter.decoder_layers(loaded.model)[last]
+    streams, inputs = [], []
+    hooks = [
+        layer.post_attention_layernorm.register_forward_pre_hook(lambda _m, args: streams.append(args[0].detach())),
+        layer.mlp.down_proj.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].detach())),
+    ]
+    with subnetwork_applied(loaded, subnet, reformed) as model, torch.no_grad():
+        model(input_ids=IDS, use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    flat = [torch.cat(t).flatten(0, -2).double() for t in (streams, inputs)]
+    return flat[0], flat[1]
+
+
+def test_drift_target_undoes_a_share_of_the_streams_drift_from_the_dense_model():
+    """The last MLP's new weights solve Ŵ X_K ≈ W X + drift·R, R the dense stream after the branch minus the
+    pruned one's (with the branch unreformed), damped towards the kept weights."""
+    loaded = tiny_loaded("llama")
+    subnet, drift = heterogeneous("llama"), 0.5
+    reformed = reform(loaded, subnet, IDS, drift=drift)
+    last = max(subnet.layers)
+    keep = subnet.layers[last]
+    before = SubNetwork(dict(subnet.layers) | {last: LayerKeep(keep.heads, keep.kv_heads, range(40))})
+    earlier = {key: w for key, w in reformed.items() if key != (last, "mlp")}
+    stream, x = _last_mlp_inputs(loaded, before, earlier, last)
+    dense_stream, dense_x = _last_mlp_inputs(loaded, SubNetwork.full(loaded.dims), None, last)
+    weight = loaded.adapter.output_projections(loaded.adapter.decoder_layers(loaded.model)[last])[1].weight.double()
+    kept = torch.tensor(keep.neurons)
+    residual = (dense_stream + dense_x @ weight.T) - (stream + x @ weight.T)
+    rhs = weight @ (x.T @ x[:, kept]) + drift * residual.T @ x[:, kept]
+    expected = ridge(rhs, (x.T @ x)[kept[:, None], kept], DAMPING, prior=weight[:, kept]).float()
+    torch.testing.assert_close(reformed[last, "mlp"], expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(reformed[last, "mlp"], reform(loaded, subnet, IDS, drift=0)[last, "mlp"])
+
+
+def test_a_family_that_normalises_branch_outputs_is_reformed_without_drift():
+    loaded = tiny_loaded("gemma3_text")
+    assert not loaded.adapter.branches_add_linearly()
+    subnet = heterogeneous("gemma3_text")
+    with_drift, without = reform(loaded, subnet, IDS), reform(loaded, subnet, IDS, drift=0)
+    assert with_drift.keys() == without.keys()
+    for key in without:
+        assert torch.equal(with_drift[key], without[key])
 
 
 def test_full_subnetwork_is_left_unchanged():

@@ -181,6 +181,11 @@ class Adapter:
         residual add: nothing in most families (Gemma-3 normalizes it)."""
         return _unchanged
 
+    def branches_add_linearly(self) -> bool:
+        """Whether each branch's output projection result is added to the residual stream as it is (the
+        family has no ``branch_output`` of its own)."""
+        return type(self).branch_output is Adapter.branch_output
+
     def layer_attributes(self, layer: nn.Module) -> list[tuple[object, str]]:
         """Plain attributes of a layer that depend on its shape or position (saved and restored)."""
         raise NotImplementedError
