@@ -17,7 +17,8 @@ Each reformed branch is also fitted to undo a share ``drift`` of that drift: its
 W X + drift·R, where R is the dense stream after the branch minus the pruned stream after it (with
 the branch unreformed). The dense model runs beside the pruned one for this. Measured on SmolLM2
 (FLAP's allocation, reformed on 128 windows, perplexity on 8 held calibration-source windows):
-0.9 kept 27.85 -> 27.55, 0.7 kept 51.64 -> 44.32; drift 1 (undo all) overfits (27.96 at 0.9).
+0.9 kept 27.85 -> 27.55; 0.7 kept 51.64 -> 44.32 (against the local target damped towards the kept
+weights, 27.98 at 0.9); drift 1 (undo all) overfits (27.96 at 0.9), 0.25 is as good as 0.5.
 """
 
 from __future__ import annotations
