@@ -300,7 +300,9 @@ def _kept_inputs(branch, projection, hidden: list, dense: list | None, kwargs: l
     full = len(kept) == projection.in_features and dense is None
     width, device = projection.in_features, projection.weight.device
     columns = None if full else torch.zeros(width, len(kept), dtype=torch.float64, device=device)
-    drift = None if dense is None else torch.zeros(projection.out_features, len(kept), dtype=torch.float64)
+    drift = (
+        None if dense is None else torch.zeros(projection.out_features, len(kept), dtype=torch.float64, device=device)
+    )
 
     def each():
         for batch, (h, kw) in enumerate(zip(hidden, kwargs, strict=True)):
