@@ -49,13 +49,7 @@ Reformed = dict[tuple[int, str], torch.Tensor]
 
 def solve(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
     """Ŵ over columns ``kept`` minimising ‖Ŵ X_K − W X‖² given G = X Xᵀ (float64 inside)."""
-    return solve_columns(weight, gram.double()[:, kept], kept, damping)
-
-
-def solve_columns(
-    weight: torch.Tensor, columns: torch.Tensor, kept: torch.Tensor, damping: float = DAMPING
-) -> torch.Tensor:
-    """``solve`` from G[:, K] alone (float64), the only columns of G the solution uses: W G[:, K] and G_KK."""
+    columns = gram.double()[:, kept]  # G[:, K]: the only columns of G the solution uses (W G[:, K] and G_KK)
     return ridge(weight.double() @ columns, columns[kept], damping).to(weight.dtype)
 
 
@@ -311,8 +305,7 @@ def _kept_inputs(branch, projection, hidden: list, dense: list | None, kwargs: l
                 add_gram(columns, x, kept)
             if drift is not None:  # R = (dense stream + its branch output) - (pruned stream + its branch output)
                 d = dense[batch]
-                x_dense = _projection_input(branch, projection, d, kw)
-                after = _project(x_dense, projection.weight, projection.bias)
+                after = _full_output(branch, projection, d, kw)
                 residual = (d - h) + (after - _project(x, projection.weight, projection.bias))  # exact 0 where alike
                 _add_cross(drift, residual, x[..., kept])
                 d.add_(after)
@@ -329,10 +322,15 @@ def _projection_input(branch, projection, h: torch.Tensor, kw: dict) -> torch.Te
     return captured[0]
 
 
+def _full_output(branch, projection, h: torch.Tensor, kw: dict) -> torch.Tensor:
+    """The branch's unpruned, unreformed projection output on ``h`` (what the dense model adds)."""
+    return _project(_projection_input(branch, projection, h, kw), projection.weight, projection.bias)
+
+
 def _run_dense(branch, projection, dense: list[torch.Tensor], kwargs: list[dict]) -> None:
     """Advance the dense stream past a branch the pruned model no longer has (in place)."""
     for d, kw in zip(dense, kwargs, strict=True):
-        d.add_(_project(_projection_input(branch, projection, d, kw), projection.weight, projection.bias))
+        d.add_(_full_output(branch, projection, d, kw))
 
 
 def _add_cross(total: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
