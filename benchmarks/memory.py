@@ -150,14 +150,17 @@ def main() -> None:
         help="more compress options (memory hardly depends on --evaluations; time does)",
     )
     parser.add_argument("--name", default="memory")
+    parser.add_argument("--keep", help="a folder to keep each compress's run folder and logs in (default: deleted)")
     args = parser.parse_args()
     settings = [*shlex.split(args.settings), "--calib-windows", str(args.calib_windows), "--seq-len", str(args.seq_len)]
     tokens, rows = args.calib_windows * args.seq_len, []
     with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.keep or tmp)
+        work.mkdir(parents=True, exist_ok=True)
         for model in args.models.split(","):
             for dtype in args.dtypes.split(","):
                 for mode in args.modes.split(","):
-                    rows.append(measure(model, dtype, mode, settings, tokens, Path(tmp)))
+                    rows.append(measure(model, dtype, mode, settings, tokens, work))
                     print(table(rows[-1:]), flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(rows, indent=2))
