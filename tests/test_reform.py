@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
@@ -98,13 +96,13 @@ def test_each_layer_is_reformed_on_what_the_reformed_layers_before_it_give_it(fa
     torch.testing.assert_close(reformed[last, "mlp"], expected, rtol=1e-4, atol=1e-5)
 
 
-def _last_mlp_inputs(loaded, subnet, reformed, last, stream_norm="post_attention_layernorm"):
-    """The stream entering the last layer's MLP branch (the input of its first norm, ``stream_norm``) and
-    its down projection's input, as ``subnet`` with ``reformed`` computes them."""
+def _last_mlp_inputs(loaded, subnet, reformed, last):
+    """The stream entering the last layer's MLP branch and its down projection's input, as ``subnet`` with
+    ``reformed`` computes them (llama names)."""
     layer = loaded.adapter.decoder_layers(loaded.model)[last]
     streams, inputs = [], []
     hooks = [
-        getattr(layer, stream_norm).register_forward_pre_hook(lambda _m, args: streams.append(args[0].detach())),
+        layer.post_attention_layernorm.register_forward_pre_hook(lambda _m, args: streams.append(args[0].detach())),
         layer.mlp.down_proj.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].detach())),
     ]
     with subnetwork_applied(loaded, subnet, reformed) as model, torch.no_grad():
@@ -115,65 +113,35 @@ def _last_mlp_inputs(loaded, subnet, reformed, last, stream_norm="post_attention
     return flat[0], flat[1]
 
 
-def _last_mlp_drift_problem(family: str, drift: float, stream_norm: str) -> SimpleNamespace:
-    """The reformed last MLP of ``heterogeneous(family)`` (every norm's weight made random first, so that
-    gains matter), and the hook-measured pieces of its drift target: its down projection's weight and kept
-    neurons, and the streams entering the branch and the projection's inputs there, pruned (every earlier
-    branch reformed, that MLP unreformed) and dense."""
-    loaded = tiny_loaded(family)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in loaded.model.named_parameters():
-            if "norm" in name:
-                param.add_(0.5 * torch.randn(param.shape, generator=g))
-    subnet = heterogeneous(family)
+def test_drift_target_undoes_a_share_of_the_streams_drift_from_the_dense_model():
+    """The last MLP's new weights solve Ŵ X_K ≈ W X + drift·R, R the dense stream after the branch minus the
+    pruned one's (with the branch unreformed), damped towards the kept weights."""
+    loaded = tiny_loaded("llama")
+    subnet, drift = heterogeneous("llama"), 0.5
     reformed = reform(loaded, subnet, IDS, drift=drift)
     last = max(subnet.layers)
     keep = subnet.layers[last]
     before = SubNetwork(dict(subnet.layers) | {last: LayerKeep(keep.heads, keep.kv_heads, range(40))})
     earlier = {key: w for key, w in reformed.items() if key != (last, "mlp")}
-    layer = loaded.adapter.decoder_layers(loaded.model)[last]
-    return SimpleNamespace(
-        loaded=loaded,
-        layer=layer,
-        new=reformed[last, "mlp"],
-        local=reform(loaded, subnet, IDS, drift=0)[last, "mlp"],
-        weight=loaded.adapter.output_projections(layer)[1].weight.double(),
-        kept=torch.tensor(keep.neurons),
-        pruned=_last_mlp_inputs(loaded, before, earlier, last, stream_norm),
-        dense=_last_mlp_inputs(loaded, SubNetwork.full(loaded.dims), None, last, stream_norm),
-    )
+    stream, x = _last_mlp_inputs(loaded, before, earlier, last)
+    dense_stream, dense_x = _last_mlp_inputs(loaded, SubNetwork.full(loaded.dims), None, last)
+    weight = loaded.adapter.output_projections(loaded.adapter.decoder_layers(loaded.model)[last])[1].weight.double()
+    kept = torch.tensor(keep.neurons)
+    residual = (dense_stream + dense_x @ weight.T) - (stream + x @ weight.T)
+    rhs = weight @ (x.T @ x[:, kept]) + drift * residual.T @ x[:, kept]
+    expected = ridge(rhs, (x.T @ x)[kept[:, None], kept], DAMPING, prior=weight[:, kept]).float()
+    torch.testing.assert_close(reformed[last, "mlp"], expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(reformed[last, "mlp"], reform(loaded, subnet, IDS, drift=0)[last, "mlp"])
 
 
-def _drift_solution(p: SimpleNamespace, drift: float, change: torch.Tensor) -> torch.Tensor:
-    """The damped least squares Ŵ X_K ≈ W X + drift·``change`` (damped towards the kept weights)."""
-    x, kept = p.pruned[1], p.kept
-    rhs = p.weight @ (x.T @ x[:, kept]) + drift * change.T @ x[:, kept]
-    return ridge(rhs, (x.T @ x)[kept[:, None], kept], DAMPING, prior=p.weight[:, kept]).float()
-
-
-def test_drift_target_undoes_a_share_of_the_streams_drift_from_the_dense_model():
-    """The last MLP's new weights solve Ŵ X_K ≈ W X + drift·R, R the dense stream after the branch minus the
-    pruned one's (with the branch unreformed), damped towards the kept weights."""
-    p = _last_mlp_drift_problem("llama", 0.5, "post_attention_layernorm")
-    (stream, x), (dense_stream, dense_x) = p.pruned, p.dense
-    residual = (dense_stream + dense_x @ p.weight.T) - (stream + x @ p.weight.T)
-    torch.testing.assert_close(p.new, _drift_solution(p, 0.5, residual), rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(p.new, p.local)
-
-
-def test_a_normalised_branch_undoes_its_drift_through_its_norm_to_first_order():
-    """Gemma-3 normalises the MLP's output, n(z) = (1 + g) z / rms(z), before adding it: the drift R in the
-    stream becomes the change rms(z) R / (1 + g) of the projection's result z = W X."""
-    p = _last_mlp_drift_problem("gemma3_text", 0.5, "pre_feedforward_layernorm")
-    (stream, x), (dense_stream, dense_x) = p.pruned, p.dense
-    norm = p.layer.post_feedforward_layernorm
-    z = x @ p.weight.T
-    residual = (dense_stream + norm(dense_x @ p.weight.T)) - (stream + norm(z))
-    rms = z.pow(2).mean(-1, keepdim=True).add(norm.eps).sqrt()
-    change = residual * rms / (1 + norm.weight.detach().double())
-    torch.testing.assert_close(p.new, _drift_solution(p, 0.5, change), rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(p.new, p.local)
+def test_a_family_that_normalises_branch_outputs_is_reformed_without_drift():
+    loaded = tiny_loaded("gemma3_text")
+    assert not loaded.adapter.branches_add_linearly()
+    subnet = heterogeneous("gemma3_text")
+    with_drift, without = reform(loaded, subnet, IDS), reform(loaded, subnet, IDS, drift=0)
+    assert with_drift.keys() == without.keys()
+    for key in without:
+        assert torch.equal(with_drift[key], without[key])
 
 
 def test_full_subnetwork_is_left_unchanged():

@@ -181,11 +181,10 @@ class Adapter:
         residual add: nothing in most families (Gemma-3 normalizes it)."""
         return _unchanged
 
-    def stream_to_projection(self, layer: nn.Module, name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """``(change, output) -> change'``: a change wanted in the residual stream after the ``name`` branch, as
-        the change in its output projection's result ``output`` that makes it (to first order, where
-        ``branch_output`` is not linear): the change itself in most families."""
-        return _same_change
+    def branches_add_linearly(self) -> bool:
+        """Whether each branch's output projection result is added to the residual stream as it is (the
+        family has no ``branch_output`` of its own)."""
+        return type(self).branch_output is Adapter.branch_output
 
     def layer_attributes(self, layer: nn.Module) -> list[tuple[object, str]]:
         """Plain attributes of a layer that depend on its shape or position (saved and restored)."""
@@ -227,7 +226,3 @@ class Adapter:
 
 def _unchanged(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
-
-
-def _same_change(change: torch.Tensor, _output: torch.Tensor) -> torch.Tensor:
-    return change

@@ -35,7 +35,6 @@ CLASSES = Family(Gemma3TextConfig, "Gemma3ForCausalLM", remote.SlimGemma3Config,
 # llama.cpp's gemma3 graph (llama-model.cpp): set_swa_pattern(6), rope_freq_base_train_swa = 10000
 LLAMA_CPP_SWA_PERIOD = 6
 LLAMA_CPP_SLIDING_ROPE_THETA = 10000.0
-GAIN_FLOOR = 0.01  # an output norm's gain below this share of its mean takes no drift correction
 LLAMA_CPP_27B_LAYERS = 62  # the one size whose attention scale llama.cpp takes from hidden / heads
 
 
@@ -58,19 +57,6 @@ class Gemma3Adapter(LlamaFamilyAdapter):
 
     def branch_output(self, layer: nn.Module, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         return layer.post_attention_layernorm if name == "attention" else layer.post_feedforward_layernorm
-
-    def stream_to_projection(self, layer: nn.Module, name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        # n(z) = (1 + g) z / rms(z): with rms(z) held, a change δ of n(z) is the change rms(z) δ / (1 + g) of z
-        norm = self.branch_output(layer, name)
-        gain = 1 + norm.weight.detach().float()
-        # a channel the norm nearly silences cannot be moved through it: asking would only distort the rest
-        inverse = torch.where(gain.abs() > GAIN_FLOOR * gain.abs().mean(), 1 / gain, torch.zeros_like(gain))
-
-        def pull_back(change: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-            rms = output.float().pow(2).mean(-1, keepdim=True).add(norm.eps).sqrt()
-            return change * rms * inverse
-
-        return pull_back
 
     def gguf_refusal(self, model: PreTrainedModel) -> str | None:
         config = model.config
