@@ -17,12 +17,13 @@ Each reformed branch is also fitted to undo a share ``drift`` of that drift: its
 W X + drift·R, where R is the dense stream after the branch minus the pruned stream after it (with
 the branch unreformed). The dense model runs beside the pruned one for this. Measured on SmolLM2
 (FLAP's allocation, reformed on 128 windows, perplexity on 8 held calibration-source windows): 0.9
-kept 27.85 (local target damped towards the kept weights) -> 27.55 (share ½) -> 27.40 (¼); 0.7 kept
-51.64 -> 44.32 -> 44.31; undoing all the drift overfits (27.96 at 0.9).
+kept 27.85 (local target damped towards the kept weights) -> 27.55 (share ½); 0.7 kept 51.64 -> 44.32;
+undoing all the drift overfits (27.96 at 0.9). Side by side on 2026-12-06: share ½ 27.41 at 0.9 and
+43.98 at 0.7, ¼ 27.40 and 44.31.
 
 Families that normalise a branch's output before adding it (Gemma 3) keep the local target. Carrying
 R back through the norm to first order (rms(z) R / (1 + g)) was measured on Gemma 3 270M at 0.7 of its
-non-embedding parameters: with FLAP's allocation, held perplexity 54.83 -> 39.93 at share ¼; with
+non-embedding parameters: with FLAP's allocation, held perplexity 54.83 -> 39.93 at share ¼ (43.13 at ½); with
 compress's winner, on short plain prompts the answer's second token (after the first blank line)
 matched the dense model's for 0 of 16 prompts (7 without drift; greedy answers looped on ``<strong>``),
 and after a paragraph of text for 7 of 16 either way: drift fitted on windows of running text
@@ -51,7 +52,7 @@ from slimlm.stream import layer_stream, resident
 from slimlm.subnet import SubNetwork
 
 DAMPING = 0.01  # λ relative to the mean diagonal of G[K, K]; raised automatically if the solve is unstable
-DRIFT = 0.25  # share of the residual stream's drift from the dense model each reformed branch is fitted to undo
+DRIFT = 0.5  # share of the residual stream's drift from the dense model each reformed branch is fitted to undo
 # (layer index, "attention" | "mlp") -> new output-projection weight; "attention_bias" | "mlp_bias" -> its bias
 Reformed = dict[tuple[int, str], torch.Tensor]
 
