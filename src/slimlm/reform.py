@@ -23,8 +23,8 @@ undoing all the drift overfits (27.96 at 0.9). Side by side on 2026-12-06: share
 
 Families that normalise a branch's output before adding it (Gemma 3) keep the local target. Carrying
 R back through the norm to first order (rms(z) R / (1 + g)) was measured on Gemma 3 270M at 0.7 of its
-non-embedding parameters: with FLAP's allocation, held perplexity 54.83 -> 39.93 at share ¼ (43.13 at ½); with
-compress's winner, on short plain prompts the answer's second token (after the first blank line)
+non-embedding parameters: with FLAP's allocation, held perplexity 54.83 -> 39.93 at share ¼ (43.13 at
+½); with compress's winner, on short plain prompts the answer's second token (after the first blank line)
 matched the dense model's for 0 of 16 prompts (7 without drift; greedy answers looped on ``<strong>``),
 and after a paragraph of text for 7 of 16 either way: drift fitted on windows of running text
 mis-serves a sequence's first positions.
@@ -308,6 +308,10 @@ class _Branch(NamedTuple):
         w = self.projection.weight if weight is None else weight
         return self.out(_project(x, w, self.projection.bias))
 
+    def dense_step(self, h: torch.Tensor, kw: dict) -> torch.Tensor:
+        """What the unpruned, unreformed branch adds to stream ``h`` (the dense model's step)."""
+        return self.added(self.projection_input(h, kw))
+
 
 @dataclass
 class _BranchInputs:
@@ -318,18 +322,18 @@ class _BranchInputs:
     kept: list[torch.Tensor]  # X_K, per batch
 
 
-def _kept_inputs(branch: _Branch, hidden: list, stream: list | None, kwargs: list[dict], kept: torch.Tensor):
-    """``_BranchInputs`` of ``branch``'s projection on each batch of ``hidden``; where the dense ``stream`` is given
-    (not None), it is advanced past the branch on the way (in place).
+def _kept_inputs(branch: _Branch, hidden: list, dense: list | None, kwargs: list[dict], kept: torch.Tensor):
+    """``_BranchInputs`` of ``branch``'s projection on each batch of ``hidden``; where the ``dense`` stream is
+    given, it is advanced past the branch on the way (in place).
 
     Only X_K is held (the removed columns enter G[:, K] and are dropped): a projection's inputs are the
     widest activations of a layer, and the removed share of them is what a sub-network saves."""
     projection = branch.projection
-    full = len(kept) == projection.in_features and stream is None
+    full = len(kept) == projection.in_features and dense is None
     width, device = projection.in_features, projection.weight.device
     columns = None if full else torch.zeros(width, len(kept), dtype=torch.float64, device=device)
     drift = (
-        None if stream is None else torch.zeros(projection.out_features, len(kept), dtype=torch.float64, device=device)
+        None if dense is None else torch.zeros(projection.out_features, len(kept), dtype=torch.float64, device=device)
     )
 
     def each():
@@ -338,8 +342,8 @@ def _kept_inputs(branch: _Branch, hidden: list, stream: list | None, kwargs: lis
             if columns is not None:
                 add_gram(columns, x, kept)
             if drift is not None:  # R = (dense stream + its branch output) - (pruned stream + its branch output)
-                d = stream[batch]
-                after = branch.added(branch.projection_input(d, kw))
+                d = dense[batch]
+                after = branch.dense_step(d, kw)
                 residual = (d - h) + (after - branch.added(x))  # exact 0 where the streams are alike
                 _add_cross(drift, residual, x[..., kept])
                 d.add_(after)
@@ -351,7 +355,7 @@ def _kept_inputs(branch: _Branch, hidden: list, stream: list | None, kwargs: lis
 def _run_dense(branch: _Branch, dense: list[torch.Tensor], kwargs: list[dict]) -> None:
     """Advance the dense stream past a branch the pruned model no longer has (in place)."""
     for d, kw in zip(dense, kwargs, strict=True):
-        d.add_(branch.added(branch.projection_input(d, kw)))
+        d.add_(branch.dense_step(d, kw))
 
 
 def _add_cross(total: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
