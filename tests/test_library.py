@@ -11,7 +11,7 @@ from slimlm import library as library_module
 from slimlm import reform as reform_module
 from slimlm.apply import subnetwork_applied
 from slimlm.errors import SlimlmError
-from slimlm.evaluate import dense_reference, fitness, perplexity, windows_per_forward
+from slimlm.evaluate import dense_reference, fitness, logit_parts, perplexity, windows_per_forward
 from slimlm.importance import activation_importance
 from slimlm.library import build_library
 from slimlm.models.base import LayerShape
@@ -213,9 +213,9 @@ def test_kl_fitness_is_zero_for_dense_and_exact_with_the_whole_vocabulary():
     assert scores["perplexity"] > 1
 
 
-def test_the_softmax_over_a_few_positions_at_a_time_scores_alike(monkeypatch):
-    """Windows are normalised a few positions at a time (Gemma 3's full-window temporaries were 268 MB
-    each): the same dense reference, KL, perplexity as the whole window at once."""
+def test_the_logits_a_few_positions_at_a_time_score_alike(monkeypatch):
+    """Logits are made and normalised a few positions at a time (Gemma 3's were 268 MB per window): the
+    same dense reference, KL, perplexity as the whole window at once."""
     loaded = tiny_loaded()
     subnet = SubNetwork({i: LayerKeep([0, 1, 3, 4], [0, 1], range(0, 40, 2)) for i in range(4)})
 
@@ -225,12 +225,31 @@ def test_the_softmax_over_a_few_positions_at_a_time_scores_alike(monkeypatch):
             return reference, fitness(model, reference, len(WINDOWS)), perplexity(model, WINDOWS)
 
     whole = scored()
-    monkeypatch.setattr("slimlm.evaluate.POSITIONS", 5)
+    monkeypatch.setattr("slimlm.evaluate.LOGITS_BYTES", 4 * VOCAB * 4 * 5)  # 5 positions of 4 windows a part
     parts = scored()
     assert WINDOWS.shape[1] > 2 * 5
     assert torch.equal(parts[0].indices, whole[0].indices)
     assert torch.allclose(parts[0].logprobs, whole[0].logprobs, atol=1e-6)
     assert parts[1] == pytest.approx(whole[1], rel=1e-5) and parts[2] == pytest.approx(whole[2], rel=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logit_parts_are_the_model_s_logits(family, monkeypatch):
+    """The output head run a part at a time on the decoder's states gives what the causal-LM forward does,
+    Gemma's soft cap included."""
+    cap = {"final_logit_softcapping": 0.25} if family == "gemma3_text" else {}  # binds on tiny random weights
+    loaded = tiny_loaded(family, **cap)
+    monkeypatch.setattr("slimlm.evaluate.LOGITS_BYTES", 2 * VOCAB * 4 * 3)  # 3 positions of 2 windows a part
+    batch = WINDOWS[:2]
+    with torch.no_grad():
+        whole = loaded.model(input_ids=batch, use_cache=False).logits
+        parts = list(logit_parts(loaded.model, batch))
+    assert [start for start, _ in parts] == list(range(0, batch.shape[1], 3))
+    torch.testing.assert_close(torch.cat([logits for _, logits in parts], dim=1), whole, rtol=1e-5, atol=1e-5)
+    if cap:
+        loaded.model.config.final_logit_softcapping = None
+        uncapped = torch.cat([logits for _, logits in logit_parts(loaded.model, batch)], dim=1)
+        assert whole.abs().max() < 0.25 < uncapped.abs().max()
 
 
 def test_fidelity_stages_grow_by_four_up_to_every_fitness_window():

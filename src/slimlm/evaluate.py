@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -15,8 +16,7 @@ from slimlm.progress import track
 # a forward's float32 logits stay under this: 2 windows of 256 tokens of a 49k-token vocabulary (SmolLM2), as
 # fast on 2 cores as 4 windows (5.5 s for 16 windows either way; 1 window a forward: 6.1 s) at half the memory
 LOGITS_BYTES = 128 * 2**20
-POSITIONS = 64  # positions of a window normalised at once: the softmax's temporaries stay small (Gemma 3's
-# 262k-token vocabulary gives 268 MB per window of 256 tokens, and each full-window temporary as much again)
+WINDOWS = 4  # windows a forward for perplexity and the KL fitness: their logits are made a few positions at a time
 
 
 def windows_per_forward(model: PreTrainedModel, seq_len: int, most: int = 4) -> int:
@@ -25,16 +25,32 @@ def windows_per_forward(model: PreTrainedModel, seq_len: int, most: int = 4) -> 
     return max(1, min(most, LOGITS_BYTES // (seq_len * model.config.vocab_size * 4)))
 
 
+def logit_parts(model: PreTrainedModel, batch: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """``model``'s next-token logits on ``batch`` (windows of token ids) as (first position, float32 logits of
+    the positions from there), each part under ``LOGITS_BYTES``: the decoder runs once, the output head a
+    part at a time, so a batch's logits over the vocabulary are never held whole (Gemma 3: 268 MB a window
+    of 256 tokens). The same numbers as ``model(batch).logits`` (tested for every family).
+    """
+    hidden = model.base_model(input_ids=batch.to(model.device), use_cache=False).last_hidden_state
+    head, cap = model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
+    step = max(1, LOGITS_BYTES // (len(batch) * model.config.vocab_size * 4))
+    for start in range(0, hidden.shape[1], step):
+        logits = head(hidden[:, start : start + step]).float()
+        if cap is not None:  # Gemma's soft cap, as its causal-LM head applies it
+            logits = torch.tanh(logits / cap) * cap
+        yield start, logits
+
+
 @torch.no_grad()
 def perplexity(
     model: PreTrainedModel, windows: torch.Tensor, batch_size: int | None = None, description: str | None = None
 ) -> float:
     """exp(mean next-token negative log-likelihood) over all windows (each scored on its own).
 
-    ``batch_size`` windows per forward (None: ``windows_per_forward``); ``description`` shows a
+    ``batch_size`` windows per forward (None: ``WINDOWS``); ``description`` shows a
     progress bar with that label; None evaluates silently (search loops).
     """
-    batch_size = windows_per_forward(model, windows.shape[-1]) if batch_size is None else batch_size
+    batch_size = WINDOWS if batch_size is None else batch_size
     if batch_size < 1:
         raise SlimlmError(f"batch size must be at least 1, got {batch_size}")
     batches = windows.split(batch_size)
@@ -42,12 +58,11 @@ def perplexity(
         batches = track(batches, description)
     total_nll, total_tokens = 0.0, 0
     for batch in batches:
-        batch = batch.to(model.device)
-        logits = model(input_ids=batch, use_cache=False).logits
-        for row, ids in zip(logits, batch, strict=True):  # a window at a time: no batch-sized copies of the logits
-            for part, targets in zip(row[:-1].split(POSITIONS), ids[1:].split(POSITIONS), strict=True):
-                total_nll += F.cross_entropy(part.float(), targets, reduction="sum").item()
-        total_tokens += batch[:, 1:].numel()
+        targets = batch[:, 1:].to(model.device)
+        for start, logits in logit_parts(model, batch[:, :-1]):
+            for row, ids in zip(logits, targets[:, start : start + logits.shape[1]], strict=True):  # a window at a time
+                total_nll += F.cross_entropy(row, ids, reduction="sum").item()
+        total_tokens += targets.numel()
     return math.exp(total_nll / total_tokens)
 
 
@@ -65,47 +80,49 @@ class DenseReference:
 
 @torch.no_grad()
 def dense_reference(
-    model: PreTrainedModel, windows: torch.Tensor, top_k: int = TOP_K, batch_size: int | None = None
+    model: PreTrainedModel, windows: torch.Tensor, top_k: int = TOP_K, batch_size: int = WINDOWS
 ) -> DenseReference:
     """What the KL fitness compares candidates with: the dense model's top ``top_k`` log-probabilities."""
-    batch_size = windows_per_forward(model, windows.shape[-1]) if batch_size is None else batch_size
-    indices, logprobs = [], []
-    for batch in track(windows.split(batch_size), "dense reference for the KL fitness"):
-        logits = model(input_ids=batch.to(model.device), use_cache=False).logits[:, :-1]
-        for row in logits:  # a window at a time: no batch-sized temporaries beside the logits
-            k = min(top_k, row.shape[-1])
-            tops = [F.log_softmax(part.float(), dim=-1).topk(k) for part in row.split(POSITIONS)]
-            indices.append(torch.cat([top.indices for top in tops]).cpu())
-            logprobs.append(torch.cat([top.values for top in tops]).cpu())
-    return DenseReference(windows, torch.stack(indices), torch.stack(logprobs))
+    k = min(top_k, model.config.vocab_size)
+    indices = torch.empty(*windows[:, 1:].shape, k, dtype=torch.long)
+    logprobs = torch.empty(*windows[:, 1:].shape, k)
+    batches = track(windows.split(batch_size), "dense reference for the KL fitness")
+    for first, batch in zip(range(0, len(windows), batch_size), batches, strict=True):
+        for start, logits in logit_parts(model, batch[:, :-1]):
+            for offset, row in enumerate(logits):  # a window at a time: no part-sized temporaries beside the logits
+                top = F.log_softmax(row, dim=-1).topk(k)
+                at = (first + offset, slice(start, start + len(row)))
+                indices[at], logprobs[at] = top.indices.cpu(), top.values.cpu()
+    return DenseReference(windows, indices, logprobs)
 
 
 @torch.no_grad()
 def fitness(
-    model: PreTrainedModel, reference: DenseReference, windows: int, batch_size: int | None = None
+    model: PreTrainedModel, reference: DenseReference, windows: int, batch_size: int = WINDOWS
 ) -> dict[str, float]:
     """KL divergence to the dense model (nats per token) and perplexity, on the first ``windows`` windows.
 
     KL is taken over the dense model's top-k tokens plus one bin for the rest of the vocabulary: the
     exact KL of those coarsened distributions, a lower bound of the full KL that ranks candidates alike.
     """
-    batch_size = windows_per_forward(model, reference.windows.shape[-1]) if batch_size is None else batch_size
-    total_kl, total_nll, tokens = 0.0, 0.0, 0
-    for start in range(0, windows, batch_size):
-        batch = reference.windows[start : min(windows, start + batch_size)]
-        logits = model(input_ids=batch.to(model.device), use_cache=False).logits[:, :-1]
-        for offset, row in enumerate(logits):  # a window at a time: no batch-sized temporaries beside the logits
-            kl, nll = _window_fitness(row.float().cpu(), reference, start + offset)
-            total_kl, total_nll, tokens = total_kl + kl, total_nll + nll, tokens + len(row)
+    total_kl, total_nll = 0.0, 0.0
+    for first in range(0, windows, batch_size):
+        batch = reference.windows[first : min(windows, first + batch_size)]
+        for start, logits in logit_parts(model, batch[:, :-1]):
+            for offset, row in enumerate(logits):  # a window at a time: no part-sized temporaries beside the logits
+                at = (first + offset, slice(start, start + len(row)))
+                kl, nll = _fitness_terms(row.cpu(), reference, at)
+                total_kl, total_nll = total_kl + kl, total_nll + nll
+    tokens = windows * (reference.windows.shape[1] - 1)
     return {"kl": total_kl / tokens, "perplexity": math.exp(total_nll / tokens)}
 
 
-def _window_fitness(logits: torch.Tensor, reference: DenseReference, window: int) -> tuple[float, float]:
-    """Summed KL to the dense model and negative log-likelihood of one window's next-token ``logits``."""
-    # log-probabilities only where needed, not over the whole vocabulary; a few positions' temporaries at a time
-    norm = torch.cat([part.logsumexp(dim=-1, keepdim=True) for part in logits.split(POSITIONS)])
-    kl = coarse_kl(reference.logprobs[window], logits.gather(-1, reference.indices[window]) - norm)
-    targets = reference.windows[window, 1:]
+def _fitness_terms(logits: torch.Tensor, reference: DenseReference, at: tuple[int, slice]) -> tuple[float, float]:
+    """Summed KL to the dense model and negative log-likelihood of next-token ``logits`` at positions ``at``
+    (window, positions) of the reference."""
+    norm = logits.logsumexp(dim=-1, keepdim=True)  # log-probabilities only where needed, not over the vocabulary
+    kl = coarse_kl(reference.logprobs[at], logits.gather(-1, reference.indices[at]) - norm)
+    targets = reference.windows[at[0], 1:][at[1]]
     nll = -(logits.gather(-1, targets[:, None]) - norm).sum()
     return kl.sum().item(), nll.item()
 
