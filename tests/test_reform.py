@@ -9,7 +9,7 @@ from slimlm.apply import subnetwork_applied
 from slimlm.errors import SlimlmError
 from slimlm.extract import extract
 from slimlm.models import load_model
-from slimlm.reform import DAMPING, StoredWeights, admm, reform, ridge, solve, spill, stacked
+from slimlm.reform import DAMPING, StoredWeights, admm, layer_inputs, reform, ridge, solve, spill, stacked
 from slimlm.subnet import LayerKeep, SubNetwork
 
 from .conftest import FAMILIES, tiny_loaded
@@ -184,6 +184,21 @@ def test_stacked_batches_are_views_of_one_tensor_with_the_same_values():
     assert stacked(iter([]), []) == []
     with pytest.raises(ValueError):
         stacked(iter(batches), [4, 4])  # sizes that do not match the batches are a bug, not truncated
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_batch_s_keyword_arguments_are_held_once(family):
+    # alike in every batch (the same positions, no padding): one copy, not one per batch (Gemma 3: 150 MB)
+    def tensors(value):
+        if isinstance(value, torch.Tensor):
+            return [value]
+        return [t for v in value for t in tensors(v)] if isinstance(value, tuple | list) else []
+
+    _, kwargs = layer_inputs(tiny_loaded(family), IDS, batch_size=2)
+    for per_batch in kwargs:
+        held = [tensors(list(kw.values())) for kw in per_batch]
+        assert len(held) == 4 and held[0]
+        assert all(all(a is b for a, b in zip(h, held[0], strict=True)) for h in held)
 
 
 def test_spilled_weights_read_back_equal_and_stored_ones_stay_put():
