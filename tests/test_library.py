@@ -225,7 +225,7 @@ def test_the_logits_a_few_positions_at_a_time_score_alike(monkeypatch):
             return reference, fitness(model, reference, len(WINDOWS)), perplexity(model, WINDOWS)
 
     whole = scored()
-    monkeypatch.setattr("slimlm.evaluate.LOGITS_BYTES", 4 * VOCAB * 4 * 5)  # 5 positions of 4 windows a part
+    monkeypatch.setattr("slimlm.evaluate.PART_BYTES", 4 * VOCAB * 4 * 5)  # 5 positions of 4 windows a part
     parts = scored()
     assert WINDOWS.shape[1] > 2 * 5
     assert torch.equal(parts[0].indices, whole[0].indices)
@@ -239,7 +239,7 @@ def test_logit_parts_are_the_model_s_logits(family, monkeypatch):
     Gemma's soft cap included."""
     cap = {"final_logit_softcapping": 0.25} if family == "gemma3_text" else {}  # binds on tiny random weights
     loaded = tiny_loaded(family, **cap)
-    monkeypatch.setattr("slimlm.evaluate.LOGITS_BYTES", 2 * VOCAB * 4 * 3)  # 3 positions of 2 windows a part
+    monkeypatch.setattr("slimlm.evaluate.PART_BYTES", 2 * VOCAB * 4 * 3)  # 3 positions of 2 windows a part
     batch = WINDOWS[:2]
     with torch.no_grad():
         whole = loaded.model(input_ids=batch, use_cache=False).logits

@@ -13,10 +13,15 @@ from transformers import PreTrainedModel
 from slimlm.errors import SlimlmError
 from slimlm.progress import track
 
-# a forward's float32 logits stay under this: 2 windows of 256 tokens of a 49k-token vocabulary (SmolLM2), as
-# fast on 2 cores as 4 windows (5.5 s for 16 windows either way; 1 window a forward: 6.1 s) at half the memory
+# a forward's float32 logits stay under this where they are made whole (cloze tasks, chat): 2 windows of 256
+# tokens of a 49k-token vocabulary (SmolLM2)
 LOGITS_BYTES = 128 * 2**20
-WINDOWS = 4  # windows a forward for perplexity and the KL fitness: their logits are made a few positions at a time
+WINDOWS = 4  # windows a forward for perplexity and the KL fitness: their logits are made a part at a time
+# a part's float32 logits: 42 positions of 4 windows for SmolLM2, 8 for Gemma 3. Measured against 128 MB
+# (16 fitness windows, alone): SmolLM2 154 MB above the model at peak instead of 283-319 MB, as fast (timings
+# within their noise); Gemma 3 136 MB instead of 331-346 MB, 21.6-24.0 s instead of 17.3 s (its head's matmul
+# on 32 rows at a time)
+PART_BYTES = 32 * 2**20
 
 
 def windows_per_forward(model: PreTrainedModel, seq_len: int, most: int = 4) -> int:
@@ -27,13 +32,13 @@ def windows_per_forward(model: PreTrainedModel, seq_len: int, most: int = 4) -> 
 
 def logit_parts(model: PreTrainedModel, batch: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
     """``model``'s next-token logits on ``batch`` (windows of token ids) as (first position, float32 logits of
-    the positions from there), each part under ``LOGITS_BYTES``: the decoder runs once, the output head a
+    the positions from there), each part under ``PART_BYTES``: the decoder runs once, the output head a
     part at a time, so a batch's logits over the vocabulary are never held whole (Gemma 3: 268 MB a window
     of 256 tokens). The same numbers as ``model(batch).logits`` (tested for every family).
     """
     hidden = model.base_model(input_ids=batch.to(model.device), use_cache=False).last_hidden_state
     head, cap = model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
-    step = max(1, LOGITS_BYTES // (len(batch) * model.config.vocab_size * 4))
+    step = max(1, PART_BYTES // (len(batch) * model.config.vocab_size * 4))
     for start in range(0, hidden.shape[1], step):
         logits = head(hidden[:, start : start + step]).float()
         if cap is not None:  # Gemma's soft cap, as its causal-LM head applies it

@@ -48,7 +48,7 @@ from safetensors.torch import save_file
 from slimlm.errors import SlimlmError
 from slimlm.models import LoadedModel
 from slimlm.progress import track
-from slimlm.stream import layer_stream, resident
+from slimlm.stream import resident
 from slimlm.subnet import SubNetwork
 
 DAMPING = 0.01  # λ relative to the mean diagonal of G[K, K]; raised automatically if the solve is unstable
@@ -154,10 +154,10 @@ def reform(
     batch_size: int = 4,
     damping: float = DAMPING,
     drift: float = DRIFT,
-) -> Mapping[tuple[int, str], torch.Tensor]:
+) -> StoredWeights:
     """New output-projection weights for every kept layer of ``subnet``, from calibration ``windows``
-    (a dict; on disk, read when looked up, for a streamed model), each branch fitted to undo a share
-    ``drift`` of the residual stream's drift from the dense model (0: its own output alone).
+    (on disk, read when looked up), each branch fitted to undo a share ``drift`` of the residual stream's
+    drift from the dense model (0: its own output alone).
 
     Families whose branches' outputs are normalised before they are added (Gemma 3) are fitted to the
     local target (drift 0), see the module docstring.
@@ -175,8 +175,9 @@ def reform(
     hidden, layer_kwargs = layer_inputs(loaded, windows, batch_size)
     # the dense model's stream, run beside the pruned one (from the same first hidden states)
     dense = [h.clone() for h in hidden] if drift and adapter.branches_add_linearly() else None
-    # a streamed model's are a model's worth of projections, which need not fit in memory: kept on disk
-    reformed: Reformed | SpilledWeights = {} if layer_stream(model) is None else SpilledWeights()
+    # a model's worth of output projections (SmolLM2 and Gemma 3 at 0.7: 100 MB), written as they are made:
+    # not held while the later layers' activations are (nor, streamed, beside the model they need not fit in)
+    reformed = SpilledWeights()
     for index in track(range(len(layers)), "reforming layers"):
         if index not in subnet.layers and dense is None:
             continue  # a removed layer passes the pruned model's hidden states through unchanged
