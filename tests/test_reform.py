@@ -188,7 +188,7 @@ def test_stacked_batches_are_views_of_one_tensor_with_the_same_values():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_batch_s_keyword_arguments_are_held_once(family):
-    # alike in every batch (the same positions, no padding): one copy, not one per batch (Gemma 3: 150 MB)
+    # alike in every batch (the same positions, no padding): one copy, not one per batch
     def tensors(value):
         if isinstance(value, torch.Tensor):
             return [value]

@@ -285,7 +285,7 @@ def _reform_layer(
             w = ridge(rhs, inputs.columns[kept], damping, prior=prior).to(weight.dtype)
         reformed[index, name] = w
         branch.add_outputs(hidden, inputs.kept, w)
-        del inputs  # the attention's X_K, gone before the MLP's is captured (Gemma 3: 134 MB)
+        del inputs  # the attention's X_K, gone before the MLP's is captured (Gemma 3: up to 134 MB)
     return hidden, dense
 
 
@@ -459,8 +459,8 @@ def layer_inputs(loaded: LoadedModel, windows: torch.Tensor, batch_size: int):
 
     Keyword arguments (attention mask, rotary embeddings) are taken per layer: families with
     sliding-window layers give different layers different masks. Every batch's are alike (the same
-    positions, no padding), so they are held once, not once per batch (Gemma 3's rotary tables and
-    masks: 150 MB for 128 windows).
+    positions, no padding), so they are held once, not once per batch (Gemma 3 270M, 128 windows:
+    31 MB less held through reformation, counted over live tensors).
     """
     adapter, model = loaded.adapter, loaded.model
     layers = adapter.decoder_layers(model)
