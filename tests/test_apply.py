@@ -49,25 +49,27 @@ def masked_logits(loaded, subnet: SubNetwork, ids: torch.Tensor) -> torch.Tensor
             hook.remove()
 
 
+@pytest.mark.parametrize("views", [False, True], ids=["copies", "views"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_applied_model_computes_the_masked_subnetwork(family):
+def test_applied_model_computes_the_masked_subnetwork(family, views):
     loaded = tiny_loaded(family)
     subnet = heterogeneous(family)
     expected = masked_logits(loaded, subnet, INPUT)
-    with subnetwork_applied(loaded, subnet) as model, torch.no_grad():
+    with subnetwork_applied(loaded, subnet, views=views) as model, torch.no_grad():
         got = model(input_ids=INPUT, use_cache=False).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("views", [False, True], ids=["copies", "views"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_restore_leaves_the_model_exactly_as_it_was(family):
+def test_restore_leaves_the_model_exactly_as_it_was(family, views):
     loaded = tiny_loaded(family)
     model = loaded.model
     before_params = {name: p for name, p in model.named_parameters()}
     before_values = {name: p.detach().clone() for name, p in before_params.items()}
     before_logits = model(input_ids=INPUT).logits.detach()
     config_before = model.config.to_dict()
-    with subnetwork_applied(loaded, heterogeneous(family)) as applied:
+    with subnetwork_applied(loaded, heterogeneous(family), views=views) as applied:
         assert len(loaded.adapter.decoder_layers(applied)) == 3
         assert applied.config.num_hidden_layers == 3
     after = dict(model.named_parameters())
@@ -80,12 +82,39 @@ def test_restore_leaves_the_model_exactly_as_it_was(family):
     torch.testing.assert_close(model(input_ids=INPUT).logits, before_logits, rtol=0, atol=0)
 
 
-def test_restore_happens_even_when_the_block_raises():
+@pytest.mark.parametrize("views", [False, True], ids=["copies", "views"])
+def test_restore_happens_even_when_the_block_raises(views):
     loaded = tiny_loaded()
-    before = loaded.dims
-    with pytest.raises(RuntimeError, match="boom"), subnetwork_applied(loaded, heterogeneous()):
+    before, dense = loaded.dims, loaded.model(input_ids=INPUT).logits.detach()
+    with pytest.raises(RuntimeError, match="boom"), subnetwork_applied(loaded, heterogeneous(), views=views):
         raise RuntimeError("boom")
     assert loaded.dims == before
+    torch.testing.assert_close(loaded.model(input_ids=INPUT).logits, dense, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_views_hold_no_copy_of_the_kept_weights_and_compute_what_copies_compute(family):
+    """Views (the search's way) are the full weights' own storage, reordered; copies (extraction's way)
+    are new tensors; both compute the same sub-network, and a reformed projection is used as given."""
+    loaded = tiny_loaded(family)
+    subnet = heterogeneous(family)
+    storage = {id(p): p.untyped_storage().data_ptr() for p in loaded.model.parameters()}
+    o_proj = loaded.adapter.output_projections(loaded.adapter.decoder_layers(loaded.model)[2])[0]
+    reformed = {(2, "attention"): torch.randn(o_proj.out_features, len(subnet.layers[2].heads) * loaded.dims.head_dim)}
+    layers, logits = loaded.adapter.decoder_layers(loaded.model), {}
+    pruned = {id(layers[i]) for i, keep in subnet.layers.items() if keep.shape != loaded.dims.layers[i]}
+    assert len(pruned) >= 2
+    for views in (False, True):
+        with subnetwork_applied(loaded, subnet, reformed, views=views) as model, torch.no_grad():
+            logits[views] = model(input_ids=INPUT, use_cache=False).logits
+            for layer in loaded.adapter.decoder_layers(model):
+                new = [p for p in layer.parameters() if p.untyped_storage().data_ptr() not in storage.values()]
+                if views:  # only the reformed projection is not the model's own storage
+                    assert new == ([o_proj.weight] if layer is layers[2] else [])
+                else:
+                    assert bool(new) == (id(layer) in pruned)
+            assert torch.equal(loaded.adapter.output_projections(layers[2])[0].weight, reformed[2, "attention"])
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-6, atol=1e-6)
 
 
 def test_full_subnetwork_shares_all_weights_and_matches_dense():

@@ -1,10 +1,12 @@
 """Apply a sub-network to a loaded model in place, and undo it.
 
 ``subnetwork_applied`` is the hot loop of every search: candidate after candidate on one loaded
-model. Each kept linear gets a smaller weight gathered from the full one (``index_select``: one copy
-of the kept slice, never of the whole model), layers not kept are left out of the layer list, and
+model. Each kept linear gets a smaller weight, layers not kept are left out of the layer list, and
 everything is put back on exit. The forward pass then runs exactly the computation of the extracted
-model.
+model. The smaller weight is a gathered copy of the kept slice (contiguous, as extraction and timing
+want it), or with ``views`` a narrowed view of the full weight after its kept rows and columns were
+moved to the front in place: no second copy of the kept weights beside the model's (about 0.7 of them
+at 0.7), which is what evaluating candidates wants; the move is undone on exit.
 
 ``subnetwork_masked`` is the training path: the full weights stay in place and removed heads and
 neurons are zeroed at the inputs of the output projections (which is what removing them computes),
@@ -14,7 +16,7 @@ so gradients reach the shared weights of every sub-network a super-network train
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -31,31 +33,37 @@ _APPLIED = "_slimlm_subnetwork_applied"
 
 @contextmanager
 def subnetwork_applied(
-    loaded: LoadedModel, subnet: SubNetwork, reformed: Mapping | None = None
+    loaded: LoadedModel, subnet: SubNetwork, reformed: Mapping | None = None, *, views: bool = False
 ) -> Iterator[PreTrainedModel]:
     """Within the block, ``loaded.model`` computes ``subnet``; on exit it is the full model again.
 
     ``reformed`` (from ``slimlm.reform.reform`` or a pruning method) replaces the kept output-projection
     weights (keys ``(layer, "attention" | "mlp")``) and sets their biases (``"attention_bias" | "mlp_bias"``).
+    With ``views`` the kept weights are views into the full ones, reordered in place rather than copied:
+    for evaluating, not for saving (a view keeps its whole storage) or for timing (strided weights).
     """
     adapter = loaded.adapter
 
     @torch.no_grad()
     def shrink(layer, index: int, position: int, saved: list) -> None:
         keep = subnet.layers[index]
+        kept = {"attention": keep.shape.has_attention, "mlp": keep.shape.has_mlp}
+        projections = dict(zip(("attention", "mlp"), adapter.output_projections(layer), strict=True))
+        replaced = {id(projections[n]) for n in kept if kept[n] and reformed and (index, n) in reformed}
         units = (torch.tensor(u, dtype=torch.long) for u in (keep.heads, keep.kv_heads, keep.neurons))
         for piece in adapter.layer_slices(layer, *units):
             if any(f is not None and not len(f) for f in (piece.rows, piece.cols)):
                 continue  # a removed sub-block's weights: the whole module is replaced below
             saved += _current([(piece.linear, n) for n in ("weight", "bias", "in_features", "out_features")])
-            _slice_linear(piece)
-        kept = {"attention": keep.shape.has_attention, "mlp": keep.shape.has_mlp}
-        for name, linear in zip(("attention", "mlp"), adapter.output_projections(layer), strict=True):
+            if id(piece.linear) not in replaced:  # a reformed output projection is set whole below
+                _slice_linear(piece, saved if views else None)
+        for name, linear in projections.items():
             if not kept[name] or linear is None:
                 continue
             saved += _current([(linear, "weight"), (linear, "bias")])
-            if reformed and (index, name) in reformed:
+            if id(linear) in replaced:
                 linear.weight = nn.Parameter(reformed[index, name].to(linear.weight.device), requires_grad=False)
+                linear.out_features, linear.in_features = linear.weight.shape
             if reformed and (index, f"{name}_bias") in reformed:
                 bias = reformed[index, f"{name}_bias"]
                 linear.bias = nn.Parameter(bias.to(linear.weight.device), requires_grad=False)
@@ -95,26 +103,46 @@ def _kept_layers_only(loaded: LoadedModel, subnet: SubNetwork, prepare_layer) ->
         if stream is not None:
             stream.clear()
         adapter.set_decoder_layers(model, layers)
-        for obj, name, value in reversed(saved):
-            setattr(obj, name, value)
+        for undo in reversed(saved):
+            undo()
         setattr(model, _APPLIED, False)
 
 
-def _slice_linear(piece: LinearSlice) -> None:
-    """Give a linear the kept rows and columns of its weight; a full range is kept as is (no copy)."""
+def _slice_linear(piece: LinearSlice, saved: list | None) -> None:
+    """Give a linear the kept rows and columns of its weight; a full range is kept as is (no copy).
+
+    With ``saved`` (a list of undo steps) the kept features are moved to the front of the full weight
+    in place and the linear gets a narrowed view of it; without, gathered copies of them.
+    """
     linear = piece.linear
     weight, bias = linear.weight, linear.bias
-    if piece.rows is not None and len(piece.rows) < weight.shape[0]:
-        weight = weight.index_select(0, piece.rows)
-        if bias is not None:
-            bias = bias.index_select(0, piece.rows)
-    if piece.cols is not None and len(piece.cols) < weight.shape[1]:
-        weight = weight.index_select(1, piece.cols)
+    for axis, kept in enumerate((piece.rows, piece.cols)):
+        if kept is None or len(kept) == weight.shape[axis]:
+            continue
+        weight = weight.index_select(axis, kept) if saved is None else _to_front(weight, axis, kept, saved)
+        if axis == 0 and bias is not None:
+            bias = bias.index_select(0, kept) if saved is None else _to_front(bias, 0, kept, saved)
     if weight is not linear.weight:
         linear.weight = nn.Parameter(weight, requires_grad=False)
     if bias is not linear.bias:
         linear.bias = nn.Parameter(bias, requires_grad=False)
     linear.out_features, linear.in_features = weight.shape
+
+
+def _to_front(tensor: torch.Tensor, axis: int, kept: torch.Tensor, saved: list) -> torch.Tensor:
+    """``tensor`` narrowed to its entries ``kept`` along ``axis``, in that order, after moving them to the
+    front in place (the gather is transient: one tensor's worth); how to move them back joins ``saved``."""
+    rest = torch.ones(tensor.shape[axis], dtype=torch.bool, device=kept.device)
+    rest[kept] = False
+    order = torch.cat([kept, rest.nonzero().squeeze(1)])
+    tensor.data.copy_(tensor.index_select(axis, order))
+    saved.append(functools.partial(_reorder, tensor, axis, order.argsort()))
+    return tensor.narrow(axis, 0, len(kept))
+
+
+@torch.no_grad()
+def _reorder(tensor: torch.Tensor, axis: int, order: torch.Tensor) -> None:
+    tensor.data.copy_(tensor.index_select(axis, order))
 
 
 @contextmanager
@@ -150,9 +178,9 @@ def subnetwork_masked(loaded: LoadedModel, subnet: SubNetwork) -> Iterator[PreTr
             hook.remove()
 
 
-def _current(targets: list[tuple[object, str]]) -> list[tuple[object, str, object]]:
-    """The present values of the attributes that exist, to put back later."""
-    return [(obj, name, getattr(obj, name)) for obj, name in targets if hasattr(obj, name)]
+def _current(targets: list[tuple[object, str]]) -> list[Callable[[], None]]:
+    """Steps that put back the present values of the attributes that exist."""
+    return [functools.partial(setattr, obj, name, getattr(obj, name)) for obj, name in targets if hasattr(obj, name)]
 
 
 def _zero_channels(kept: torch.Tensor):

@@ -288,7 +288,7 @@ def evaluate(
     if chosen is None:
         ppl = perplexity(loaded.model, ids, batch_size, description=f"perplexity on {data}")
     else:
-        with subnetwork_applied(loaded, chosen) as applied:
+        with subnetwork_applied(loaded, chosen, views=True) as applied:
             ppl = perplexity(applied, ids, batch_size, description=f"perplexity on {data}")
     seconds = time.perf_counter() - start
     result = {
@@ -413,7 +413,7 @@ def reform_command(
     seconds = time.perf_counter() - start
     scores = []
     for weights in (None, reformed):
-        with subnetwork_applied(loaded, chosen, weights) as applied:
+        with subnetwork_applied(loaded, chosen, weights, views=True) as applied:
             scores.append(perplexity(applied, ids, description="perplexity" + (" (reformed)" if weights else "")))
     result = extract_subnetwork(loaded, chosen, out_dir, reformed)
     out.print(
@@ -461,7 +461,7 @@ def prune_command(
     ids = model_windows(loaded, evaluation, seq_len, evaluation_windows)
     given = PruneInput(loaded, cached_calibration(loaded, calib, calibration), calib, budget)
     pruned = prune(method, given)
-    with subnetwork_applied(loaded, pruned.subnet, pruned.reformed) as applied:
+    with subnetwork_applied(loaded, pruned.subnet, pruned.reformed, views=True) as applied:
         pruned_perplexity = perplexity(applied, ids, description=f"perplexity ({method})")
     result = extract_subnetwork(loaded, pruned.subnet, out_dir, pruned.reformed)
     full = static_cost(loaded.dims).params

@@ -160,11 +160,11 @@ class Searcher:
         start = time.perf_counter()
         cost = self.cost(subnet)
         windows = self.context.stages[stage]
-        with subnetwork_applied(self.loaded, subnet, self.reformed(subnet)) as model:
+        with subnetwork_applied(self.loaded, subnet, self.reformed(subnet), views=True) as model:
             result = fitness(model, self.dense, windows) | {"stage": stage, "fitness_windows": windows}
             if self.latency is not None:
                 result["latency_ms"] = self.latency.ms(subnet.shapes())
-        release()  # the candidate's sliced weights and logits: candidates of other shapes would grow the heap
+        release()  # the candidate's logits and reformed weights: candidates of other shapes would grow the heap
         shapes = subnet.shapes()
         return result | {
             "params": cost.params,

@@ -34,7 +34,7 @@ from slimlm.errors import SlimlmError
 
 _STREAM = "_slimlm_stream"
 INDEX_FILE = "model.safetensors.index.json"
-Prepare = Callable[[list], None]  # makes a layer's change, appending (object, attribute, old value) to undo it
+Prepare = Callable[[list], None]  # makes a layer's change, appending the steps that undo it (callables)
 
 
 class LayerStream:
@@ -74,8 +74,8 @@ class LayerStream:
         self._held[index] -= 1
         if self._held[index]:
             return
-        for obj, name, value in reversed(self._undo.pop(index, [])):
-            setattr(obj, name, value)
+        for undo in reversed(self._undo.pop(index, [])):
+            undo()
         layer = self.layers[index]
         for local in self.names[index].values():
             set_module_tensor_to_device(layer, local, "meta")
