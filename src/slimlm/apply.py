@@ -43,6 +43,9 @@ def subnetwork_applied(
     for evaluating, not for saving (a view keeps its whole storage) or for timing (strided weights).
     """
     adapter = loaded.adapter
+    # a streamed layer's weights are read afresh for each forward and dropped after it: a copy of its kept
+    # slice is one layer's, and moving rows in place would only be undone on weights about to be dropped
+    views = views and layer_stream(loaded.model) is None
 
     @torch.no_grad()
     def shrink(layer, index: int, position: int, saved: list) -> None:
