@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -30,15 +30,15 @@ import torch
 
 from slimlm.cache import cache_root, computed_once, fingerprint
 from slimlm.errors import SlimlmError
-from slimlm.evaluate import coarse_kl, windows_per_forward
+from slimlm.evaluate import PART_BYTES, coarse_kl, head_logits
 from slimlm.progress import progress_bar, track
 
 ANSWER_TOKENS = 32  # greedy answer length of the reference (a first sentence or two)
 FIRST_TOKENS = 10  # an answer "starts like the dense one" when these many tokens match
 SAMPLES = 3  # answers shown side by side in reports
 BATCH = 16  # prompts generated at once (left-padded)
-TEACHER_BATCH = 8  # answers teacher-forced at once, at most: a pass per batch, not per answer (a streamed model
-# reads every layer per pass); fewer where their logits would pass evaluate.LOGITS_BYTES (Gemma 3: 3)
+TEACHER_BATCH = 8  # answers teacher-forced at once: a pass per batch, not per answer (a streamed model reads
+# every layer per pass); their logits are made a few answer tokens at a time (evaluate.PART_BYTES)
 TEACHER_TOP_K = 1024  # the dense model's probabilities kept per answer token, the rest one bin: the KL of
 # those coarsened distributions was within 0.3% of the exact KL (1.821 against 1.827 nats, SmolLM2 at 0.7
 # of its parameters; 1.786 with the top 128), and the reference holds 27 MB instead of the dense model
@@ -154,41 +154,41 @@ def chat_reference(
     ids = [e[0] for e in encoded]
     answers = greedy_answers(dense, tokenizer, ids, new_tokens, "chat: dense answers")
     pad, indices, logprobs = _pad_id(dense, tokenizer), [], []
-    for batch in track(_teacher_batches(dense, ids, answers), "chat: dense distributions"):
-        logits = _answer_logprobs(dense, batch, pad)
-        top = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
-        indices.append(top.indices.int())  # int32: half the memory; widened when gathered
-        logprobs.append(top.values)
+    for batch in track(_teacher_batches(ids, answers), "chat: dense distributions"):
+        for part in _answer_logprobs(dense, batch, pad):
+            top = part.topk(min(top_k, part.shape[-1]), dim=-1)
+            indices.append(top.indices.int())  # int32: half the memory; widened when gathered
+            logprobs.append(top.values)
     indices = torch.cat(indices) if indices else torch.zeros(0, 0, dtype=torch.int32)
     logprobs = torch.cat(logprobs) if logprobs else torch.zeros(0, 0)
     return ChatReference(prompts, ids, answers, bool(encoded and encoded[0][1]), indices, logprobs)
 
 
-def _teacher_batches(
-    model, prompts: list[list[int]], answers: list[list[int]]
-) -> list[list[tuple[list[int], list[int]]]]:
-    """The (prompt, answer) pairs with an answer, in order, in batches of ``TEACHER_BATCH`` or as many as
-    keep ``model``'s logits of their answers within ``LOGITS_BYTES``."""
+def _teacher_batches(prompts: list[list[int]], answers: list[list[int]]) -> list[list[tuple[list[int], list[int]]]]:
+    """The (prompt, answer) pairs with an answer, in order, in batches of ``TEACHER_BATCH``."""
     answered = [(prompt, answer) for prompt, answer in zip(prompts, answers, strict=True) if answer]
-    size = windows_per_forward(model, max((len(a) + 1 for _, a in answered), default=1), TEACHER_BATCH)
-    return [answered[i : i + size] for i in range(0, len(answered), size)]
+    return [answered[i : i + TEACHER_BATCH] for i in range(0, len(answered), TEACHER_BATCH)]
 
 
 @torch.no_grad()
-def _answer_logprobs(model, batch: list[tuple[list[int], list[int]]], pad: int) -> torch.Tensor:
+def _answer_logprobs(model, batch: list[tuple[list[int], list[int]]], pad: int) -> Iterator[torch.Tensor]:
     """``model``'s log-probabilities at every answer token of the (prompt, answer) pairs, teacher-forced
-    in one pass: one row per answer token, pairs in order. Left padding ends every answer at the last
-    position, so only the answers' logits are computed; positions count from each sequence's start."""
-    keep = max(len(a) for _, a in batch) + 1  # the logits before each answer token (and one past the end)
+    in one pass: rows of answer tokens, pairs in order, a part of at most ``PART_BYTES`` at a time (Gemma
+    3's 262k-token vocabulary: 1 MB a row). Left padding ends every answer at the last position;
+    positions count from each sequence's start. Only the answers' hidden states meet the output head."""
     ids, mask = _left_padded([p + a for p, a in batch], pad)
-    logits = model(
+    hidden = model.base_model(
         input_ids=ids.to(model.device),
         attention_mask=mask.to(model.device),
         position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(model.device),
-        logits_to_keep=keep,
-    ).logits
-    rows = torch.cat([logits[i, keep - len(a) - 1 : keep - 1] for i, (_, a) in enumerate(batch)])
-    return rows.float().cpu().log_softmax(-1)
+        use_cache=False,
+    ).last_hidden_state
+    end = hidden.shape[1] - 1  # the state before each answer token, and not the one past the last
+    rows = torch.cat([hidden[i, end - len(a) : end] for i, (_, a) in enumerate(batch)])
+    step = max(1, PART_BYTES // (model.config.vocab_size * 4))
+    for start in range(0, len(rows), step):
+        logits = head_logits(model, rows[start : start + step])
+        yield logits.sub_(logits.logsumexp(-1, keepdim=True)).cpu()
 
 
 @torch.no_grad()
@@ -202,19 +202,20 @@ def chat_fidelity(model, tokenizer, reference: ChatReference, description: str =
     pad = _pad_id(model, tokenizer)
     kl_sum, agree, positions = 0.0, 0, 0
     early, answers = torch.zeros(FIRST_TOKENS), torch.zeros(FIRST_TOKENS)  # agreement by position in the answer
-    batches = _teacher_batches(model, reference.prompt_ids, reference.answer_ids)
-    for batch in track(batches, f"chat fidelity ({description})"):
-        student = _answer_logprobs(model, batch, pad)
-        rows = slice(positions, positions + len(student))
-        candidate_top = student.gather(-1, reference.top_indices[rows].long())
-        kl_sum += float(coarse_kl(reference.top_logprobs[rows], candidate_top).sum())
-        hits = student.argmax(-1) == torch.tensor([t for _, a in batch for t in a])
+    for batch in track(_teacher_batches(reference.prompt_ids, reference.answer_ids), f"chat fidelity ({description})"):
+        top = []
+        for student in _answer_logprobs(model, batch, pad):
+            rows = slice(positions, positions + len(student))
+            candidate_top = student.gather(-1, reference.top_indices[rows].long())
+            kl_sum += float(coarse_kl(reference.top_logprobs[rows], candidate_top).sum())
+            top.append(student.argmax(-1))
+            positions += len(student)
+        hits = torch.cat(top) == torch.tensor([t for _, a in batch for t in a])
         agree += int(hits.sum())
         for at, (_, answer) in zip(itertools.accumulate([len(a) for _, a in batch], initial=0), batch, strict=False):
             n = min(len(answer), FIRST_TOKENS)
             early[:n] += hits[at : at + n]
             answers[:n] += 1
-        positions += len(student)
     starts = greedy_answers(model, tokenizer, reference.prompt_ids, FIRST_TOKENS, None)
     matched = sum(s[:FIRST_TOKENS] == a[:FIRST_TOKENS] for s, a in zip(starts, reference.answer_ids, strict=True))
     shown = greedy_answers(model, tokenizer, reference.prompt_ids[:SAMPLES], ANSWER_TOKENS, None)

@@ -37,13 +37,19 @@ def logit_parts(model: PreTrainedModel, batch: torch.Tensor) -> Iterator[tuple[i
     of 256 tokens). The same numbers as ``model(batch).logits`` (tested for every family).
     """
     hidden = model.base_model(input_ids=batch.to(model.device), use_cache=False).last_hidden_state
-    head, cap = model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
     step = max(1, PART_BYTES // (len(batch) * model.config.vocab_size * 4))
     for start in range(0, hidden.shape[1], step):
-        logits = head(hidden[:, start : start + step]).float()
-        if cap is not None:  # Gemma's soft cap, as its causal-LM head applies it
-            logits = torch.tanh(logits / cap) * cap
-        yield start, logits
+        yield start, head_logits(model, hidden[:, start : start + step])
+
+
+def head_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """float32 logits of the decoder's final ``hidden`` states, as the causal-LM head makes them (its soft
+    cap included): the head alone, so callers choose how many positions' logits exist at once."""
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap is not None:  # Gemma's soft cap, as its causal-LM head applies it
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 @torch.no_grad()
