@@ -11,7 +11,7 @@ from slimlm import library as library_module
 from slimlm import reform as reform_module
 from slimlm.apply import subnetwork_applied
 from slimlm.errors import SlimlmError
-from slimlm.evaluate import dense_reference, fitness, logit_parts, perplexity, windows_per_forward
+from slimlm.evaluate import dense_reference, fitness, logit_parts, perplexity
 from slimlm.importance import activation_importance
 from slimlm.library import build_library
 from slimlm.models.base import LayerShape
@@ -325,16 +325,3 @@ def test_levels_written_one_at_a_time_read_back_with_safetensors(tmp_path, dtype
             torch.testing.assert_close(f.get_tensor(key), tensor, rtol=0, atol=0)
     with pytest.raises(SlimlmError, match="does not match its place"):
         library_module._write_safetensors(path, shapes, dtype, {}, iter(reversed(tensors.items())))
-
-
-def test_a_forward_scores_fewer_windows_where_their_logits_would_be_large():
-    loaded = tiny_loaded()
-    assert windows_per_forward(loaded.model, 256) == 4  # a tiny vocabulary: the usual batch
-    loaded.model.config.vocab_size = 49_152  # SmolLM2's: 50 MB of float32 logits per window of 256 tokens
-    try:
-        assert windows_per_forward(loaded.model, 256) == 2
-        loaded.model.config.vocab_size = 262_144  # Gemma 3's: 268 MB per window of 256 tokens
-        assert windows_per_forward(loaded.model, 256) == 1
-        assert windows_per_forward(loaded.model, 16) == 4
-    finally:
-        loaded.model.config.vocab_size = VOCAB

@@ -375,16 +375,28 @@ def test_compress_measures_both_cloze_tasks_or_says_why_not(prose_file, tmp_path
     assert all("too short" in r["not_measured"] for r in reasons.values())
 
 
-def test_batches_shrink_to_keep_the_choices_logits_bounded(prose_file, monkeypatch):
-    """With a vocabulary as large as Gemma 3's, fewer examples are scored per pass: the same scores."""
-    model = tiny_loaded().model
-    examples = build(CONTINUATION, prose_file, examples=12)
-    whole = tasks._score(model, examples, batch_size=8, description=None)
-    rows = min(sum(map(len, e.choice_ids)) for e in examples)
-    monkeypatch.setattr("slimlm.evaluate.LOGITS_BYTES", rows * model.config.vocab_size * 4)  # one example a pass
-    passes, choice_logprobs = [], tasks._choice_logprobs
-    monkeypatch.setattr(tasks, "_choice_logprobs", lambda *a: passes.append(1) or choice_logprobs(*a))
-    bounded = tasks._score(model, examples, batch_size=8, description=None)
-    assert len(passes) == 12
-    for a, b in zip(whole, bounded, strict=True):
-        assert [ll for ll, _ in a] == pytest.approx([ll for ll, _ in b], abs=1e-4)
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "opt"])
+def test_choices_are_scored_a_part_of_the_vocabulary_at_a_time(prose_file, family, monkeypatch):
+    """A batch's choices are scored over a part of the vocabulary at a time, all their tokens at once (the
+    head's weights read once a batch, never a token's whole logits): each choice's log-likelihood and
+    greedy match as its own full distributions give them (Gemma's soft cap included)."""
+    model = tiny_loaded(family).model
+    if family == "gemma3_text":
+        monkeypatch.setattr(model.config, "final_logit_softcapping", 0.25)  # binds on tiny random weights
+    examples = build(CONTINUATION, prose_file, examples=6) + build(LASTWORD, prose_file, examples=6)
+    parts, head = [], tasks.head_logits
+    monkeypatch.setattr(tasks, "PART_BYTES", 4 * 700)  # a few tokens of the vocabulary per part
+    monkeypatch.setattr(tasks, "head_logits", lambda m, h, tokens: parts.append((len(h), tokens)) or head(m, h, tokens))
+    for task in (examples[:6], examples[6:]):
+        scored = tasks._score(model, task, batch_size=3, description=None)
+        for example, choices in zip(task, scored, strict=True):
+            for ids, (likelihood, greedy) in zip(example.choice_ids, choices, strict=True):
+                with torch.no_grad():
+                    logits = model(input_ids=torch.tensor([example.context_ids + ids[:-1]])).logits[0]
+                logprobs, target = logits[len(example.context_ids) - 1 :].log_softmax(-1), torch.tensor(ids)
+                top = logprobs.topk(2, dim=-1)
+                expected = bool(((top.indices[:, 0] == target) & (top.values[:, 0] > top.values[:, 1])).all())
+                assert likelihood == pytest.approx(float(logprobs.gather(-1, target[:, None]).sum()), abs=1e-4)
+                assert greedy == expected
+    assert len({tokens.start for _, tokens in parts}) > 3  # the vocabulary really came in parts
+    assert all(rows * (tokens.stop - tokens.start) * 4 <= max(4 * 700, rows * 4) for rows, tokens in parts)

@@ -13,21 +13,12 @@ from transformers import PreTrainedModel
 from slimlm.errors import SlimlmError
 from slimlm.progress import track
 
-# a forward's float32 logits stay under this where they are made whole (cloze tasks, chat): 2 windows of 256
-# tokens of a 49k-token vocabulary (SmolLM2)
-LOGITS_BYTES = 128 * 2**20
 WINDOWS = 4  # windows a forward for perplexity and the KL fitness: their logits are made a part at a time
 # a part's float32 logits: 42 positions of 4 windows for SmolLM2, 8 for Gemma 3. Measured against 128 MB
 # (16 fitness windows, alone): SmolLM2 154 MB above the model at peak instead of 283-319 MB, as fast (timings
 # within their noise); Gemma 3 136 MB instead of 331-346 MB, 21.6-24.0 s instead of 17.3 s (its head's matmul
 # on 32 rows at a time)
 PART_BYTES = 32 * 2**20
-
-
-def windows_per_forward(model: PreTrainedModel, seq_len: int, most: int = 4) -> int:
-    """Windows scored in one forward: ``most``, or fewer where their logits would pass ``LOGITS_BYTES``
-    (Gemma 3's 262k-token vocabulary gives 268 MB of logits per window of 256 tokens)."""
-    return max(1, min(most, LOGITS_BYTES // (seq_len * model.config.vocab_size * 4)))
 
 
 def logit_parts(model: PreTrainedModel, batch: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
@@ -42,10 +33,12 @@ def logit_parts(model: PreTrainedModel, batch: torch.Tensor) -> Iterator[tuple[i
         yield start, head_logits(model, hidden[:, start : start + step])
 
 
-def head_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
-    """float32 logits of the decoder's final ``hidden`` states, as the causal-LM head makes them (its soft
-    cap included): the head alone, so callers choose how many positions' logits exist at once."""
-    logits = model.get_output_embeddings()(hidden).float()
+def head_logits(model: PreTrainedModel, hidden: torch.Tensor, tokens: slice = slice(None)) -> torch.Tensor:
+    """float32 logits of the decoder's final ``hidden`` states over the vocabulary's ``tokens``, as the
+    causal-LM head makes them (its soft cap included): the head alone, so callers choose how many logits
+    exist at once (positions, or a part of the vocabulary for many positions)."""
+    head = model.get_output_embeddings()
+    logits = F.linear(hidden, head.weight[tokens], None if head.bias is None else head.bias[tokens]).float()
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap is not None:  # Gemma's soft cap, as its causal-LM head applies it
         logits = torch.tanh(logits / cap) * cap

@@ -19,15 +19,16 @@ import os
 import random
 import re
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedModel
 
 from slimlm.data import leading_bos, load_text
 from slimlm.errors import SlimlmError
-from slimlm.evaluate import windows_per_forward
+from slimlm.evaluate import PART_BYTES, head_logits
 from slimlm.progress import track
 
 LASTWORD = "slimlm-lastword"
@@ -275,31 +276,49 @@ def _score(
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, example in enumerate(examples):
         groups[len(example.context_ids), len(example.choice_ids)].append(i)
-    batches = []
-    for ids in groups.values():
-        rows = max(sum(map(len, examples[i].choice_ids)) for i in ids)  # logit rows of one example, at most
-        size = windows_per_forward(model, rows, batch_size) if hasattr(model, "config") else batch_size
-        batches += [ids[j : j + size] for j in range(0, len(ids), size)]
+    batches = [ids[j : j + batch_size] for ids in groups.values() for j in range(0, len(ids), batch_size)]
     out: list[list[tuple[float, bool]]] = [[] for _ in examples]
     for batch in track(batches, description, total=len(batches)) if description is not None else batches:
         choices = [ids for i in batch for ids in examples[i].choice_ids]
         contexts = torch.tensor([examples[i].context_ids for i in batch])
-        rows = iter(_choice_logprobs(model, contexts, choices))
+        states = _choice_states(model, contexts, choices)
+        targets = torch.tensor([t for ids in choices for t in ids], device=states.device)
+        logprobs, top = _target_scores(model, states, targets)
+        at = 0
         for i in batch:
-            for target in examples[i].choice_ids:
-                logprobs = next(rows)
-                out[i].append(_likelihood(logprobs, torch.tensor(target, device=logprobs.device)))
+            for ids in examples[i].choice_ids:
+                rows = slice(at, at + len(ids))
+                out[i].append((logprobs[rows].sum().item(), bool(top[rows].all())))
+                at += len(ids)
     return out
 
 
-def _likelihood(logprobs: torch.Tensor, target: torch.Tensor) -> tuple[float, bool]:
-    top = logprobs.topk(2, dim=-1)
-    greedy = bool(((top.indices[:, 0] == target) & (top.values[:, 0] > top.values[:, 1])).all())
-    return logprobs.gather(-1, target[:, None]).sum().item(), greedy
+def _target_scores(model, states: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row of ``_states``: log P(its target token), and whether the target is strictly the most
+    likely token (a tie for the top is a miss). The vocabulary is taken a part at a time, every row at
+    once: the output head's weights are read once a batch (Gemma 3's: 671 MB), and no row's logits are
+    ever whole (Gemma 3: 1 MB a token), only ``PART_BYTES`` of the rows' logits at a time."""
+    head = isinstance(model, PreTrainedModel)  # states are hidden states, else logits already
+    vocab = model.get_output_embeddings().weight.shape[0] if head else states.shape[-1]
+    rows = torch.arange(len(states), device=states.device)
+    total = torch.full((len(states),), -math.inf, device=states.device)  # log of the summed probabilities
+    target, rival = torch.zeros_like(total), torch.full_like(total, -math.inf)  # rival: the best other token
+    step = max(1, PART_BYTES // (max(1, len(states)) * 4))
+    for start in range(0, vocab, step):
+        tokens = slice(start, min(start + step, vocab))
+        logits = head_logits(model, states, tokens) if head else states[:, tokens].to(torch.float32, copy=True)
+        total = torch.logaddexp(total, logits.logsumexp(-1))
+        inside = (targets >= start) & (targets < tokens.stop)
+        at = (rows[inside], targets[inside] - start)
+        target[inside] = logits[at]
+        logits[at] = -math.inf  # the target leaves the rivals
+        rival = torch.maximum(rival, logits.max(-1).values)
+    return target - total, target > rival
 
 
-def _choice_logprobs(model, contexts: torch.Tensor, choices: list[Sequence[int]]) -> Iterator[torch.Tensor]:
-    """Next-token log-probabilities [len(choice), vocab] at each token of each choice after its context.
+def _choice_states(model, contexts: torch.Tensor, choices: list[Sequence[int]]) -> torch.Tensor:
+    """What gives the next-token distributions at each token of each choice after its context, one row per
+    token, choices in order (``_states``: a transformers model's hidden states, any other model's logits).
 
     ``contexts`` [B, L] each have len(choices) / B choices. The contexts run once; their KV cache serves
     each choice in turn (the j-th choices of every context at once), cropped back after each, so it is
@@ -313,24 +332,32 @@ def _choice_logprobs(model, contexts: torch.Tensor, choices: list[Sequence[int]]
     tails = torch.zeros(len(choices), max(map(len, choices)) - 1, dtype=torch.long)
     for row, ids in enumerate(choices):
         tails[row, : len(ids) - 1] = torch.tensor(ids[:-1])
-    first = model(input_ids=contexts.to(device), use_cache=True, logits_to_keep=1)
-    cache = getattr(first, "past_key_values", None)
+    last, cache = _states(model, input_ids=contexts.to(device), use_cache=True)
     if cache is not None and hasattr(cache, "crop"):
-        last = first.logits[:, -1]
-        logits = last.new_empty(len(choices), 1 + tails.shape[1], last.shape[-1])
-        logits[:, 0] = last.repeat_interleave(repeats, dim=0)
+        states = last.new_empty(len(choices), 1 + tails.shape[1], last.shape[-1])
+        states[:, 0] = last[:, -1].repeat_interleave(repeats, dim=0)
         croppable = _croppable(cache, width + tails.shape[1])
         for j in range(repeats if tails.shape[1] else 0):
             rows = slice(j, None, repeats)  # the j-th choice of every context
             past = cache if croppable else copy.deepcopy(cache)
-            logits[rows, 1:] = model(input_ids=tails[rows].to(device), past_key_values=past, use_cache=True).logits
+            states[rows, 1:] = _states(model, input_ids=tails[rows].to(device), past_key_values=past, use_cache=True)[0]
             if croppable:
                 cache.crop(-tails.shape[1])  # back to the contexts alone
     else:
         full = torch.cat([contexts.repeat_interleave(repeats, dim=0), tails], dim=1).to(device)
-        logits = model(input_ids=full, use_cache=False).logits[:, width - 1 :]
-    # one choice's log-probabilities at a time: all at once are the logits' size again (Gemma 3: 262k columns)
-    return (logits[row, : len(ids)].float().log_softmax(-1) for row, ids in enumerate(choices))
+        states = _states(model, input_ids=full, use_cache=False)[0][:, width - 1 :]
+    return torch.cat([states[row, : len(ids)] for row, ids in enumerate(choices)])
+
+
+def _states(model, **inputs) -> tuple[torch.Tensor, object]:
+    """What ``model`` gives at every position of ``inputs``, and its KV cache (None where it has none): a
+    transformers model's final hidden states (its decoder alone: a batch's logits over a 262k-token
+    vocabulary, Gemma 3's, would be 1 MB a token), any other model's logits."""
+    if isinstance(model, PreTrainedModel):
+        out = model.base_model(**inputs)
+        return out.last_hidden_state, out.past_key_values
+    out = model(**inputs)
+    return out.logits, getattr(out, "past_key_values", None)
 
 
 def _croppable(cache, length: int) -> bool:
