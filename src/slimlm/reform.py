@@ -48,7 +48,7 @@ from safetensors.torch import save_file
 from slimlm.errors import SlimlmError
 from slimlm.models import LoadedModel
 from slimlm.progress import track
-from slimlm.stream import layer_stream, resident
+from slimlm.stream import resident
 from slimlm.subnet import SubNetwork
 
 DAMPING = 0.01  # λ relative to the mean diagonal of G[K, K]; raised automatically if the solve is unstable
@@ -163,10 +163,10 @@ def reform(
     local target (drift 0), see the module docstring.
 
     A branch's kept inputs X_K (a layer's widest activations, up to 192 MB on SmolLM2 at 128 windows) are
-    held from its solve until its new output is added, except for a streamed model, which has chosen
-    memory over speed: there they are made again from the hidden states. Side by side on SmolLM2 (FLAP's
-    0.7 non-embedding allocation, 128 windows, one thread each): 299.5 s holding them, 347.7 s making
-    them again, the same weights; compress in memory peaked at 1486 MB instead of 1636 MB making them again.
+    not held from its solve until its new output is added: they are made again from the unchanged hidden
+    states. Side by side on SmolLM2 (FLAP's 0.7 non-embedding allocation, 128 windows, one thread each):
+    347.7 s against 299.5 s holding them, the same weights; compress in memory peaked at 1486 MB instead
+    of 1636 MB (issue 17's target: at most 1.5x the weights plus the calibration activations).
 
     Measured worse or not worth their cost on SmolLM2 (FLAP's 0.8 sub-network, perplexity on Austen,
     16 calibration windows): targets from the dense run's inputs alone (the whole drift, no residual
@@ -276,7 +276,7 @@ def _reform_layer(
             if dense is not None:
                 _run_dense(branch, dense, kwargs)
             continue
-        inputs = _branch_inputs(branch, hidden, dense, kwargs, kept, hold=layer_stream(loaded.model) is None)
+        inputs = _branch_inputs(branch, hidden, dense, kwargs, kept)
         weight = projection.weight.detach()
         undo = inputs.drift if inputs.drift is not None and inputs.drift.any() else None  # none before any pruning
         if undo is None and len(kept) == projection.in_features:
@@ -290,8 +290,7 @@ def _reform_layer(
             prior = None if undo is None else weight[:, kept].double()
             w = ridge(rhs, inputs.columns[kept], damping, prior=prior).to(weight.dtype)
         reformed[index, name] = w
-        branch.add_outputs(hidden, kwargs, kept, w, inputs.kept)
-        del inputs  # the attention's X_K, gone before the MLP's is captured (Gemma 3: up to 134 MB)
+        branch.add_outputs(hidden, kwargs, kept, w)
     return hidden, dense
 
 
@@ -315,12 +314,12 @@ class _Branch(NamedTuple):
         w = self.projection.weight if weight is None else weight
         return self.out(_project(x, w, self.projection.bias))
 
-    def add_outputs(self, hidden: list, kwargs: list[dict], kept: torch.Tensor, weight: torch.Tensor, inputs=None):
+    def add_outputs(self, hidden: list, kwargs: list[dict], kept: torch.Tensor, weight: torch.Tensor) -> None:
         """Add to each batch of ``hidden`` (in place) the branch's output with the new ``weight`` over the
-        projection's input columns ``kept``: from the held kept ``inputs``, or made again from ``hidden``
-        (not changed since they were first made) where none are held."""
-        for batch, (h, kw) in enumerate(zip(hidden, kwargs, strict=True)):
-            x = inputs[batch] if inputs is not None else self.projection_input(h, kw)
+        projection's input columns ``kept``, from inputs made again from ``hidden`` (not changed since they
+        were first made): a layer's widest activations are not held between the solve and this."""
+        for h, kw in zip(hidden, kwargs, strict=True):
+            x = self.projection_input(h, kw)
             h.add_(self.added(x if len(kept) == x.shape[-1] else x[..., kept], weight))
 
     def dense_step(self, h: torch.Tensor, kw: dict) -> torch.Tensor:
@@ -334,14 +333,13 @@ class _BranchInputs:
 
     columns: torch.Tensor | None  # G[:, K] (float64), None when every column is kept and no drift is undone
     drift: torch.Tensor | None  # R X_Kᵀ (float64): the stream's drift after the branch against the kept inputs
-    kept: list[torch.Tensor] | None  # X_K per batch, where held
 
 
 def _branch_inputs(
-    branch: _Branch, hidden: list, dense: list | None, kwargs: list[dict], kept: torch.Tensor, hold: bool
+    branch: _Branch, hidden: list, dense: list | None, kwargs: list[dict], kept: torch.Tensor
 ) -> _BranchInputs:
-    """``_BranchInputs`` of ``branch``'s projection on each batch of ``hidden``, holding its kept inputs X_K
-    if ``hold``; where the ``dense`` stream is given, it is advanced past the branch on the way (in place).
+    """``_BranchInputs`` of ``branch``'s projection on each batch of ``hidden``; where the ``dense`` stream
+    is given, it is advanced past the branch on the way (in place).
     The removed columns enter G[:, K] and are dropped: the widest activations of a layer are a projection's
     inputs, and the removed share of them is what a sub-network saves."""
     projection = branch.projection
@@ -351,25 +349,17 @@ def _branch_inputs(
     drift = (
         None if dense is None else torch.zeros(projection.out_features, len(kept), dtype=torch.float64, device=device)
     )
-
-    def each():
-        for batch, (h, kw) in enumerate(zip(hidden, kwargs, strict=True)):
-            x = branch.projection_input(h, kw)
-            if columns is not None:
-                add_gram(columns, x, kept)
-            if drift is not None:  # R = (dense stream + its branch output) - (pruned stream + its branch output)
-                d = dense[batch]
-                after = branch.dense_step(d, kw)
-                residual = (d - h) + (after - branch.added(x))  # exact 0 where the streams are alike
-                _add_cross(drift, residual, x[..., kept])
-                d.add_(after)
-            yield x if len(kept) == width else x[..., kept]
-
-    if hold:
-        return _BranchInputs(columns, drift, stacked(each(), _sizes(hidden)))
-    for _ in each():
-        pass
-    return _BranchInputs(columns, drift, None)
+    for batch, (h, kw) in enumerate(zip(hidden, kwargs, strict=True)):
+        x = branch.projection_input(h, kw)
+        if columns is not None:
+            add_gram(columns, x, kept)
+        if drift is not None:  # R = (dense stream + its branch output) - (pruned stream + its branch output)
+            d = dense[batch]
+            after = branch.dense_step(d, kw)
+            residual = (d - h) + (after - branch.added(x))  # exact 0 where the streams are alike
+            _add_cross(drift, residual, x[..., kept])
+            d.add_(after)
+    return _BranchInputs(columns, drift)
 
 
 def _run_dense(branch: _Branch, dense: list[torch.Tensor], kwargs: list[dict]) -> None:
