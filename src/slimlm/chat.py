@@ -203,14 +203,14 @@ def chat_fidelity(model, tokenizer, reference: ChatReference, description: str =
     kl_sum, agree, positions = 0.0, 0, 0
     early, answers = torch.zeros(FIRST_TOKENS), torch.zeros(FIRST_TOKENS)  # agreement by position in the answer
     for batch in track(_teacher_batches(reference.prompt_ids, reference.answer_ids), f"chat fidelity ({description})"):
-        top = []
+        predicted = []  # the student's top token at each answer token
         for student in _answer_logprobs(model, batch, pad):
             rows = slice(positions, positions + len(student))
             candidate_top = student.gather(-1, reference.top_indices[rows].long())
             kl_sum += float(coarse_kl(reference.top_logprobs[rows], candidate_top).sum())
-            top.append(student.argmax(-1))
+            predicted.append(student.argmax(-1))
             positions += len(student)
-        hits = torch.cat(top) == torch.tensor([t for _, a in batch for t in a])
+        hits = torch.cat(predicted) == torch.tensor([t for _, a in batch for t in a])
         agree += int(hits.sum())
         for at, (_, answer) in zip(itertools.accumulate([len(a) for _, a in batch], initial=0), batch, strict=False):
             n = min(len(answer), FIRST_TOKENS)

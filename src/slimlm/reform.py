@@ -165,8 +165,9 @@ def reform(
     A branch's kept inputs X_K (a layer's widest activations, up to 192 MB on SmolLM2 at 128 windows) are
     not held from its solve until its new output is added: they are made again from the unchanged hidden
     states. Side by side on SmolLM2 (FLAP's 0.7 non-embedding allocation, 128 windows, one thread each):
-    347.7 s against 299.5 s holding them, the same weights; compress in memory peaked at 1486 MB instead
-    of 1636 MB (issue 17's target: at most 1.5x the weights plus the calibration activations).
+    347.7 s against 299.5 s holding them, the same weights; compress in memory peaked at 1458 MB instead
+    of 1636 MB on SmolLM2 (Gemma 3 unchanged at 2408 MB; issue 17's target: at most 1.5x the weights plus
+    the calibration activations).
 
     Measured worse or not worth their cost on SmolLM2 (FLAP's 0.8 sub-network, perplexity on Austen,
     16 calibration windows): targets from the dense run's inputs alone (the whole drift, no residual
