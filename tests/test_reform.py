@@ -187,6 +187,23 @@ def test_stacked_batches_are_views_of_one_tensor_with_the_same_values():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_first_layer_inputs_are_the_embedded_batches_in_one_tensor(family):
+    # the embedded batches, each written into one tensor as it comes (see ``stacked`` for why one tensor)
+    loaded = tiny_loaded(family)
+    captured = []
+    layer = loaded.adapter.decoder_layers(loaded.model)[0]
+    handle = layer.register_forward_pre_hook(lambda _m, args, _kw: captured.append(args[0]), with_kwargs=True)
+    with torch.no_grad():
+        for batch in IDS.split(3):
+            loaded.model(input_ids=batch, use_cache=False)
+    handle.remove()
+    hidden, _ = layer_inputs(loaded, IDS, batch_size=3)
+    assert [len(h) for h in hidden] == [3, 3, 2]
+    assert all(torch.equal(h, c) for h, c in zip(hidden, captured, strict=True))
+    assert len({h.untyped_storage().data_ptr() for h in hidden}) == 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_every_batch_s_keyword_arguments_are_held_once(family):
     # alike in every batch (the same positions, no padding): one copy, not one per batch
     def tensors(value):

@@ -457,6 +457,7 @@ def _shared(value, seen: list[torch.Tensor]):
     return value
 
 
+@torch.no_grad()
 def layer_inputs(loaded: LoadedModel, windows: torch.Tensor, batch_size: int):
     """Hidden states entering the first decoder layer (per batch of ``windows``), and the keyword
     arguments each layer gets (per layer, per batch): what running the model a layer at a time needs.
@@ -468,7 +469,7 @@ def layer_inputs(loaded: LoadedModel, windows: torch.Tensor, batch_size: int):
     """
     adapter, model = loaded.adapter, loaded.model
     layers = adapter.decoder_layers(model)
-    hidden: list[torch.Tensor] = []
+    hidden: list[torch.Tensor] = []  # per batch, views of one tensor written as the batches come (``stacked``)
     kwargs: list[list[dict]] = [[] for _ in layers]
     keys = ("attention_mask", "position_embeddings", "position_ids")
     seen: list[torch.Tensor] = []
@@ -476,7 +477,9 @@ def layer_inputs(loaded: LoadedModel, windows: torch.Tensor, batch_size: int):
     def capture(index: int):
         def hook(_module, args, layer_kwargs):
             if index == 0:
-                hidden.append(args[0].detach())
+                if not hidden:
+                    hidden.extend(args[0].new_empty((len(windows), *args[0].shape[1:])).split(batch_size))
+                hidden[len(kwargs[0])].copy_(args[0])
             kwargs[index].append({k: _shared(v, seen) for k, v in layer_kwargs.items() if k in keys})
             if index == len(layers) - 1:
                 raise _Captured  # nothing after the last layer is needed: no norm, no output head
@@ -493,4 +496,4 @@ def layer_inputs(loaded: LoadedModel, windows: torch.Tensor, batch_size: int):
                 model(input_ids=batch.to(model.device), use_cache=False)
     finally:
         adapter.set_decoder_layers(model, layers)
-    return stacked(hidden, _sizes(hidden)), kwargs
+    return hidden, kwargs
