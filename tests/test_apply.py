@@ -94,8 +94,9 @@ def test_restore_happens_even_when_the_block_raises(views):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_views_hold_no_copy_of_the_kept_weights_and_compute_what_copies_compute(family):
-    """Views (the search's way) are the full weights' own storage, reordered; copies (extraction's way)
-    are new tensors; both compute the same sub-network, and a reformed projection is used as given."""
+    """Views (the search's way) are the full weights' own storage, rearranged; copies (extraction's way)
+    are new tensors; both are contiguous and compute the same sub-network, and a reformed projection is
+    used as given."""
     loaded = tiny_loaded(family)
     subnet = heterogeneous(family)
     storage = {id(p): p.untyped_storage().data_ptr() for p in loaded.model.parameters()}
@@ -107,6 +108,8 @@ def test_views_hold_no_copy_of_the_kept_weights_and_compute_what_copies_compute(
     for views in (False, True):
         with subnetwork_applied(loaded, subnet, reformed, views=views) as model, torch.no_grad():
             logits[views] = model(input_ids=INPUT, use_cache=False).logits
+            # contiguous either way: a model of views runs, and is timed, as its extracted copy
+            assert all(p.is_contiguous() for p in model.parameters())
             for layer in loaded.adapter.decoder_layers(model):
                 new = [p for p in layer.parameters() if p.untyped_storage().data_ptr() not in storage.values()]
                 if views:  # only the reformed projection is not the model's own storage

@@ -3,10 +3,10 @@
 ``subnetwork_applied`` is the hot loop of every search: candidate after candidate on one loaded
 model. Each kept linear gets a smaller weight, layers not kept are left out of the layer list, and
 everything is put back on exit. The forward pass then runs exactly the computation of the extracted
-model. The smaller weight is a gathered copy of the kept slice (contiguous, as extraction and timing
-want it), or with ``views`` a narrowed view of the full weight after its kept rows and columns were
-moved to the front in place: no second copy of the kept weights beside the model's (about 0.7 of them
-at 0.7), which is what evaluating candidates wants; the move is undone on exit.
+model. The smaller weight is a gathered copy of the kept slice (as extraction wants it), or with
+``views`` a contiguous view of the start of the full weight's storage, where its kept rows and columns
+were written in place: no second copy of the kept weights beside the model's (about 0.7 of them at
+0.7), which is what evaluating and timing candidates wants; the move is undone on exit.
 
 ``subnetwork_masked`` is the training path: the full weights stay in place and removed heads and
 neurons are zeroed at the inputs of the output projections (which is what removing them computes),
@@ -39,8 +39,8 @@ def subnetwork_applied(
 
     ``reformed`` (from ``slimlm.reform.reform`` or a pruning method) replaces the kept output-projection
     weights (keys ``(layer, "attention" | "mlp")``) and sets their biases (``"attention_bias" | "mlp_bias"``).
-    With ``views`` the kept weights are views into the full ones, reordered in place rather than copied:
-    for evaluating, not for saving (a view keeps its whole storage) or for timing (strided weights).
+    With ``views`` the kept weights are contiguous views into the full ones, rearranged in place rather
+    than copied: for evaluating and timing, not for saving (a view keeps its whole storage).
     """
     adapter = loaded.adapter
     # a streamed layer's weights are read afresh for each forward and dropped after it: a copy of its kept
@@ -133,19 +133,32 @@ def _slice_linear(piece: LinearSlice, saved: list | None) -> None:
 
 
 def _to_front(tensor: torch.Tensor, axis: int, kept: torch.Tensor, saved: list) -> torch.Tensor:
-    """``tensor`` narrowed to its entries ``kept`` along ``axis``, in that order, after moving them to the
-    front in place (the gather is transient: one tensor's worth); how to move them back joins ``saved``."""
+    """``tensor``'s entries ``kept`` along ``axis``, in that order, as a contiguous view of the start of its
+    storage: the kept slice is written there and the rest after it, in place (the gathers are transient,
+    one tensor's worth); how to put them back joins ``saved``. Contiguous, so a model of views runs, and is
+    timed, as its extracted copy would be (a narrowed view of the columns would be strided)."""
     rest = torch.ones(tensor.shape[axis], dtype=torch.bool, device=kept.device)
     rest[kept] = False
-    order = torch.cat([kept, rest.nonzero().squeeze(1)])
-    tensor.data.copy_(tensor.index_select(axis, order))
-    saved.append(functools.partial(_reorder, tensor, axis, order.argsort()))
-    return tensor.narrow(axis, 0, len(kept))
+    removed = rest.nonzero().squeeze(1)
+    flat, size = tensor.data.view(-1), tensor.numel() // tensor.shape[axis] * len(kept)
+    kept_part = tensor.index_select(axis, kept)
+    flat[size:] = tensor.index_select(axis, removed).reshape(-1)  # read whole before the kept part is written
+    flat[:size] = kept_part.reshape(-1)
+    saved.append(functools.partial(_put_back, tensor, axis, kept, removed))
+    return flat[:size].view(kept_part.shape)
 
 
 @torch.no_grad()
-def _reorder(tensor: torch.Tensor, axis: int, order: torch.Tensor) -> None:
-    tensor.data.copy_(tensor.index_select(axis, order))
+def _put_back(tensor: torch.Tensor, axis: int, kept: torch.Tensor, removed: torch.Tensor) -> None:
+    """Undo ``_to_front``: the kept and removed slices, stored one after the other, back in their places."""
+    flat, shape = tensor.data.view(-1), list(tensor.shape)
+    shape[axis] = len(kept)
+    size = tensor.numel() // tensor.shape[axis] * len(kept)
+    whole = torch.empty_like(tensor)
+    whole.index_copy_(axis, kept, flat[:size].view(shape))
+    shape[axis] = len(removed)
+    whole.index_copy_(axis, removed, flat[size:].view(shape))
+    tensor.data.copy_(whole)
 
 
 @contextmanager

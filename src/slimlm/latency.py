@@ -160,7 +160,7 @@ def _timer(loaded: LoadedModel, runtime: str, seq_len: int) -> Iterator[Callable
 
         def beside(subnet: SubNetwork) -> tuple[float, float]:
             dense = prefill_ms(loaded.model, seq_len)
-            with subnetwork_applied(loaded, subnet, None) as model:  # speed depends on shapes: weights as sliced
+            with subnetwork_applied(loaded, subnet, None, views=True) as model:  # contiguous views: timed as extracted
                 return dense, prefill_ms(model, seq_len)
 
         yield beside

@@ -77,9 +77,8 @@ def measure(searcher: Searcher, subnet: SubNetwork | None, evaluation_ids, refor
     cost = searcher.cost(subnet)
     if reformed is None and subnet != full:
         reformed = searcher.reformed(subnet)
-    with subnetwork_applied(searcher.loaded, subnet, reformed) as model:  # timed as extracted: contiguous weights
+    with subnetwork_applied(searcher.loaded, subnet, reformed, views=True) as model:  # contiguous: timed as extracted
         latency = searcher.latency_ms(model)
-    with subnetwork_applied(searcher.loaded, subnet, reformed, views=True) as model:
         return {
             "params": cost.params,
             "params_fraction": cost.params / searcher.cost(full).params,
