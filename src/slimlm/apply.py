@@ -114,8 +114,8 @@ def _kept_layers_only(loaded: LoadedModel, subnet: SubNetwork, prepare_layer) ->
 def _slice_linear(piece: LinearSlice, saved: list | None) -> None:
     """Give a linear the kept rows and columns of its weight; a full range is kept as is (no copy).
 
-    With ``saved`` (a list of undo steps) the kept features are moved to the front of the full weight
-    in place and the linear gets a narrowed view of it; without, gathered copies of them.
+    With ``saved`` (a list of undo steps) the kept features are written at the start of the full weight's
+    storage in place and the linear gets a contiguous view of them (``_to_front``); without, gathered copies.
     """
     linear = piece.linear
     weight, bias = linear.weight, linear.bias
