@@ -3,15 +3,18 @@ the KL fitness; multi-fidelity evolution over levels with sub-block removal."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.nn import functional as F
 
+from slimlm import evaluate as evaluate_module
 from slimlm import library as library_module
 from slimlm import reform as reform_module
 from slimlm.apply import subnetwork_applied
 from slimlm.errors import SlimlmError
-from slimlm.evaluate import dense_reference, fitness, logit_parts, perplexity
+from slimlm.evaluate import coarse_kl, dense_reference, fitness, logit_parts, perplexity
 from slimlm.importance import activation_importance
 from slimlm.library import build_library
 from slimlm.models.base import LayerShape
@@ -22,7 +25,7 @@ from slimlm.strategies import completed, stage_of
 from slimlm.subnet import LayerKeep, SubNetwork
 
 from .conftest import FAMILIES, VOCAB, fast_search_settings, save_tiny, tiny_loaded
-from .test_apply import INPUT
+from .test_apply import INPUT, heterogeneous
 
 WINDOWS = torch.randint(1, VOCAB, (6, 16), generator=torch.Generator().manual_seed(1))
 SPACE = SearchSpace(step=0.25)
@@ -213,24 +216,34 @@ def test_kl_fitness_is_zero_for_dense_and_exact_with_the_whole_vocabulary():
     assert scores["perplexity"] > 1
 
 
-def test_the_logits_a_few_positions_at_a_time_score_alike(monkeypatch):
-    """Logits are made and normalised a few positions at a time (Gemma 3's were 268 MB per window): the
-    same dense reference, KL, perplexity as the whole window at once."""
-    loaded = tiny_loaded()
-    subnet = SubNetwork({i: LayerKeep([0, 1, 3, 4], [0, 1], range(0, 40, 2)) for i in range(4)})
-
-    def scored():
-        reference = dense_reference(loaded.model, WINDOWS, top_k=8)
-        with subnetwork_applied(loaded, subnet) as model:
-            return reference, fitness(model, reference, len(WINDOWS)), perplexity(model, WINDOWS)
-
-    whole = scored()
-    monkeypatch.setattr("slimlm.evaluate.PART_BYTES", 4 * VOCAB * 4 * 5)  # 5 positions of 4 windows a part
-    parts = scored()
-    assert WINDOWS.shape[1] > 2 * 5
-    assert torch.equal(parts[0].indices, whole[0].indices)
-    assert torch.allclose(parts[0].logprobs, whole[0].logprobs, atol=1e-6)
-    assert parts[1] == pytest.approx(whole[1], rel=1e-5) and parts[2] == pytest.approx(whole[2], rel=1e-5)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fitness_and_perplexity_in_parts_are_those_of_the_whole_logits(family, monkeypatch):
+    """The dense reference makes logits a few positions at a time, the KL fitness and perplexity a part of
+    the vocabulary at a time for every position of a batch: the figures the causal-LM's whole logits give,
+    Gemma's soft cap included."""
+    cap = {"final_logit_softcapping": 0.25} if family == "gemma3_text" else {}  # binds on tiny random weights
+    loaded = tiny_loaded(family, **cap)
+    subnet = heterogeneous(family)
+    calls, head = [], evaluate_module.head_logits
+    monkeypatch.setattr(evaluate_module, "PART_BYTES", 4 * VOCAB * 4 * 5)  # 5 positions, or 32 tokens of 4 windows
+    monkeypatch.setattr(evaluate_module, "head_logits", lambda *a, **k: calls.append(1) or head(*a, **k))
+    reference = dense_reference(loaded.model, WINDOWS, top_k=8)
+    with torch.no_grad():
+        dense = loaded.model(input_ids=WINDOWS[:, :-1], use_cache=False).logits.log_softmax(-1)
+    top = dense.topk(8)
+    assert torch.equal(reference.indices, top.indices)
+    torch.testing.assert_close(reference.logprobs, top.values, rtol=0, atol=1e-6)
+    with subnetwork_applied(loaded, subnet) as model, torch.no_grad():
+        calls.clear()
+        scores, ppl = fitness(model, reference, len(WINDOWS)), perplexity(model, WINDOWS)
+        logprobs = model(input_ids=WINDOWS[:, :-1], use_cache=False).logits.log_softmax(-1)
+    assert len(calls) == 2 * (3 + 2)  # each: 4 windows in three parts of the vocabulary, then 2 windows in two
+    nll = -logprobs.gather(-1, WINDOWS[:, 1:, None]).mean().item()
+    kl = coarse_kl(reference.logprobs, logprobs.gather(-1, reference.indices)).mean().item()
+    assert scores["kl"] == pytest.approx(kl, rel=1e-4, abs=1e-7)
+    assert scores["perplexity"] == pytest.approx(math.exp(nll), rel=1e-5) and ppl == pytest.approx(
+        math.exp(nll), rel=1e-5
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -18,7 +18,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from slimlm import tasks
+from slimlm import evaluate, tasks
 from slimlm.apply import subnetwork_applied
 from slimlm.errors import SlimlmError
 from slimlm.extract import extract
@@ -384,9 +384,10 @@ def test_choices_are_scored_a_part_of_the_vocabulary_at_a_time(prose_file, famil
     if family == "gemma3_text":
         monkeypatch.setattr(model.config, "final_logit_softcapping", 0.25)  # binds on tiny random weights
     examples = build(CONTINUATION, prose_file, examples=6) + build(LASTWORD, prose_file, examples=6)
-    parts, head = [], tasks.head_logits
-    monkeypatch.setattr(tasks, "PART_BYTES", 4 * 700)  # a few tokens of the vocabulary per part
-    monkeypatch.setattr(tasks, "head_logits", lambda m, h, tokens: parts.append((len(h), tokens)) or head(m, h, tokens))
+    parts, head = [], evaluate.head_logits
+    monkeypatch.setattr(evaluate, "PART_BYTES", 4 * 700)  # a few tokens of the vocabulary per part
+    counted = lambda m, h, tokens: parts.append((len(h), tokens)) or head(m, h, tokens)  # noqa: E731
+    monkeypatch.setattr(evaluate, "head_logits", counted)
     for task in (examples[:6], examples[6:]):
         scored = tasks._score(model, task, batch_size=3, description=None)
         for example, choices in zip(task, scored, strict=True):

@@ -28,7 +28,7 @@ from transformers import PreTrainedModel
 
 from slimlm.data import leading_bos, load_text
 from slimlm.errors import SlimlmError
-from slimlm.evaluate import PART_BYTES, head_logits
+from slimlm.evaluate import token_scores
 from slimlm.progress import track
 
 LASTWORD = "slimlm-lastword"
@@ -283,7 +283,8 @@ def _score(
         contexts = torch.tensor([examples[i].context_ids for i in batch])
         states = _choice_states(model, contexts, choices)
         targets = torch.tensor([t for ids in choices for t in ids], device=states.device)
-        logprobs, top = _target_scores(model, states, targets)
+        scores = token_scores(model, states, targets, greedy=True)  # the vocabulary a part at a time
+        logprobs, top = scores.logprob, scores.top
         at = 0
         for i in batch:
             for ids in examples[i].choice_ids:
@@ -291,29 +292,6 @@ def _score(
                 out[i].append((logprobs[rows].sum().item(), bool(top[rows].all())))
                 at += len(ids)
     return out
-
-
-def _target_scores(model, states: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each row of ``_states``: log P(its target token), and whether the target is strictly the most
-    likely token (a tie for the top is a miss). The vocabulary is taken a part at a time, every row at
-    once: the output head's weights are read once a batch (Gemma 3's: 671 MB), and no row's logits are
-    ever whole (Gemma 3: 1 MB a token), only ``PART_BYTES`` of the rows' logits at a time."""
-    head = isinstance(model, PreTrainedModel)  # states are hidden states, else logits already
-    vocab = model.get_output_embeddings().weight.shape[0] if head else states.shape[-1]
-    rows = torch.arange(len(states), device=states.device)
-    total = torch.full((len(states),), -math.inf, device=states.device)  # log of the summed probabilities
-    target, rival = torch.zeros_like(total), torch.full_like(total, -math.inf)  # rival: the best other token
-    step = max(1, PART_BYTES // (max(1, len(states)) * 4))
-    for start in range(0, vocab, step):
-        tokens = slice(start, min(start + step, vocab))
-        logits = head_logits(model, states, tokens) if head else states[:, tokens].to(torch.float32, copy=True)
-        total = torch.logaddexp(total, logits.logsumexp(-1))
-        inside = (targets >= start) & (targets < tokens.stop)
-        at = (rows[inside], targets[inside] - start)
-        target[inside] = logits[at]
-        logits[at] = -math.inf  # the target leaves the rivals
-        rival = torch.maximum(rival, logits.max(-1).values)
-    return target - total, target > rival
 
 
 def _choice_states(model, contexts: torch.Tensor, choices: list[Sequence[int]]) -> torch.Tensor:
