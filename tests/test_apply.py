@@ -120,6 +120,18 @@ def test_views_hold_no_copy_of_the_kept_weights_and_compute_what_copies_compute(
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-6, atol=1e-6)
 
 
+def test_views_of_a_strided_weight_are_refused_and_the_model_is_left_whole():
+    loaded = tiny_loaded()
+    with torch.no_grad():
+        dense = loaded.model(input_ids=INPUT).logits
+    q_proj = loaded.model.model.layers[2].self_attn.q_proj  # layer 2 keeps 4 of its heads
+    q_proj.weight = torch.nn.Parameter(q_proj.weight.detach().t().contiguous().t())  # equal values, strided
+    with pytest.raises(SlimlmError, match="not contiguous"), subnetwork_applied(loaded, heterogeneous(), views=True):
+        pass
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(input_ids=INPUT).logits, dense, rtol=0, atol=0)
+
+
 def test_full_subnetwork_shares_all_weights_and_matches_dense():
     loaded = tiny_loaded()
     dense = loaded.model(input_ids=INPUT).logits.detach()

@@ -137,6 +137,8 @@ def _to_front(tensor: torch.Tensor, axis: int, kept: torch.Tensor, saved: list) 
     storage: the kept slice is written there and the rest after it, in place (the gathers are transient,
     one tensor's worth); how to put them back joins ``saved``. Contiguous, so a model of views runs, and is
     timed, as its extracted copy would be (a narrowed view of the columns would be strided)."""
+    if not tensor.is_contiguous():  # every family's weights are, as loaded; its start would not be its first rows
+        raise SlimlmError("a weight is not contiguous, so its kept units cannot be viewed in place; apply copies")
     rest = torch.ones(tensor.shape[axis], dtype=torch.bool, device=kept.device)
     rest[kept] = False
     removed = rest.nonzero().squeeze(1)
