@@ -29,7 +29,7 @@ def logit_parts(model: PreTrainedModel, batch: torch.Tensor) -> Iterator[tuple[i
     part at a time, so a batch's logits over the vocabulary are never held whole (Gemma 3: 268 MB a window
     of 256 tokens). The same numbers as ``model(batch).logits`` (tested for every family).
     """
-    hidden = model.base_model(input_ids=batch.to(model.device), use_cache=False).last_hidden_state
+    hidden = decoder_states(model, batch)
     step = max(1, PART_BYTES // (len(batch) * model.config.vocab_size * 4))
     for start in range(0, hidden.shape[1], step):
         yield start, head_logits(model, hidden[:, start : start + step])
@@ -48,10 +48,9 @@ def head_logits(model: PreTrainedModel, hidden: torch.Tensor, tokens: slice = sl
 
 
 def decoder_states(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
-    """The decoder's final hidden states at every position of ``ids`` (windows of token ids), one row per
-    position: what the output head turns into logits (``token_scores``), without the head."""
-    hidden = model.base_model(input_ids=ids.to(model.device), use_cache=False).last_hidden_state
-    return hidden.reshape(-1, hidden.shape[-1])
+    """The decoder's final hidden states at every position of ``ids`` (windows of token ids): what the
+    output head turns into logits (``head_logits``), without the head."""
+    return model.base_model(input_ids=ids.to(model.device), use_cache=False).last_hidden_state
 
 
 @dataclass(frozen=True)
@@ -118,7 +117,7 @@ def perplexity(
         batches = track(batches, description)
     total_nll, total_tokens = 0.0, 0
     for batch in batches:
-        states = decoder_states(model, batch[:, :-1])
+        states = decoder_states(model, batch[:, :-1]).flatten(0, 1)  # a row per position
         total_nll -= token_scores(model, states, batch[:, 1:].reshape(-1).to(states.device)).logprob.sum().item()
         total_tokens += batch[:, 1:].numel()
     return math.exp(total_nll / total_tokens)
@@ -168,7 +167,7 @@ def fitness(
     for first in range(0, windows, batch_size):
         at = slice(first, min(windows, first + batch_size))
         batch = reference.windows[at]
-        states = decoder_states(model, batch[:, :-1])
+        states = decoder_states(model, batch[:, :-1]).flatten(0, 1)  # a row per position
         device = states.device
         top = reference.indices[at].reshape(-1, k).to(device)
         scores = token_scores(model, states, batch[:, 1:].reshape(-1).to(device), gather=top)
