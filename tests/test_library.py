@@ -14,7 +14,7 @@ from slimlm import library as library_module
 from slimlm import reform as reform_module
 from slimlm.apply import subnetwork_applied
 from slimlm.errors import SlimlmError
-from slimlm.evaluate import coarse_kl, dense_reference, fitness, logit_parts, perplexity
+from slimlm.evaluate import coarse_kl, dense_reference, fitness, perplexity
 from slimlm.importance import activation_importance
 from slimlm.library import build_library
 from slimlm.models.base import LayerShape
@@ -218,8 +218,8 @@ def test_kl_fitness_is_zero_for_dense_and_exact_with_the_whole_vocabulary():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fitness_and_perplexity_in_parts_are_those_of_the_whole_logits(family, monkeypatch):
-    """The dense reference makes logits a few positions at a time, the KL fitness and perplexity a part of
-    the vocabulary at a time for every position of a batch: the figures the causal-LM's whole logits give,
+    """The dense reference (its top-k merged part by part), the KL fitness and perplexity take a part of the
+    vocabulary at a time for every position of a batch: the figures the causal-LM's whole logits give,
     Gemma's soft cap included."""
     cap = {"final_logit_softcapping": 0.25} if family == "gemma3_text" else {}  # binds on tiny random weights
     loaded = tiny_loaded(family, **cap)
@@ -228,6 +228,7 @@ def test_fitness_and_perplexity_in_parts_are_those_of_the_whole_logits(family, m
     monkeypatch.setattr(evaluate_module, "PART_BYTES", 4 * VOCAB * 4 * 5)  # 5 positions, or 32 tokens of 4 windows
     monkeypatch.setattr(evaluate_module, "head_logits", lambda *a, **k: calls.append(1) or head(*a, **k))
     reference = dense_reference(loaded.model, WINDOWS, top_k=8)
+    assert len(calls) == 3 + 2  # 4 windows in three parts of the vocabulary, then 2 windows in two
     with torch.no_grad():
         dense = loaded.model(input_ids=WINDOWS[:, :-1], use_cache=False).logits.log_softmax(-1)
     top = dense.topk(8)
@@ -237,32 +238,13 @@ def test_fitness_and_perplexity_in_parts_are_those_of_the_whole_logits(family, m
         calls.clear()
         scores, ppl = fitness(model, reference, len(WINDOWS)), perplexity(model, WINDOWS)
         logprobs = model(input_ids=WINDOWS[:, :-1], use_cache=False).logits.log_softmax(-1)
-    assert len(calls) == 2 * (3 + 2)  # each: 4 windows in three parts of the vocabulary, then 2 windows in two
+    assert len(calls) == 2 * (3 + 2)  # each as the reference
     nll = -logprobs.gather(-1, WINDOWS[:, 1:, None]).mean().item()
     kl = coarse_kl(reference.logprobs, logprobs.gather(-1, reference.indices)).mean().item()
     assert scores["kl"] == pytest.approx(kl, rel=1e-4, abs=1e-7)
     assert scores["perplexity"] == pytest.approx(math.exp(nll), rel=1e-5) and ppl == pytest.approx(
         math.exp(nll), rel=1e-5
     )
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_logit_parts_are_the_model_s_logits(family, monkeypatch):
-    """The output head run a part at a time on the decoder's states gives what the causal-LM forward does,
-    Gemma's soft cap included."""
-    cap = {"final_logit_softcapping": 0.25} if family == "gemma3_text" else {}  # binds on tiny random weights
-    loaded = tiny_loaded(family, **cap)
-    monkeypatch.setattr("slimlm.evaluate.PART_BYTES", 2 * VOCAB * 4 * 3)  # 3 positions of 2 windows a part
-    batch = WINDOWS[:2]
-    with torch.no_grad():
-        whole = loaded.model(input_ids=batch, use_cache=False).logits
-        parts = list(logit_parts(loaded.model, batch))
-    assert [start for start, _ in parts] == list(range(0, batch.shape[1], 3))
-    torch.testing.assert_close(torch.cat([logits for _, logits in parts], dim=1), whole, rtol=1e-5, atol=1e-5)
-    if cap:
-        loaded.model.config.final_logit_softcapping = None
-        uncapped = torch.cat([logits for _, logits in logit_parts(loaded.model, batch)], dim=1)
-        assert whole.abs().max() < 0.25 < uncapped.abs().max()
 
 
 def test_fidelity_stages_grow_by_four_up_to_every_fitness_window():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -15,24 +14,11 @@ from slimlm.progress import track
 
 WINDOWS = 4  # windows a forward for perplexity and the KL fitness: their logits are made a part at a time
 # float32 logits made at once: a part of the vocabulary for every position of a batch (``token_scores``:
-# perplexity, the KL fitness, the cloze tasks; 8,224 tokens for 4 windows of 256), or a few positions over
-# the whole vocabulary (``logit_parts``: the dense reference; chat fidelity). Positions' parts measured
-# against 128 MB (16 fitness windows, alone): SmolLM2 154 MB above the model at peak instead of 283-319 MB,
-# as fast; Gemma 3 136 MB instead of 331-346 MB, but slower (its head read for every 32 rows), which
-# vocabulary parts undo (``token_scores``)
+# perplexity, the KL fitness and its dense reference, the cloze tasks; 8,224 tokens for 4 windows of 256), or
+# a few positions over the whole vocabulary (chat fidelity). Positions' parts measured against 128 MB (16
+# fitness windows, alone): SmolLM2 154 MB above the model at peak instead of 283-319 MB, as fast; Gemma 3
+# 136 MB instead of 331-346 MB, but slower (its head read for every 32 rows), which vocabulary parts undo
 PART_BYTES = 32 * 2**20
-
-
-def logit_parts(model: PreTrainedModel, batch: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-    """``model``'s next-token logits on ``batch`` (windows of token ids) as (first position, float32 logits of
-    the positions from there), each part under ``PART_BYTES``: the decoder runs once, the output head a
-    part at a time, so a batch's logits over the vocabulary are never held whole (Gemma 3: 268 MB a window
-    of 256 tokens). The same numbers as ``model(batch).logits`` (tested for every family).
-    """
-    hidden = decoder_states(model, batch)
-    step = max(1, PART_BYTES // (len(batch) * model.config.vocab_size * 4))
-    for start in range(0, hidden.shape[1], step):
-        yield start, head_logits(model, hidden[:, start : start + step])
 
 
 def head_logits(model: PreTrainedModel, hidden: torch.Tensor, tokens: slice = slice(None)) -> torch.Tensor:
@@ -60,14 +46,22 @@ class TokenScores:
     logprob: torch.Tensor  # log P(the row's target token)
     top: torch.Tensor | None  # whether the target is strictly the most likely token (a tie is a miss), if asked
     gathered: torch.Tensor | None  # log-probabilities of the token ids asked for (rows x k), if asked
+    best: torch.Tensor | None  # log-probabilities of the k most likely tokens, most likely first (rows x k), if asked
+    best_ids: torch.Tensor | None  # their token ids, if asked
 
 
 def token_scores(
-    model, states: torch.Tensor, targets: torch.Tensor, gather: torch.Tensor | None = None, greedy: bool = False
+    model,
+    states: torch.Tensor,
+    targets: torch.Tensor,
+    gather: torch.Tensor | None = None,
+    greedy: bool = False,
+    best: int = 0,
 ) -> TokenScores:
     """``TokenScores`` of each row of ``states`` (a transformers model's final hidden states, any other
-    model's logits already) for its token in ``targets``, the log-probabilities of token ids ``gather``, and
-    with ``greedy`` whether greedy decoding picks the target (10-15% of the time on Gemma 3).
+    model's logits already) for its token in ``targets``, the log-probabilities of token ids ``gather``, with
+    ``greedy`` whether greedy decoding picks the target (10-15% of the time on Gemma 3), and with ``best``
+    the log-probabilities and ids of the ``best`` most likely tokens (kept across parts as they come).
 
     The vocabulary is taken a part at a time, every row at once, ``PART_BYTES`` of logits at a time: the
     output head's weights are read once for all rows (Gemma 3's: 671 MB) and no row's logits are ever
@@ -82,6 +76,8 @@ def token_scores(
     total = torch.full((len(states),), -math.inf, device=states.device)  # log of the summed probabilities
     target, rival = torch.zeros_like(total), torch.full_like(total, -math.inf)  # rival: the best other token
     picked = None if gather is None else torch.zeros(gather.shape, device=states.device)
+    k = min(best, vocab)
+    leaders, leader_ids = total[:, None].expand(-1, 0), rows[:, None].expand(-1, 0)  # the k best so far: none yet
     step = max(1, PART_BYTES // (max(1, len(states)) * 4))
     for start in range(0, vocab, step):
         tokens = slice(start, min(start + step, vocab))
@@ -90,6 +86,11 @@ def token_scores(
         if gather is not None:
             inside = (gather >= start) & (gather < tokens.stop)
             picked = torch.where(inside, logits.gather(-1, (gather - start).clamp(0, logits.shape[1] - 1)), picked)
+        if k:  # this part's leaders against the leaders so far
+            part = logits.topk(min(k, logits.shape[1]))
+            values, ids = torch.cat([leaders, part.values], 1), torch.cat([leader_ids, part.indices + start], 1)
+            kept = values.topk(min(k, values.shape[1]))
+            leaders, leader_ids = kept.values, ids.gather(1, kept.indices)
         inside = (targets >= start) & (targets < tokens.stop)
         at = (rows[inside], targets[inside] - start)
         target[inside] = logits[at]
@@ -97,7 +98,9 @@ def token_scores(
             logits[at] = -math.inf  # the target leaves the rivals
             rival = torch.maximum(rival, logits.max(-1).values)
     top = target > rival if greedy else None
-    return TokenScores(target - total, top, None if picked is None else picked - total[:, None])
+    gathered = None if picked is None else picked - total[:, None]
+    best_logprobs = leaders - total[:, None] if k else None
+    return TokenScores(target - total, top, gathered, best_logprobs, leader_ids if k else None)
 
 
 @torch.no_grad()
@@ -145,11 +148,10 @@ def dense_reference(
     logprobs = torch.empty(*windows[:, 1:].shape, k)
     batches = track(windows.split(batch_size), "dense reference for the KL fitness")
     for first, batch in zip(range(0, len(windows), batch_size), batches, strict=True):
-        for start, logits in logit_parts(model, batch[:, :-1]):
-            for offset, row in enumerate(logits):  # a window at a time: no part-sized temporaries beside the logits
-                top = F.log_softmax(row, dim=-1).topk(k)
-                at = (first + offset, slice(start, start + len(row)))
-                indices[at], logprobs[at] = top.indices.cpu(), top.values.cpu()
+        states = decoder_states(model, batch[:, :-1]).flatten(0, 1)  # a row per position
+        scores = token_scores(model, states, batch[:, 1:].reshape(-1).to(states.device), best=k)
+        at = slice(first, first + len(batch))
+        indices[at], logprobs[at] = (t.view(len(batch), -1, k).cpu() for t in (scores.best_ids, scores.best))
     return DenseReference(windows, indices, logprobs)
 
 
