@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -30,7 +30,7 @@ import torch
 
 from slimlm.cache import cache_root, computed_once, fingerprint
 from slimlm.errors import SlimlmError
-from slimlm.evaluate import PART_BYTES, coarse_kl, head_logits
+from slimlm.evaluate import coarse_kl, token_scores
 from slimlm.progress import progress_bar, track
 
 ANSWER_TOKENS = 32  # greedy answer length of the reference (a first sentence or two)
@@ -38,7 +38,7 @@ FIRST_TOKENS = 10  # an answer "starts like the dense one" when these many token
 SAMPLES = 3  # answers shown side by side in reports
 BATCH = 16  # prompts generated at once (left-padded)
 TEACHER_BATCH = 8  # answers teacher-forced at once: a pass per batch, not per answer (a streamed model reads
-# every layer per pass); their logits are made a few answer tokens at a time (evaluate.PART_BYTES)
+# every layer per pass); their logits are made a part of the vocabulary at a time (evaluate.token_scores)
 TEACHER_TOP_K = 1024  # the dense model's probabilities kept per answer token, the rest one bin: the KL of
 # those coarsened distributions was within 0.3% of the exact KL (1.821 against 1.827 nats, SmolLM2 at 0.7
 # of its parameters; 1.786 with the top 128), and the reference holds 27 MB instead of the dense model
@@ -155,10 +155,10 @@ def chat_reference(
     answers = greedy_answers(dense, tokenizer, ids, new_tokens, "chat: dense answers")
     pad, indices, logprobs = _pad_id(dense, tokenizer), [], []
     for batch in track(_teacher_batches(ids, answers), "chat: dense distributions"):
-        for part in _answer_logprobs(dense, batch, pad):
-            top = part.topk(min(top_k, part.shape[-1]), dim=-1)
-            indices.append(top.indices.int())  # int32: half the memory; widened when gathered
-            logprobs.append(top.values)
+        rows, targets = _answer_states(dense, batch, pad)
+        scores = token_scores(dense, rows, targets, best=top_k)
+        indices.append(scores.best_ids.int().cpu())  # int32: half the memory; widened when gathered
+        logprobs.append(scores.best.cpu())
     indices = torch.cat(indices) if indices else torch.zeros(0, 0, dtype=torch.int32)
     logprobs = torch.cat(logprobs) if logprobs else torch.zeros(0, 0)
     return ChatReference(prompts, ids, answers, bool(encoded and encoded[0][1]), indices, logprobs)
@@ -171,11 +171,11 @@ def _teacher_batches(prompts: list[list[int]], answers: list[list[int]]) -> list
 
 
 @torch.no_grad()
-def _answer_logprobs(model, batch: list[tuple[list[int], list[int]]], pad: int) -> Iterator[torch.Tensor]:
-    """``model``'s log-probabilities at every answer token of the (prompt, answer) pairs, teacher-forced
-    in one pass: rows of answer tokens, pairs in order, a part of at most ``PART_BYTES`` at a time (Gemma
-    3's 262k-token vocabulary: 1 MB a row). Left padding ends every answer at the last position;
-    positions count from each sequence's start. Only the answers' hidden states meet the output head."""
+def _answer_states(model, batch: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``model``'s final hidden states before every answer token of the (prompt, answer) pairs, teacher-forced
+    in one pass (rows of answer tokens, pairs in order), and those answer tokens: what ``token_scores``
+    turns into log-probabilities a part of the vocabulary at a time (Gemma 3's 262k tokens: 1 MB a row).
+    Left padding ends every answer at the last position; positions count from each sequence's start."""
     ids, mask = _left_padded([p + a for p, a in batch], pad)
     hidden = model.base_model(
         input_ids=ids.to(model.device),
@@ -185,10 +185,7 @@ def _answer_logprobs(model, batch: list[tuple[list[int], list[int]]], pad: int) 
     ).last_hidden_state
     end = hidden.shape[1] - 1  # the state before each answer token, and not the one past the last
     rows = torch.cat([hidden[i, end - len(a) : end] for i, (_, a) in enumerate(batch)])
-    step = max(1, PART_BYTES // (model.config.vocab_size * 4))
-    for start in range(0, len(rows), step):
-        logits = head_logits(model, rows[start : start + step])
-        yield logits.sub_(logits.logsumexp(-1, keepdim=True)).cpu()
+    return rows, torch.tensor([t for _, a in batch for t in a], device=rows.device)
 
 
 @torch.no_grad()
@@ -203,14 +200,13 @@ def chat_fidelity(model, tokenizer, reference: ChatReference, description: str =
     kl_sum, agree, positions = 0.0, 0, 0
     early, answers = torch.zeros(FIRST_TOKENS), torch.zeros(FIRST_TOKENS)  # agreement by position in the answer
     for batch in track(_teacher_batches(reference.prompt_ids, reference.answer_ids), f"chat fidelity ({description})"):
-        predicted = []  # the student's top token at each answer token
-        for student in _answer_logprobs(model, batch, pad):
-            rows = slice(positions, positions + len(student))
-            candidate_top = student.gather(-1, reference.top_indices[rows].long())
-            kl_sum += float(coarse_kl(reference.top_logprobs[rows], candidate_top).sum())
-            predicted.append(student.argmax(-1))
-            positions += len(student)
-        hits = torch.cat(predicted) == torch.tensor([t for _, a in batch for t in a])
+        states, targets = _answer_states(model, batch, pad)
+        rows = slice(positions, positions + len(targets))
+        dense_top = reference.top_indices[rows].long().to(states.device)
+        student = token_scores(model, states, targets, gather=dense_top, greedy=True)
+        kl_sum += float(coarse_kl(reference.top_logprobs[rows], student.gathered.cpu()).sum())
+        hits = student.top.cpu()  # the student's greedy token is the dense model's answer token
+        positions += len(targets)
         agree += int(hits.sum())
         for at, (_, answer) in zip(itertools.accumulate([len(a) for _, a in batch], initial=0), batch, strict=False):
             n = min(len(answer), FIRST_TOKENS)
