@@ -172,7 +172,11 @@ def reform(
     Measured worse or not worth their cost on SmolLM2 (FLAP's 0.8 sub-network, perplexity on Austen,
     16 calibration windows): targets from the dense run's inputs alone (the whole drift, no residual
     term), 44.8 against 35.6; an intercept (a new bias), 35.55, which adds parameters a budget did not
-    count.
+    count. On 2026-12-06 (FLAP's 0.9 sub-network, 128 windows, perplexity 25.34 on 48 later windows of the
+    calibration source): refitting each branch's input projections (q, k, v / gate, up: one ridge solve
+    from the pruned and dense streams' normalised inputs) to undo a share of the drift, 25.36 at ½ and
+    25.44 at 1; Adam on every kept weight of each layer after this (2 epochs, the layer's output fitted
+    to the local target plus half the drift), 25.07-25.19 (1.1% at best) for 6 more minutes on 2 cores.
     """
     subnet.validate(loaded.dims)
     if not 0 <= drift <= 1:
