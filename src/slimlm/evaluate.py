@@ -13,11 +13,9 @@ from slimlm.errors import SlimlmError
 from slimlm.progress import track
 
 WINDOWS = 4  # windows a forward for perplexity and the KL fitness: their logits are made a part at a time
-# float32 logits made at once: a part of the vocabulary for every position of a batch (``token_scores``:
-# perplexity, the KL fitness and its dense reference, the cloze tasks; 8,224 tokens for 4 windows of 256), or
-# a few positions over the whole vocabulary (chat fidelity). Positions' parts measured against 128 MB (16
-# fitness windows, alone): SmolLM2 154 MB above the model at peak instead of 283-319 MB, as fast; Gemma 3
-# 136 MB instead of 331-346 MB, but slower (its head read for every 32 rows), which vocabulary parts undo
+# float32 logits made at once: a part of the vocabulary for every row of a batch (``token_scores``: perplexity,
+# the KL fitness and its dense reference, the cloze tasks, chat fidelity; 8,224 tokens for 4 windows of 256).
+# A few positions over the whole vocabulary at a time (before) read Gemma 3's head for every 32 rows
 PART_BYTES = 32 * 2**20
 
 
