@@ -142,7 +142,7 @@ def _to_front(tensor: torch.Tensor, axis: int, kept: torch.Tensor, saved: list) 
     rest = torch.ones(tensor.shape[axis], dtype=torch.bool, device=kept.device)
     rest[kept] = False
     removed = rest.nonzero().squeeze(1)
-    flat, size = tensor.data.view(-1), tensor.numel() // tensor.shape[axis] * len(kept)
+    flat, size = tensor.data.view(-1), _kept_size(tensor, axis, kept)
     kept_part = tensor.index_select(axis, kept)
     flat[size:] = tensor.index_select(axis, removed).reshape(-1)  # read whole before the kept part is written
     flat[:size] = kept_part.reshape(-1)
@@ -153,14 +153,18 @@ def _to_front(tensor: torch.Tensor, axis: int, kept: torch.Tensor, saved: list) 
 @torch.no_grad()
 def _put_back(tensor: torch.Tensor, axis: int, kept: torch.Tensor, removed: torch.Tensor) -> None:
     """Undo ``_to_front``: the kept and removed slices, stored one after the other, back in their places."""
-    flat, shape = tensor.data.view(-1), list(tensor.shape)
+    flat, shape, size = tensor.data.view(-1), list(tensor.shape), _kept_size(tensor, axis, kept)
     shape[axis] = len(kept)
-    size = tensor.numel() // tensor.shape[axis] * len(kept)
     whole = torch.empty_like(tensor)
     whole.index_copy_(axis, kept, flat[:size].view(shape))
     shape[axis] = len(removed)
     whole.index_copy_(axis, removed, flat[size:].view(shape))
     tensor.data.copy_(whole)
+
+
+def _kept_size(tensor: torch.Tensor, axis: int, kept: torch.Tensor) -> int:
+    """Elements of ``tensor``'s slice ``kept`` along ``axis``: where the rest starts in its storage."""
+    return tensor.numel() // tensor.shape[axis] * len(kept)
 
 
 @contextmanager
