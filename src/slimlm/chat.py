@@ -202,8 +202,7 @@ def chat_fidelity(model, tokenizer, reference: ChatReference, description: str =
     for batch in track(_teacher_batches(reference.prompt_ids, reference.answer_ids), f"chat fidelity ({description})"):
         states, targets = _answer_states(model, batch, pad)
         rows = slice(positions, positions + len(targets))
-        dense_top = reference.top_indices[rows].long().to(states.device)
-        student = token_scores(model, states, targets, gather=dense_top, greedy=True)
+        student = token_scores(model, states, targets, gather=reference.top_indices[rows].long(), greedy=True)
         kl_sum += float(coarse_kl(reference.top_logprobs[rows], student.gathered.cpu()).sum())
         hits = student.top.cpu()  # the student's greedy token is the dense model's answer token
         positions += len(targets)

@@ -70,6 +70,8 @@ def token_scores(
     """
     head = isinstance(model, PreTrainedModel)
     vocab = model.get_output_embeddings().weight.shape[0] if head else states.shape[-1]
+    targets = targets.to(states.device)
+    gather = None if gather is None else gather.to(states.device)
     rows = torch.arange(len(states), device=states.device)
     total = torch.full((len(states),), -math.inf, device=states.device)  # log of the summed probabilities
     target, rival = torch.zeros_like(total), torch.full_like(total, -math.inf)  # rival: the best other token
@@ -101,6 +103,13 @@ def token_scores(
     return TokenScores(target - total, top, gathered, best_logprobs, leader_ids if k else None)
 
 
+def window_scores(model: PreTrainedModel, batch: torch.Tensor, **asked) -> TokenScores:
+    """``token_scores`` of every position of ``batch`` (windows of token ids) for its next token, a row per
+    position, windows in order; ``asked``: what else ``token_scores`` should give."""
+    states = decoder_states(model, batch[:, :-1]).flatten(0, 1)
+    return token_scores(model, states, batch[:, 1:].reshape(-1), **asked)
+
+
 @torch.no_grad()
 def perplexity(
     model: PreTrainedModel, windows: torch.Tensor, batch_size: int | None = None, description: str | None = None
@@ -118,8 +127,7 @@ def perplexity(
         batches = track(batches, description)
     total_nll, total_tokens = 0.0, 0
     for batch in batches:
-        states = decoder_states(model, batch[:, :-1]).flatten(0, 1)  # a row per position
-        total_nll -= token_scores(model, states, batch[:, 1:].reshape(-1).to(states.device)).logprob.sum().item()
+        total_nll -= window_scores(model, batch).logprob.sum().item()
         total_tokens += batch[:, 1:].numel()
     return math.exp(total_nll / total_tokens)
 
@@ -146,8 +154,7 @@ def dense_reference(
     logprobs = torch.empty(*windows[:, 1:].shape, k)
     batches = track(windows.split(batch_size), "dense reference for the KL fitness")
     for first, batch in zip(range(0, len(windows), batch_size), batches, strict=True):
-        states = decoder_states(model, batch[:, :-1]).flatten(0, 1)  # a row per position
-        scores = token_scores(model, states, batch[:, 1:].reshape(-1).to(states.device), best=k)
+        scores = window_scores(model, batch, best=k)
         at = slice(first, first + len(batch))
         indices[at], logprobs[at] = (t.view(len(batch), -1, k).cpu() for t in (scores.best_ids, scores.best))
     return DenseReference(windows, indices, logprobs)
@@ -166,12 +173,9 @@ def fitness(
     k = reference.indices.shape[-1]
     for first in range(0, windows, batch_size):
         at = slice(first, min(windows, first + batch_size))
-        batch = reference.windows[at]
-        states = decoder_states(model, batch[:, :-1]).flatten(0, 1)  # a row per position
-        device = states.device
-        top = reference.indices[at].reshape(-1, k).to(device)
-        scores = token_scores(model, states, batch[:, 1:].reshape(-1).to(device), gather=top)
-        total_kl += coarse_kl(reference.logprobs[at].reshape(-1, k).to(device), scores.gathered).sum().item()
+        scores = window_scores(model, reference.windows[at], gather=reference.indices[at].reshape(-1, k))
+        dense_top = reference.logprobs[at].reshape(-1, k).to(scores.gathered.device)
+        total_kl += coarse_kl(dense_top, scores.gathered).sum().item()
         total_nll -= scores.logprob.sum().item()
     tokens = windows * (reference.windows.shape[1] - 1)
     return {"kl": total_kl / tokens, "perplexity": math.exp(total_nll / tokens)}
