@@ -119,6 +119,7 @@ def run_method(method, fraction, budget, dense, calib, calibration, scratch, arg
             "search_gain": report.get("search_gain"),
             "spearman": report["fitness_evaluation_spearman"],
             "reformation": report.get("best_reformation"),
+            "refinement": report.get("refinement"),
         }
         return folder / "best", time.perf_counter() - start, extra
     pruned = prune(method, PruneInput(dense, calibration, calib, budget))
@@ -152,7 +153,8 @@ def write_results(args, rows: list[dict], command: str, minutes: float) -> None:
         f"evolution on the reformed variant library, KL fitness). "
         f"Time: the method's own wall time, calibration statistics cached; slimlm's split below (library: "
         f"building the variant library; search: scoring the {args.evaluations} candidates; finalists: their "
-        f"sequential reformation and the choice on selection windows).",
+        f"sequential reformation and the choice on selection windows; refinement: the winner's layer-wise "
+        f"refinement, shipped where it lowers selection perplexity).",
         "",
         "| kept | method | params | ppl austen | ppl pydoc | cloze acc | prefill x | decode x | peak MB | time s |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -174,20 +176,31 @@ def write_results(args, rows: list[dict], command: str, minutes: float) -> None:
         "slimlm's search against its best start (the rules it starts from, reformed) on `austen`, and the rank",
         "correlation of its fitness with evaluation perplexity over the measured last-stage candidates:",
         "",
-        "| kept | best start | winner | search gain | spearman | reformation | library s | search s | finalists s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| kept | best start | winner | search gain | spearman | reformation | refinement (selection ppl) "
+        "| library s | search s | finalists s | refinement s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in (r for r in rows[1:] if r["method"] == SLIMLM):
         start, gain, rho = r.get("best_start_ppl_austen"), r.get("search_gain"), r.get("spearman")
         lines.append(
             f"| {r['fraction']} | {start:.2f} | {r['ppl_austen']:.2f} | {100 * gain:+.1f}% | "
-            f"{'-' if rho is None else f'{rho:.2f}'} | {r['reformation']} | {_seconds(r, 'library')} | "
-            f"{_seconds(r, 'search')} | {_seconds(r, 'finalists')} |"
+            f"{'-' if rho is None else f'{rho:.2f}'} | {r['reformation']} | {_refinement(r)} | "
+            f"{_seconds(r, 'library')} | {_seconds(r, 'search')} | {_seconds(r, 'finalists')} | "
+            f"{_seconds(r, 'refinement')} |"
         )
     text = "\n".join(lines) + "\n"
     (args.out / "compare.md").write_text(text)
     print(text)
     plot(rows, args.out / "compare.png")
+
+
+def _refinement(row: dict) -> str:
+    """The winner's selection perplexity before and after refinement, and whether the refined one shipped."""
+    refined = row.get("refinement")
+    if not refined or "skipped" in refined:
+        return "-"
+    selection, shipped = refined["selection_perplexity"], "shipped" if refined["kept"] else "not kept"
+    return f"{selection['unrefined']:.2f} -> {selection['refined']:.2f} ({shipped})"
 
 
 def _seconds(row: dict, phase: str) -> str:

@@ -534,9 +534,10 @@ def test_report_best_is_the_finalist_lowest_on_the_selection_windows(reported):
 
 def test_with_reformation_the_winner_is_shipped_as_it_scored_lowest_on_selection(runs, tmp_path):
     job, searcher, study = runs("evolution")
-    job = dataclasses.replace(job, out=str(tmp_path), reform=True)
+    job = dataclasses.replace(job, out=str(tmp_path), reform=True, refine_epochs=0)
     searcher = dataclasses.replace(searcher, job=job)
     report = write_report(searcher, study)
+    assert "refinement" not in report
     for finalist in report["finalists"]:
         scores = finalist["finalist_perplexity"]
         assert set(scores) == {"library", "sequential"}
@@ -553,6 +554,25 @@ def test_with_reformation_the_winner_is_shipped_as_it_scored_lowest_on_selection
     assert perplexity(small.model, searcher.selection_ids) == pytest.approx(
         min(best["finalist_perplexity"].values()), rel=1e-4
     )
+
+
+def test_the_reformed_winner_is_refined_and_shipped_as_the_selection_windows_say(runs, tmp_path):
+    job, searcher, study = runs("evolution")
+    job = dataclasses.replace(job, out=str(tmp_path), reform=True)
+    searcher = dataclasses.replace(searcher, job=job)
+    report = write_report(searcher, study)
+    refinement = report["refinement"]
+    best = next(f for f in report["finalists"] if f["trial"] == report["best_trial"])
+    selection = refinement["selection_perplexity"]
+    assert selection["unrefined"] == pytest.approx(min(best["finalist_perplexity"].values()))
+    assert refinement["kept"] == (selection["refined"] < selection["unrefined"])
+    shipped = "refined" if refinement["kept"] else "unrefined"
+    small = load_model(tmp_path / "best")
+    assert perplexity(small.model, searcher.selection_ids) == pytest.approx(selection[shipped], rel=1e-4)
+    assert report["best_evaluation_perplexity"] == refinement["evaluation_perplexity"][shipped]
+    start = report["best_start"]["evaluation_perplexity"]  # the search's gain: like for like, before refinement
+    assert report["search_gain"] == pytest.approx(1 - refinement["evaluation_perplexity"]["unrefined"] / start)
+    assert f"selection perplexity {selection['unrefined']:.2f} -> {selection['refined']:.2f}" in search_summary(report)
 
 
 def test_the_uniform_reference_off_the_library_grid_is_reported_reformed(make_job, tmp_path):

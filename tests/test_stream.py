@@ -136,7 +136,8 @@ def test_compress_with_stream_ships_the_model_compress_in_memory_ships(text, tmp
     settings = ["--calib", text, "--eval", text, "--seq-len", "16", "--calib-windows", "8", "--fitness-windows", "2"]
     settings += ["--eval-windows", "2", "--evaluations", "8", "--params", "0.6", "--json"]
     reports = []
-    for name, extra in (("memory", []), ("stream", ["--stream"])):
+    # refinement trains in memory: a streamed job skips it and says so (the in-memory one runs without it)
+    for name, extra in (("memory", ["--refine-epochs", "0"]), ("stream", ["--stream"])):
         result = invoke("compress", dense, "--out", tmp_path / name, *settings, *extra)
         assert result.exit_code == 0, result.output
         reports.append(json.loads((tmp_path / name / "slimlm_report.json").read_text()))
@@ -149,3 +150,4 @@ def test_compress_with_stream_ships_the_model_compress_in_memory_ships(text, tmp
         assert streamed[model]["perplexity"] == pytest.approx(memory[model]["perplexity"], rel=1e-5)
     assert streamed["chat"]["kl_per_token"] == pytest.approx(memory["chat"]["kl_per_token"], rel=1e-4, abs=1e-6)
     assert "streamed from disk" in (tmp_path / "stream" / "report.md").read_text()
+    assert memory["refinement"] is None and "not refined: the model is streamed" in streamed["summary"]

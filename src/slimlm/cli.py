@@ -750,6 +750,9 @@ Workers = Annotated[int, typer.Option(help="worker processes searching one store
 Resume = Annotated[bool, typer.Option(help="continue the search stored in the run folder")]
 Reform = Annotated[bool, typer.Option(help="reform the kept weights of the saved best model")]
 ReformCandidates = Annotated[bool, typer.Option(help="score every candidate after reformation (slower)")]
+RefineEpochs = Annotated[
+    int, typer.Option(help="passes of layer-wise refinement over the calibration windows for the winner (0: none)")
+]
 
 
 def _job(model: str | None, out_dir: Path | None, options: dict, typed: set | None, config: Path | None) -> SearchJob:
@@ -872,6 +875,7 @@ def _search_options(
     resume: Resume = False,
     reform: Reform = True,
     reform_candidates: ReformCandidates = False,
+    refine_epochs: RefineEpochs = SearchJob.refine_epochs,
     overwrite: Annotated[
         bool, typer.Option(help="use a non-empty --out that holds no search (or replace its search)")
     ] = False,
@@ -926,7 +930,7 @@ PANELS = {  # --help groups the many search options
         "selection_windows",
         "evaluation_windows",
     ),
-    "Weights": ("dtype", "device", "stream", "reform", "reform_candidates"),
+    "Weights": ("dtype", "device", "stream", "reform", "reform_candidates", "refine_epochs"),
     "Store and workers": ("storage", "study_name", "workers", "resume", "overwrite"),
 }
 

@@ -139,6 +139,7 @@ def compress(
         "needs_remote_code": needs_remote_code(out / "best"),
         "reformed": pareto["best_reformed"],
         "reformation": pareto.get("best_reformation"),
+        "refinement": pareto.get("refinement"),  # the winner's layer-wise refinement (slimlm.refine)
         "fitness": job.fitness,
         "best_start": pareto.get("best_start"),  # the best rule-made start, reformed, on the evaluation text
         "search_gain": pareto.get("search_gain"),

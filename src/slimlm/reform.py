@@ -175,8 +175,9 @@ def reform(
     count. On 2026-12-06 (FLAP's 0.9 sub-network, 128 windows, perplexity 25.34 on 48 later windows of the
     calibration source): refitting each branch's input projections (q, k, v / gate, up: one ridge solve
     from the pruned and dense streams' normalised inputs) to undo a share of the drift, 25.36 at ½ and
-    25.44 at 1; Adam on every kept weight of each layer after this (2 epochs, the layer's output fitted
-    to the local target plus half the drift), 25.07-25.19 (1.1% at best) for 6 more minutes on 2 cores.
+    25.44 at 1. Adam on every kept weight of each layer after this (2 epochs, the layer's output fitted
+    to the local target plus half the drift), 25.07-25.19 (1.1% at best) for 6 more minutes on 2 cores:
+    too slow for every finalist, so it is a stage of its own for the winner (``slimlm.refine``).
     Refitting the final norm's gain to the dense model's final states (diagonal least squares): 25.32-25.33.
     """
     subnet.validate(loaded.dims)

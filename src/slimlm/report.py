@@ -16,6 +16,7 @@ from slimlm.evaluate import perplexity
 from slimlm.extract import extract
 from slimlm.models import BUILTIN_MODELS
 from slimlm.progress import timed, track
+from slimlm.refine import refine_extracted
 from slimlm.reform import reform, spill
 from slimlm.search import EXHAUSTED_ATTR, Searcher
 from slimlm.strategies import SUBNET_ATTR, candidate, completed, evaluations_done, ranked, stage_of
@@ -237,6 +238,11 @@ def write_report(searcher: Searcher, study: optuna.Study, front_size: int = 6) -
             extracted = extract(searcher.loaded, subnet, out / "best", weights)
         with subnetwork_applied(searcher.loaded, subnet, weights, views=True) as model:
             report["best_evaluation_perplexity"] = perplexity(model, evaluation_ids)
+        if weights and job.refine_epochs and job.stream:
+            report["refinement"] = {"skipped": "the model is streamed: refinement trains its layers in memory"}
+        elif weights and job.refine_epochs:
+            with timed(searcher.seconds, "refinement"):
+                report["refinement"] = _refined(searcher, subnet, out / "best", best, report)
         report["best_reformed"] = bool(weights)
         report["best_reformation"] = best["reformation"] if weights else None
         card = model_card(report, job, subnet, searcher.context.dims, extracted.needs_remote_code)
@@ -251,10 +257,36 @@ def write_report(searcher: Searcher, study: optuna.Study, front_size: int = 6) -
                 "evaluation_perplexity": start_eval,
                 "selection_perplexity": min(start["selection_perplexity"].values()) if start else None,
             }
-            report["search_gain"] = 1 - report["best_evaluation_perplexity"] / start_eval
+            # like for like: the winner as reformed, before any refinement (the start is not refined)
+            unrefined = (report.get("refinement") or {}).get("evaluation_perplexity", {}).get("unrefined")
+            report["search_gain"] = 1 - (unrefined or report["best_evaluation_perplexity"]) / start_eval
         (out / "pareto.json").write_text(json.dumps(report, indent=1) + "\n")
     plot(report, trials, out / "pareto.png")
     return report
+
+
+def _refined(searcher: Searcher, subnet: SubNetwork, folder: Path, best: dict, report: dict) -> dict:
+    """Refine the extracted winner (``slimlm.refine``); where the selection windows keep it, the shipped
+    model is the refined one and ``report``'s evaluation perplexity becomes its."""
+    job = searcher.job
+    refinement = refine_extracted(
+        folder,
+        searcher.loaded,
+        subnet.kept_layers,
+        searcher.calibration_ids,
+        searcher.selection_ids,
+        searcher.evaluation_ids,
+        _selection_score(best),
+        job.refine_epochs,
+        job.dtype,
+        job.device,
+    )
+    unrefined = report["best_evaluation_perplexity"]
+    refined = refinement.pop("evaluation_perplexity")
+    refinement["evaluation_perplexity"] = {"unrefined": unrefined, "refined": refined}
+    if refinement["kept"]:
+        report["best_evaluation_perplexity"] = refined
+    return refinement
 
 
 SEARCH_ADDS_VALUE = 0.10  # a winner less than 10% below the best start: the rules nearly do as well (issue 15)
@@ -268,6 +300,15 @@ def search_summary(report: dict) -> str:
     line = f"winner trial {report['best_trial']}: evaluation perplexity {report['best_evaluation_perplexity']:.2f}"
     if report.get("best_reformation"):
         line += f" ({report['best_reformation']} reformation)"
+    refined = report.get("refinement") or {}
+    if "skipped" in refined:
+        line += f"; not refined: {refined['skipped']}"
+    elif refined:
+        selection = refined["selection_perplexity"]
+        line += (
+            f"; layer-wise refinement: selection perplexity {selection['unrefined']:.2f} -> {selection['refined']:.2f}"
+            f" ({'shipped' if refined['kept'] else 'not shipped: no lower'})"
+        )
     if start := report.get("best_start"):
         line += (
             f"; best start trial {start['trial']}: {start['evaluation_perplexity']:.2f}"

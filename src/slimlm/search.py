@@ -191,6 +191,8 @@ def prepare(job: SearchJob, loaded: LoadedModel | None = None) -> Searcher:
         raise SlimlmError(f"unknown fitness '{job.fitness}'; choose from {', '.join(FITNESSES)}")
     if job.stages < 1 or min(job.calibration_windows, job.fitness_windows, job.selection_windows) < 1:
         raise SlimlmError("--stages and the calibration, fitness and selection windows must each be at least 1")
+    if job.refine_epochs < 0:
+        raise SlimlmError(f"--refine-epochs must be 0 (no refinement) or more, got {job.refine_epochs}")
     if job.latency_runtime not in LATENCY_RUNTIMES:
         raise SlimlmError(f"unknown latency runtime '{job.latency_runtime}'; choose from {', '.join(LATENCY_RUNTIMES)}")
     if job.metric not in METRICS and not (Path(loaded.folder) / IMPORTANCE_FILE).is_file():
