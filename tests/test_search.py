@@ -573,6 +573,8 @@ def test_the_reformed_winner_is_refined_and_shipped_as_the_selection_windows_say
     start = report["best_start"]["evaluation_perplexity"]  # the search's gain: like for like, before refinement
     assert report["search_gain"] == pytest.approx(1 - refinement["evaluation_perplexity"]["unrefined"] / start)
     assert f"selection perplexity {selection['unrefined']:.2f} -> {selection['refined']:.2f}" in search_summary(report)
+    card = (tmp_path / "best" / "README.md").read_text()
+    assert ("then refined layer by layer" in card) == refinement["kept"]
 
 
 def test_the_uniform_reference_off_the_library_grid_is_reported_reformed(make_job, tmp_path):
