@@ -801,7 +801,7 @@ def test_cli_search_prints_the_front_and_writes_the_run(folder, text, tmp_path):
         assert ("yes" in row) == (member["trial"] == report["best_trial"])
     assert str(run / "pareto.json") in result.stdout.replace("\n", "")
     assert (run / "pareto.png").is_file() and (run / "best" / "config.json").is_file()
-    phases = ["calibration", "library", "fitness reference", "search", "front", "finalists", "extraction"]
+    phases = ["calibration", "library", "fitness reference", "search", "front", "finalists", "extraction", "refinement"]
     assert list(report["seconds"]) == phases and all(s > 0 for s in report["seconds"].values())
     assert time_summary(report["seconds"]) in result.stdout
 
