@@ -123,26 +123,51 @@ def refine(
         hidden, small_kwargs = layer_inputs(student, windows, batch_size)
         dense, dense_kwargs = layer_inputs(teacher, windows, batch_size)
     for index in track(range(len(dense_layers)), "refining layers"):
-        after = _outputs(dense_layers[index], dense, dense_kwargs[index])
-        if index in position:
-            layer, kwargs = small_layers[position[index]], small_kwargs[position[index]]
-            # the dense layer on the pruned stream, moved a share of the way to the dense stream
-            local = _outputs(dense_layers[index], hidden, dense_kwargs[index])
-            targets = [t.add_(a - t, alpha=share) for t, a in zip(local, after, strict=True)]
-            before = _error(_outputs(layer, hidden, kwargs), targets)
-            _fit(layer, hidden, kwargs, targets, epochs, learning_rate, torch.Generator().manual_seed(seed + index))
-            hidden = _outputs(layer, hidden, kwargs)  # the next layer's inputs
-            errors[index] = (before, _error(hidden, targets))
-        dense = after
+        if index not in position:  # a removed layer: the pruned stream passes it unchanged
+            _advance(dense_layers[index], dense, dense_kwargs[index])
+            continue
+        layer, kwargs = small_layers[position[index]], small_kwargs[position[index]]
+        targets = _targets(dense_layers[index], hidden, dense, dense_kwargs[index], share)
+        before = _error(layer, hidden, kwargs, targets)
+        _fit(layer, hidden, kwargs, targets, epochs, learning_rate, torch.Generator().manual_seed(seed + index))
+        errors[index] = (before, _advance(layer, hidden, kwargs, targets))
     return errors
 
 
-def _error(outputs: list, targets: list) -> float:
-    """A layer's fitting error: its ``outputs`` against ``targets``, each token scaled (``_scale``)."""
-    total = sum(
-        ((o.float() - t.float()) * _scale(t)).pow(2).mean().item() for o, t in zip(outputs, targets, strict=True)
-    )
+@torch.no_grad()
+def _targets(dense_layer, hidden: list, dense: list, kwargs: list, share: float) -> list[torch.Tensor]:
+    """The dense layer's output on each batch of the pruned stream ``hidden``, moved a ``share`` of the way
+    to its output on the dense stream; ``dense`` is advanced past the layer on the way (in place, a batch at
+    a time: no second copy of a stream is held)."""
+    targets = []
+    for b, (h, kw) in enumerate(zip(hidden, kwargs, strict=True)):
+        local = _output(dense_layer, h, kw)
+        dense[b] = _output(dense_layer, dense[b], kw)
+        targets.append(local.add_(dense[b] - local, alpha=share))
+    return targets
+
+
+@torch.no_grad()
+def _advance(layer, states: list, kwargs: list, targets: list | None = None) -> float | None:
+    """Replace each batch of ``states`` by ``layer``'s output on it (in place); with ``targets``, return the
+    layer's fitting error on the way (``_error``)."""
+    total = 0.0
+    for b, kw in enumerate(kwargs):
+        states[b] = _output(layer, states[b], kw)
+        total += 0.0 if targets is None else _batch_error(states[b], targets[b])
+    return None if targets is None else total / len(kwargs)
+
+
+@torch.no_grad()
+def _error(layer, hidden: list, kwargs: list, targets: list) -> float:
+    """A layer's fitting error: the mean over batches of ``_batch_error`` of its outputs on ``hidden``."""
+    total = sum(_batch_error(_output(layer, h, kw), t) for h, kw, t in zip(hidden, kwargs, targets, strict=True))
     return total / len(targets)
+
+
+def _batch_error(output: torch.Tensor, target: torch.Tensor) -> float:
+    """Mean squared error of one batch, each token's scaled by ``_scale``."""
+    return ((output.float() - target.float()) * _scale(target)).pow(2).mean().item()
 
 
 def _scale(target: torch.Tensor) -> torch.Tensor:
@@ -173,11 +198,6 @@ def _floats(value):
     if isinstance(value, tuple):
         return tuple(_floats(v) for v in value)
     return value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
-
-
-@torch.no_grad()
-def _outputs(layer, hidden: list, kwargs: list) -> list[torch.Tensor]:
-    return [_output(layer, h, kw) for h, kw in zip(hidden, kwargs, strict=True)]
 
 
 def _output(layer, h: torch.Tensor, kwargs: dict) -> torch.Tensor:
