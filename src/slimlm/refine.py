@@ -34,7 +34,7 @@ import torch
 from slimlm.evaluate import perplexity
 from slimlm.models import LoadedModel, load_model
 from slimlm.progress import quiet_transformers, track
-from slimlm.reform import DRIFT, layer_inputs
+from slimlm.reform import DRIFT, layer_inputs, layer_output
 
 EPOCHS = 2  # passes over the calibration windows per layer
 LEARNING_RATE = 5e-4
@@ -141,8 +141,8 @@ def _targets(dense_layer, hidden: list, dense: list, kwargs: list, share: float)
     a time: no second copy of a stream is held)."""
     targets = []
     for b, (h, kw) in enumerate(zip(hidden, kwargs, strict=True)):
-        local = _output(dense_layer, h, kw)
-        dense[b] = _output(dense_layer, dense[b], kw)
+        local = layer_output(dense_layer, h, kw)
+        dense[b] = layer_output(dense_layer, dense[b], kw)
         targets.append(local.add_(dense[b] - local, alpha=share))
     return targets
 
@@ -153,7 +153,7 @@ def _advance(layer, states: list, kwargs: list, targets: list | None = None) -> 
     layer's fitting error on the way (``_error``)."""
     total = 0.0
     for b, kw in enumerate(kwargs):
-        states[b] = _output(layer, states[b], kw)
+        states[b] = layer_output(layer, states[b], kw)
         total += 0.0 if targets is None else _batch_error(states[b], targets[b])
     return None if targets is None else total / len(kwargs)
 
@@ -161,7 +161,7 @@ def _advance(layer, states: list, kwargs: list, targets: list | None = None) -> 
 @torch.no_grad()
 def _error(layer, hidden: list, kwargs: list, targets: list) -> float:
     """A layer's fitting error: the mean over batches of ``_batch_error`` of its outputs on ``hidden``."""
-    total = sum(_batch_error(_output(layer, h, kw), t) for h, kw, t in zip(hidden, kwargs, targets, strict=True))
+    total = sum(_batch_error(layer_output(layer, h, kw), t) for h, kw, t in zip(hidden, kwargs, targets, strict=True))
     return total / len(targets)
 
 
@@ -184,7 +184,7 @@ def _fit(layer, hidden: list, kwargs: list, targets: list, epochs: int, learning
     with torch.enable_grad():
         for _ in range(epochs):
             for b in torch.randperm(len(hidden), generator=generator).tolist():
-                error = (_output(layer, hidden[b].float(), _floats(kwargs[b])) - targets[b].float()) * scales[b]
+                error = (layer_output(layer, hidden[b].float(), _floats(kwargs[b])) - targets[b].float()) * scales[b]
                 optimizer.zero_grad(set_to_none=True)
                 error.pow(2).mean().backward()
                 optimizer.step()
@@ -198,8 +198,3 @@ def _floats(value):
     if isinstance(value, tuple):
         return tuple(_floats(v) for v in value)
     return value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
-
-
-def _output(layer, h: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    out = layer(h, **kwargs)
-    return out[0] if isinstance(out, tuple) else out

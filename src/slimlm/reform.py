@@ -385,12 +385,17 @@ def layer_pass(layer: torch.nn.Module, hidden: list, kwargs: list, pre_hooks: di
     arguments), ``pre_hooks`` (module -> forward pre-hook) seeing its modules' inputs; its outputs."""
     handles = [module.register_forward_pre_hook(hook) for module, hook in (pre_hooks or {}).items()]
     try:
-        out = (layer(h, **kw) for h, kw in zip(hidden, kwargs, strict=True))
-        # families return the states alone or first
-        return stacked((o[0] if isinstance(o, tuple) else o for o in out), _sizes(hidden))
+        out = (layer_output(layer, h, kw) for h, kw in zip(hidden, kwargs, strict=True))
+        return stacked(out, _sizes(hidden))
     finally:
         for handle in handles:
             handle.remove()
+
+
+def layer_output(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """A decoder layer's output states on ``hidden`` (families return them alone or first)."""
+    out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
 
 
 def stacked(batches: Iterable[torch.Tensor], sizes: list[int]) -> list[torch.Tensor]:
