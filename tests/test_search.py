@@ -453,8 +453,9 @@ def test_an_infeasible_memory_budget_is_refused(make_job, tmp_path):
         ({"fitness": "loss"}, "unknown fitness 'loss'; choose from kl, perplexity"),
         ({"params_fraction": 1.5}, r"--params must be a fraction in \(0, 1\]"),
         ({"latency_runtime": "onnx"}, "unknown latency runtime 'onnx'; choose from transformers, llama.cpp"),
+        ({"refine_epochs": -1}, r"--refine-epochs must be 0 \(no refinement\) or more, got -1"),
     ],
-    ids=["strategy", "objective", "evaluations", "fitness-windows", "fitness", "fraction", "latency-runtime"],
+    ids=["strategy", "objective", "evaluations", "fitness-windows", "fitness", "fraction", "latency-runtime", "refine"],
 )
 def test_bad_settings_are_refused_before_any_store(make_job, tmp_path, overrides, message):
     with pytest.raises(SlimlmError, match=message):
