@@ -164,7 +164,7 @@ class SearchJob:
     resume: bool = False
     reform: bool = True  # score candidates as stitched from the reformed variant library; ship the winner reformed
     reform_candidates: bool = False  # instead reform every candidate sequentially before scoring it (slow)
-    refine_epochs: int = 2  # layer-wise refinement of the reformed winner (slimlm.refine); 0: none
+    refine_epochs: int = 4  # layer-wise refinement of the reformed winner (slimlm.refine); 0: none
     overwrite: bool = False  # write into a non-empty --out that holds no search of this job (replacing its store)
 
     def storage_url(self) -> str:
