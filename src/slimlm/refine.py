@@ -16,7 +16,7 @@ Measured on SmolLM2 at 0.9 of its parameters, on the model `slimlm compress` shi
 (its search's winner, sequentially reformed), with these defaults (4 epochs over the 128 calibration
 windows, Adam from 1e-3 decayed along a cosine): perplexity on 48 later windows of the calibration
 source 27.52 -> 27.07, on Pride and Prejudice 27.57 -> 27.26, on pydoc 23.09 -> 22.61; on slimlm's chat
-prompts the KL to the dense answers 0.657 -> 0.639 nats per token. 666 s on 2 cores.
+prompts the KL to the dense answers 0.657 -> 0.639 nats per token. 570 s on 2 cores (benchmarks/results/refine_09.md).
 Chosen on those 48 held windows (never on Austen or pydoc): first on FLAP's 0.9 sub-network (25.34
 reformed): learning rate 1e-4 25.19, 5e-4 25.07 (one layer's error grew 7x), 5e-4 with each token's error
 scaled 25.07 (no layer worse), 2e-3 scaled 25.08; then on the winner above, 2 epochs at 5e-4 27.12,
