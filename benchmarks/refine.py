@@ -8,7 +8,7 @@ calibration, fitness nor selection used (the ones the settings are chosen on), o
 and pydoc (never used to choose), and on slimlm's chat prompts (KL to the dense model's answers).
 Nothing is written to FOLDER.
 
-    python benchmarks/refine.py /tmp/c07/unrefined --out benchmarks/results/refine_07
+    python benchmarks/refine.py RUN/best --out benchmarks/results/refine_09
 """
 
 from __future__ import annotations
