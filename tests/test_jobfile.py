@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import optuna
 import pytest
 import tomllib
+import torch
 
+from slimlm import refine
 from slimlm.costs import static_cost
 from slimlm.errors import SlimlmError
 from slimlm.extract import SUBNET_FILE
@@ -19,7 +22,7 @@ from slimlm.space import SearchSpace
 from slimlm.strategies import SUBNET_ATTR
 from slimlm.subnet import SubNetwork
 
-from .conftest import invoke, one_error, save_tiny, tiny_loaded
+from .conftest import VOCAB, invoke, one_error, save_tiny, tiny_loaded
 
 JOB = SearchJob(
     model="smollm2-135m",
@@ -120,6 +123,8 @@ def test_extract_takes_any_evaluated_trial_of_a_run(folder, text, tmp_path):
     assert saved.to_compact() == trial.user_attrs[SUBNET_ATTR]
     assert static_cost(load_model(tmp_path / "member").dims).params == trial.user_attrs["params"]
 
+    assert "reformed (" in result.output  # as the search's winner would be: the better reformation chosen
+
     pruned = [t.number for t in study.trials if t.state != optuna.trial.TrialState.COMPLETE]
     missing = pruned[0] if pruned else len(study.trials) + 5
     assert "is not an evaluated candidate" in one_error(
@@ -132,3 +137,24 @@ def test_extract_takes_any_evaluated_trial_of_a_run(folder, text, tmp_path):
 def test_every_unset_setting_has_a_type_to_check_against():
     unset = {f.name for f in dataclasses.fields(SearchJob) if f.default is None}
     assert unset == set(OPTIONAL_FIELDS)
+
+
+def test_the_winning_trial_extracted_again_is_the_model_its_search_shipped(folder, text, tmp_path, monkeypatch):
+    measured = refine.perplexity
+
+    def perplexity(model, ids, description: str = "") -> float:  # a refined tiny random model seldom scores
+        value = measured(model, ids)  # better on the selection windows: here the refinement is always kept
+        return value / 2 if description == "perplexity (refined)" else value
+
+    monkeypatch.setattr(refine, "perplexity", perplexity)
+    run = tmp_path / "run"
+    assert invoke("search", folder, "--out", run, *fast(text)).exit_code == 0
+    pareto = json.loads((run / "pareto.json").read_text())
+    result = invoke("extract", run, "--trial", pareto["best_trial"], "--out", tmp_path / "again")
+    assert result.exit_code == 0, result.output
+    wrote = next(line for line in result.output.splitlines() if line.startswith("wrote"))
+    assert (", refined;" in wrote) == pareto["refinement"]["kept"]
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    shipped, again = (load_model(f).model for f in (run / "best", tmp_path / "again"))
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, shipped(input_ids=ids).logits, rtol=1e-5, atol=1e-5)

@@ -324,21 +324,33 @@ def extract(
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
 ) -> None:
-    """Write a sub-network as a standalone smaller Hugging Face model folder (reformed by default)."""
+    """Write a sub-network as a standalone smaller Hugging Face model folder (reformed by default).
+
+    With ``--trial``, a member of a finished search is written as that search wrote its winner: with the
+    run's model, windows and settings, reformed the better way on its selection windows and refined where
+    the run refines (``--no-reform``: neither)."""
     from slimlm.costs import static_cost
     from slimlm.data import model_windows
     from slimlm.extract import extract as extract_subnetwork
     from slimlm.models import load_model
     from slimlm.outputs import check_output_folder
     from slimlm.reform import reform as reform_weights
+    from slimlm.report import extract_trial
     from slimlm.search import stored_candidate
 
     if (subnet is None) == (trial is None):
         raise SlimlmError("give --subnet FILE, or --trial N with a run folder as MODEL")
-    if trial is not None:  # the run's own model and calibration, as its search reformed them
+    if trial is not None:
         job, chosen = stored_candidate(model, trial)
-        model, calibration, seq_len = job.model, job.calibration, job.seq_len
-        calibration_windows, dtype = job.calibration_windows, job.dtype
+        check_output_folder(out_dir, overwrite, job.model)
+        if reform:
+            shipped = extract_trial(model, trial, out_dir)
+            refinement = shipped.get("refinement") or {}
+            how = f"reformed ({shipped['reformation']})" + (", refined" if refinement.get("kept") else "")
+            _print_extracted(shipped["extracted"], shipped["dense_params"], how)
+            out.print(f"evaluation perplexity on {job.evaluation}: {shipped['evaluation_perplexity']:.2f}")
+            return
+        model, dtype = job.model, job.dtype
     check_output_folder(out_dir, overwrite, model)
     loaded = load_model(model, dtype, device)
     chosen = _subnet_for(loaded, subnet, foreign_subnet) if subnet else chosen.validate(loaded.dims)
@@ -346,11 +358,14 @@ def extract(
     if reform:
         reformed = reform_weights(loaded, chosen, model_windows(loaded, calibration, seq_len, calibration_windows))
     result = extract_subnetwork(loaded, chosen, out_dir, reformed)
-    full = static_cost(loaded.dims).params
-    how = "trust_remote_code=True" if result.needs_remote_code else "plain from_pretrained"
+    _print_extracted(result, static_cost(loaded.dims).params, "reformed" if reform else "not reformed")
+
+
+def _print_extracted(result, full: int, how: str) -> None:
+    loads = "trust_remote_code=True" if result.needs_remote_code else "plain from_pretrained"
     out.print(
         f"wrote {result.folder}: {result.params:,} parameters ({result.params / full:.3f} of {full:,}), "
-        f"{'reformed' if reform else 'not reformed'}; loads with {how}"
+        f"{how}; loads with {loads}"
     )
 
 

@@ -12,13 +12,14 @@ import numpy as np
 import optuna
 
 from slimlm.apply import subnetwork_applied
+from slimlm.costs import static_cost
 from slimlm.evaluate import perplexity
 from slimlm.extract import extract
 from slimlm.models import BUILTIN_MODELS
 from slimlm.progress import timed, track
 from slimlm.refine import refine_extracted
 from slimlm.reform import reform, spill
-from slimlm.search import EXHAUSTED_ATTR, Searcher
+from slimlm.search import EXHAUSTED_ATTR, Searcher, open_study, prepare, stored_candidate
 from slimlm.strategies import SUBNET_ATTR, candidate, completed, evaluations_done, ranked, stage_of
 from slimlm.subnet import SubNetwork
 
@@ -234,15 +235,11 @@ def write_report(searcher: Searcher, study: optuna.Study, front_size: int = 6) -
     if best:
         subnet = candidate(study.trials[best["trial"]])
         weights = best["weights"] if job.reform else None
-        with timed(searcher.seconds, "extraction"):
-            extracted = extract(searcher.loaded, subnet, out / "best", weights)
-        with subnetwork_applied(searcher.loaded, subnet, weights, views=True) as model:
-            report["best_evaluation_perplexity"] = perplexity(model, evaluation_ids)
-        if weights and job.refine_epochs and job.stream:
-            report["refinement"] = {"skipped": "the model is streamed: refinement trains its layers in memory"}
-        elif weights and job.refine_epochs:
-            with timed(searcher.seconds, "refinement"):
-                report["refinement"] = _refined(searcher, subnet, out / "best", best, report)
+        shipped = _ship(searcher, subnet, best, out / "best")
+        extracted = shipped.pop("extracted")
+        report["best_evaluation_perplexity"] = shipped["evaluation_perplexity"]
+        if "refinement" in shipped:
+            report["refinement"] = shipped["refinement"]
         report["best_reformed"] = bool(weights)
         report["best_reformation"] = best["reformation"] if weights else None
         card = model_card(report, job, subnet, searcher.context.dims, extracted.needs_remote_code)
@@ -265,9 +262,27 @@ def write_report(searcher: Searcher, study: optuna.Study, front_size: int = 6) -
     return report
 
 
-def _refined(searcher: Searcher, subnet: SubNetwork, folder: Path, best: dict, report: dict) -> dict:
-    """Refine the extracted winner (``slimlm.refine``); where the selection windows keep it, the shipped
-    model is the refined one and ``report``'s evaluation perplexity becomes its."""
+def _ship(searcher: Searcher, subnet: SubNetwork, finalist: dict, folder: Path) -> dict:
+    """Write a scored finalist (``_finalist``) to ``folder`` as the search ships its winner: extracted with
+    its chosen weights, then refined (``slimlm.refine``) where the job refines and the selection windows keep
+    it. Returns the ``Extracted`` folder, the shipped model's evaluation perplexity and the refinement."""
+    job = searcher.job
+    weights = finalist["weights"] if job.reform else None
+    with timed(searcher.seconds, "extraction"):
+        shipped = {"extracted": extract(searcher.loaded, subnet, folder, weights)}
+    with subnetwork_applied(searcher.loaded, subnet, weights, views=True) as model:
+        shipped["evaluation_perplexity"] = perplexity(model, searcher.evaluation_ids)
+    if weights and job.refine_epochs and job.stream:
+        shipped["refinement"] = {"skipped": "the model is streamed: refinement trains its layers in memory"}
+    elif weights and job.refine_epochs:
+        with timed(searcher.seconds, "refinement"):
+            shipped["refinement"] = _refined(searcher, subnet, folder, finalist, shipped)
+    return shipped
+
+
+def _refined(searcher: Searcher, subnet: SubNetwork, folder: Path, finalist: dict, shipped: dict) -> dict:
+    """Refine the extracted finalist (``slimlm.refine``); where the selection windows keep it, the shipped
+    model is the refined one and ``shipped``'s evaluation perplexity becomes its."""
     job = searcher.job
     refinement = refine_extracted(
         folder,
@@ -276,17 +291,36 @@ def _refined(searcher: Searcher, subnet: SubNetwork, folder: Path, best: dict, r
         searcher.calibration_ids,
         searcher.selection_ids,
         searcher.evaluation_ids,
-        _selection_score(best),
+        _selection_score(finalist),
         job.refine_epochs,
         job.dtype,
         job.device,
     )
-    unrefined = report["best_evaluation_perplexity"]
+    unrefined = shipped["evaluation_perplexity"]
     refined = refinement.pop("evaluation_perplexity")
     refinement["evaluation_perplexity"] = {"unrefined": unrefined, "refined": refined}
     if refinement["kept"]:
-        report["best_evaluation_perplexity"] = refined
+        shipped["evaluation_perplexity"] = refined
     return refinement
+
+
+def extract_trial(run: str | Path, trial: int, out: str | Path) -> dict:
+    """Write trial ``trial`` of the search in run folder ``run`` to ``out`` as that search wrote its winner to
+    ``best/``: with the run's own model, windows and settings, reformed the way that scores better on the
+    selection windows (the library's stitches or the sequential reformation), extracted, and refined where
+    the run refines and the selection windows keep it. So a front member other than the winner ships as
+    the winner would have. Returns the ``Extracted`` folder, the selection and evaluation perplexities,
+    the reformation chosen, the refinement and the dense model's parameter count."""
+    job, _ = stored_candidate(run, trial)
+    searcher = prepare(job)
+    frozen = open_study(job, create=False, fingerprint=searcher.fingerprint).trials[trial]
+    finalist = _finalist(searcher, frozen, job.reform)
+    shipped = _ship(searcher, candidate(frozen), finalist, Path(out))
+    return shipped | {
+        "selection_perplexity": finalist["selection_perplexity"],
+        "reformation": finalist["reformation"],
+        "dense_params": static_cost(searcher.context.dims).params,
+    }
 
 
 SEARCH_ADDS_VALUE = 0.10  # a winner less than 10% below the best start: the rules nearly do as well (issue 15)
