@@ -576,6 +576,7 @@ def test_the_reformed_winner_is_refined_and_shipped_as_the_selection_windows_say
     assert f"selection perplexity {selection['unrefined']:.2f} -> {selection['refined']:.2f}" in search_summary(report)
     card = (tmp_path / "best" / "README.md").read_text()
     assert ("then refined layer by layer" in card) == refinement["kept"]
+    assert ("cosine to 0)" in card) == refinement["kept"]  # the rate's schedule named beside its first value
 
 
 def test_the_uniform_reference_off_the_library_grid_is_reported_reformed(make_job, tmp_path):

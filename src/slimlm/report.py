@@ -461,7 +461,11 @@ def model_card(report: dict, job, subnet: SubNetwork, dims, remote_code: bool) -
     load = ", trust_remote_code=True" if remote_code else ""
     reformed = f"reformed from calibration ({report['best_reformation']})" if report["best_reformed"] else "as pruned"
     if (report.get("refinement") or {}).get("kept"):
-        reformed += f", then refined layer by layer ({report['refinement']['epochs']} epochs)"
+        refined = report["refinement"]
+        reformed += (
+            f", then refined layer by layer ({refined['epochs']} epochs, Adam from {refined['learning_rate']:g}, "
+            f"{refined.get('schedule', 'constant')})"
+        )
     lines = [
         "---",
         f"base_model: {base}",
