@@ -1,8 +1,9 @@
 """Layer-wise refinement (``slimlm.refine``) of an extracted model, measured before and after.
 
-FOLDER is a smaller model slimlm extracted (``best/`` of a ``compress --refine-epochs 0`` run, or
-``slimlm extract RUN --trial N``: reformed, not refined). It is refined in memory with the given
-settings on the calibration windows ``compress`` uses (the first 128 of the default calibration text),
+FOLDER is a smaller model slimlm extracted reformed but not refined (``best/`` of a
+``compress --refine-epochs 0`` run; ``slimlm extract RUN --trial N`` now refines as the run did). It is
+refined in memory with the given settings on the calibration windows ``compress`` uses (the first 128
+of the default calibration text),
 then measured, before and after, on 48 later windows of the calibration source that neither
 calibration, fitness nor selection used (the ones the settings are chosen on), on Pride and Prejudice
 and pydoc (never used to choose), and on slimlm's chat prompts (KL to the dense model's answers).

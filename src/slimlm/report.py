@@ -464,7 +464,7 @@ def model_card(report: dict, job, subnet: SubNetwork, dims, remote_code: bool) -
         refined = report["refinement"]
         reformed += (
             f", then refined layer by layer ({refined['epochs']} epochs, Adam from {refined['learning_rate']:g}, "
-            f"{refined.get('schedule', 'constant')})"
+            f"{refined['schedule']})"
         )
     lines = [
         "---",
