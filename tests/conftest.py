@@ -152,7 +152,7 @@ def unfused_llama(phi3: LoadedModel) -> LoadedModel:
 
 def fast_search_settings(text: Path) -> dict:
     """Search settings that make a tiny model's search take seconds: 16-token windows, 8 for
-    calibration, 2 scored per candidate, 2 for evaluation."""
+    calibration, 2 scored per candidate, 2 for evaluation, 12 for refinement (the 8 and 4 more)."""
     return dict(
         calibration=str(text),
         evaluation=str(text),
@@ -160,6 +160,7 @@ def fast_search_settings(text: Path) -> dict:
         calibration_windows=8,
         fitness_windows=2,
         evaluation_windows=2,
+        refine_windows=12,
     )
 
 

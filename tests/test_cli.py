@@ -229,6 +229,8 @@ def test_compress_end_to_end(dense, text, tmp_path):
         "16",
         "--calib-windows",
         "8",
+        "--refine-windows",
+        "12",
         "--fitness-windows",
         "2",
         "--eval-windows",
@@ -278,6 +280,7 @@ def test_compress_holds_one_model_at_a_time_when_measuring(dense, text, tmp_path
 
     monkeypatch.setattr(pipeline, "load_model", load)
     args = ["--calib", text, "--eval", text, "--seq-len", "16", "--calib-windows", "8", "--fitness-windows", "2"]
+    args += ["--refine-windows", "12"]
     result = invoke("compress", dense, "--params", "0.6", "--out", tmp_path / "run", *args, "--evaluations", "4")
     assert result.exit_code == 0, result.output
     assert alive_at_best == [[False]]  # one load of best/, and the dense model was gone by then
@@ -292,6 +295,7 @@ def test_compress_at_several_budgets_writes_one_run_each_and_the_trade_off(dense
     monkeypatch.setattr(importance, "calibrate", lambda *a, **k: calibrations.append(1) or calibrate(*a, **k))
     out = tmp_path / "sweep"
     args = ["--calib", text, "--eval", text, "--seq-len", "16", "--calib-windows", "8", "--fitness-windows", "2"]
+    args += ["--refine-windows", "12"]
     result = invoke(
         "compress", dense, "--params", "0.7,0.5", "--out", out, *args, "--eval-windows", "2", "--evaluations", "4"
     )
@@ -557,6 +561,7 @@ def test_compress_times_a_short_context_model_within_its_positions(text, tmp_pat
     assert load_model(dense).dims.max_positions == 128
     out = tmp_path / "run"
     fast = ["--calib", text, "--eval", text, "--seq-len", "16", "--calib-windows", "8", "--fitness-windows", "2"]
+    fast += ["--refine-windows", "12"]
     result = invoke(
         "compress", dense, "--params", "0.6", "--out", out, *fast, "--eval-windows", "2", "--evaluations", "4"
     )

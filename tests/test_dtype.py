@@ -104,6 +104,7 @@ def test_compress_in_bfloat16_writes_a_bfloat16_model(tmp_path, text, device):
     dense = save_tiny(tiny_loaded("qwen2"), tmp_path / "dense")
     out = tmp_path / "run"
     fast = ["--calib", text, "--eval", text, "--seq-len", "16", "--calib-windows", "8", "--fitness-windows", "2"]
+    fast += ["--refine-windows", "12"]
     fast += ["--eval-windows", "2", "--evaluations", "6", "--dtype", "bfloat16", "--device", device]
     result = invoke("compress", dense, "--params", "0.6", "--out", out, *fast)
     assert result.exit_code == 0, result.output

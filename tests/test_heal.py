@@ -210,6 +210,7 @@ def test_compress_with_heal_steps_measures_the_healed_model_beside_the_compresse
     out = tmp_path / "run"
     args = ["compress", models[0], "--params", "0.6", "--out", out, "--calib", text, "--eval", text]
     args += ["--seq-len", 16, "--calib-windows", 8, "--fitness-windows", 2, "--eval-windows", 2, "--evaluations", 6]
+    args += ["--refine-windows", 12]
     result = invoke(*args, "--heal-steps", 4)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "slimlm_report.json").read_text())

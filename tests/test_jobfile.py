@@ -42,7 +42,7 @@ def folder(tmp_path_factory) -> Path:
 
 def fast(text: Path) -> list:
     return [
-        *("--calib", text, "--eval", text, "--seq-len", 16, "--calib-windows", 8),
+        *("--calib", text, "--eval", text, "--seq-len", 16, "--calib-windows", 8, "--refine-windows", 12),
         *("--fitness-windows", 2, "--eval-windows", 2, "--evaluations", 6, "--params", 0.7),
     ]
 

@@ -53,7 +53,7 @@ def test_unknown_type_and_missing_tokenizer_name_are_refused_before_any_work(tmp
 
 
 COMPRESS = ["--params", "0.6", "--seq-len", "16", "--calib-windows", "8", "--fitness-windows", "2"]
-COMPRESS += ["--eval-windows", "2", "--evaluations", "6"]
+COMPRESS += ["--eval-windows", "2", "--evaluations", "6", "--refine-windows", "12"]
 
 
 def test_compress_with_quant_ends_with_both_files(tmp_path, text):

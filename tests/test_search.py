@@ -22,6 +22,7 @@ import torch
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
+from slimlm import report as report_module
 from slimlm import search as search_module
 from slimlm.apply import subnetwork_applied
 from slimlm.costs import static_cost
@@ -59,6 +60,7 @@ from slimlm.search import (
     prepare,
     run_worker,
     search,
+    search_windows,
 )
 from slimlm.space import NEURON_STEP, SearchSpace
 from slimlm.strategies import STRATEGIES, SUBNET_ATTR, candidate, completed, stage_of
@@ -264,14 +266,14 @@ def test_sampling_strategies_fill_a_tight_budget_without_wasting_trials(make_job
 def test_stored_fitness_is_the_kl_of_the_library_stitched_subnetwork_in_place(runs):
     job, searcher, study = runs("random")
     loaded = searcher.loaded
-    windows = job.calibration_windows + job.fitness_windows + job.selection_windows
-    ids = model_windows(loaded, job.calibration, job.seq_len, windows)
-    calibration, fitness_ids, selection = ids.split(
-        [job.calibration_windows, job.fitness_windows, job.selection_windows]
+    split = [job.calibration_windows, job.fitness_windows, job.selection_windows, 4]  # refinement: 12 = 8 + 4
+    calibration, fitness_ids, selection, more = model_windows(loaded, job.calibration, job.seq_len, sum(split)).split(
+        split
     )
-    assert torch.equal(searcher.calibration_ids, calibration)  # three disjoint sets of windows
+    assert torch.equal(searcher.calibration_ids, calibration)  # disjoint sets of windows
     assert torch.equal(searcher.fitness_ids, fitness_ids)
     assert torch.equal(searcher.selection_ids, selection)
+    assert torch.equal(searcher.refinement_ids, torch.cat([calibration, more]))  # past fitness and selection
     trial = completed(study)[-1]
     subnet = candidate(trial)
     assert searcher.reformed(subnet)  # scored as shipped: with the library's reformed weights
@@ -282,6 +284,20 @@ def test_stored_fitness_is_the_kl_of_the_library_stitched_subnetwork_in_place(ru
     assert fitness(loaded.model, searcher.dense, job.fitness_windows)["kl"] == pytest.approx(0, abs=1e-6)
     dense = perplexity(loaded.model, fitness_ids)  # the model is whole again after the block
     assert dense == pytest.approx(perplexity(load_model(job.model).model, fitness_ids), rel=1e-6)
+
+
+def test_refinement_windows_grow_past_selection_and_leave_the_search_windows_alone(runs):
+    job, searcher, _ = runs("random")
+    base = search_windows(dataclasses.replace(job, refine_epochs=0, refine_windows=500), searcher.loaded)
+    assert torch.equal(base[3], base[0])  # no refinement: no window beyond selection is asked for
+    for count in (3, 8, 20):
+        windows = search_windows(dataclasses.replace(job, refine_windows=count), searcher.loaded)
+        assert all(torch.equal(a, b) for a, b in zip(windows[:3], base[:3], strict=True))
+        assert len(windows[3]) == count
+        assert torch.equal(windows[3][: min(count, 8)], base[0][:count])  # the calibration windows first
+        used = torch.cat(windows[:3])
+        for extra in windows[3][8:]:  # then windows no calibration, fitness or selection used
+            assert not (used == extra).all(dim=1).any()
 
 
 def test_other_objectives_are_stored_as_the_second_value(runs):
@@ -449,13 +465,32 @@ def test_an_infeasible_memory_budget_is_refused(make_job, tmp_path):
         ({"strategy": "annealing"}, "unknown strategy 'annealing'; choose from evolution, nsga2, linas, random"),
         ({"objective": "energy"}, "unknown objective 'energy'; choose from params, flops, memory, latency"),
         ({"evaluations": 0}, "--evaluations and --workers must be at least 1"),
-        ({"fitness_windows": 400}, "has 250 windows of 16 tokens; calibration, fitness and selection need 416"),
+        (
+            {"fitness_windows": 400, "refine_epochs": 0},
+            r"has 250 windows of 16 tokens; calibration, fitness and selection need 416 \(8 \+ 400 \+ 8\)",
+        ),
+        (
+            {"refine_windows": 300},
+            r"calibration, fitness, selection and refinement need 310 \(8 \+ 2 \+ 8 \+ 292\)",
+        ),
         ({"fitness": "loss"}, "unknown fitness 'loss'; choose from kl, perplexity"),
         ({"params_fraction": 1.5}, r"--params must be a fraction in \(0, 1\]"),
         ({"latency_runtime": "onnx"}, "unknown latency runtime 'onnx'; choose from transformers, llama.cpp"),
         ({"refine_epochs": -1}, r"--refine-epochs must be 0 \(no refinement\) or more, got -1"),
+        ({"refine_windows": 0}, "--refine-windows must be at least 1, got 0"),
     ],
-    ids=["strategy", "objective", "evaluations", "fitness-windows", "fitness", "fraction", "latency-runtime", "refine"],
+    ids=[
+        "strategy",
+        "objective",
+        "evaluations",
+        "fitness-windows",
+        "refine-windows",
+        "fitness",
+        "fraction",
+        "latency-runtime",
+        "refine",
+        "no-refine-windows",
+    ],
 )
 def test_bad_settings_are_refused_before_any_store(make_job, tmp_path, overrides, message):
     with pytest.raises(SlimlmError, match=message):
@@ -557,12 +592,19 @@ def test_with_reformation_the_winner_is_shipped_as_it_scored_lowest_on_selection
     )
 
 
-def test_the_reformed_winner_is_refined_and_shipped_as_the_selection_windows_say(runs, tmp_path):
+def test_the_reformed_winner_is_refined_and_shipped_as_the_selection_windows_say(runs, tmp_path, monkeypatch):
     job, searcher, study = runs("evolution")
     job = dataclasses.replace(job, out=str(tmp_path), reform=True)
     searcher = dataclasses.replace(searcher, job=job)
+    trained_on = []
+    refine_extracted = report_module.refine_extracted
+    monkeypatch.setattr(
+        report_module, "refine_extracted", lambda *a, **k: trained_on.append(a[3]) or refine_extracted(*a, **k)
+    )
     report = write_report(searcher, study)
     refinement = report["refinement"]
+    assert torch.equal(trained_on[0], searcher.refinement_ids)  # 8 calibration windows and 4 past selection
+    assert refinement["windows"] == job.refine_windows == len(searcher.refinement_ids) == 12
     best = next(f for f in report["finalists"] if f["trial"] == report["best_trial"])
     selection = refinement["selection_perplexity"]
     assert selection["unrefined"] == pytest.approx(min(best["finalist_perplexity"].values()))
@@ -577,6 +619,7 @@ def test_the_reformed_winner_is_refined_and_shipped_as_the_selection_windows_say
     card = (tmp_path / "best" / "README.md").read_text()
     assert ("then refined layer by layer" in card) == refinement["kept"]
     assert ("cosine to 0)" in card) == refinement["kept"]  # the rate's schedule named beside its first value
+    assert ("4 epochs over 12 windows" in card) == refinement["kept"]
 
 
 def test_the_uniform_reference_off_the_library_grid_is_reported_reformed(make_job, tmp_path):
@@ -770,6 +813,7 @@ def search_options(text: Path, run: Path) -> list:
     return [
         *("--out", run, "--calib", text, "--eval", text, "--seq-len", 16),
         *("--calib-windows", 8, "--fitness-windows", 2, "--eval-windows", 2, "--evaluations", 10),
+        *("--refine-windows", 12),
     ]
 
 

@@ -134,6 +134,7 @@ def test_compress_with_stream_ships_the_model_compress_in_memory_ships(text, tmp
     measures what the in-memory job does; the report says the speeds were taken streamed."""
     dense = save_tiny(tiny_loaded("llama"), tmp_path / "llama")
     settings = ["--calib", text, "--eval", text, "--seq-len", "16", "--calib-windows", "8", "--fitness-windows", "2"]
+    settings += ["--refine-windows", "12"]
     settings += ["--eval-windows", "2", "--evaluations", "8", "--params", "0.6", "--json"]
     reports = []
     # refinement trains in memory: a streamed job skips it and says so (the in-memory one runs without it)

@@ -766,7 +766,10 @@ Resume = Annotated[bool, typer.Option(help="continue the search stored in the ru
 Reform = Annotated[bool, typer.Option(help="reform the kept weights of the saved best model")]
 ReformCandidates = Annotated[bool, typer.Option(help="score every candidate after reformation (slower)")]
 RefineEpochs = Annotated[
-    int, typer.Option(help="passes of layer-wise refinement over the calibration windows for the winner (0: none)")
+    int, typer.Option(help="passes of layer-wise refinement of the winner over the refinement windows (0: none)")
+]
+RefineWindows = Annotated[
+    int, typer.Option(help="windows refinement trains on: the calibration windows, then more past selection")
 ]
 
 
@@ -891,6 +894,7 @@ def _search_options(
     reform: Reform = True,
     reform_candidates: ReformCandidates = False,
     refine_epochs: RefineEpochs = SearchJob.refine_epochs,
+    refine_windows: RefineWindows = SearchJob.refine_windows,
     overwrite: Annotated[
         bool, typer.Option(help="use a non-empty --out that holds no search (or replace its search)")
     ] = False,
@@ -945,7 +949,7 @@ PANELS = {  # --help groups the many search options
         "selection_windows",
         "evaluation_windows",
     ),
-    "Weights": ("dtype", "device", "stream", "reform", "reform_candidates", "refine_epochs"),
+    "Weights": ("dtype", "device", "stream", "reform", "reform_candidates", "refine_epochs", "refine_windows"),
     "Store and workers": ("storage", "study_name", "workers", "resume", "overwrite"),
 }
 

@@ -165,7 +165,14 @@ class SearchJob:
     reform: bool = True  # score candidates as stitched from the reformed variant library; ship the winner reformed
     reform_candidates: bool = False  # instead reform every candidate sequentially before scoring it (slow)
     refine_epochs: int = 4  # layer-wise refinement of the reformed winner (slimlm.refine); 0: none
+    # what refinement trains on: the calibration windows, then windows past fitness and selection (64k tokens)
+    refine_windows: int = 256
     overwrite: bool = False  # write into a non-empty --out that holds no search of this job (replacing its store)
+
+    @property
+    def refines(self) -> bool:
+        """Whether the shipped winner is refined: it is reformed, refinement is on, and its layers fit in memory."""
+        return self.reform and self.refine_epochs > 0 and not self.stream
 
     def storage_url(self) -> str:
         return self.storage or f"sqlite:///{self.private_store().resolve()}"

@@ -69,6 +69,7 @@ def refine_extracted(
     reduction = [after / before for before, after in errors.values() if before > 0]
     return {
         "epochs": epochs,
+        "windows": len(windows),
         "learning_rate": LEARNING_RATE,  # the first step's: Adam's rate then falls along a cosine to 0 by the last
         "schedule": "cosine to 0",
         "selection_perplexity": {"unrefined": unrefined, "refined": refined},

@@ -274,7 +274,7 @@ def _ship(searcher: Searcher, subnet: SubNetwork, finalist: dict, folder: Path) 
         shipped["evaluation_perplexity"] = perplexity(model, searcher.evaluation_ids)
     if weights and job.refine_epochs and job.stream:
         shipped["refinement"] = {"skipped": "the model is streamed: refinement trains its layers in memory"}
-    elif weights and job.refine_epochs:
+    elif weights and job.refines:
         with timed(searcher.seconds, "refinement"):
             shipped["refinement"] = _refined(searcher, subnet, folder, finalist, shipped)
     return shipped
@@ -288,7 +288,7 @@ def _refined(searcher: Searcher, subnet: SubNetwork, folder: Path, finalist: dic
         folder,
         searcher.loaded,
         subnet.kept_layers,
-        searcher.calibration_ids,
+        searcher.refinement_ids,
         searcher.selection_ids,
         searcher.evaluation_ids,
         _selection_score(finalist),
@@ -463,8 +463,8 @@ def model_card(report: dict, job, subnet: SubNetwork, dims, remote_code: bool) -
     if (report.get("refinement") or {}).get("kept"):
         refined = report["refinement"]
         reformed += (
-            f", then refined layer by layer ({refined['epochs']} epochs, Adam from {refined['learning_rate']:g}, "
-            f"{refined['schedule']})"
+            f", then refined layer by layer ({refined['epochs']} epochs over {refined['windows']} windows, "
+            f"Adam from {refined['learning_rate']:g}, {refined['schedule']})"
         )
     lines = [
         "---",

@@ -130,6 +130,7 @@ class Searcher:
     calibration_ids: torch.Tensor  # importance, the variant library, reformation of the result
     fitness_ids: torch.Tensor  # scored per candidate
     selection_ids: torch.Tensor  # the final choice among finalists
+    refinement_ids: torch.Tensor  # the winner's refinement: calibration windows, then more past selection
     evaluation_ids: torch.Tensor  # the report's evaluation text (checked before the search, used after it)
     reference: SubNetwork | None  # uniform importance-ranked sub-network at the budget (None: none fits)
     dense: DenseReference  # the dense model's next-token distributions on the fitness windows
@@ -193,6 +194,8 @@ def prepare(job: SearchJob, loaded: LoadedModel | None = None) -> Searcher:
         raise SlimlmError("--stages and the calibration, fitness and selection windows must each be at least 1")
     if job.refine_epochs < 0:
         raise SlimlmError(f"--refine-epochs must be 0 (no refinement) or more, got {job.refine_epochs}")
+    if job.refines and job.refine_windows < 1:
+        raise SlimlmError(f"--refine-windows must be at least 1, got {job.refine_windows}")
     if job.latency_runtime not in LATENCY_RUNTIMES:
         raise SlimlmError(f"unknown latency runtime '{job.latency_runtime}'; choose from {', '.join(LATENCY_RUNTIMES)}")
     if job.metric not in METRICS and not (Path(loaded.folder) / IMPORTANCE_FILE).is_file():
@@ -220,16 +223,7 @@ def prepare(job: SearchJob, loaded: LoadedModel | None = None) -> Searcher:
             f"memory budget of {job.max_memory_bytes / 1e6:,.1f} MB is below the smallest sub-network this "
             f"search space allows: {smallest.memory_bytes / 1e6:,.1f} MB"
         )
-    wanted = job.calibration_windows + job.fitness_windows + job.selection_windows
-    windows = model_windows(loaded, job.calibration, job.seq_len, wanted)
-    if len(windows) < wanted:
-        raise SlimlmError(
-            f"{job.calibration} has {len(windows)} windows of {job.seq_len} tokens; calibration, fitness and "
-            f"selection need {wanted} ({job.calibration_windows} + {job.fitness_windows} + {job.selection_windows})"
-        )
-    calib, fitness_ids, selection_ids = windows.split(
-        [job.calibration_windows, job.fitness_windows, job.selection_windows]
-    )
+    calib, fitness_ids, selection_ids, refinement_ids = search_windows(job, loaded)
     evaluation_ids = model_windows(loaded, job.evaluation, job.seq_len, job.evaluation_windows)
     if len(evaluation_ids) < job.evaluation_windows:  # found now, not after the search
         raise SlimlmError(
@@ -282,6 +276,7 @@ def prepare(job: SearchJob, loaded: LoadedModel | None = None) -> Searcher:
         calib,
         fitness_ids,
         selection_ids,
+        refinement_ids,
         evaluation_ids,
         reference,
         dense,
@@ -290,6 +285,24 @@ def prepare(job: SearchJob, loaded: LoadedModel | None = None) -> Searcher:
         identity,
         seconds,
     )
+
+
+def search_windows(job: SearchJob, loaded: LoadedModel) -> tuple[torch.Tensor, ...]:
+    """The job's windows of its calibration text, disjoint where they must be: calibration, fitness,
+    selection, then refinement's, which are the calibration windows followed by as many windows past
+    selection as ``refine_windows`` asks beyond them (none where the job does not refine). Fitness and
+    selection come before refinement's extra windows, so they do not move when its number changes."""
+    extra = max(job.refine_windows - job.calibration_windows, 0) if job.refines else 0
+    split = [job.calibration_windows, job.fitness_windows, job.selection_windows, extra]
+    windows = model_windows(loaded, job.calibration, job.seq_len, sum(split))
+    if len(windows) < sum(split):
+        needs = " + ".join(map(str, split[: 3 + bool(extra)]))
+        uses = "calibration, fitness, selection and refinement" if extra else "calibration, fitness and selection"
+        raise SlimlmError(  # refinement's extra windows named: lowering --refine-windows is one way out
+            f"{job.calibration} has {len(windows)} windows of {job.seq_len} tokens; {uses} need {sum(split)} ({needs})"
+        )
+    calib, fitness_ids, selection_ids, more = windows.split(split)
+    return calib, fitness_ids, selection_ids, torch.cat([calib[: job.refine_windows], more])
 
 
 def _latency_model(job: SearchJob, loaded: LoadedModel, scores, within) -> LatencyModel:
@@ -528,8 +541,14 @@ def _worker_process(job: SearchJob, threads: int) -> None:
     _exit_with_parent()
     torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna_verbosity())
-    searcher = prepare(job)
+    searcher = prepare(_evaluator(job))
     run_worker(searcher, open_study(job, create=False, fingerprint=searcher.fingerprint))
+
+
+def _evaluator(job: SearchJob) -> SearchJob:
+    """``job`` as a process that only evaluates candidates runs it: it ships no winner, so it refines
+    nothing and needs no refinement windows (its calibration text may hold fewer)."""
+    return replace(job, refine_epochs=0)
 
 
 def _exit_with_parent() -> None:
@@ -585,7 +604,7 @@ def _work(job: SearchJob, loaded: LoadedModel | None) -> tuple[Searcher, optuna.
     if _study_exists(job):  # other settings than the study's: refused now, not after calibration
         open_study(job, create=True)
     optuna.logging.set_verbosity(optuna_verbosity())
-    searcher = prepare(job, loaded)
+    searcher = prepare(_evaluator(job), loaded)
     study = open_study(job, create=True, fingerprint=searcher.fingerprint)
     _keep_latency_model(searcher, study)
     if not study.get_trials(deepcopy=False):  # the first to arrive seeds it; a raced seed is pruned as seen
