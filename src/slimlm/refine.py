@@ -3,26 +3,28 @@
 Reformation (``slimlm.reform``) refits each branch's output projection in closed form: the best linear
 repair of what the removed heads and neurons did. What is left is non-linear: the kept query, key, gate
 and up projections and the norms could serve the pruned model's inputs better. Here every kept layer of
-the extracted model (a real, smaller model) gets a few passes of Adam over the calibration windows, its
+the extracted model (a real, smaller model) gets a few passes of Adam over the refinement windows (the
+calibration windows and as many again past fitness and selection: ``SearchJob.refine_windows``), its
 output fitted to the dense layer's output on the same input plus a share ``drift`` of the dense
 stream's lead (as reformation's target), the error of each token scaled by that token's target size:
 early tokens' hidden states are far larger than the rest and would otherwise be all the loss.
 Layer by layer, as reformation goes: each layer trains on the states the refined layers before it give,
-with a layer's activations on the calibration windows held at a time (as reformation holds them), never
+with a layer's activations on those windows held at a time (as reformation holds them), never
 a gradient through more than one layer. A per-layer distillation (as in BESA and LLM-Streamline's
 layer replacement), not `slimlm heal`'s distillation of the whole model on its next-token distribution.
 
 Measured on SmolLM2 at 0.9 of its parameters, on the model `slimlm compress` shipped before this stage
-(its search's winner, sequentially reformed), with these defaults (4 epochs over the 128 calibration
-windows, Adam from 1e-3 decayed along a cosine): perplexity on 48 later windows of the calibration
-source 27.52 -> 27.07, on Pride and Prejudice 27.57 -> 27.26, on pydoc 23.09 -> 22.61; on slimlm's chat
-prompts the KL to the dense answers 0.657 -> 0.639 nats per token. 570 s on 2 cores (benchmarks/results/refine_09.md).
+(its search's winner, sequentially reformed), with these defaults (4 epochs over 256 windows, Adam from
+1e-3 decayed along a cosine): perplexity on 48 later windows of the calibration source 27.52 -> 26.79, on
+Pride and Prejudice 27.57 -> 27.00, on pydoc 23.09 -> 22.41; on slimlm's chat prompts the KL to the dense
+answers 0.657 -> 0.616 nats per token; 878 s of `compress`'s time on 2 cores (benchmarks/results/compress_09.md).
+On the 128 calibration windows alone: 27.07, 27.26, 22.61, 0.639, in 570 s (benchmarks/results/refine_09.md).
 Chosen on those 48 held windows (never on Austen or pydoc): first on FLAP's 0.9 sub-network (25.34
 reformed): learning rate 1e-4 25.19, 5e-4 25.07 (one layer's error grew 7x), 5e-4 with each token's error
 scaled 25.07 (no layer worse), 2e-3 scaled 25.08; then on the winner above, 2 epochs at 5e-4 27.12,
-4 epochs 27.09, 4 epochs with the whole drift as target 27.14, 4 epochs from 1e-3 with the cosine 27.07;
-the last two layers and the final norm trained after that on the KL to the dense model's next-token
-distribution (2 epochs from 1e-4) 27.07: not worth a stage.
+4 epochs 27.09, 4 epochs with the whole drift as target 27.14, 4 epochs from 1e-3 with the cosine 27.07
+(the last two layers and the final norm then trained on the KL to the dense model's next-token
+distribution, 2 epochs from 1e-4: 27.07, not worth a stage), the same on 256 windows 26.79: the default.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from slimlm.models import LoadedModel, load_model
 from slimlm.progress import quiet_transformers, track
 from slimlm.reform import DRIFT, layer_inputs, layer_output
 
-EPOCHS = SearchJob.refine_epochs  # passes over the calibration windows per layer
+EPOCHS = SearchJob.refine_epochs  # passes over the refinement windows per layer
 LEARNING_RATE = 1e-3  # at the first step, decayed to 0 along a cosine by the last
 
 
@@ -58,7 +60,7 @@ def refine_extracted(
 ) -> dict:
     """Refine the model extracted to ``folder`` (``refine``) and write it back only if its perplexity on
     the ``selection`` windows falls below ``unrefined`` (the extracted model's): a refinement that
-    overfits the calibration windows is not shipped. Returns what was measured, the refined model's
+    overfits its windows is not shipped. Returns what was measured, the refined model's
     perplexity on the ``evaluation`` windows included."""
     small = load_model(folder, dtype, device)
     _share_embeddings(small, teacher)
