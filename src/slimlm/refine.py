@@ -3,8 +3,8 @@
 Reformation (``slimlm.reform``) refits each branch's output projection in closed form: the best linear
 repair of what the removed heads and neurons did. What is left is non-linear: the kept query, key, gate
 and up projections and the norms could serve the pruned model's inputs better. Here every kept layer of
-the extracted model (a real, smaller model) gets a few passes of Adam over the refinement windows (the
-calibration windows and as many again past fitness and selection: ``SearchJob.refine_windows``), its
+the extracted model (a real, smaller model) gets a few passes of Adam over the refinement windows (by
+default the 128 calibration windows and 128 more past fitness and selection: ``search_windows``), its
 output fitted to the dense layer's output on the same input plus a share ``drift`` of the dense
 stream's lead (as reformation's target), the error of each token scaled by that token's target size:
 early tokens' hidden states are far larger than the rest and would otherwise be all the loss.
