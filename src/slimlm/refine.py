@@ -24,7 +24,8 @@ reformed): learning rate 1e-4 25.19, 5e-4 25.07 (one layer's error grew 7x), 5e-
 scaled 25.07 (no layer worse), 2e-3 scaled 25.08; then on the winner above, 2 epochs at 5e-4 27.12,
 4 epochs 27.09, 4 epochs with the whole drift as target 27.14, 4 epochs from 1e-3 with the cosine 27.07
 (the last two layers and the final norm then trained on the KL to the dense model's next-token
-distribution, 2 epochs from 1e-4: 27.07, not worth a stage), the same on 256 windows 26.79: the default.
+distribution, 2 epochs from 1e-4: 27.07, not worth a stage), the same on 256 windows 26.79: the default
+(2 epochs on 256 windows: 26.90 in 591 s, benchmarks/results/refine_09_2x256.md).
 """
 
 from __future__ import annotations
