@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -76,7 +77,7 @@ def main() -> None:
     if args.out:
         Path(f"{args.out}.json").write_text(json.dumps(result, indent=2))
         Path(f"{args.out}.md").write_text(
-            f"`python benchmarks/refine.py {args.folder} --out {args.out}`\n\n{args.epochs} epochs over "
+            f"`python benchmarks/refine.py {' '.join(sys.argv[1:])}`\n\n{args.epochs} epochs over "
             f"{len(calibration)} windows, learning rate "
             f"{args.learning_rate:g} (cosine to 0), drift {args.drift:g}; refinement {seconds:.0f} s on this machine."
             f"\n\n{table}\n"
